@@ -1,0 +1,171 @@
+"""Reader for the VSPW directory layout (also used by the embedded synthetic set).
+
+Layout::
+
+    root/{train,val,test}.txt          one video id per line
+    root/data/<video>/origin/*.jpg      frames, ordered by file name
+    root/data/<video>/mask/*.png        masks, same stem as their frame
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IGNORE_INDEX = 255
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class DatasetError(ValueError):
+    """A dataset on disk does not match what the reader expects; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Video:
+    """One video: its id and its frame and mask files in temporal order."""
+
+    name: str
+    frames: tuple[Path, ...]
+    masks: tuple[Path, ...]
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+class LabelMap:
+    """Maps raw mask values to training ids (0..C-1) and ignore (255).
+
+    ``reduce_zero_label=True`` is VSPW's map: 0 ("others") and 255 become 255, k becomes k-1.
+    ``mapping`` gives an explicit raw -> train id table instead (values not in it are an error,
+    unless listed in ``ignore_values``).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        reduce_zero_label: bool = True,
+        mapping: Mapping[int, int] | None = None,
+        ignore_values: Sequence[int] = (255,),
+    ) -> None:
+        if num_classes < 1 or num_classes > 255:
+            raise ValueError(f"num_classes must be in 1..255, got {num_classes}")
+        self.num_classes = num_classes
+        lut = np.full(256, -1, dtype=np.int16)
+        if mapping is not None:
+            for raw, tid in mapping.items():
+                raw, tid = int(raw), int(tid)
+                if not 0 <= raw <= 255:
+                    raise ValueError(f"label_map.mapping key {raw} is not a uint8 mask value")
+                if not (0 <= tid < num_classes or tid == IGNORE_INDEX):
+                    raise ValueError(
+                        f"label_map.mapping[{raw}] = {tid}: expected 0..{num_classes - 1} or {IGNORE_INDEX}"
+                    )
+                lut[raw] = tid
+        elif reduce_zero_label:
+            lut[0] = IGNORE_INDEX
+            lut[1 : num_classes + 1] = np.arange(num_classes)
+        else:
+            lut[:num_classes] = np.arange(num_classes)
+        for v in ignore_values:
+            lut[int(v)] = IGNORE_INDEX
+        self._lut = lut
+
+    @property
+    def valid_raw_values(self) -> np.ndarray:
+        """Raw mask values this map accepts."""
+        return np.flatnonzero(self._lut >= 0)
+
+    def __call__(self, raw: np.ndarray, path: Path | str = "<array>") -> np.ndarray:
+        """Return the training-id mask (uint8); raise naming ``path`` on values outside the map."""
+        out = self._lut[raw]
+        if (out < 0).any():
+            bad = np.unique(raw[out < 0])[:10].tolist()
+            raise DatasetError(
+                f"{path}: mask values {bad} are outside the label map "
+                f"(allowed raw values: {_ranges(self.valid_raw_values)})"
+            )
+        return out.astype(np.uint8)
+
+
+def _ranges(values: np.ndarray) -> str:
+    """Compact '0..124, 255' text for a sorted set of integers."""
+    parts, start, prev = [], None, None
+    for v in values.tolist():
+        if start is None:
+            start = prev = v
+        elif v == prev + 1:
+            prev = v
+        else:
+            parts.append(f"{start}..{prev}" if prev > start else str(start))
+            start = prev = v
+    if start is not None:
+        parts.append(f"{start}..{prev}" if prev > start else str(start))
+    return ", ".join(parts)
+
+
+def read_split(root: Path | str, split: str) -> list[Video]:
+    """List the videos of ``root/<split>.txt`` with their frames and masks; raise on any mismatch."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} does not exist or is not a directory")
+    split_file = root / f"{split}.txt"
+    if not split_file.is_file():
+        raise DatasetError(f"split file {split_file} is missing (expected one video id per line)")
+    names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+    if not names:
+        raise DatasetError(f"split file {split_file} lists no videos")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DatasetError(f"split file {split_file} lists videos more than once: {dupes[:5]}")
+    return [read_video(root, name) for name in names]
+
+
+def read_video(root: Path, name: str) -> Video:
+    """Pair every frame of ``root/data/<name>/origin`` with its mask; raise naming the file on a gap."""
+    vdir = root / "data" / name
+    origin, mask_dir = vdir / "origin", vdir / "mask"
+    if not origin.is_dir():
+        raise DatasetError(f"video {name!r}: frame folder {origin} is missing")
+    frames = sorted(p for p in origin.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+    if not frames:
+        raise DatasetError(f"video {name!r}: {origin} holds no frames (*.jpg / *.png)")
+    if not mask_dir.is_dir():
+        raise DatasetError(f"video {name!r}: mask folder {mask_dir} is missing")
+    masks = []
+    for f in frames:
+        m = mask_dir / f"{f.stem}.png"
+        if not m.is_file():
+            raise DatasetError(f"frame {f} has no mask (expected {m})")
+        masks.append(m)
+    return Video(name=name, frames=tuple(frames), masks=tuple(masks))
+
+
+def read_image(path: Path | str) -> np.ndarray:
+    """Read an RGB frame as HxWx3 uint8; raise naming the file if it cannot be decoded."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DatasetError(f"cannot read image {path} (missing, empty or not an image)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: Path | str) -> np.ndarray:
+    """Read a single-channel uint8 mask as stored (raw values); raise naming the file on failure."""
+    m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if m is None:
+        raise DatasetError(f"cannot read mask {path} (missing, empty or not an image)")
+    if m.ndim != 2 or m.dtype != np.uint8:
+        raise DatasetError(f"mask {path} must be a single-channel 8-bit PNG, got shape {m.shape} {m.dtype}")
+    return m
+
+
+def read_pair(frame: Path, mask: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a frame and its raw mask, checking that their sizes agree."""
+    img, m = read_image(frame), read_mask(mask)
+    if img.shape[:2] != m.shape:
+        raise DatasetError(f"mask {mask} is {m.shape[1]}x{m.shape[0]} but its frame {frame} is "
+                           f"{img.shape[1]}x{img.shape[0]} (width x height); they must match")
+    return img, m
