@@ -1,0 +1,179 @@
+"""LightningDataModule serving temporal clips from a VSPW-layout root (VSPW itself or the synthetic set)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader, DistributedSampler
+
+from vss.data.clips import ClipSampler
+from vss.data.datasets import EvalClips, TrainClips, VideoShardSampler
+from vss.data.transforms import build_eval_transform, build_train_transform
+from vss.data.vspw import DatasetError, LabelMap, Video, read_split
+
+
+class VSSDataModule(pl.LightningDataModule):
+    """Clips of ``len(offsets)+1`` frames (references then target) from ``root/{train,val,test}.txt``."""
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: int,
+        clip: Mapping[str, Any] | None = None,
+        label_map: Mapping[str, Any] | None = None,
+        class_names: Sequence[str] | None = None,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "val",
+        scale: Sequence[int] = (853, 480),
+        crop_size: Sequence[int] = (480, 480),
+        ratio_range: Sequence[float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        flip_prob: float = 0.5,
+        photometric: bool = True,
+        size_divisor: int = 32,
+        train_repeat: int = 50,
+        batch_size: int = 2,
+        val_batch_size: int = 1,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        verify: bool = False,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.num_classes = int(num_classes)
+        clip = dict(clip or {})
+        self.clip_sampler = ClipSampler(
+            tuple(clip.get("offsets", (-9, -6, -3))), float(clip.get("reverse_prob", 0.5))
+        )
+        lm = dict(label_map or {"reduce_zero_label": True})
+        self.label_map = LabelMap(self.num_classes, **lm)
+        if class_names is not None and len(class_names) != self.num_classes:
+            raise ValueError(
+                f"data.class_names has {len(class_names)} names but data.num_classes is {self.num_classes}"
+            )
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
+        self.splits = {"fit": train_split, "validate": val_split, "test": test_split}
+        self.scale, self.crop_size = tuple(scale), tuple(crop_size)
+        self.aug = dict(
+            ratio_range=tuple(ratio_range),
+            cat_max_ratio=cat_max_ratio,
+            flip_prob=flip_prob,
+            photometric=photometric,
+        )
+        self.size_divisor = int(size_divisor)
+        self.train_repeat = int(train_repeat)
+        self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size)
+        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.verify = bool(verify)
+        self._videos: dict[str, list[Video]] = {}
+
+    # -- data ---------------------------------------------------------------------------------
+    def videos(self, split: str) -> list[Video]:
+        """Videos of a split, read (and checked) once."""
+        if split not in self._videos:
+            self._videos[split] = read_split(self.root, split)
+            if self.verify:
+                from vss.data.check import check_dataset
+
+                problems = check_dataset(self.root, [split], self.label_map)
+                if problems:
+                    raise DatasetError(
+                        f"{len(problems)} problem(s) in {self.root} split {split!r}:\n"
+                        + "\n".join(problems[:20])
+                    )
+        return self._videos[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the split files now, so a broken dataset fails before the first step."""
+        if stage in (None, "fit"):
+            self.videos(self.splits["fit"])
+            self.videos(self.splits["validate"])
+        if stage == "validate":
+            self.videos(self.splits["validate"])
+        if stage in ("test", "predict"):
+            self.videos(self.splits["test"])
+
+    def train_dataset(self) -> TrainClips:
+        """Random training clips."""
+        tf = build_train_transform(self.scale, self.crop_size, **self.aug)
+        return TrainClips(
+            self.videos(self.splits["fit"]), self.clip_sampler, self.label_map, tf, self.train_repeat
+        )
+
+    def eval_dataset(self, split: str) -> EvalClips:
+        """Every frame of ``split`` as a target."""
+        tf = build_eval_transform(self.scale, self.size_divisor)
+        return EvalClips(self.videos(split), self.clip_sampler, self.label_map, tf)
+
+    # -- loaders ------------------------------------------------------------------------------
+    def _distributed(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def _loader(self, dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.train_dataset()
+        world, rank = self._distributed()
+        if world > 1:
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, drop_last=True)
+            return self._loader(dataset, self.batch_size, sampler=sampler, drop_last=True)
+        return self._loader(dataset, self.batch_size, shuffle=True, drop_last=True)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        dataset = self.eval_dataset(split)
+        world, rank = self._distributed()
+        return self._loader(dataset, self.val_batch_size, sampler=VideoShardSampler(dataset, world, rank))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.splits["validate"])
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.splits["test"])
+
+
+class SyntheticDataModule(VSSDataModule):
+    """The embedded procedural video set: generated (once, cached) under ``root``, then read as VSPW."""
+
+    def __init__(self, root: str, synthetic: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        from vss.data.synthetic import SyntheticConfig
+
+        self.synthetic = dict(synthetic or {})
+        try:
+            knobs = SyntheticConfig(**self.synthetic)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"data.synthetic: {e}") from e
+        num_classes = kwargs.pop("num_classes", None)
+        if num_classes is not None and int(num_classes) != knobs.num_classes:
+            raise ValueError(
+                f"data.num_classes={num_classes} but data.synthetic.object_classes={knobs.object_classes} "
+                f"gives {knobs.num_classes} classes (background + objects); set both consistently"
+            )
+        kwargs["class_names"] = kwargs.get("class_names") or list(knobs.class_names)
+        super().__init__(root=root, num_classes=knobs.num_classes, **kwargs)
+
+    def prepare_data(self) -> None:
+        """Generate the dataset if it is not cached yet (rank 0 only under DDP)."""
+        from vss.data.synthetic import ensure_synthetic
+
+        ensure_synthetic(self.root, **self.synthetic)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()  # a no-op when cached; makes setup() alone usable (tests, eval)
+        super().setup(stage)

@@ -1,0 +1,110 @@
+"""Clip datasets over the VSPW layout: random clips for training, every frame once for evaluation."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import albumentations as A
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from vss.data.clips import ClipSampler
+from vss.data.vspw import LabelMap, Video, read_pair
+
+
+def _load_clip(video: Video, indices: Sequence[int], label_map: LabelMap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Frames (T,H,W,3), training-id masks (T,H,W) and raw masks (T,H,W) of a clip, sizes checked."""
+    frames, raws = [], []
+    for i in indices:
+        img, raw = read_pair(video.frames[i], video.masks[i])
+        if frames and img.shape != frames[0].shape:
+            raise ValueError(
+                f"video {video.name!r}: frame {video.frames[i]} is {img.shape[1]}x{img.shape[0]} but "
+                f"{video.frames[indices[0]]} is {frames[0].shape[1]}x{frames[0].shape[0]}; "
+                "a video's frames must share one size"
+            )
+        frames.append(img)
+        raws.append(raw)
+    labels = [label_map(r, video.masks[i]) for r, i in zip(raws, indices, strict=True)]
+    return np.stack(frames), np.stack(labels), np.stack(raws)
+
+
+class TrainClips(Dataset):
+    """Random training clips: item i draws a clip from video ``i % num_videos`` (``repeat`` passes per epoch)."""
+
+    def __init__(
+        self,
+        videos: list[Video],
+        sampler: ClipSampler,
+        label_map: LabelMap,
+        transform: A.Compose,
+        repeat: int = 1,
+    ) -> None:
+        self.videos, self.sampler, self.label_map, self.transform = videos, sampler, label_map, transform
+        self.repeat = int(repeat)
+
+    def __len__(self) -> int:
+        return len(self.videos) * self.repeat
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        video = self.videos[i % len(self.videos)]
+        indices = self.sampler.train_indices(len(video), random)
+        frames, labels, _ = _load_clip(video, indices, self.label_map)
+        out = self.transform(images=frames, masks=labels)
+        return {"images": out["images"].float(), "labels": torch.as_tensor(out["masks"]).long()}
+
+
+class EvalClips(Dataset):
+    """Every frame of every video is a target once, in video order then frame order.
+
+    Frames are resized by ``transform``; labels stay at the stored resolution so metrics are computed
+    on the original masks, as the official VSPW evaluation does.
+    """
+
+    def __init__(self, videos: list[Video], sampler: ClipSampler, label_map: LabelMap, transform: A.Compose) -> None:
+        self.videos, self.sampler, self.label_map, self.transform = videos, sampler, label_map, transform
+        self.items = [(v, t) for v, video in enumerate(videos) for t in range(len(video))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | str | int]:
+        v, t = self.items[i]
+        video = self.videos[v]
+        frames, labels, raws = _load_clip(video, self.sampler.eval_indices(len(video), t), self.label_map)
+        out = self.transform(images=frames)
+        return {
+            "images": out["images"].float(),
+            "labels": torch.from_numpy(labels).long(),
+            "raw_target": torch.from_numpy(raws[-1]),
+            "video": video.name,
+            "frame": t,
+            "frame_name": video.masks[t].name,
+        }
+
+
+class VideoShardSampler(Sampler[int]):
+    """Splits evaluation items by whole videos over DDP ranks, without padding or duplicates.
+
+    Videos are dealt out contiguously so each rank's share of frames is as even as possible; every
+    frame is seen by exactly one rank, so summed metric states equal a single-process run.
+    """
+
+    def __init__(self, dataset: EvalClips, num_replicas: int, rank: int) -> None:
+        lengths = [len(v) for v in dataset.videos]
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        total = starts[-1]
+        # Video v goes to the rank whose share contains its middle frame.
+        owner = [
+            min(int((starts[v] + lengths[v] / 2) * num_replicas // total), num_replicas - 1)
+            for v in range(len(lengths))
+        ]
+        self.indices = [i for v, o in enumerate(owner) if o == rank for i in range(starts[v], starts[v + 1])]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

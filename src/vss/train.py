@@ -1,0 +1,113 @@
+"""Training entry point: ``python -m vss.train [overrides]`` (also ``vss-train``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vss.config import CONF_DIR, check_ddp_multirun, register_resolvers, validate_train_config
+
+log = logging.getLogger("vss.train")
+SUMMARY_KEYS = ("mIoU", "fwIoU", "mVC8", "mVC16")
+
+register_resolvers()
+
+
+def build_module(
+    cfg: DictConfig, num_classes: int, class_names: list[str], overlay_dir: str | None = None
+) -> Any:
+    """Encoder + aggregator from ``cfg.encoder`` / ``cfg.model``, wrapped in the LightningModule."""
+    from vss.lit import VSSModule
+    from vss.models.segmenter import Segmenter
+
+    segmenter = Segmenter(instantiate(cfg.encoder), instantiate(cfg.model), num_classes)
+    return VSSModule(
+        segmenter,
+        num_classes=num_classes,
+        class_names=class_names,
+        optimizer=OmegaConf.to_container(cfg.optim.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.optim.scheduler, resolve=True),
+        overlay_dir=overlay_dir,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every child with a ``_target_`` (callbacks, loggers)."""
+    if not cfg:
+        return []
+    return [instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def format_summary(metrics: dict[str, Any], prefix: str = "val") -> str:
+    """One line with the headline metrics, e.g. ``val mIoU 0.6123 | fwIoU ...``."""
+    return " | ".join(f"{prefix} {k} {metrics[k]:.4f}" for k in SUMMARY_KEYS if k in metrics)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Validate the config, build data/model/trainer, fit, and return the final validation metrics."""
+    from vss.checkpoint import AtomicCheckpointIO
+    from vss.metrics import write_metrics_json
+
+    validate_train_config(cfg)
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    check_ddp_multirun(cfg, multirun=hc is not None and hc.mode == RunMode.MULTIRUN)
+    output_dir = Path(cfg.paths.output_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg, datamodule.num_classes, datamodule.class_names, str(output_dir / "overlays"))
+    loggers = _instantiate_dict(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=_instantiate_dict(cfg.get("callbacks")),
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+    )
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        if trainer.global_step % int(cfg.trainer.val_check_interval) != 0 or not module.last_metrics:
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # metrics of the final weights
+        metrics = dict(module.last_metrics)
+        result = {"step": trainer.global_step, "val": metrics}
+        if cfg.get("test"):
+            trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
+            result["test"] = dict(module.last_metrics)
+        if trainer.is_global_zero:
+            write_metrics_json(result, output_dir / "metrics.json")
+            print(f"[vss] step {trainer.global_step}: {format_summary(metrics)}")
+            print(f"[vss] run directory: {output_dir}")
+        return result
+    finally:
+        _finish_wandb()
+
+
+def _finish_wandb() -> None:
+    """Close the W&B run so the next job of a multirun starts a new one."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns ``optimized_metric`` for sweepers."""
+    result = train(cfg)
+    key = str(cfg.get("optimized_metric", "val/mIoU")).split("/")[-1]
+    value = result["val"].get(key)
+    return None if value is None else float(value)
+
+
+if __name__ == "__main__":
+    main()
