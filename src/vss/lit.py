@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from functools import partial
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 

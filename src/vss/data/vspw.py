@@ -15,8 +15,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 IGNORE_INDEX = 255
+cv2.setNumThreads(0)  # decoding runs in DataLoader workers; OpenCV's own threads would oversubscribe the cores
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -153,12 +155,17 @@ def read_image(path: Path | str) -> np.ndarray:
 
 
 def read_mask(path: Path | str) -> np.ndarray:
-    """Read a single-channel uint8 mask as stored (raw values); raise naming the file on failure."""
-    m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if m is None:
-        raise DatasetError(f"cannot read mask {path} (missing, empty or not an image)")
+    """Read a mask's stored values (uint8 HxW); palette PNGs give their indices, as the official PIL reader."""
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            m = np.array(im)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read mask {path} ({e})") from e
     if m.ndim != 2 or m.dtype != np.uint8:
-        raise DatasetError(f"mask {path} must be a single-channel 8-bit PNG, got shape {m.shape} {m.dtype}")
+        raise DatasetError(
+            f"mask {path} must be a single-channel 8-bit PNG (mode L or P), got mode {mode} shape {m.shape}"
+        )
     return m
 
 
@@ -166,6 +173,8 @@ def read_pair(frame: Path, mask: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a frame and its raw mask, checking that their sizes agree."""
     img, m = read_image(frame), read_mask(mask)
     if img.shape[:2] != m.shape:
-        raise DatasetError(f"mask {mask} is {m.shape[1]}x{m.shape[0]} but its frame {frame} is "
-                           f"{img.shape[1]}x{img.shape[0]} (width x height); they must match")
+        raise DatasetError(
+            f"mask {mask} is {m.shape[1]}x{m.shape[0]} but its frame {frame} is "
+            f"{img.shape[1]}x{img.shape[0]} (width x height); they must match"
+        )
     return img, m

@@ -1,0 +1,210 @@
+"""Validate a VSPW-layout dataset before training: ``python -m vss.data.check ROOT``.
+
+Every frame of every listed video is read (image, mask, same size) and its mask is passed through
+the label map. All problems are collected (each message names the file), printed, and the exit
+code is 1; a clean dataset prints a summary (videos, frames, class pixel histogram) and exits 0.
+
+Without ``--num-classes`` the class count comes from ``ROOT/meta.json`` of a synthetic dataset,
+else VSPW's 124.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from vss.data.synthetic import load_config
+from vss.data.vspw import (
+    FRAME_SUFFIXES,
+    IGNORE_INDEX,
+    DatasetError,
+    LabelMap,
+    Video,
+    read_pair,
+    read_split,
+    read_video,
+)
+
+VSPW_NUM_CLASSES = 124
+
+
+@dataclass
+class CheckReport:
+    """Problems found plus counts and the training-id pixel histogram of the readable frames."""
+
+    problems: list[str] = field(default_factory=list)
+    videos: dict[str, int] = field(default_factory=dict)  # split -> videos checked
+    frames: dict[str, int] = field(default_factory=dict)  # split -> frames checked
+    histogram: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))  # train id -> pixels
+
+
+def _split_names(root: Path, split: str, problems: list[str]) -> list[str]:
+    """Video ids of ``root/<split>.txt`` (deduplicated); append problems with the split file."""
+    split_file = root / f"{split}.txt"
+    if not split_file.is_file():
+        problems.append(f"split file {split_file} is missing (expected one video id per line)")
+        return []
+    try:
+        lines = split_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        problems.append(f"split file {split_file} cannot be read: {e}")
+        return []
+    names = [line.strip() for line in lines if line.strip()]
+    if not names:
+        problems.append(f"split file {split_file} lists no videos")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        problems.append(f"split file {split_file} lists videos more than once: {dupes[:5]}")
+    return list(dict.fromkeys(names))
+
+
+def _scan_video(root: Path, name: str, problems: list[str]) -> Video | None:
+    """The video's frame/mask pairs; on a structural problem list every one of them (and keep the pairs)."""
+    try:
+        return read_video(root, name)
+    except DatasetError as e:
+        first = str(e)
+    found: list[str] = []
+    vdir = root / "data" / name
+    origin, mask_dir = vdir / "origin", vdir / "mask"
+    frames, masks = [], []
+    if not origin.is_dir():
+        found.append(f"video {name!r}: frame folder {origin} is missing")
+    else:
+        listed = sorted(p for p in origin.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        if not listed:
+            found.append(f"video {name!r}: {origin} holds no frames (*.jpg / *.png)")
+        if not mask_dir.is_dir():
+            found.append(f"video {name!r}: mask folder {mask_dir} is missing")
+        else:
+            for f in listed:
+                m = mask_dir / f"{f.stem}.png"
+                if m.is_file():
+                    frames.append(f)
+                    masks.append(m)
+                else:
+                    found.append(f"frame {f} has no mask (expected {m})")
+    if first not in found:
+        found.insert(0, first)
+    problems.extend(found)
+    return Video(name=name, frames=tuple(frames), masks=tuple(masks)) if frames else None
+
+
+def _check_frames(video: Video, label_map: LabelMap, report: CheckReport) -> int:
+    """Read every pair of ``video``; record problems and the histogram; return frames checked."""
+    size: tuple[int, int] | None = None
+    for frame, mask in zip(video.frames, video.masks, strict=True):
+        try:
+            img, raw = read_pair(frame, mask)
+        except DatasetError as e:
+            report.problems.append(str(e))
+            continue
+        if size is None:
+            size = img.shape[:2]
+        elif img.shape[:2] != size:
+            report.problems.append(
+                f"frame {frame} is {img.shape[1]}x{img.shape[0]} but the first frame of video "
+                f"{video.name!r} is {size[1]}x{size[0]} (width x height); a video's frames must share a size"
+            )
+        try:
+            ids = label_map(raw, path=mask)
+        except DatasetError as e:
+            report.problems.append(str(e))
+            continue
+        report.histogram += np.bincount(ids.ravel(), minlength=256)
+    return len(video.frames)
+
+
+def run_check(
+    root: Path | str, splits: Sequence[str], label_map: LabelMap, progress: bool = False
+) -> CheckReport:
+    """Check ``splits`` of the dataset at ``root``; never stops at the first problem."""
+    root = Path(root)
+    report = CheckReport()
+    if not root.is_dir():
+        report.problems.append(f"dataset root {root} does not exist or is not a directory")
+        return report
+    for split in splits:
+        before = len(report.problems)
+        names = _split_names(root, split, report.problems)
+        videos = [v for v in (_scan_video(root, n, report.problems) for n in names) if v is not None]
+        if names and len(report.problems) == before:
+            try:  # the reader must agree with the scan; report anything it rejects that we missed
+                read_split(root, split)
+            except DatasetError as e:
+                report.problems.append(str(e))
+        report.videos[split] = len(names)
+        n_frames = 0
+        for video in tqdm(videos, desc=f"check {split}", unit="video", disable=not progress):
+            n_frames += _check_frames(video, label_map, report)
+        report.frames[split] = n_frames
+    return report
+
+
+def check_dataset(root: Path | str, splits: Sequence[str], label_map: LabelMap) -> list[str]:
+    """Problem messages (each naming the file) for ``splits`` of the dataset at ``root``; [] if clean."""
+    return run_check(root, splits, label_map).problems
+
+
+def _summary(report: CheckReport, class_names: Sequence[str] | None, top: int = 10) -> str:
+    """Human-readable counts and the top classes by pixel share."""
+    lines = [f"{s}: {report.videos[s]} videos, {report.frames[s]} frames" for s in report.videos]
+    hist = report.histogram
+    total = int(hist.sum())
+    if total:
+        ignored = int(hist[IGNORE_INDEX])
+        lines.append(f"pixels: {total} ({ignored / total:.2%} ignore)")
+        counts = hist[:IGNORE_INDEX]
+        present = np.flatnonzero(counts)
+        lines.append(f"classes present: {len(present)}; top by pixel share:")
+        for c in present[np.argsort(-counts[present], kind="stable")][:top].tolist():
+            name = class_names[c] if class_names is not None and c < len(class_names) else ""
+            lines.append(f"  {c:3d} {name:<16} {counts[c] / total:7.2%}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m vss.data.check", description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path, help="dataset root (holds train.txt, val.txt, data/)")
+    parser.add_argument("--splits", nargs="+", default=["train", "val"], help="splits to check")
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="training classes (default: from a synthetic meta.json, else VSPW's 124)",
+    )
+    parser.add_argument(
+        "--no-reduce-zero-label",
+        action="store_true",
+        help="raw value k is class k (default: VSPW map, 0 and 255 ignored, k -> k-1)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+
+    synth = load_config(args.root) if args.root.is_dir() else None
+    num_classes = args.num_classes or (synth.num_classes if synth else VSPW_NUM_CLASSES)
+    class_names = synth.class_names if synth and num_classes == synth.num_classes else None
+    try:
+        label_map = LabelMap(num_classes, reduce_zero_label=not args.no_reduce_zero_label)
+    except ValueError as e:
+        parser.error(str(e))
+    report = run_check(args.root, args.splits, label_map, progress=not args.no_progress)
+    if report.problems:
+        print(f"{len(report.problems)} problem(s) in {args.root}:")
+        for p in report.problems:
+            print(f"  - {p}")
+        return 1
+    print(f"{args.root}: OK ({num_classes} classes)")
+    print(_summary(report, class_names))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
