@@ -196,9 +196,7 @@ def test_all_problems_collected_and_cli(tmp_path: Path) -> None:
 def test_cli_reads_synthetic_meta(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from vss.data.synthetic import ensure_synthetic
 
-    root = ensure_synthetic(
-        tmp_path / "syn", progress=False, train_videos=2, val_videos=1, min_frames=4, max_frames=4
-    )
+    root = ensure_synthetic(tmp_path / "syn", progress=False, train_videos=2, val_videos=1, min_frames=4, max_frames=4)
     assert main([str(root), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "(5 classes)" in out and "background" in out

@@ -141,9 +141,7 @@ def test_convert_mit_checkpoint_table() -> None:
 
 
 @pytest.mark.parametrize("layout", ["official", "mmseg"])
-def test_mit_b0_parity_with_official(
-    official_mit_b0: tuple[nn.Module, Path], tmp_path: Path, layout: str
-) -> None:
+def test_mit_b0_parity_with_official(official_mit_b0: tuple[nn.Module, Path], tmp_path: Path, layout: str) -> None:
     ref, path = official_mit_b0
     if layout == "mmseg":
         state = {"backbone." + k: v for k, v in ref.state_dict().items() if not k.startswith("head.")}
@@ -210,9 +208,7 @@ def test_missing_checkpoint_names_path_and_key(tmp_path: Path) -> None:
     assert "encoder.pretrained" in str(info.value)
 
 
-def test_non_weights_only_checkpoint_falls_back(
-    official_mit_b0: tuple[nn.Module, Path], tmp_path: Path
-) -> None:
+def test_non_weights_only_checkpoint_falls_back(official_mit_b0: tuple[nn.Module, Path], tmp_path: Path) -> None:
     ref, _ = official_mit_b0
     path = tmp_path / "with_meta.pth"
     torch.save({"meta": argparse.Namespace(config="x"), "state_dict": ref.state_dict()}, path)

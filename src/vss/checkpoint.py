@@ -31,9 +31,7 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO that writes every checkpoint (best and last) atomically."""
 
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
-    ) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"AtomicCheckpointIO does not take storage_options, got {storage_options!r}")
         atomic_torch_save(checkpoint, path)

@@ -33,9 +33,7 @@ def _get(cfg: DictConfig, key: str) -> Any:
         raise ConfigError(f"{key} is required but not set (pass {key}=...)") from e
 
 
-def _check(
-    cfg: DictConfig, key: str, ok: Callable[[Any], bool], expected: str, optional: bool = False
-) -> None:
+def _check(cfg: DictConfig, key: str, ok: Callable[[Any], bool], expected: str, optional: bool = False) -> None:
     value = _get(cfg, key)
     if value is None and optional:
         return
@@ -62,9 +60,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         lambda v: _int(v) and v > 0,
         "a positive integer (training is iteration-based)",
     )
-    _check(
-        cfg, "trainer.val_check_interval", lambda v: _int(v) and v > 0, "a positive integer number of steps"
-    )
+    _check(cfg, "trainer.val_check_interval", lambda v: _int(v) and v > 0, "a positive integer number of steps")
     _check(cfg, "trainer.precision", lambda v: str(v) in PRECISIONS, f"one of {PRECISIONS}")
     _check(
         cfg,
@@ -114,9 +110,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     _check(cfg, "data.clip.reverse_prob", lambda v: _num(v) and 0 <= v <= 1, "a probability in [0, 1]")
     root = _get(cfg, "data.root")
     if "Synthetic" not in str(_get(cfg, "data._target_")) and not Path(str(root)).is_dir():
-        raise ConfigError(
-            f"data.root={root!r} is invalid: the directory does not exist (expected a VSPW-layout root)"
-        )
+        raise ConfigError(f"data.root={root!r} is invalid: the directory does not exist (expected a VSPW-layout root)")
     _check(cfg, "encoder.name", lambda v: v in ENCODER_NAMES, f"one of {sorted(ENCODER_NAMES)}")
     _check(
         cfg,
@@ -139,20 +133,14 @@ def validate_train_config(cfg: DictConfig) -> None:
     )
     target = _get(cfg, "model._target_")
     if not isinstance(target, str) or not target.startswith("vss.models.aggregators."):
-        raise ConfigError(
-            f"model._target_={target!r} is invalid: expected a class under vss.models.aggregators"
-        )
+        raise ConfigError(f"model._target_={target!r} is invalid: expected a class under vss.models.aggregators")
 
 
 def check_ddp_multirun(cfg: DictConfig, multirun: bool) -> None:
     """Plain ``strategy=ddp`` re-launches the script per rank and cannot run inside ``-m``; say what to do."""
     strategy = str(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
     devices = OmegaConf.select(cfg, "trainer.devices", default=1)
-    many = (
-        (isinstance(devices, int) and devices > 1)
-        or isinstance(devices, list | str)
-        and devices not in (1, "1")
-    )
+    many = (isinstance(devices, int) and devices > 1) or isinstance(devices, list | str) and devices not in (1, "1")
     if multirun and strategy == "ddp" and many:
         raise ConfigError(
             "trainer.strategy=ddp cannot run inside a Hydra multirun (-m): Lightning re-launches the script per "

@@ -21,9 +21,7 @@ SUMMARY_KEYS = ("mIoU", "fwIoU", "mVC8", "mVC16")
 register_resolvers()
 
 
-def build_module(
-    cfg: DictConfig, num_classes: int, class_names: list[str], overlay_dir: str | None = None
-) -> Any:
+def build_module(cfg: DictConfig, num_classes: int, class_names: list[str], overlay_dir: str | None = None) -> Any:
     """Encoder + aggregator from ``cfg.encoder`` / ``cfg.model``, wrapped in the LightningModule."""
     from vss.lit import VSSModule
     from vss.models.segmenter import Segmenter

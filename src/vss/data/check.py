@@ -121,9 +121,7 @@ def _check_frames(video: Video, label_map: LabelMap, report: CheckReport) -> int
     return len(video.frames)
 
 
-def run_check(
-    root: Path | str, splits: Sequence[str], label_map: LabelMap, progress: bool = False
-) -> CheckReport:
+def run_check(root: Path | str, splits: Sequence[str], label_map: LabelMap, progress: bool = False) -> CheckReport:
     """Check ``splits`` of the dataset at ``root``; never stops at the first problem."""
     root = Path(root)
     report = CheckReport()

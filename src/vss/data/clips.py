@@ -32,9 +32,7 @@ class ClipSampler:
         if len(set(offsets)) != len(offsets):
             raise ValueError(f"data.clip.offsets must not repeat a value, got {list(offsets)}")
         if list(offsets) != sorted(offsets):
-            raise ValueError(
-                f"data.clip.offsets must be in increasing order (e.g. [-9,-6,-3]), got {list(offsets)}"
-            )
+            raise ValueError(f"data.clip.offsets must be in increasing order (e.g. [-9,-6,-3]), got {list(offsets)}")
         if not 0.0 <= self.reverse_prob <= 1.0:
             raise ValueError(f"data.clip.reverse_prob must be in [0, 1], got {self.reverse_prob}")
         object.__setattr__(self, "offsets", offsets)

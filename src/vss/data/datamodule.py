@@ -47,9 +47,7 @@ class VSSDataModule(pl.LightningDataModule):
         self.root = Path(root)
         self.num_classes = int(num_classes)
         clip = dict(clip or {})
-        self.clip_sampler = ClipSampler(
-            tuple(clip.get("offsets", (-9, -6, -3))), float(clip.get("reverse_prob", 0.5))
-        )
+        self.clip_sampler = ClipSampler(tuple(clip.get("offsets", (-9, -6, -3))), float(clip.get("reverse_prob", 0.5)))
         lm = dict(label_map or {"reduce_zero_label": True})
         self.label_map = LabelMap(self.num_classes, **lm)
         if class_names is not None and len(class_names) != self.num_classes:
@@ -84,8 +82,7 @@ class VSSDataModule(pl.LightningDataModule):
                 problems = check_dataset(self.root, [split], self.label_map)
                 if problems:
                     raise DatasetError(
-                        f"{len(problems)} problem(s) in {self.root} split {split!r}:\n"
-                        + "\n".join(problems[:20])
+                        f"{len(problems)} problem(s) in {self.root} split {split!r}:\n" + "\n".join(problems[:20])
                     )
         return self._videos[split]
 
@@ -102,9 +99,7 @@ class VSSDataModule(pl.LightningDataModule):
     def train_dataset(self) -> TrainClips:
         """Random training clips."""
         tf = build_train_transform(self.scale, self.crop_size, **self.aug)
-        return TrainClips(
-            self.videos(self.splits["fit"]), self.clip_sampler, self.label_map, tf, self.train_repeat
-        )
+        return TrainClips(self.videos(self.splits["fit"]), self.clip_sampler, self.label_map, tf, self.train_repeat)
 
     def eval_dataset(self, split: str) -> EvalClips:
         """Every frame of ``split`` as a target."""

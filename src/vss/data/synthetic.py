@@ -175,9 +175,7 @@ class SyntheticConfig:
         need(self.min_visible >= 1, "min_visible must be >= 1")
         need(0 <= self.fog_grey <= 255, "fog_grey must be 0..255")
         need(self.storm_noise >= 0 and self.storm_blur >= 0, "storm_noise and storm_blur must be >= 0")
-        need(
-            0 <= self.min_distractors <= self.max_distractors, "need 0 <= min_distractors <= max_distractors"
-        )
+        need(0 <= self.min_distractors <= self.max_distractors, "need 0 <= min_distractors <= max_distractors")
         need(self.image_format in ("jpg", "png"), "image_format must be 'jpg' or 'png'")
         need(1 <= self.jpeg_quality <= 100, "jpeg_quality must be 1..100")
         if errors:
@@ -245,9 +243,7 @@ def _schedule_ok(hidden: np.ndarray, cfg: SyntheticConfig) -> bool:
     return True
 
 
-def _episodes(
-    rng: np.random.Generator, n: int, prob: float, cfg: SyntheticConfig, base: np.ndarray
-) -> np.ndarray:
+def _episodes(rng: np.random.Generator, n: int, prob: float, cfg: SyntheticConfig, base: np.ndarray) -> np.ndarray:
     """Add random hidden episodes to ``base`` (kept valid w.r.t. the run constraints); return the union."""
     hidden = base.copy()
     t = cfg.min_visible

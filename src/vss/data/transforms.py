@@ -31,9 +31,7 @@ def keep_ratio_size(height: int, width: int, scale: Sequence[int], ratio: float 
 class KeepRatioRescale(A.DualTransform):
     """Rescale so the frame fits ``scale`` (long, short) times a ratio drawn from ``ratio_range`` (mmseg Resize)."""
 
-    def __init__(
-        self, scale: Sequence[int], ratio_range: Sequence[float] = (1.0, 1.0), p: float = 1.0
-    ) -> None:
+    def __init__(self, scale: Sequence[int], ratio_range: Sequence[float] = (1.0, 1.0), p: float = 1.0) -> None:
         super().__init__(p=p)
         self.scale = tuple(int(s) for s in scale)
         self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
@@ -108,9 +106,7 @@ class CatMaxRatioCrop(A.DualTransform):
                 window = self._window(h, w)
         return {"window": window}
 
-    def apply(
-        self, img: np.ndarray, window: tuple[int, int, int, int] = (0, 0, 1, 1), **params: Any
-    ) -> np.ndarray:
+    def apply(self, img: np.ndarray, window: tuple[int, int, int, int] = (0, 0, 1, 1), **params: Any) -> np.ndarray:
         """Crop a frame or mask."""
         y0, x0, y1, x1 = window
         return np.ascontiguousarray(img[y0:y1, x0:x1])
@@ -143,9 +139,7 @@ def build_train_transform(
         ]
     steps += [
         A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-        A.PadIfNeeded(
-            ch, cw, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX
-        ),
+        A.PadIfNeeded(ch, cw, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX),
         ToTensorV2(),
     ]
     return A.Compose(steps, strict=True, seed=seed)

@@ -14,9 +14,7 @@ from vss.models.encoders import Encoder
 class Segmenter(nn.Module):
     """``encode`` (encoder + the aggregator's per-frame part, cacheable) then ``aggregate`` (temporal)."""
 
-    def __init__(
-        self, encoder: Encoder, aggregator: Aggregator | Callable[..., Aggregator], num_classes: int
-    ) -> None:
+    def __init__(self, encoder: Encoder, aggregator: Aggregator | Callable[..., Aggregator], num_classes: int) -> None:
         super().__init__()
         self.encoder = encoder
         if not isinstance(aggregator, Aggregator):  # a Hydra partial waiting for the encoder's channels
@@ -54,7 +52,5 @@ class Segmenter(nn.Module):
     def predict(self, clip: Tensor, size: Sequence[int]) -> Tensor:
         """Class map (B,H,W) of the target at ``size``: bilinear upsampling of logits, then argmax."""
         logits = self(clip)["logits"]
-        logits = torch.nn.functional.interpolate(
-            logits, size=tuple(size), mode="bilinear", align_corners=False
-        )
+        logits = torch.nn.functional.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
         return logits.argmax(1)
