@@ -114,13 +114,30 @@ class VSSModule(pl.LightningModule):
         return loss
 
     # -- evaluation ---------------------------------------------------------------------------
-    def _eval_step(self, stage: str, batch: dict[str, Any], batch_idx: int) -> None:
-        target = batch["labels"][:, -1]
-        preds = self.segmenter.predict(batch["images"], target.shape[-2:])
+    def update_metrics(self, stage: str, batch: dict[str, Any], preds: Tensor) -> None:
+        """Add a batch of target predictions (at label size) to the stage's IoU and VC metrics."""
         m = self.metrics[stage]
-        m["iou"].update(preds, target)
+        m["iou"].update(preds, batch["labels"][:, -1])
         for n in self.vc_windows:
             m[f"vc{n}"].update(preds, batch["raw_target"], list(batch["video"]), [int(f) for f in batch["frame"]])
+
+    def compute_metrics(self, stage: str) -> dict[str, Any]:
+        """Headline metrics and per-class IoU of the stage (synced over ranks), then reset its metrics."""
+        m = self.metrics[stage]
+        iou = m["iou"].compute()
+        scores = {k: float(iou[k]) for k in ("mIoU", "fwIoU", "pixel_accuracy")}
+        scores |= {f"mVC{n}": float(m[f"vc{n}"].compute()) for n in self.vc_windows}
+        per_class = iou["per_class_iou"].tolist()
+        scores["per_class_iou"] = {
+            n: (None if math.isnan(v) else v) for n, v in zip(self.class_names, per_class, strict=True)
+        }
+        for metric in m.values():
+            metric.reset()
+        return scores
+
+    def _eval_step(self, stage: str, batch: dict[str, Any], batch_idx: int) -> None:
+        preds = self.segmenter.predict(batch["images"], batch["labels"].shape[-2:])
+        self.update_metrics(stage, batch, preds)
         if stage == "val" and len(self._overlays) < self.num_overlays and self.global_rank == 0:
             self._keep_overlay(batch, preds)
 
@@ -131,21 +148,11 @@ class VSSModule(pl.LightningModule):
         self._eval_step("test", batch, batch_idx)
 
     def _epoch_end(self, stage: str) -> None:
-        m = self.metrics[stage]
-        iou = m["iou"].compute()
-        scores = {"mIoU": iou["mIoU"], "fwIoU": iou["fwIoU"], "pixel_accuracy": iou["pixel_accuracy"]}
-        scores |= {f"mVC{n}": m[f"vc{n}"].compute() for n in self.vc_windows}
-        self.log_dict({f"{stage}/{k}": v.float() for k, v in scores.items()}, sync_dist=False)
-        per_class = iou["per_class_iou"].tolist()
-        self.last_metrics = {k: float(v) for k, v in scores.items()} | {
-            "per_class_iou": {
-                n: (None if math.isnan(v) else v) for n, v in zip(self.class_names, per_class, strict=True)
-            }
-        }
-        for metric in m.values():
-            metric.reset()
+        self.last_metrics = self.compute_metrics(stage)
+        headline = {k: v for k, v in self.last_metrics.items() if k != "per_class_iou"}
+        self.log_dict({f"{stage}/{k}": float(v) for k, v in headline.items()}, sync_dist=False)
         if stage == "val" and not self.trainer.sanity_checking:
-            self._log_per_class_table(stage, per_class)
+            self._log_per_class_table(stage, self.last_metrics["per_class_iou"])
             self._flush_overlays()
 
     def on_validation_epoch_end(self) -> None:
@@ -160,10 +167,10 @@ class VSSModule(pl.LightningModule):
 
         return next((lg for lg in self.loggers if isinstance(lg, WandbLogger)), None)
 
-    def _log_per_class_table(self, stage: str, per_class: list[float]) -> None:
+    def _log_per_class_table(self, stage: str, per_class: dict[str, float | None]) -> None:
         wb = self._wandb()
         if wb is not None and self.global_rank == 0:
-            rows = [[n, None if math.isnan(v) else v] for n, v in zip(self.class_names, per_class, strict=True)]
+            rows = [[n, v] for n, v in per_class.items()]
             wb.log_table(key=f"{stage}/per_class_iou", columns=["class", "IoU"], data=rows, step=self.global_step)
 
     def _keep_overlay(self, batch: dict[str, Any], preds: Tensor) -> None:
