@@ -19,6 +19,24 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the key, the value and what is allowed."""
 
 
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn config and dataset errors into one clear line on stderr and exit code 2 (no stack trace)."""
+    import functools
+    import sys
+
+    from vss.data.vspw import DatasetError
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, DatasetError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper
+
+
 def register_resolvers() -> None:
     """``${vss_uid:}``: a per-process tag (pid + random) that keeps run directories unique."""
     if not OmegaConf.has_resolver("vss_uid"):

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from vss.config import CONF_DIR, ConfigError, register_resolvers
+from vss.config import CONF_DIR, ConfigError, friendly_errors, register_resolvers
 
 log = logging.getLogger("vss.eval")
 register_resolvers()
@@ -117,6 +117,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+@friendly_errors
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     evaluate(cfg)

@@ -13,7 +13,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vss.config import CONF_DIR, check_ddp_multirun, register_resolvers, validate_train_config
+from vss.config import CONF_DIR, check_ddp_multirun, friendly_errors, register_resolvers, validate_train_config
 
 log = logging.getLogger("vss.train")
 SUMMARY_KEYS = ("mIoU", "fwIoU", "mVC8", "mVC16")
@@ -99,6 +99,7 @@ def _finish_wandb() -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+@friendly_errors
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``optimized_metric`` for sweepers."""
     result = train(cfg)
