@@ -50,6 +50,14 @@ def format_summary(metrics: dict[str, Any], prefix: str = "val") -> str:
     return " | ".join(f"{prefix} {k} {metrics[k]:.4f}" for k in SUMMARY_KEYS if k in metrics)
 
 
+def _on_cpu(cfg: DictConfig) -> bool:
+    """Whether the trainer will run on CPU (``accelerator: cpu``, or ``auto`` without CUDA)."""
+    import torch
+
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Validate the config, build data/model/trainer, fit, and return the final validation metrics."""
     from vss.checkpoint import AtomicCheckpointIO
@@ -64,11 +72,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule.num_classes, datamodule.class_names, str(output_dir / "overlays"))
     loggers = _instantiate_dict(cfg.get("logger"))
+    extra: dict[str, Any] = {}
+    if cfg.trainer.get("sync_batchnorm") and _on_cpu(cfg):
+        # torch's DistributedDataParallel rejects SyncBatchNorm on CPU modules (gloo): keep per-process BN there.
+        log.warning("trainer.sync_batchnorm=true needs GPUs; running CPU DDP with per-process BatchNorm")
+        extra["sync_batchnorm"] = False
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         callbacks=_instantiate_dict(cfg.get("callbacks")),
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
+        **extra,
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

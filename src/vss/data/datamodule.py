@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vss.data.clips import ClipSampler
@@ -66,7 +67,8 @@ class VSSDataModule(pl.LightningDataModule):
         self.size_divisor = int(size_divisor)
         self.train_repeat = int(train_repeat)
         self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size)
-        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()  # pinning without a GPU only warns
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.verify = bool(verify)
         self._videos: dict[str, list[Video]] = {}

@@ -88,19 +88,18 @@ class EvalClips(Dataset):
 class VideoShardSampler(Sampler[int]):
     """Splits evaluation items by whole videos over DDP ranks, without padding or duplicates.
 
-    Videos are dealt out contiguously so each rank's share of frames is as even as possible; every
-    frame is seen by exactly one rank, so summed metric states equal a single-process run.
+    Whole videos are dealt out longest first to the least-loaded rank, so the ranks' frame counts
+    differ by at most the longest video; each rank reads its videos in dataset order. Every frame is
+    seen by exactly one rank, so summed metric states equal a single-process run.
     """
 
     def __init__(self, dataset: EvalClips, num_replicas: int, rank: int) -> None:
         lengths = [len(v) for v in dataset.videos]
-        starts = np.concatenate([[0], np.cumsum(lengths)])
-        total = starts[-1]
-        # Video v goes to the rank whose share contains its middle frame.
-        owner = [
-            min(int((starts[v] + lengths[v] / 2) * num_replicas // total), num_replicas - 1)
-            for v in range(len(lengths))
-        ]
+        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
+        load, owner = [0] * num_replicas, [0] * len(lengths)
+        for v in sorted(range(len(lengths)), key=lambda v: (-lengths[v], v)):
+            owner[v] = min(range(num_replicas), key=lambda r: (load[r], r))
+            load[owner[v]] += lengths[v]
         self.indices = [i for v, o in enumerate(owner) if o == rank for i in range(starts[v], starts[v + 1])]
 
     def __iter__(self):

@@ -22,8 +22,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def keep_ratio_size(height: int, width: int, scale: Sequence[int], ratio: float = 1.0) -> tuple[int, int]:
-    """Size (h, w) of mmseg's keep-ratio rescale: fit the long/short sides into ``scale * ratio``."""
-    long_edge, short_edge = max(scale) * ratio, min(scale) * ratio
+    """Size (h, w) of mmseg's keep-ratio rescale: fit the long/short sides into ``int(scale * ratio)``."""
+    long_edge, short_edge = int(max(scale) * ratio), int(min(scale) * ratio)  # mmseg truncates the scaled scale
     factor = min(long_edge / max(height, width), short_edge / min(height, width))
     return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
