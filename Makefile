@@ -41,5 +41,5 @@ format: $(STAMP)  ## apply ruff fixes and formatting
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 
-bench: $(STAMP)  ## parameter counts and CPU forward time per frame (SegFormer MiT-B0/B1, ResNet-18 encoder)
-	$(PY) -m vss.bench encoder=mit_b0,mit_b1 model=segformer height=240 width=432 iters=3 -m hydra.sweep.dir=outputs/bench/$$(date +%s) 2>&1 | grep '\[vss.bench\]'
+bench: $(STAMP)  ## parameter counts and forward time per frame (SegFormer on MiT-B0, MiT-B1, ResNet-18; 240x432)
+	$(PY) -m vss.bench -m encoder=mit_b0,mit_b1,resnet18 model=segformer height=240 width=432 iters=3 hydra.sweep.dir=outputs/bench/$$(date +%s) 2>&1 | grep '\[vss.bench\]'
