@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -50,10 +52,44 @@ def format_summary(metrics: dict[str, Any], prefix: str = "val") -> str:
     return " | ".join(f"{prefix} {k} {metrics[k]:.4f}" for k in SUMMARY_KEYS if k in metrics)
 
 
+class ShareResults(pl.Callback):
+    """``ddp_spawn`` runs fit/validate/test in worker processes and hands back only the weights and rank 0's
+    ``trainer.callback_metrics``: keep the final step and the per-class IoU there too, as tensors."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        trainer.callback_metrics["vss/step"] = torch.tensor(trainer.global_step)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._per_class(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._per_class(trainer, pl_module, "test")
+
+    @staticmethod
+    def _per_class(trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        if trainer.sanity_checking:
+            return
+        values = (pl_module.last_metrics.get("per_class_iou") or {}).values()
+        iou = [math.nan if v is None else float(v) for v in values]
+        trainer.callback_metrics[f"vss/{stage}_per_class_iou"] = torch.tensor(iou, dtype=torch.float64)
+
+
+def _stage_results(module: Any, trainer: pl.Trainer, stage: str) -> dict[str, Any]:
+    """The module's metrics of the last ``stage`` loop; rebuilt from callback_metrics when that loop ran in
+    spawned workers (``ddp_spawn``), which leave this process's module untouched."""
+    if module.last_metrics:
+        return dict(module.last_metrics)
+    cm = trainer.callback_metrics
+    out: dict[str, Any] = {k.split("/", 1)[1]: float(v) for k, v in cm.items() if k.startswith(f"{stage}/")}
+    per_class = cm.get(f"vss/{stage}_per_class_iou")
+    if per_class is not None:
+        names = module.class_names
+        out["per_class_iou"] = {n: None if math.isnan(v) else v for n, v in zip(names, per_class.tolist(), strict=True)}
+    return out
+
+
 def _on_cpu(cfg: DictConfig) -> bool:
     """Whether the trainer will run on CPU (``accelerator: cpu``, or ``auto`` without CUDA)."""
-    import torch
-
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
 
@@ -79,23 +115,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         extra["sync_batchnorm"] = False
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        callbacks=_instantiate_dict(cfg.get("callbacks")),
+        callbacks=[*_instantiate_dict(cfg.get("callbacks")), ShareResults()],
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
         **extra,
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        if trainer.global_step % int(cfg.trainer.val_check_interval) != 0 or not module.last_metrics:
+        step = trainer.global_step or int(trainer.callback_metrics.get("vss/step", 0))  # ddp_spawn: from rank 0
+        validated = bool(module.last_metrics) or "val/mIoU" in trainer.callback_metrics
+        if step % int(cfg.trainer.val_check_interval) != 0 or not validated:
             trainer.validate(module, datamodule=datamodule, verbose=False)  # metrics of the final weights
-        metrics = dict(module.last_metrics)
-        result = {"step": trainer.global_step, "val": metrics}
+        metrics = _stage_results(module, trainer, "val")
+        result = {"step": step, "val": metrics}
         if cfg.get("test"):
             trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
-            result["test"] = dict(module.last_metrics)
+            result["test"] = _stage_results(module, trainer, "test")
         if trainer.is_global_zero:
             write_metrics_json(result, output_dir / "metrics.json")
-            print(f"[vss] step {trainer.global_step}: {format_summary(metrics)}")
+            print(f"[vss] step {step}: {format_summary(metrics)}")
             print(f"[vss] run directory: {output_dir}")
         return result
     finally:

@@ -1,0 +1,161 @@
+"""Shared fixtures: a tiny synthetic dataset (generated once per session), the CLI as a subprocess, and
+in-process Hydra composition of ``conf/train.yaml``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+import vss.config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLI_TIMEOUT_S = 420
+
+# The synthetic generator knobs and loader sizes of every CLI test: 2+2 videos of 18 frames at 32x32.
+TINY_DATA = (
+    "data.synthetic.train_videos=2",
+    "data.synthetic.val_videos=2",
+    "++data.synthetic.min_frames=18",  # ++: set whether or not conf/data/synthetic.yaml lists the knob
+    "++data.synthetic.max_frames=18",
+    "data.synthetic.height=32",
+    "data.synthetic.width=32",
+)
+TINY_RUN = (
+    "data.scale=[32,32]",
+    "data.crop_size=[32,32]",
+    "data.batch_size=2",
+    "data.val_batch_size=4",
+    "data.num_workers=0",
+    "data.train_repeat=2",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "model.embed_dim=32",
+)
+
+
+def compose_train(overrides: Iterable[str] = ()) -> DictConfig:
+    """``conf/train.yaml`` composed in-process with ``overrides`` (hydra config included)."""
+    vss.config.register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(vss.config.CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+
+
+def cli_command(args: Sequence[str]) -> list[str]:
+    """``python -m vss.train`` with ``args``; flags (``-m``) go first, as Hydra's argument parser needs."""
+    flags = [a for a in args if a.startswith("-")]
+    return [sys.executable, "-m", "vss.train", *flags, *(a for a in args if not a.startswith("-"))]
+
+
+@pytest.fixture
+def compose_cfg() -> Iterator[Callable[..., DictConfig]]:
+    """:func:`compose_train` as a fixture: ``compose_cfg("data=vspw", ...)``."""
+    yield lambda *overrides: compose_train(overrides)
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def make_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``make_data_dir(*knob_overrides)``: a ``paths.data_dir`` holding the synthetic dataset for those
+    ``data.synthetic.*`` overrides, generated once per session (cached by overrides)."""
+    from vss.data.synthetic import ensure_synthetic
+
+    made: dict[tuple[str, ...], Path] = {}
+
+    def make(*knobs: str) -> Path:
+        if knobs not in made:
+            data_dir = tmp_path_factory.mktemp("vss-data")
+            cfg = compose_train([*knobs, f"paths.data_dir={data_dir}"])
+            ensure_synthetic(cfg.data.root, progress=False, **cfg.data.synthetic)
+            GlobalHydra.instance().clear()
+            made[knobs] = data_dir
+        return made[knobs]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(make_data_dir: Callable[..., Path]) -> Path:
+    """``paths.data_dir`` of the tiny synthetic dataset shared by the CLI tests."""
+    return make_data_dir(*TINY_DATA)
+
+
+@pytest.fixture(scope="session")
+def tiny_args(tiny_data_dir: Path) -> Callable[[Path], list[str]]:
+    """``tiny_args(log_dir)``: overrides that make the default job tiny (4 steps, validation every 2 steps)
+    on the shared tiny dataset, logging under ``log_dir``."""
+    return lambda log_dir: [*TINY_DATA, *TINY_RUN, f"paths.data_dir={tiny_data_dir}", f"paths.log_dir={log_dir}"]
+
+
+@pytest.fixture
+def tiny_overrides(tiny_args: Callable[[Path], list[str]], tmp_path: Path) -> list[str]:
+    """:func:`tiny_args` logging under ``tmp_path / "logs"``."""
+    return tiny_args(tmp_path / "logs")
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment of a CLI subprocess: W&B offline with every W&B folder in a temp dir, no network checks."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "VSS_"))}
+    home = tmp_path_factory.mktemp("wandb-home")
+    for sub in ("dir", "cache", "config", "data", "artifacts"):
+        (home / sub).mkdir()
+    env.update(
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        WANDB_DIR=str(home / "dir"),
+        WANDB_CACHE_DIR=str(home / "cache"),
+        WANDB_CONFIG_DIR=str(home / "config"),
+        WANDB_DATA_DIR=str(home / "data"),
+        WANDB_ARTIFACT_DIR=str(home / "artifacts"),
+        NO_ALBUMENTATIONS_UPDATE="1",
+        HYDRA_FULL_ERROR="1",
+        OMP_NUM_THREADS="1",  # two processes at a time (concurrent runs, DDP) on a 2-core box
+        MKL_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def run_cli(cli_env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess]:
+    """``run_cli(*args, timeout=...)``: run ``python -m vss.train *args`` from the repo root, wait, and return
+    the completed process (text stdout/stderr); fails the test if it runs past ``timeout``."""
+
+    def run(*args: str, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
+        cmd = cli_command(args)
+        try:
+            return subprocess.run(cmd, cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
+            pytest.fail(f"{' '.join(cmd)} ran past {timeout} s\n{out[-4000:]}\n{err[-4000:]}")
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def start_cli(cli_env: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen]]:
+    """``start_cli(*args)``: start ``python -m vss.train *args`` without waiting (text pipes)."""
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            cli_command(args), cwd=REPO_ROOT, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:  # only processes started here, left running by a failed test
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

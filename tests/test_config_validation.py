@@ -1,0 +1,59 @@
+"""Config checks: every bad value fails before anything is built, with a ConfigError naming the key."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from vss.config import ConfigError, validate_train_config
+
+INVALID = [
+    (["trainer.max_steps=0"], "trainer.max_steps"),
+    (["data.clip.offsets=[3]"], "data.clip.offsets"),
+    (["data.clip.offsets=[-3,-3]"], "data.clip.offsets"),
+    (["data.clip.offsets=[-3,-9]"], "data.clip.offsets"),
+    (["encoder.name=mit_b9"], "encoder.name"),
+    (["data=vspw", "data.root=/nonexistent"], "data.root"),
+    (["data=vspw"], "data.root"),  # root: ??? (mandatory)
+    (["encoder.pretrained=/nonexistent.pth"], "encoder.pretrained"),
+    (["optim.optimizer.lr=-1"], "optim.optimizer.lr"),
+    (["trainer.precision=17"], "trainer.precision"),
+    (["data.batch_size=0"], "data.batch_size"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), INVALID, ids=[" ".join(o) for o, _ in INVALID])
+def test_invalid_value_names_the_key(compose_cfg, overrides, key):
+    cfg = compose_cfg(*overrides)
+    with pytest.raises(ConfigError) as info:
+        validate_train_config(cfg)
+    assert key in str(info.value)
+
+
+def test_default_config_is_valid(compose_cfg):
+    validate_train_config(compose_cfg())
+
+
+def test_default_config_with_tiny_overrides_is_valid(compose_cfg, tiny_overrides):
+    validate_train_config(compose_cfg(*tiny_overrides))
+
+
+def test_unknown_top_level_key_is_rejected_by_hydra(compose_cfg):
+    with pytest.raises(ConfigCompositionException, match="foo"):
+        compose_cfg("foo.bar=1")
+
+
+def test_cli_fails_fast_with_the_key(run_cli, tmp_path):
+    start = time.monotonic()
+    proc = run_cli("data.clip.offsets=[3]", f"paths.log_dir={tmp_path / 'logs'}", timeout=120)
+    elapsed = time.monotonic() - start
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "data.clip.offsets" in out
+    assert "Traceback" not in out  # one clear line, not a stack trace
+    for progress in ("Epoch 0", "Training", "Validation", "[vss] step"):
+        assert progress not in out
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))
+    assert elapsed < 60, f"took {elapsed:.0f} s to reject a bad value"
