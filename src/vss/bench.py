@@ -15,7 +15,7 @@ from collections.abc import Callable
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vss.config import CONF_DIR, friendly_errors, register_resolvers
 
@@ -40,6 +40,14 @@ def _time(fn: Callable[[], object], device: torch.device, warmup: int, iters: in
     return (time.perf_counter() - start) / iters
 
 
+def clip_frames(cfg: DictConfig) -> int:
+    """``clip_frames``, else 1 + the reference offsets a model config sets (``data.clip.offsets``), else 4."""
+    if cfg.get("clip_frames") is not None:
+        return int(cfg.clip_frames)
+    offsets = OmegaConf.select(cfg, "data.clip.offsets")
+    return 4 if offsets is None else 1 + len(offsets)
+
+
 @torch.no_grad()
 def bench(cfg: DictConfig) -> dict[str, float]:
     """Parameter counts and per-frame forward times of the configured encoder + model."""
@@ -49,7 +57,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
         "cuda" if cfg.device == "auto" and torch.cuda.is_available() else str(cfg.device).replace("auto", "cpu")
     )
     model = Segmenter(instantiate(cfg.encoder), instantiate(cfg.model), int(cfg.num_classes)).to(device).eval()
-    b, t = int(cfg.batch_size), int(cfg.clip_frames)
+    b, t = int(cfg.batch_size), clip_frames(cfg)
     clip = torch.randn(b, t, 3, int(cfg.height), int(cfg.width), device=device)
     refs = [model.encode(clip[:, i]) for i in range(t - 1)] if model.uses_references else []
 
@@ -77,7 +85,7 @@ def main(cfg: DictConfig) -> None:
     r = bench(cfg)
     name = f"{cfg.model._target_.rsplit('.', 1)[-1]} {cfg.encoder.name}"
     device = "cuda" if torch.cuda.is_available() and cfg.device == "auto" else cfg.device
-    where = f"{cfg.height}x{cfg.width}, clip {cfg.clip_frames}, {device}"
+    where = f"{cfg.height}x{cfg.width}, clip {clip_frames(cfg)}, {device}"
     print(f"[vss.bench] {name} ({where}): " + " | ".join(f"{k} {v:.2f}" for k, v in r.items()))
 
 

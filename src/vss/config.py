@@ -38,10 +38,26 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def register_resolvers() -> None:
-    """``${vss_uid:}``: a per-process tag (pid + random) that keeps run directories unique."""
+    """``${vss_uid:}``: a per-process tag (pid + random) that keeps run directories unique.
+
+    MRCFA defaults that follow the encoder (conf/model/mrcfa.yaml): ``${vss_mrcfa_p:NAME}`` (the official
+    token ratio: 0.8 for mit_b0, 0.5 otherwise), ``${vss_mrcfa_layout:NAME}`` (``b1`` for mit_b1, ``light``
+    otherwise) and ``${vss_num_references:OFFSETS}`` (len(OFFSETS), 3 when null).
+    """
     if not OmegaConf.has_resolver("vss_uid"):
         uid = f"{os.getpid()}-{secrets.token_hex(3)}"
         OmegaConf.register_new_resolver("vss_uid", lambda: uid, use_cache=True)
+    if not OmegaConf.has_resolver("vss_mrcfa_p"):
+        OmegaConf.register_new_resolver("vss_mrcfa_p", lambda name: _mrcfa().official_token_ratio(name))
+        OmegaConf.register_new_resolver("vss_mrcfa_layout", lambda name: _mrcfa().official_sar_layout(name))
+        OmegaConf.register_new_resolver("vss_num_references", lambda offsets: 3 if offsets is None else len(offsets))
+
+
+def _mrcfa() -> Any:
+    """The MRCFA module, imported when a resolver first needs it (keeps ``vss.config`` light)."""
+    from vss.models.aggregators import mrcfa
+
+    return mrcfa
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -122,7 +138,7 @@ def validate_train_config(cfg: DictConfig) -> None:
             f"data.clip.offsets={offsets!r} is invalid: expected a list of negative integers, e.g. [-9,-6,-3]"
         )
     try:
-        validate_offsets(list(offsets))
+        validate_offsets(list(offsets), str(OmegaConf.select(cfg, "data.clip.start_rule", default="clamp")))
     except ValueError as e:
         raise ConfigError(str(e)) from e
     _check(cfg, "data.clip.reverse_prob", lambda v: _num(v) and 0 <= v <= 1, "a probability in [0, 1]")

@@ -16,6 +16,7 @@ from typing import Any
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -55,6 +56,12 @@ def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     ckpt = load_checkpoint(cfg.ckpt_path)
     train_cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
     data_cfg = cfg.data if cfg.get("data") is not None else train_cfg.data
+    if cfg.get("data") is not None and train_cfg.data.get("clip") is not None:
+        # the clip (offsets, start-of-video rule) belongs to the model: keep the checkpoint's unless set here
+        task = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+        given = {o.split("=", 1)[0].lstrip("+~") for o in task}
+        kept = {k: v for k, v in train_cfg.data.clip.items() if not {"data.clip", f"data.clip.{k}"} & given}
+        data_cfg = OmegaConf.merge(data_cfg, {"clip": kept})
     data_cfg = OmegaConf.merge(data_cfg, {"num_workers": cfg.num_workers, "persistent_workers": False})
     datamodule = instantiate(data_cfg)
     if datamodule.num_classes != train_cfg.data.num_classes:
@@ -72,7 +79,7 @@ def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     pred_dir = output_dir / "predictions"
     for batch in tqdm(loader, desc=f"eval {cfg.split}", disable=not cfg.progress):
         images = batch["images"].to(device)
-        preds = module.segmenter.predict(images, batch["labels"].shape[-2:]).cpu()
+        preds = module.segmenter.predict(images, batch["labels"].shape[-2:], batch.get("single_frame")).cpu()
         module.update_metrics("test", batch, preds)
         if cfg.save_predictions:
             for p, video, name in zip(preds, batch["video"], batch["frame_name"], strict=True):

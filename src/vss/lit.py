@@ -136,7 +136,7 @@ class VSSModule(pl.LightningModule):
         return scores
 
     def _eval_step(self, stage: str, batch: dict[str, Any], batch_idx: int) -> None:
-        preds = self.segmenter.predict(batch["images"], batch["labels"].shape[-2:])
+        preds = self.segmenter.predict(batch["images"], batch["labels"].shape[-2:], batch.get("single_frame"))
         self.update_metrics(stage, batch, preds)
         if stage == "val" and len(self._overlays) < self.num_overlays and self.global_rank == 0:
             self._keep_overlay(batch, preds)

@@ -43,12 +43,17 @@ class VSSDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         verify: bool = False,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
         self.num_classes = int(num_classes)
         clip = dict(clip or {})
-        self.clip_sampler = ClipSampler(tuple(clip.get("offsets", (-9, -6, -3))), float(clip.get("reverse_prob", 0.5)))
+        self.clip_sampler = ClipSampler(
+            tuple(clip.get("offsets", (-9, -6, -3))),
+            float(clip.get("reverse_prob", 0.5)),
+            str(clip.get("start_rule", "clamp")),
+        )
         lm = dict(label_map or {"reduce_zero_label": True})
         self.label_map = LabelMap(self.num_classes, **lm)
         if class_names is not None and len(class_names) != self.num_classes:
@@ -71,6 +76,7 @@ class VSSDataModule(pl.LightningDataModule):
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()  # pinning without a GPU only warns
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.verify = bool(verify)
+        self.seed = seed  # albumentations' own RNG (it does not follow the global seed)
         self._videos: dict[str, list[Video]] = {}
 
     # -- data ---------------------------------------------------------------------------------
@@ -100,7 +106,7 @@ class VSSDataModule(pl.LightningDataModule):
 
     def train_dataset(self) -> TrainClips:
         """Random training clips."""
-        tf = build_train_transform(self.scale, self.crop_size, **self.aug)
+        tf = build_train_transform(self.scale, self.crop_size, **self.aug, seed=self.seed)
         return TrainClips(self.videos(self.splits["fit"]), self.clip_sampler, self.label_map, tf, self.train_repeat)
 
     def eval_dataset(self, split: str) -> EvalClips:

@@ -82,6 +82,7 @@ class EvalClips(Dataset):
             "video": video.name,
             "frame": t,
             "frame_name": video.masks[t].name,
+            "single_frame": self.sampler.single_frame(t),  # predict from the target alone (start_rule)
         }
 
 

@@ -1,0 +1,305 @@
+"""Collect MRCFA ablation runs into the experiment pages: ``python experiments/collect.py TABLE DIR [DIR ...]``.
+
+TABLE is ``table1`` .. ``table4`` (the paper's Tables 1-4). Every ``metrics.json`` below the DIRs (written by
+``vss.train`` into each run directory; a multirun has one job directory each, with ``.hydra/config.yaml``)
+becomes a row, keyed by what the table varies (offsets, ``stm.p``, ``model.num_scales``, SAR/MAA/fusion);
+runs with the same key are averaged. The rows replace the block between ``<!-- ours-synthetic:start -->``
+and ``<!-- ours-synthetic:end -->`` (runs on the synthetic set) or ``<!-- ours-vspw:... -->`` (other data)
+of ``experiments/mrcfa_TABLE.md`` (``--page``), or ``<!-- ours:start/end -->`` when the page has only that.
+
+Parameter counts come from the runs' configs (model built on the meta device); speed (``--bench``, on by
+default) is ``vss.bench``'s streaming time per frame of each row's model on this machine (random weights,
+batch 1, the run's crop size for the synthetic set, 480x864 for VSPW; ``--bench-size HxW`` to change it).
+``table2`` also writes a plot of mIoU and speed against p next to the page (``mrcfa_table2[_synthetic].png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+HERE = Path(__file__).resolve().parent
+TABLES = ("table1", "table2", "table3", "table4")
+METRICS = ("mIoU", "mVC8", "mVC16")
+
+
+@dataclass
+class Run:
+    """One finished training run: its directory, config and final validation metrics."""
+
+    path: Path
+    cfg: DictConfig
+    metrics: dict[str, float]
+    step: int
+
+    @property
+    def method(self) -> str:
+        return str(self.cfg.model._target_).rsplit(".", 1)[-1]
+
+    @property
+    def synthetic(self) -> bool:
+        return "Synthetic" in str(self.cfg.data._target_)
+
+    def model_value(self, key: str) -> Any:
+        return OmegaConf.select(self.cfg, f"model.{key}")
+
+
+@dataclass
+class Row:
+    """One table row: its key, label cells and the runs averaged into it."""
+
+    key: tuple
+    cells: list[str]
+    runs: list[Run] = field(default_factory=list)
+    speed_ms: float | None = None
+    params_m: float | None = None
+
+    def mean(self, metric: str) -> float:
+        values = [r.metrics[metric] for r in self.runs if metric in r.metrics]
+        return sum(values) / len(values) if values else math.nan
+
+
+def find_runs(dirs: Sequence[Path]) -> list[Run]:
+    """Every run below ``dirs`` that wrote metrics.json and kept its Hydra config."""
+    from vss.config import register_resolvers
+
+    register_resolvers()
+    runs = []
+    for d in dirs:
+        for metrics_file in sorted(Path(d).rglob("metrics.json")):
+            run_dir = metrics_file.parent
+            cfg_file = run_dir / ".hydra" / "config.yaml"
+            if not cfg_file.is_file():
+                continue
+            result = json.loads(metrics_file.read_text())
+            val = result.get("val", result)
+            metrics = {k: float(val[k]) for k in (*METRICS, "fwIoU") if isinstance(val.get(k), int | float)}
+            runs.append(Run(run_dir, OmegaConf.load(cfg_file), metrics, int(result.get("step", -1))))
+    return runs
+
+
+def _offsets(run: Run) -> tuple[int, ...]:
+    return tuple(int(o) for o in run.cfg.data.clip.offsets)
+
+
+def _p(run: Run) -> float:
+    return float(OmegaConf.to_container(run.cfg.model, resolve=True)["token_ratio"])
+
+
+def key_table1(run: Run) -> tuple[tuple, list[str]] | None:
+    if run.method == "SegFormer":
+        return (0,), ["SegFormer", "-", "-", "-", "-"]
+    if run.method != "MRCFA" or run.model_value("fusion") != "affinity":
+        return None
+    offsets = _offsets(run)
+    cells = ["MRCFA", str(len(offsets) + 1), *[str(o) for o in offsets], *["-"] * (3 - len(offsets))]
+    return (1, len(offsets), tuple(-o for o in offsets)), cells
+
+
+def key_table2(run: Run) -> tuple[tuple, list[str]] | None:
+    if run.method != "MRCFA" or run.model_value("fusion") != "affinity":
+        return None
+    p = _p(run)
+    return (-p,), [f"{100 * p:g}%"]
+
+
+def key_table3(run: Run) -> tuple[tuple, list[str]] | None:
+    if run.method != "MRCFA" or run.model_value("fusion") != "affinity":
+        return None
+    return (int(run.model_value("num_scales")),), [str(run.model_value("num_scales"))]
+
+
+def key_table4(run: Run) -> tuple[tuple, list[str]] | None:
+    if run.method == "SegFormer":
+        return (0,), ["SegFormer", "-", "-"]
+    if run.method != "MRCFA":
+        return None
+    if run.model_value("fusion") == "feature_pyramid":
+        return (1,), ["Feature Pyramid", "-", "-"]
+    sar, maa = bool(run.model_value("sar")), bool(run.model_value("maa"))
+    mark = {True: "✓", False: "✗"}
+    return (2, sar and maa, sar, maa), ["Affinity Decoder", mark[sar], mark[maa]]
+
+
+KEYS: dict[str, Callable[[Run], tuple[tuple, list[str]] | None]] = {
+    "table1": key_table1,
+    "table2": key_table2,
+    "table3": key_table3,
+    "table4": key_table4,
+}
+HEADERS = {
+    "table1": ["Methods", "T", "t1", "t2", "t3"],
+    "table2": ["p"],
+    "table3": ["L"],
+    "table4": ["Methods", "SAR", "MAA"],
+}
+
+
+def build_rows(table: str, runs: Sequence[Run]) -> list[Row]:
+    """Group runs by the table's key, sorted as the paper orders its rows."""
+    rows: dict[tuple, Row] = {}
+    for run in runs:
+        keyed = KEYS[table](run)
+        if keyed is None:
+            continue
+        key, cells = keyed
+        rows.setdefault(key, Row(key, cells)).runs.append(run)
+    return [rows[k] for k in sorted(rows)]
+
+
+def params_millions(run: Run) -> float:
+    """Trainable parameters of the run's model (built on the meta device)."""
+    import torch
+    from hydra.utils import instantiate
+
+    from vss.models.segmenter import Segmenter
+
+    with torch.device("meta"):
+        model = Segmenter(instantiate(run.cfg.encoder), instantiate(run.cfg.model), int(run.cfg.data.num_classes))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+
+
+def bench_ms(run: Run, size: tuple[int, int] | None) -> float:
+    """``vss.bench`` streaming time (ms) per target frame of the run's model, random weights, batch 1."""
+    from vss.bench import bench
+
+    if size is None:
+        size = tuple(run.cfg.data.crop_size) if run.synthetic else (480, 864)
+    cfg = OmegaConf.create(
+        {
+            "encoder": OmegaConf.to_container(run.cfg.encoder, resolve=True),
+            "model": OmegaConf.to_container(run.cfg.model, resolve=True),
+            "num_classes": int(run.cfg.data.num_classes),
+            "height": int(size[0]),
+            "width": int(size[1]),
+            "clip_frames": len(_offsets(run)) + 1,
+            "batch_size": 1,
+            "warmup": 3,
+            "iters": 10,
+            "device": "auto",
+        }
+    )
+    return float(bench(cfg)["streaming_ms_per_frame"])
+
+
+def _pct(x: float) -> str:
+    return "-" if math.isnan(x) else f"{100 * x:.1f}"
+
+
+def render(table: str, rows: Sequence[Row], dirs: Sequence[Path], size_note: str) -> str:
+    """Markdown table of ``rows`` with the provenance of the numbers."""
+    head = [*HEADERS[table], "mIoU ↑", "mVC8 ↑", "mVC16 ↑", "Params (M)", "ms/frame ↓", "FPS ↑", "runs", "steps"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        fps = "-" if not row.speed_ms else f"{1e3 / row.speed_ms:.1f}"
+        ms = "-" if not row.speed_ms else f"{row.speed_ms:.1f}"
+        params = "-" if row.params_m is None else f"{row.params_m:.2f}"
+        steps = sorted({r.step for r in row.runs})
+        cells = [*row.cells, *(_pct(row.mean(m)) for m in METRICS), params, ms, fps, str(len(row.runs))]
+        lines.append("| " + " | ".join([*cells, "/".join(map(str, steps))]) + " |")
+    where = ", ".join(f"`{d}`" for d in dirs)
+    lines += [
+        "",
+        f"Collected by `python experiments/collect.py {table}` on {time.strftime('%Y-%m-%d')} from {where}. "
+        f"Metrics are the final validation of each run (in %, mean over runs with the same setting). {size_note}",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(page: Path, section: str, body: str) -> None:
+    """Replace the block between ``<!-- {section}:start -->`` and ``<!-- {section}:end -->`` of ``page``."""
+    text = page.read_text()
+    for name in (section, "ours"):
+        pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(\n<!-- {name}:end -->)", re.S)
+        if pattern.search(text):
+            page.write_text(pattern.sub(lambda m: m[1] + body + m[2], text, count=1))
+            return
+    raise SystemExit(f"{page}: no '<!-- {section}:start -->' ... '<!-- {section}:end -->' block to fill")
+
+
+def plot_table2(rows: Sequence[Row], path: Path, title: str) -> None:
+    """mIoU and speed (FPS) against the token ratio p."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ps = [-row.key[0] for row in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    ax.plot(ps, [100 * row.mean("mIoU") for row in rows], "o-", color="tab:red", label="mIoU")
+    ax.set_xlabel("token ratio p (stm.p)")
+    ax.set_ylabel("val mIoU (%)", color="tab:red")
+    if all(row.speed_ms for row in rows):
+        ax2 = ax.twinx()
+        ax2.plot(ps, [1e3 / row.speed_ms for row in rows], "s--", color="tab:blue", label="FPS")  # type: ignore[operator]
+        ax2.set_ylabel("frames / s (streaming)", color="tab:blue")
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def collect_table(
+    table: str,
+    dirs: Sequence[Path],
+    page: Path | None = None,
+    bench: bool = True,
+    bench_size: tuple[int, int] | None = None,
+    plot: Path | None = None,
+) -> list[Row]:
+    """Collect the runs of ``dirs`` into ``table``'s page (one section per dataset); return the rows."""
+    if table not in TABLES:
+        raise SystemExit(f"unknown table {table!r}: expected one of {', '.join(TABLES)}")
+    page = page or HERE / f"mrcfa_{table}.md"
+    runs = find_runs(dirs)
+    if not runs:
+        raise SystemExit(f"no finished runs (metrics.json + .hydra/config.yaml) below {', '.join(map(str, dirs))}")
+    all_rows: list[Row] = []
+    for synthetic in (True, False):
+        rows = build_rows(table, [r for r in runs if r.synthetic == synthetic])
+        if not rows:
+            continue
+        for row in rows:
+            row.params_m = params_millions(row.runs[0])
+            if bench:
+                row.speed_ms = bench_ms(row.runs[0], bench_size)
+        size = bench_size or (tuple(rows[0].runs[0].cfg.data.crop_size) if synthetic else (480, 864))
+        note = f"Speed: `vss.bench` streaming path at {size[0]}x{size[1]}, batch 1, on this machine." if bench else ""
+        section = "ours-synthetic" if synthetic else "ours-vspw"
+        write_section(page, section, render(table, rows, dirs, note))
+        if table == "table2":
+            target = plot or page.with_name(f"{page.stem}{'_synthetic' if synthetic else ''}.png")
+            plot_table2(rows, target, f"MRCFA, {'synthetic' if synthetic else 'VSPW'}: token ratio p")
+        all_rows += rows
+    return all_rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("table", choices=TABLES)
+    parser.add_argument("dirs", nargs="+", type=Path, help="run or multirun directories (searched recursively)")
+    parser.add_argument("--page", type=Path, help="markdown page to fill (default experiments/mrcfa_TABLE.md)")
+    parser.add_argument("--no-bench", action="store_true", help="skip the speed measurement")
+    parser.add_argument("--bench-size", help="HxW of the speed measurement (default: crop size / 480x864)")
+    parser.add_argument("--plot", type=Path, help="table2: where to write the plot")
+    args = parser.parse_args(argv)
+    size = tuple(int(v) for v in args.bench_size.lower().split("x")) if args.bench_size else None
+    rows = collect_table(args.table, args.dirs, args.page, not args.no_bench, size, args.plot)  # type: ignore[arg-type]
+    for row in rows:
+        metrics = " ".join(f"{m} {_pct(row.mean(m))}" for m in METRICS)
+        print(f"[collect] {args.table} {' '.join(row.cells)}: {metrics} ({len(row.runs)} run(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,441 @@
+"""MRCFA: Mining Relations among Cross-Frame Affinities (Sun et al., ECCV 2022), as the official code computes it.
+
+Per frame (:meth:`MRCFA.encode`, cacheable): the MiT features c1..c4 feed the SegFormer MLP decoder, whose
+fused 1/4 feature ``_c`` gives the per-frame logits; ``_c`` resized to 1/8 is the frame's own feature
+(``feat8``, official ``_c2``) and, after a stride-4 conv to the 1/32 grid, its value tokens. For the
+last L stages (c2 1/8, c3 1/16, c4 1/32) the frame gets target queries (eq. 1, on its own grid) and
+reference keys (eq. 2, reduced to the 1/32 grid by a conv with kernel = stride, eq. 9).
+
+Temporal (:meth:`MRCFA.aggregate`): cross-frame affinities (eq. 3, raw dot products) between the
+target's queries and each reference's keys; Selective Token Masking (sec. 3.4, eqs. 10-11) keeps the
+same S reference tokens at every scale; the affinity decoder refines each scale (SAR, eq. 5) and
+aggregates deep to shallow (MAA, eq. 6); softmax over S; retrieval of the reference values (eq. 7);
+merge (eq. 8) = mean over references + the target's own 1/8 feature; classifier; auxiliary
+classifiers on each reference's retrieved feature (training loss only).
+
+Where the paper and the official code (GuoleiSun/VSS-MRCFA) differ, the code is the default and the
+paper is a config value: ``merge`` (official: at 1/8 with the target's 1/8 feature; paper eq. 8: the
+retrieved features upsampled to 1/4 and added to the target's 1/4 feature) and ``key_order``
+(official: reduce c_l by the conv, then project by the linear layer; paper eqs. 2 and 9: project,
+then reduce). Ablations are config values too: ``token_ratio`` (stm.p, Table 2), ``num_scales``
+(Table 3), ``sar`` / ``maa`` / ``fusion=feature_pyramid`` (Table 4).
+
+Official defaults that depend on the backbone: p = 0.8 for MiT-B0, 0.5 otherwise; the SAR/MAA layer
+layout ``b1`` for MiT-B1 and the light layout for every other MiT (see :data:`SAR_LAYOUTS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vss.models.aggregators.base import Aggregator, FrameFeatures, cross_entropy
+from vss.models.heads import SegFormerHead
+
+SCALES: tuple[str, ...] = ("s8", "s16", "s32")
+"""Affinity scales, shallow to deep: stages c2 (1/8), c3 (1/16), c4 (1/32)."""
+_STAGE = {"s8": 1, "s16": 2, "s32": 3}
+_STRIDE = {"s8": 8, "s16": 16, "s32": 32}
+MIT_STRIDES = (4, 8, 16, 32)
+
+# Affinity-decoder layouts of the official HPNLearner_topk2: per block, its units as (out_channels, kernel).
+# "refine" holds the SAR block of each scale (official encoder_layer4/3/2 for s32/s16/s8); "aggregate" the
+# MAA block that refines the sum arriving at a scale (encoder_layer4to3 at s16, encoder_layer3to2 at s8).
+SAR_LAYOUTS: dict[str, dict[str, dict[str, tuple[tuple[int, int], ...]]]] = {
+    "b1": {
+        "refine": {"s32": ((1, 3), (2, 3)), "s16": ((1, 3), (2, 3)), "s8": ((1, 5), (2, 3))},
+        "aggregate": {"s16": ((2, 3), (2, 3)), "s8": ((2, 3), (1, 3))},
+    },
+    "light": {
+        "refine": {"s32": ((1, 3),), "s16": ((1, 5),), "s8": ((1, 5),)},
+        "aggregate": {"s16": ((1, 3),), "s8": ((1, 3),)},
+    },
+}
+FUSIONS = ("affinity", "feature_pyramid")
+MERGES = ("official", "paper")
+KEY_ORDERS = ("official", "paper")
+
+
+def official_token_ratio(encoder_name: str) -> float:
+    """Official STM ratio p: 0.8 for MiT-B0, 0.5 for the other backbones (``hypercorre_topk2.threh``)."""
+    return 0.8 if str(encoder_name) == "mit_b0" else 0.5
+
+
+def official_sar_layout(encoder_name: str) -> str:
+    """Official affinity-decoder layout: ``b1`` for MiT-B1, ``light`` for B0/B2/B5 (``HPNLearner_topk2``)."""
+    return "b1" if str(encoder_name) == "mit_b1" else "light"
+
+
+def _config_error(message: str) -> Exception:
+    """A :class:`vss.config.ConfigError` (one clear line from the CLIs)."""
+    from vss.config import ConfigError
+
+    return ConfigError(message)
+
+
+def cross_frame_affinity(queries: Tensor, keys: Tensor) -> Tensor:
+    """Cross-frame affinities, eq. 3: A = Q K^T, raw dot products (no scaling, no softmax).
+
+    ``queries`` (B,1,HW_t,C) of the target, ``keys`` (B,R,N,C) of R references -> (B,R,HW_t,N).
+    """
+    return torch.matmul(queries, keys.transpose(-2, -1))
+
+
+def select_tokens(tokens: Tensor, index: Tensor | None) -> Tensor:
+    """Reference tokens (B,R,N,C) at the selected positions ``index`` (B,R,S) -> (B,R,S,C)."""
+    if index is None:
+        return tokens
+    return torch.gather(tokens, 2, index.unsqueeze(-1).expand(-1, -1, -1, tokens.shape[-1]))
+
+
+def select_columns(affinity: Tensor, index: Tensor | None) -> Tensor:
+    """Affinity columns (B,R,HW_t,N) of the selected reference tokens -> (B,R,HW_t,S)."""
+    if index is None:
+        return affinity
+    return torch.gather(affinity, 3, index.unsqueeze(2).expand(-1, -1, affinity.shape[2], -1))
+
+
+def _upsample(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear resize with ``align_corners=True``, as the official affinity decoder (MAA, eq. 6)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+class SelectiveTokenMasking(nn.Module):
+    """Selective Token Masking (sec. 3.4, eqs. 10-11): keep the S = int(p N) most important reference tokens.
+
+    A reference token's importance is the sum of its top-n affinities over the target tokens at the
+    deepest scale (n = 5). The selection (per batch item and reference) is shared by every scale and
+    by the values. Indices are returned in raster order, as the official boolean mask keeps them.
+    ``p = 1`` keeps every token without any selection (``None``). When the target has fewer than n
+    tokens (tiny inputs) n is reduced to that number; at least one token is always kept.
+    """
+
+    def __init__(self, token_ratio: float, top_n: int = 5) -> None:
+        super().__init__()
+        if not 0.0 < float(token_ratio) <= 1.0:
+            raise _config_error(f"stm.p (model.token_ratio)={token_ratio!r} is invalid: expected a number in (0, 1]")
+        if int(top_n) < 1:
+            raise _config_error(f"stm.top_n (model.top_n)={top_n!r} is invalid: expected a positive integer")
+        self.token_ratio = float(token_ratio)
+        self.top_n = int(top_n)
+
+    def num_selected(self, num_tokens: int) -> int:
+        """S = int(p * N) (official ``int(hy*wy*threh)``), at least 1."""
+        return num_tokens if self.token_ratio >= 1.0 else max(1, int(num_tokens * self.token_ratio))
+
+    def importance(self, affinity: Tensor) -> Tensor:
+        """Token importance map M, eqs. 10-11: (B,R,HW_t,N) -> (B,R,N)."""
+        return affinity.topk(min(self.top_n, affinity.shape[2]), dim=2).values.sum(2)
+
+    def forward(self, affinity: Tensor) -> Tensor | None:
+        """Selected reference-token indices (B,R,S), sorted; ``None`` when every token is kept."""
+        num_tokens = affinity.shape[-1]
+        s = self.num_selected(num_tokens)
+        if s >= num_tokens:
+            return None
+        return self.importance(affinity).topk(s, dim=-1).indices.sort(dim=-1).values
+
+    def extra_repr(self) -> str:
+        return f"p={self.token_ratio}, top_n={self.top_n}"
+
+
+class AffinityRefinement(nn.Sequential):
+    """Single-scale Affinity Refinement units (eq. 5): [2D conv over the target grid + GroupNorm(1) + ReLU] x n.
+
+    Input (B*R*S, C, H, W): each selected reference token's affinity map over the target grid, the S
+    tokens folded into the batch (the conv weights are shared by tokens and references). Parameter
+    indices follow the official ``make_building_block`` (conv at 0, 3, ...; GroupNorm at 1, 4, ...).
+    """
+
+    def __init__(self, in_channels: int, units: Sequence[tuple[int, int]]) -> None:
+        layers: list[nn.Module] = []
+        for out_channels, kernel in units:
+            layers += [
+                nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2),
+                nn.GroupNorm(1, out_channels),
+                nn.ReLU(inplace=True),
+            ]
+            in_channels = out_channels
+        super().__init__(*layers)
+        self.out_channels = in_channels
+
+
+class AffinityDecoder(nn.Module):
+    """SAR (eq. 5) on each scale, then Multi-scale Affinity Aggregation (eq. 6) from deep to shallow.
+
+    MAA: B^L = Ā^L; B^l = G(Γ(B^{l+1}) + Ā^l), Γ = bilinear upsampling (align_corners=True). With
+    ``sar=False`` the raw affinities enter MAA; with ``maa=False`` the refined affinities are upsampled
+    and added without G (the official ``only_sar`` / ``only_cfm`` learners). The output is one affinity
+    channel on the 1/8 target grid; with fewer scales (L < 3) the shallowest one in use is upsampled to it.
+    The official per-backbone widths apply to the full model (SAR + MAA, L = 3); every ablation uses
+    single-channel units with the layout's kernels, as the official ablation learners.
+    """
+
+    def __init__(self, scales: Sequence[str], layout: str = "light", sar: bool = True, maa: bool = True) -> None:
+        super().__init__()
+        if layout not in SAR_LAYOUTS:
+            raise _config_error(f"model.sar_layout={layout!r} is invalid: expected one of {sorted(SAR_LAYOUTS)}")
+        self.scales = tuple(scales)
+        self.layout, self.sar, self.maa = layout, bool(sar), bool(maa)
+        spec = SAR_LAYOUTS[layout]
+        full = self.sar and self.maa and len(self.scales) == len(SCALES)
+
+        def units(block: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
+            return [(out if full else 1, k) for out, k in block]
+
+        channels = 1
+        self.refine = nn.ModuleDict()
+        if self.sar:
+            for s in self.scales:
+                self.refine[s] = AffinityRefinement(1, units(spec["refine"][s]))
+            channels = self.refine[self.scales[-1]].out_channels
+        self.aggregate = nn.ModuleDict()
+        if self.maa:
+            for s in reversed(self.scales[:-1]):  # deep to shallow: s16 then s8
+                self.aggregate[s] = AffinityRefinement(channels, units(spec["aggregate"][s]))
+                channels = self.aggregate[s].out_channels
+        if channels != 1:
+            raise AssertionError(f"affinity decoder ends with {channels} channels, expected 1")
+
+    def forward(self, affinities: dict[str, Tensor], size: Sequence[int]) -> Tensor:
+        """Affinity maps per scale (B*R*S,1,H_l,W_l) -> refined affinity (B*R*S,1,H,W) at ``size`` (1/8)."""
+        out: Tensor | None = None
+        for s in reversed(self.scales):
+            a = self.refine[s](affinities[s]) if self.sar else affinities[s]
+            if out is None:
+                out = a
+                continue
+            out = _upsample(out, a.shape[-2:]) + a
+            if self.maa:
+                out = self.aggregate[s](out)
+        assert out is not None
+        return _upsample(out, size)
+
+    def extra_repr(self) -> str:
+        return f"scales={self.scales}, layout={self.layout!r}, sar={self.sar}, maa={self.maa}"
+
+
+def _classifier(embed_dim: int, num_classes: int, dropout: float) -> nn.Sequential:
+    """Dropout2d + 1x1 conv (official ``small_decoder2.smalldecoder``)."""
+    return nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(embed_dim, num_classes, 1))
+
+
+class MRCFA(Aggregator):
+    """MRCFA head on the four MiT stages (strides 4/8/16/32); see the module docstring."""
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        token_ratio: float = 0.5,
+        top_n: int = 5,
+        num_scales: int = 3,
+        sar: bool = True,
+        maa: bool = True,
+        sar_layout: str = "light",
+        fusion: str = "affinity",
+        merge: str = "official",
+        key_order: str = "official",
+        num_references: int = 3,
+        embed_dim: int = 256,
+        dropout: float = 0.1,
+        per_frame_loss_weight: float = 0.5,
+        aux_loss: bool = True,
+        avg_non_ignore: bool = False,
+        encoder_name: str | None = None,
+    ) -> None:
+        super().__init__(in_channels, num_classes, avg_non_ignore)
+        self.encoder_name = encoder_name
+        if encoder_name is not None and not str(encoder_name).startswith("mit_"):
+            raise _config_error(
+                f"model=mrcfa needs a MiT encoder (feature strides {list(MIT_STRIDES)}); encoder.name={encoder_name!r} "
+                "is not one (use encoder=mit_b0 ... mit_b5)"
+            )
+        if len(self.in_channels) != 4:
+            raise _config_error(f"model=mrcfa needs 4 encoder stages, got in_channels={self.in_channels}")
+        if int(num_scales) not in (1, 2, 3):
+            raise _config_error(f"model.num_scales={num_scales!r} is invalid: expected 1, 2 or 3")
+        for key, value, allowed in (
+            ("fusion", fusion, FUSIONS),
+            ("merge", merge, MERGES),
+            ("key_order", key_order, KEY_ORDERS),
+        ):
+            if value not in allowed:
+                raise _config_error(f"model.{key}={value!r} is invalid: expected one of {list(allowed)}")
+        if int(num_references) < 1:
+            raise _config_error(f"model.num_references={num_references!r} is invalid: expected a positive integer")
+        self.scales = SCALES[len(SCALES) - int(num_scales) :]
+        self.fusion, self.merge, self.key_order = fusion, merge, key_order
+        self.num_references = int(num_references)
+        self.per_frame_loss_weight = float(per_frame_loss_weight)
+        self.aux_loss = bool(aux_loss)
+        self.embed_dim = int(embed_dim)
+
+        # per-frame branch: SegFormer all-MLP decoder (official linear_c*, linear_fuse, linear_pred)
+        self.decode_head = SegFormerHead(self.in_channels, num_classes, embed_dim, dropout)
+        # eqs. 1, 2 and 9: target queries, reference keys reduced to the 1/32 grid (official q*/k*, sr2, sr3)
+        self.query_proj = nn.ModuleDict({s: nn.Linear(self._ch(s), self._ch(s)) for s in self.scales})
+        self.key_proj = nn.ModuleDict({s: nn.Linear(self._ch(s), self._ch(s)) for s in self.scales})
+        self.key_reduction = nn.ModuleDict(
+            {
+                s: nn.Conv2d(self._ch(s), self._ch(s), 32 // _STRIDE[s], 32 // _STRIDE[s])
+                for s in self.scales
+                if s != "s32"
+            }
+        )
+        # values: the 1/8 fused feature reduced to the 1/32 grid (official sr1_feat)
+        self.value_reduction = nn.Conv2d(embed_dim, embed_dim, kernel_size=4, stride=4)
+        self.token_masking = SelectiveTokenMasking(token_ratio, top_n)
+        self.affinity_decoder = AffinityDecoder(self.scales, sar_layout, sar, maa) if fusion == "affinity" else None
+        # classifier on the merged feature (official deco4) and one per reference (deco1..3, training only)
+        self.classifier = _classifier(embed_dim, num_classes, dropout)
+        self.aux_classifiers = nn.ModuleList(
+            _classifier(embed_dim, num_classes, dropout) for _ in range(self.num_references)
+        )
+
+    def _ch(self, scale: str) -> int:
+        return self.in_channels[_STAGE[scale]]
+
+    # -- per frame ---------------------------------------------------------------------------------
+    def encode(self, feats: list[Tensor]) -> FrameFeatures:
+        """One frame's logits, own 1/8 feature, value tokens, queries (eq. 1) and keys (eqs. 2, 9)."""
+        if len(feats) != 4:
+            raise ValueError(f"MRCFA expects the 4 MiT stage outputs, got {len(feats)} feature maps")
+        fused = self.decode_head.fuse(feats)  # official _c (1/4)
+        h4, w4 = fused.shape[-2:]
+        feat8 = F.interpolate(fused, size=(h4 // 2, w4 // 2), mode="bilinear", align_corners=False)  # _c2
+        value = self.value_reduction(feat8)
+        grids = [tuple(f.shape[-2:]) for f in feats]
+        if grids[1:] != [(h4 >> i, w4 >> i) for i in (1, 2, 3)] or tuple(value.shape[-2:]) != grids[3]:
+            raise ValueError(
+                f"MRCFA needs the MiT strides {list(MIT_STRIDES)} (encoder.name={self.encoder_name!r}) and an input "
+                f"size divisible by 32 (data.size_divisor=32, crops of multiples of 32); got feature maps {grids}"
+            )
+        out: FrameFeatures = {
+            "logits": self.decode_head.classify(fused),
+            "feat8": feat8,
+            "value": value.flatten(2).transpose(1, 2),
+        }
+        if self.merge == "paper":
+            out["fused"] = fused
+        for s in self.scales:
+            c = feats[_STAGE[s]]
+            out[f"query_{s}"] = self.query_proj[s](c.permute(0, 2, 3, 1))  # (N,H_l,W_l,C_l)
+            out[f"key_{s}"] = self._keys(s, c)
+        return out
+
+    def _keys(self, scale: str, c: Tensor) -> Tensor:
+        """Reference keys on the 1/32 grid (N, H32*W32, C_l): eq. 2 with the token reduction of eq. 9."""
+        if scale == "s32":
+            return self.key_proj[scale](c.flatten(2).transpose(1, 2))
+        reduce = self.key_reduction[scale]
+        if self.key_order == "official":  # conv on the features, then the linear projection
+            return self.key_proj[scale](reduce(c).flatten(2).transpose(1, 2))
+        k = self.key_proj[scale](c.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # paper: project, then reduce
+        return reduce(k).flatten(2).transpose(1, 2)
+
+    # -- temporal ----------------------------------------------------------------------------------
+    def aggregate(self, target: FrameFeatures, references: list[FrameFeatures]) -> dict[str, Tensor]:
+        """Target logits from its features and the references' (oldest first); no references: per-frame logits."""
+        if not references:
+            return {"logits": target["logits"]}
+        r = len(references)
+
+        def stacked(key: str) -> Tensor:
+            return torch.stack([f[key] for f in references], dim=1)
+
+        deep = self.scales[-1]
+        full = cross_frame_affinity(target[f"query_{deep}"].flatten(1, 2).unsqueeze(1), stacked(f"key_{deep}"))
+        index = self.token_masking(full)  # STM (sec. 3.4): the same tokens at every scale and for the values
+        affinities: dict[str, Tensor] = {}
+        for s in self.scales:
+            if s == deep:
+                affinities[s] = select_columns(full, index)
+            else:
+                q = target[f"query_{s}"].flatten(1, 2).unsqueeze(1)
+                affinities[s] = cross_frame_affinity(q, select_tokens(stacked(f"key_{s}"), index))
+        values = select_tokens(stacked("value"), index)  # (B,R,S,C)
+        grids = {s: tuple(target[f"query_{s}"].shape[1:3]) for s in self.scales}
+        size8 = tuple(target["feat8"].shape[-2:])
+        if self.fusion == "affinity":
+            retrieved = self._retrieve(affinities, grids, values, size8)
+        else:
+            retrieved = self._retrieve_feature_pyramid(affinities, grids, values, size8)
+        outputs = {"logits": self._merge(retrieved, target)}
+        if r == len(self.aux_classifiers):
+            size4 = target["logits"].shape[-2:]
+            aux = [self._resize(cls(retrieved[:, i]), size4) for i, cls in enumerate(self.aux_classifiers)]
+            outputs["aux_logits"] = torch.stack(aux, dim=1)
+        elif self.training:
+            raise _config_error(
+                f"model.num_references={len(self.aux_classifiers)} but the clip has {r} reference frames "
+                "(data.clip.offsets); set them consistently"
+            )
+        outputs["frame_logits"] = torch.stack([f["logits"] for f in references] + [target["logits"]], dim=1)
+        return outputs
+
+    def _retrieve(
+        self, affinities: dict[str, Tensor], grids: dict[str, tuple[int, int]], values: Tensor, size8: tuple[int, int]
+    ) -> Tensor:
+        """Affinity decoder (eqs. 5-6), softmax over S per reference, feature retrieval (eq. 7) -> (B,R,C,H8,W8)."""
+        b, r, _, s = affinities[self.scales[-1]].shape
+        maps = {k: a.transpose(2, 3).reshape(b * r * s, 1, *grids[k]) for k, a in affinities.items()}
+        assert self.affinity_decoder is not None
+        refined = self.affinity_decoder(maps, size8).reshape(b, r, s, -1).transpose(2, 3)  # (B,R,HW8,S)
+        attention = F.softmax(refined, dim=-1)
+        return torch.matmul(attention, values).transpose(2, 3).reshape(b, r, -1, *size8)
+
+    def _retrieve_feature_pyramid(
+        self, affinities: dict[str, Tensor], grids: dict[str, tuple[int, int]], values: Tensor, size8: tuple[int, int]
+    ) -> Tensor:
+        """Table 4 "Feature Pyramid": retrieval (eq. 7) at each scale, the retrieved features merged deep to shallow."""
+        b, r = values.shape[:2]
+        out: Tensor | None = None
+        for k in reversed(self.scales):
+            o = torch.matmul(F.softmax(affinities[k], dim=-1), values)  # (B,R,HW_l,C)
+            o = o.transpose(2, 3).reshape(b * r, -1, *grids[k])
+            out = o if out is None else _upsample(out, o.shape[-2:]) + o
+        assert out is not None
+        return (_upsample(out, size8) / len(self.scales)).reshape(b, r, -1, *size8)
+
+    def _merge(self, retrieved: Tensor, target: FrameFeatures) -> Tensor:
+        """Eq. 8: mean over references + the target's own feature, then the classifier; logits at 1/4."""
+        size4 = target["logits"].shape[-2:]
+        mean = retrieved.sum(1) / retrieved.shape[1]
+        if self.merge == "official":
+            return self._resize(self.classifier(mean + target["feat8"]), size4)
+        return self.classifier(F.interpolate(mean, size=size4, mode="bilinear", align_corners=False) + target["fused"])
+
+    @staticmethod
+    def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
+        """Bilinear resize of logits (``align_corners=False``, mmseg ``resize``)."""
+        if tuple(x.shape[-2:]) == tuple(size):
+            return x
+        return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+    # -- training ----------------------------------------------------------------------------------
+    def losses(self, outputs: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
+        """Official loss: w * CE(per-frame logits of every clip frame, its own label) + mean of CE(aux..., final).
+
+        ``w`` = ``per_frame_loss_weight`` (0.5); the second term averages the auxiliary outputs (one per
+        reference) and the final output against the target label (``aux_loss=False``: the final output only).
+        CE is mmseg's mean over all pixels, ignored ones included (``avg_non_ignore=False``).
+        """
+        target = labels[:, -1]
+        terms: dict[str, Tensor] = {}
+        frame_logits = outputs.get("frame_logits")
+        if self.per_frame_loss_weight > 0 and frame_logits is not None:
+            if frame_logits.shape[1] != labels.shape[1]:
+                raise ValueError(f"per-frame logits of {frame_logits.shape[1]} frames but labels of {labels.shape[1]}")
+            ce = cross_entropy(frame_logits.flatten(0, 1), labels.flatten(0, 1), self.avg_non_ignore)
+            terms["ce_per_frame"] = self.per_frame_loss_weight * ce
+        outs = [outputs["logits"]]
+        if self.aux_loss and "aux_logits" in outputs:
+            outs = list(outputs["aux_logits"].unbind(1)) + outs
+        terms["ce_target"] = torch.stack([cross_entropy(o, target, self.avg_non_ignore) for o in outs]).mean()
+        return terms
