@@ -12,30 +12,12 @@ import torchvision
 from timm.layers import DropPath
 from torch import Tensor, nn
 
+from random_weights import randomize_
 from reference_mit import build_reference_mit
 from vss.models.encoders import ENCODER_NAMES, build_encoder, convert_mit_checkpoint
 
 # Backbone parameters without the ImageNet head, counted on the official MiT design (tests/reference_mit.py).
 MIT_PARAMS = {"mit_b0": 3_319_392, "mit_b1": 13_151_424}
-
-
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Fill every parameter and BatchNorm statistic with random values (LayerNorm/BN weights around 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                noise = torch.randn(p.shape, generator=gen)
-                if isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)) and name == "weight":
-                    p.copy_(1.0 + 0.2 * noise)
-                elif p.ndim == 1:
-                    p.copy_(0.1 * noise)
-                else:
-                    p.copy_(noise / p[0].numel() ** 0.5)
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.copy_(0.1 * torch.randn(module.num_features, generator=gen))
-                module.running_var.copy_(0.5 + torch.rand(module.num_features, generator=gen))
-    return model.eval()
 
 
 def max_abs_diff(a: list[Tensor], b: list[Tensor]) -> float:

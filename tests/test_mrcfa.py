@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from random_weights import randomize_
 from reference_mit import build_reference_mit
 from reference_mrcfa import OfficialMRCFAHead
 from vss.config import CONF_DIR, ConfigError, register_resolvers
@@ -42,25 +43,6 @@ PAPER_PARAMS = {
 def _no_tf32() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-
-
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights everywhere (norm weights around 1, BN statistics too); eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                noise = torch.randn(p.shape, generator=gen)
-                if isinstance(module, (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)) and name == "weight":
-                    p.copy_(1.0 + 0.2 * noise)
-                elif p.ndim == 1:
-                    p.copy_(0.1 * noise)
-                else:
-                    p.copy_(noise / p[0].numel() ** 0.5)
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.copy_(0.1 * torch.randn(module.num_features, generator=gen))
-                module.running_var.copy_(0.5 + torch.rand(module.num_features, generator=gen))
-    return model.eval()
 
 
 class TinyEncoder(Encoder):

@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vss.config import CONF_DIR, friendly_errors, register_resolvers
+from vss.config import CONF_DIR, friendly_errors, register_resolvers, resolve_device
 
 register_resolvers()
 
@@ -53,9 +53,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     """Parameter counts and per-frame forward times of the configured encoder + model."""
     from vss.models.segmenter import Segmenter
 
-    device = torch.device(
-        "cuda" if cfg.device == "auto" and torch.cuda.is_available() else str(cfg.device).replace("auto", "cpu")
-    )
+    device = resolve_device(cfg.device)
     model = Segmenter(instantiate(cfg.encoder), instantiate(cfg.model), int(cfg.num_classes)).to(device).eval()
     b, t = int(cfg.batch_size), clip_frames(cfg)
     clip = torch.randn(b, t, 3, int(cfg.height), int(cfg.width), device=device)

@@ -37,6 +37,15 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def resolve_device(name: str) -> Any:
+    """``auto`` -> cuda when available, else cpu; any other value is a torch device string."""
+    import torch
+
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(str(name))
+
+
 def register_resolvers() -> None:
     """``${vss_uid:}``: a per-process tag (pid + random) that keeps run directories unique.
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from vss.config import CONF_DIR, ConfigError, friendly_errors, register_resolvers
+from vss.config import CONF_DIR, ConfigError, friendly_errors, register_resolvers, resolve_device
 
 log = logging.getLogger("vss.eval")
 register_resolvers()
@@ -70,9 +70,7 @@ def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         )
     module = build_module(train_cfg, datamodule.num_classes, datamodule.class_names)
     module.load_state_dict(ckpt["state_dict"], strict=True)
-    device = torch.device(
-        "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
-    )
+    device = resolve_device(cfg.device)
     module.to(device).eval()
     datamodule.setup("test")
     loader = datamodule._eval_loader(cfg.split)
