@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
+import re
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -222,7 +225,10 @@ def test_model_config_sets_the_clip_and_cityscapes_preset_fails_early(compose_cf
     cfg = compose_cfg("model=msaf", "encoder=resnet18")
     assert list(cfg.data.clip.offsets) == [-2, -1]
     validate_train_config(cfg)
+    # synthetic: colour hidden up to 6 frames, so the references reach back to a visible frame
+    assert list(compose_cfg("experiment=msaf_synthetic").data.clip.offsets) == [-6, -3]
     cfg = compose_cfg("experiment=msaf_cityscapes")
+    assert list(cfg.data.clip.offsets) == [-2, -1]
     assert (cfg.encoder.name, cfg.trainer.max_steps, cfg.data.batch_size, list(cfg.data.crop_size)) == (
         "resnet50",
         80000,
@@ -246,6 +252,20 @@ def test_bench_takes_the_clip_length_from_the_model_config() -> None:
         assert clip_frames(compose(config_name="bench")) == 4
         assert clip_frames(compose(config_name="bench", overrides=["model=msaf", "clip_frames=5"])) == 5
     GlobalHydra.instance().clear()
+
+
+def test_bench_cli_prints_parameters_and_names_the_row(cli_env: dict[str, str], tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "vss.bench", "model=msaf", "encoder=resnet18", "+msaf_table3=baseline"]
+    cmd += ["height=64", "width=64", "iters=1", "warmup=0", "device=cpu", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("[vss.bench]"))
+    assert line.startswith("[vss.bench] MSAF resnet18 [+msaf_table3=baseline] (64x64, clip 3, cpu):")
+    numbers = dict(re.findall(r"(\w+) ([\d.]+)", line.split(":", 1)[1]))
+    baseline = partial(MSAF, motion=False, state=False, semantics=False, embed_dim=256, num_heads=8)
+    model = Segmenter(build_encoder("resnet18"), baseline, 124)
+    assert float(numbers["params_total_M"]) == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6, abs=0.01)
+    assert float(numbers["streaming_ms_per_frame"]) > 0
 
 
 @pytest.mark.slow

@@ -14,12 +14,15 @@ from collections.abc import Callable
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vss.config import CONF_DIR, friendly_errors, register_resolvers, resolve_device
 
 register_resolvers()
+
+BENCH_KEYS = {"model", "encoder", "height", "width", "batch_size", "warmup", "iters", "device", "clip_frames"}
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -82,6 +85,10 @@ def main(cfg: DictConfig) -> None:
     """Print one table row per run."""
     r = bench(cfg)
     name = f"{cfg.model._target_.rsplit('.', 1)[-1]} {cfg.encoder.name}"
+    keys = {o: o.lstrip("+~").split("=")[0] for o in HydraConfig.get().overrides.task}
+    variant = [o for o, k in keys.items() if k not in BENCH_KEYS and not k.startswith(("hydra.", "paths."))]
+    if variant:  # e.g. `+msaf_table3=baseline` or `stm.p=0.3`: rows of one sweep stay apart
+        name += f" [{' '.join(variant)}]"
     device = "cuda" if torch.cuda.is_available() and cfg.device == "auto" else cfg.device
     where = f"{cfg.height}x{cfg.width}, clip {clip_frames(cfg)}, {device}"
     print(f"[vss.bench] {name} ({where}): " + " | ".join(f"{k} {v:.2f}" for k, v in r.items()))
