@@ -1,6 +1,7 @@
-"""Collect MRCFA ablation runs into the experiment pages: ``python experiments/collect.py TABLE DIR [DIR ...]``.
+"""Collect ablation runs into the experiment pages: ``python experiments/collect.py TABLE DIR [DIR ...]``.
 
-TABLE is ``table1`` .. ``table4`` (the paper's Tables 1-4). Every ``metrics.json`` below the DIRs (written by
+TABLE is ``table1`` .. ``table4`` (MRCFA's Tables 1-4, pages ``mrcfa_TABLE.md``) or ``msaf_table3`` (MSAF's
+Table 3, page ``msaf_table3.md``). Every ``metrics.json`` below the DIRs (written by
 ``vss.train`` into each run directory; a multirun has one job directory each, with ``.hydra/config.yaml``)
 becomes a row, keyed by what the table varies (offsets, ``stm.p``, ``model.num_scales``, SAR/MAA/fusion);
 runs with the same key are averaged. The rows replace the block between ``<!-- ours-synthetic:start -->``
@@ -28,7 +29,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 HERE = Path(__file__).resolve().parent
-TABLES = ("table1", "table2", "table3", "table4")
+TABLES = ("table1", "table2", "table3", "table4", "msaf_table3")
 METRICS = ("mIoU", "mVC8", "mVC16")
 
 
@@ -130,17 +131,49 @@ def key_table4(run: Run) -> tuple[tuple, list[str]] | None:
     return (2, sar and maa, sar, maa), ["Affinity Decoder", mark[sar], mark[maa]]
 
 
+# MSAF Table 3: (motion, motion_transformer, state, semantics, dcn) -> row name, paper mIoU (Cityscapes, R-50)
+MSAF_ROWS: dict[tuple, tuple[str, str]] = {
+    (False, None, False, False, None): ("Baseline", "74.5"),
+    (True, "vanilla", False, False, None): ("Baseline + TR", "77.5"),
+    (True, "decoupled", False, False, True): ("Motion only", "79.1"),
+    (False, None, True, False, None): ("State only", "76.5"),
+    (False, None, True, True, None): ("w/o Motion", "77.3"),
+    (True, "decoupled", False, True, True): ("w/o State", "79.7"),
+    (True, "decoupled", True, False, True): ("w/o Semantics", "79.8"),
+    (True, "decoupled", True, True, False): ("w/o DCN", "79.8"),
+    (True, "decoupled", True, True, True): ("MSAF", "80.4"),
+}
+
+
+def key_msaf_table3(run: Run) -> tuple[tuple, list[str]] | None:
+    """A Table 3 row from the MSAF toggles; the clip and the PST pyramid are cells, so settings stay apart."""
+    if run.method != "MSAF":
+        return None
+    motion, state, semantics = (bool(run.model_value(k)) for k in ("motion", "state", "semantics"))
+    transformer = str(run.model_value("motion_transformer")) if motion else None
+    dcn = run.model_value("dcn") if motion and transformer == "decoupled" else None
+    toggles = (motion, transformer, state, semantics, dcn)
+    name, paper = MSAF_ROWS.get(toggles, (f"other {toggles}", "-"))
+    order = list(MSAF_ROWS).index(toggles) if toggles in MSAF_ROWS else len(MSAF_ROWS)
+    offsets = _offsets(run) if motion else ()
+    pst = tuple(int(r) for r in run.model_value("pst_downsample")) if transformer == "decoupled" else ()
+    cells = [name, paper, str(list(offsets)) if offsets else "-", str(list(pst)) if pst else "-"]
+    return (order, tuple(-o for o in offsets), pst), cells
+
+
 KEYS: dict[str, Callable[[Run], tuple[tuple, list[str]] | None]] = {
     "table1": key_table1,
     "table2": key_table2,
     "table3": key_table3,
     "table4": key_table4,
+    "msaf_table3": key_msaf_table3,
 }
 HEADERS = {
     "table1": ["Methods", "T", "t1", "t2", "t3"],
     "table2": ["p"],
     "table3": ["L"],
     "table4": ["Methods", "SAR", "MAA"],
+    "msaf_table3": ["row", "paper mIoU (Cityscapes)", "references", "PST DS"],
 }
 
 
@@ -260,7 +293,7 @@ def collect_table(
     """Collect the runs of ``dirs`` into ``table``'s page (one section per dataset); return the rows."""
     if table not in TABLES:
         raise SystemExit(f"unknown table {table!r}: expected one of {', '.join(TABLES)}")
-    page = page or HERE / f"mrcfa_{table}.md"
+    page = page or HERE / (f"{table}.md" if table.startswith("msaf") else f"mrcfa_{table}.md")
     runs = find_runs(dirs)
     if not runs:
         raise SystemExit(f"no finished runs (metrics.json + .hydra/config.yaml) below {', '.join(map(str, dirs))}")
@@ -288,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("table", choices=TABLES)
     parser.add_argument("dirs", nargs="+", type=Path, help="run or multirun directories (searched recursively)")
-    parser.add_argument("--page", type=Path, help="markdown page to fill (default experiments/mrcfa_TABLE.md)")
+    parser.add_argument("--page", type=Path, help="page to fill (default experiments/mrcfa_TABLE.md, msaf_table3.md)")
     parser.add_argument("--no-bench", action="store_true", help="skip the speed measurement")
     parser.add_argument("--bench-size", help="HxW of the speed measurement (default: crop size / 480x864)")
     parser.add_argument("--plot", type=Path, help="table2: where to write the plot")

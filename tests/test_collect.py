@@ -1,0 +1,66 @@
+"""experiments/collect.py: runs become the rows of the experiment pages."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from omegaconf import DictConfig, OmegaConf
+
+
+@pytest.fixture(scope="module")
+def collect() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("collect", Path(__file__).parents[1] / "experiments" / "collect.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["collect"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_run(run_dir: Path, cfg: DictConfig, miou: float, mvc8: float = 0.9) -> None:
+    """A finished run as vss.train leaves it: .hydra/config.yaml and metrics.json."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (run_dir / "metrics.json").write_text(json.dumps({"step": 600, "val": {"mIoU": miou, "mVC8": mvc8, "mVC16": 0.8}}))
+
+
+def test_collect_fills_the_table2_page(collect: ModuleType, compose_cfg: Callable, tmp_path: Path) -> None:
+    sweep = tmp_path / "multirun"
+    for job, (p, miou) in enumerate(((0.3, 0.5), (1.0, 0.7))):
+        _fake_run(sweep / str(job), compose_cfg("experiment=mrcfa_synthetic", f"stm.p={p}", "paths.output_dir=x"), miou)
+    page = tmp_path / "table2.md"
+    page.write_text("# Table 2\n\n<!-- ours:start -->\nold\n<!-- ours:end -->\n")
+    rows = collect.collect_table("table2", [sweep], page, bench=False, plot=tmp_path / "table2.png")
+    text = page.read_text()
+    assert len(rows) == 2 and "old" not in text
+    assert "| 30% |" in text and "| 100% |" in text and "50.0" in text and "70.0" in text
+    assert (tmp_path / "table2.png").is_file()
+
+
+def test_collect_names_msaf_table3_rows_and_keeps_settings_apart(
+    collect: ModuleType, compose_cfg: Callable, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    base = ("experiment=msaf_synthetic", "paths.output_dir=x")
+    _fake_run(runs / "a", compose_cfg(*base, "+msaf_table3=baseline"), 0.60, 0.92)
+    _fake_run(runs / "b", compose_cfg(*base, "+msaf_table3=baseline", "seed=7"), 0.70, 0.94)  # same row: averaged
+    _fake_run(runs / "c", compose_cfg(*base), 0.80)
+    _fake_run(runs / "d", compose_cfg(*base, "data.clip.offsets=[-2,-1]", "model.pst_downsample=[1,1,1]"), 0.75)
+    _fake_run(runs / "e", compose_cfg(*base, "+msaf_table3=wo_dcn"), 0.78)
+    page = tmp_path / "msaf_table3.md"
+    page.write_text("<!-- ours-synthetic:start -->\nold\n<!-- ours-synthetic:end -->\n")
+    rows = collect.collect_table("msaf_table3", [runs], page, bench=False)
+    assert [r.cells for r in rows] == [
+        ["Baseline", "74.5", "-", "-"],
+        ["w/o DCN", "79.8", "[-6, -3]", "[4, 2, 1]"],
+        ["MSAF", "80.4", "[-2, -1]", "[1, 1, 1]"],
+        ["MSAF", "80.4", "[-6, -3]", "[4, 2, 1]"],
+    ]
+    text = page.read_text()
+    assert "| Baseline | 74.5 | - | - | 65.0 | 93.0 |" in text and "| 2 |" in text
