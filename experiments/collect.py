@@ -194,11 +194,12 @@ def params_millions(run: Run) -> float:
     import torch
     from hydra.utils import instantiate
 
+    from vss.bench import count_parameters
     from vss.models.segmenter import Segmenter
 
     with torch.device("meta"):
         model = Segmenter(instantiate(run.cfg.encoder), instantiate(run.cfg.model), int(run.cfg.data.num_classes))
-    return sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+    return count_parameters(model) / 1e6
 
 
 def bench_ms(run: Run, size: tuple[int, int] | None) -> float:

@@ -13,6 +13,13 @@ FrameFeatures = dict[str, Tensor]
 """What a method computes from one frame alone (batched): cacheable and reused when the frame is a reference."""
 
 
+def resize(x: Tensor, size: Sequence[int], align_corners: bool = False) -> Tensor:
+    """Bilinear resize of a (B,C,H,W) map to ``size``; the map itself when it already has that size."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
 def cross_entropy(logits: Tensor, labels: Tensor, avg_non_ignore: bool = False) -> Tensor:
     """Pixel cross-entropy with ignore 255; logits are resized (bilinear) to the label size first.
 

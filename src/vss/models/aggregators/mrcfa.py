@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vss.models.aggregators.base import Aggregator, FrameFeatures, cross_entropy
+from vss.models.aggregators.base import Aggregator, FrameFeatures, cross_entropy, resize
 from vss.models.heads import SegFormerHead
 
 SCALES: tuple[str, ...] = ("s8", "s16", "s32")
@@ -96,13 +96,6 @@ def select_columns(affinity: Tensor, index: Tensor | None) -> Tensor:
     if index is None:
         return affinity
     return torch.gather(affinity, 3, index.unsqueeze(2).expand(-1, -1, affinity.shape[2], -1))
-
-
-def _upsample(x: Tensor, size: Sequence[int]) -> Tensor:
-    """Bilinear resize with ``align_corners=True``, as the official affinity decoder (MAA, eq. 6)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 class SelectiveTokenMasking(nn.Module):
@@ -210,11 +203,11 @@ class AffinityDecoder(nn.Module):
             if out is None:
                 out = a
                 continue
-            out = _upsample(out, a.shape[-2:]) + a
+            out = resize(out, a.shape[-2:], align_corners=True) + a
             if self.maa:
                 out = self.aggregate[s](out)
         assert out is not None
-        return _upsample(out, size)
+        return resize(out, size, align_corners=True)
 
     def extra_repr(self) -> str:
         return f"scales={self.scales}, layout={self.layout!r}, sar={self.sar}, maa={self.maa}"
@@ -369,7 +362,7 @@ class MRCFA(Aggregator):
         outputs = {"logits": self._merge(retrieved, target)}
         if r == len(self.aux_classifiers):
             size4 = target["logits"].shape[-2:]
-            aux = [self._resize(cls(retrieved[:, i]), size4) for i, cls in enumerate(self.aux_classifiers)]
+            aux = [resize(cls(retrieved[:, i]), size4) for i, cls in enumerate(self.aux_classifiers)]
             outputs["aux_logits"] = torch.stack(aux, dim=1)
         elif self.training:
             raise _config_error(
@@ -399,24 +392,17 @@ class MRCFA(Aggregator):
         for k in reversed(self.scales):
             o = torch.matmul(F.softmax(affinities[k], dim=-1), values)  # (B,R,HW_l,C)
             o = o.transpose(2, 3).reshape(b * r, -1, *grids[k])
-            out = o if out is None else _upsample(out, o.shape[-2:]) + o
+            out = o if out is None else resize(out, o.shape[-2:], align_corners=True) + o
         assert out is not None
-        return (_upsample(out, size8) / len(self.scales)).reshape(b, r, -1, *size8)
+        return (resize(out, size8, align_corners=True) / len(self.scales)).reshape(b, r, -1, *size8)
 
     def _merge(self, retrieved: Tensor, target: FrameFeatures) -> Tensor:
         """Eq. 8: mean over references + the target's own feature, then the classifier; logits at 1/4."""
         size4 = target["logits"].shape[-2:]
         mean = retrieved.sum(1) / retrieved.shape[1]
         if self.merge == "official":
-            return self._resize(self.classifier(mean + target["feat8"]), size4)
+            return resize(self.classifier(mean + target["feat8"]), size4)
         return self.classifier(F.interpolate(mean, size=size4, mode="bilinear", align_corners=False) + target["fused"])
-
-    @staticmethod
-    def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
-        """Bilinear resize of logits (``align_corners=False``, mmseg ``resize``)."""
-        if tuple(x.shape[-2:]) == tuple(size):
-            return x
-        return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
     # -- training ----------------------------------------------------------------------------------
     def losses(self, outputs: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:

@@ -44,7 +44,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
-from vss.models.aggregators.base import Aggregator, FrameFeatures, cross_entropy
+from vss.models.aggregators.base import Aggregator, FrameFeatures, cross_entropy, resize
 from vss.models.heads import ConvBNReLU
 
 __all__ = [
@@ -84,15 +84,6 @@ def _downsample(x: Tensor, factor: int) -> Tensor:
     return x if factor == 1 else F.avg_pool2d(x, factor, factor, ceil_mode=True)
 
 
-def _upsample(x: Tensor, size: Sequence[int]) -> Tensor:
-    """US of eq. 2: bilinear resize to the size of frame t's F5."""
-    return (
-        x
-        if tuple(x.shape[-2:]) == tuple(size)
-        else F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-    )
-
-
 def _spatial(block: nn.Module, x: Tensor) -> Tensor:
     """A transformer block over the spatial tokens of each map (B,C,H,W)."""
     b, c, h, w = x.shape
@@ -119,7 +110,7 @@ class PyramidSpatialTransformer(nn.Module):
         """F5 of each frame, oldest first and target last -> D_PST of each, at the target's size."""
         size = f5[-1].shape[-2:]
         return [
-            _upsample(_spatial(blk, _downsample(x, r)), size)
+            resize(_spatial(blk, _downsample(x, r)), size)
             for x, blk, r in zip(f5, self.mhsa_spa, self.downsample, strict=True)
         ]
 
@@ -207,7 +198,7 @@ class VanillaSpatioTemporalTransformer(nn.Module):
         b, t, c, h, w = x.shape
         tokens = (x.flatten(3).transpose(2, 3) + self.frame_embed).reshape(b, t * h * w, c)
         out = self.block(tokens).reshape(b, t, h * w, c)[:, -1]
-        return _upsample(out.transpose(1, 2).reshape(b, c, h, w), size)
+        return resize(out.transpose(1, 2).reshape(b, c, h, w), size)
 
 
 class StageTransformer(nn.Module):
@@ -321,7 +312,7 @@ class MSAF(Aggregator):
     def pixel_descriptors(self, target: FrameFeatures, m: Tensor) -> Tensor:
         """P: two convs on MHSA_sta(F3, F4, F5, M) (eq. 9), or on their concatenation without the state branch."""
         size = m.shape[-2:]
-        stages = [_upsample(target[s], size) for s in STAGES] + [m]
+        stages = [resize(target[s], size) for s in STAGES] + [m]
         fused = self.state_alignment(stages) if self.state_alignment is not None else torch.cat(stages, 1)
         return self.pixel_descriptor(fused)
 
