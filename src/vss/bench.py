@@ -1,28 +1,71 @@
-"""Benchmarks: ``python -m vss.bench`` prints parameter counts and forward time per target frame.
+"""Benchmarks: ``python -m vss.bench`` prints parameter counts and the time per target frame of two paths.
 
-Two inference paths are timed: the clip path (every frame of a clip encoded for every target, as the
-official MRCFA/CFFM test code) and the streaming path (each new frame encoded once, references taken
-from a cache of per-frame features, then ``aggregate``). Time is wall clock after ``warmup`` calls,
-with ``torch.cuda.synchronize`` around each call on GPU; fp32, no_grad, random weights (as the papers'
-``tools/benchmark.py``). Peak memory is ``torch.cuda.max_memory_allocated`` in MiB (GPU only).
+**Clip path** (``clip_*``): one ``model(clip)`` per target, the clip (``batch_size``, T, 3, H, W) holding
+the references in ``model.offsets`` order and the target last, T = 1 + len(model.offsets) from the
+instantiated model (the official MRCFA/CFFM test code: every frame of the clip is encoded again for
+every target). Time per call / ``batch_size``, after ``warmup`` untimed calls, mean of ``iters`` calls.
+
+**Streaming path** (``stream_*``): a video of ``frames`` random frames (B = 1) pushed through the real
+:class:`vss.models.streamer.Streamer`, ``stream_batch_size`` frames per ``push`` (1: frame by frame, as a
+live camera), then ``end``. Each frame goes through ``encode`` (encoder + the aggregator's per-frame part)
+exactly once; its :data:`FrameFeatures` are cached and reused as long as a later target reads them, and
+``aggregate`` runs on the target's and the cached references' features, under the model's own
+start-of-video policy (``model.references``). Warm-up: ``warmup`` short videos of
+``min(frames, max(stream_batch_size, 1 + span + lookahead))`` frames (span = the farthest reference back),
+enough to run every start-of-video case and the steady state once. Then ``iters`` whole videos are timed,
+from the first ``push`` to the return of ``end``; ``stream_ms_per_frame`` = their time / (``iters`` x
+``frames``) and ``stream_fps`` = 1000 / it. The bench checks that every video yields exactly ``frames``
+predictions, each frame once.
+
+Lookahead: a model with positive offsets (``lookahead`` L > 0) can only predict target t once frame t + L
+has been pushed; the last L targets are predicted at ``end``. The whole video is timed, so those targets'
+compute is in the figure, but the *wait* is not: the figure is throughput, and a live stream also delays
+each prediction by L frame intervals of the camera (printed as ``lookahead L``; 0 for causal models).
+
+**Shares** (``encoder_pct``, ``aggregator_pct``, ``bookkeeping_pct``): one more, separate, streaming video
+with timers around ``model.encoder`` (the backbone), ``model.aggregator.encode`` (the aggregator's
+per-frame part) and ``model.aggregate`` (temporal part); aggregator = the last two. Bookkeeping is the
+remainder (the Streamer's cache, eviction, stacking, grouping and the loop). On GPU each timed call is
+synchronised, so this pass is not the one that gives ``stream_ms_per_frame``.
+
+Time is wall clock (``time.perf_counter``), with ``torch.cuda.synchronize`` on GPU before a timer stops;
+fp32, no_grad, eval mode, random weights (as the papers' ``tools/benchmark.py``). Parameters are trainable
+parameters in millions. On GPU, ``clip_peak_MiB`` / ``stream_peak_MiB`` are ``torch.cuda.max_memory_allocated``
+during each path (weights included; the streaming figure leaves out the bench's buffer of the whole video
+but the frames of one ``push``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vss.config import CONF_DIR, friendly_errors, register_resolvers, resolve_device
+from vss.config import CONF_DIR, ConfigError, _get, friendly_errors, register_resolvers
 
 register_resolvers()
 
-BENCH_KEYS = {"model", "encoder", "height", "width", "batch_size", "warmup", "iters", "device", "clip_frames"}
+BENCH_KEYS = {
+    "model",
+    "encoder",
+    "height",
+    "width",
+    "batch_size",
+    "warmup",
+    "iters",
+    "frames",
+    "stream_batch_size",
+    "device",
+}
+"""Overrides that set the measurement, not the model; any other override names the row's variant."""
+POSITIVE = ("num_classes", "height", "width", "batch_size", "iters", "frames", "stream_batch_size")
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -30,9 +73,56 @@ def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+@dataclass
+class BenchResult:
+    """One bench row: what was measured and the figures (``result[key]`` reads a figure)."""
+
+    model: str
+    encoder: str
+    height: int
+    width: int
+    clip: int
+    lookahead: int
+    device: str
+    figures: dict[str, float] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> float:
+        return self.figures[key]
+
+    def line(self, variant: str = "") -> str:
+        """``[vss.bench] <Model> <encoder> [variant] (HxW, clip T, lookahead L, device): key value | ...``"""
+        name = f"{self.model} {self.encoder}" + (f" [{variant}]" if variant else "")
+        where = f"{self.height}x{self.width}, clip {self.clip}, lookahead {self.lookahead}, {self.device}"
+        return f"[vss.bench] {name} ({where}): " + " | ".join(f"{k} {v:.2f}" for k, v in self.figures.items())
+
+
+def check_bench_config(cfg: DictConfig) -> torch.device:
+    """Positive integer options, ``warmup`` >= 0, and a device that exists; returns the device."""
+    for key in (*POSITIVE, "warmup"):
+        value = _get(cfg, key)
+        low = 0 if key == "warmup" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            what = "a non-negative integer" if low == 0 else "a positive integer"
+            raise ConfigError(f"{key}={value!r} is invalid: expected {what}")
+    name = str(_get(cfg, "device"))
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
+        raise ConfigError(f"device={name!r} is invalid: expected auto, cpu or cuda (cuda:N)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no GPU is available (torch.cuda.is_available() is False); use device=cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
 def _time(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
     """Mean seconds per call."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = _sync(device)
     for _ in range(warmup):
         fn()
     sync()
@@ -43,55 +133,130 @@ def _time(fn: Callable[[], object], device: torch.device, warmup: int, iters: in
     return (time.perf_counter() - start) / iters
 
 
-def clip_frames(cfg: DictConfig) -> int:
-    """``clip_frames``, else 1 + the reference offsets a model config sets (``data.clip.offsets``), else 4."""
-    if cfg.get("clip_frames") is not None:
-        return int(cfg.clip_frames)
-    offsets = OmegaConf.select(cfg, "data.clip.offsets")
-    return 4 if offsets is None else 1 + len(offsets)
+def stream_video(model: torch.nn.Module, video: torch.Tensor, batch_size: int) -> int:
+    """Push ``video`` (N,3,H,W) through a fresh :class:`Streamer`, ``batch_size`` frames a push, then ``end``;
+    checks that every frame is predicted once, in order, and returns the number of predictions."""
+    from vss.models.streamer import Streamer
+
+    streamer = Streamer(model, batch_size)
+    indices: list[int] = []
+    for start in range(0, len(video), batch_size):
+        indices += [o.index for o in streamer.push(video[start : start + batch_size])]
+    indices += [o.index for o in streamer.end()]
+    if indices != list(range(len(video))):
+        raise RuntimeError(f"Streamer predicted frames {indices} of a {len(video)}-frame video")
+    return len(indices)
+
+
+@contextmanager
+def timed_stages(model: torch.nn.Module, device: torch.device) -> Iterator[dict[str, float]]:
+    """Seconds spent in ``model.encoder``, ``model.aggregator.encode`` and ``model.aggregate`` while inside."""
+    sync = _sync(device)
+    spent = {"encoder": 0.0, "aggregator_encode": 0.0, "aggregate": 0.0}
+
+    def timer(fn: Callable[..., object], key: str) -> Callable[..., object]:
+        def wrapper(*args: object, **kwargs: object) -> object:
+            sync()
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            spent[key] += time.perf_counter() - start
+            return out
+
+        return wrapper
+
+    stages = [(model.encoder, "forward", "encoder"), (model.aggregator, "encode", "aggregator_encode")]
+    stages.append((model, "aggregate", "aggregate"))
+    for obj, attr, key in stages:  # instance attributes shadow the methods; deleting them restores the methods
+        setattr(obj, attr, timer(getattr(obj, attr), key))
+    try:
+        yield spent
+    finally:
+        for obj, attr, _ in stages:
+            delattr(obj, attr)
 
 
 @torch.no_grad()
-def bench(cfg: DictConfig) -> dict[str, float]:
-    """Parameter counts and per-frame forward times of the configured encoder + model."""
+def bench(cfg: DictConfig) -> BenchResult:
+    """Parameter counts, clip-path and streaming-path time per target frame of the configured model."""
     from vss.models.segmenter import Segmenter
 
-    device = resolve_device(cfg.device)
+    device = check_bench_config(cfg)
     model = Segmenter(instantiate(cfg.encoder), instantiate(cfg.model), int(cfg.num_classes)).to(device).eval()
-    b, t = int(cfg.batch_size), clip_frames(cfg)
-    clip = torch.randn(b, t, 3, int(cfg.height), int(cfg.width), device=device)
-    refs = [model.encode(clip[:, i]) for i in range(t - 1)] if model.uses_references else []
-
-    def streaming() -> None:
-        model.aggregate(model.encode(clip[:, -1]), refs)
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    result = {
+    h, w, b, t = int(cfg.height), int(cfg.width), int(cfg.batch_size), 1 + len(model.offsets)
+    warmup, iters, frames, sb = int(cfg.warmup), int(cfg.iters), int(cfg.frames), int(cfg.stream_batch_size)
+    cuda, sync = device.type == "cuda", _sync(device)
+    figures = {
         "params_total_M": count_parameters(model) / 1e6,
         "params_encoder_M": count_parameters(model.encoder) / 1e6,
         "params_aggregator_M": count_parameters(model.aggregator) / 1e6,
-        "clip_ms_per_frame": 1e3 * _time(lambda: model(clip), device, int(cfg.warmup), int(cfg.iters)) / b,
-        "streaming_ms_per_frame": 1e3 * _time(streaming, device, int(cfg.warmup), int(cfg.iters)) / b,
     }
-    if device.type == "cuda":
-        result["peak_memory_MiB"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return result
+
+    # clip path
+    clip = torch.randn(b, t, 3, h, w, device=device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    clip_ms = 1e3 * _time(lambda: model(clip), device, warmup, iters) / b
+    figures.update(clip_ms_per_frame=clip_ms, clip_fps=1e3 / clip_ms)
+    clip_peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else 0.0
+    del clip
+
+    # streaming path
+    video = torch.randn(frames, 3, h, w, device=device)
+    span = max(0, -min(model.offsets, default=0))
+    for _ in range(warmup):
+        stream_video(model, video[: min(frames, max(sb, 1 + span + model.lookahead))], sb)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = 0.0
+    for _ in range(iters):
+        start = time.perf_counter()
+        stream_video(model, video, sb)
+        sync()
+        seconds += time.perf_counter() - start
+    stream_ms = 1e3 * seconds / (iters * frames)
+    figures.update(stream_ms_per_frame=stream_ms, stream_fps=1e3 / stream_ms)
+    stream_peak = (torch.cuda.max_memory_allocated(device) - video.nbytes + video[:sb].nbytes) / 2**20 if cuda else 0.0
+
+    # shares of one more (instrumented) streaming video
+    with timed_stages(model, device) as spent:
+        start = time.perf_counter()
+        stream_video(model, video, sb)
+        sync()
+        total = time.perf_counter() - start
+    aggregator = spent["aggregator_encode"] + spent["aggregate"]
+    figures.update(
+        encoder_pct=100 * spent["encoder"] / total,
+        aggregator_pct=100 * aggregator / total,
+        bookkeeping_pct=100 * (total - spent["encoder"] - aggregator) / total,
+    )
+    if cuda:
+        figures.update(clip_peak_MiB=clip_peak, stream_peak_MiB=stream_peak)
+    return BenchResult(
+        model=type(model.aggregator).__name__,
+        encoder=str(cfg.encoder.get("name", type(model.encoder).__name__)),
+        height=h,
+        width=w,
+        clip=t,
+        lookahead=model.lookahead,
+        device=device.type,
+        figures=figures,
+    )
+
+
+def variant(overrides: list[str]) -> str:
+    """The overrides that are not bench options (e.g. ``+msaf_table3=baseline stm.p=0.3``): rows of one sweep stay
+    apart."""
+    keys = {o: o.lstrip("+~").split("=")[0] for o in overrides}
+    return " ".join(o for o, k in keys.items() if k not in BENCH_KEYS and not k.startswith(("hydra.", "paths.")))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
     """Print one table row per run."""
-    r = bench(cfg)
-    name = f"{cfg.model._target_.rsplit('.', 1)[-1]} {cfg.encoder.name}"
-    keys = {o: o.lstrip("+~").split("=")[0] for o in HydraConfig.get().overrides.task}
-    variant = [o for o, k in keys.items() if k not in BENCH_KEYS and not k.startswith(("hydra.", "paths."))]
-    if variant:  # e.g. `+msaf_table3=baseline` or `stm.p=0.3`: rows of one sweep stay apart
-        name += f" [{' '.join(variant)}]"
-    device = "cuda" if torch.cuda.is_available() and cfg.device == "auto" else cfg.device
-    where = f"{cfg.height}x{cfg.width}, clip {clip_frames(cfg)}, {device}"
-    print(f"[vss.bench] {name} ({where}): " + " | ".join(f"{k} {v:.2f}" for k, v in r.items()))
+    print(bench(cfg).line(variant(list(HydraConfig.get().overrides.task))))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+"""The Hydra configs, shipped inside the package (``conf/`` at the repository root links here)."""
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 
 
@@ -47,26 +48,10 @@ def resolve_device(name: str) -> Any:
 
 
 def register_resolvers() -> None:
-    """``${vss_uid:}``: a per-process tag (pid + random) that keeps run directories unique.
-
-    MRCFA defaults that follow the encoder (conf/model/mrcfa.yaml): ``${vss_mrcfa_p:NAME}`` (the official
-    token ratio: 0.8 for mit_b0, 0.5 otherwise), ``${vss_mrcfa_layout:NAME}`` (``b1`` for mit_b1, ``light``
-    otherwise) and ``${vss_num_references:OFFSETS}`` (len(OFFSETS), 3 when null).
-    """
+    """``${vss_uid:}``: a per-process tag (pid + random) that keeps run directories unique."""
     if not OmegaConf.has_resolver("vss_uid"):
         uid = f"{os.getpid()}-{secrets.token_hex(3)}"
         OmegaConf.register_new_resolver("vss_uid", lambda: uid, use_cache=True)
-    if not OmegaConf.has_resolver("vss_mrcfa_p"):
-        OmegaConf.register_new_resolver("vss_mrcfa_p", lambda name: _mrcfa().official_token_ratio(name))
-        OmegaConf.register_new_resolver("vss_mrcfa_layout", lambda name: _mrcfa().official_sar_layout(name))
-        OmegaConf.register_new_resolver("vss_num_references", lambda offsets: 3 if offsets is None else len(offsets))
-
-
-def _mrcfa() -> Any:
-    """The MRCFA module, imported when a resolver first needs it (keeps ``vss.config`` light)."""
-    from vss.models.aggregators import mrcfa
-
-    return mrcfa
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -94,7 +79,6 @@ def _num(v: Any) -> bool:
 
 def validate_train_config(cfg: DictConfig) -> None:
     """Check the composed training config; raise :class:`ConfigError` naming the first bad key."""
-    from vss.data.clips import validate_offsets
     from vss.models.encoders import ENCODER_NAMES
 
     _check(
@@ -141,15 +125,15 @@ def validate_train_config(cfg: DictConfig) -> None:
         "[low, high] with 0 < low <= high",
     )
     _check(cfg, "data.cat_max_ratio", lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]")
-    offsets = _get(cfg, "data.clip.offsets")
-    if offsets is None or not all(_int(o) for o in offsets):
+    from vss.models.aggregators.base import check_offsets
+
+    offsets = check_offsets(_get(cfg, "model.offsets") or [])
+    data_offsets = OmegaConf.select(cfg, "data.clip.offsets", default=None)
+    if data_offsets is not None and list(data_offsets) != list(offsets):
         raise ConfigError(
-            f"data.clip.offsets={offsets!r} is invalid: expected a list of negative integers, e.g. [-9,-6,-3]"
+            f"data.clip.offsets={list(data_offsets)} differs from model.offsets={list(offsets)}: the clip belongs "
+            "to the model; set model.offsets=... (data.clip.offsets follows it)"
         )
-    try:
-        validate_offsets(list(offsets), str(OmegaConf.select(cfg, "data.clip.start_rule", default="clamp")))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
     _check(cfg, "data.clip.reverse_prob", lambda v: _num(v) and 0 <= v <= 1, "a probability in [0, 1]")
     root = _get(cfg, "data.root")
     if "Synthetic" not in str(_get(cfg, "data._target_")) and not Path(str(root)).is_dir():
@@ -164,7 +148,8 @@ def validate_train_config(cfg: DictConfig) -> None:
     )
     _check(cfg, "optim.optimizer.lr", lambda v: _num(v) and v > 0, "a positive number")
     _check(cfg, "optim.optimizer.weight_decay", lambda v: _num(v) and v >= 0, "a non-negative number")
-    _check(cfg, "optim.optimizer.head_lr_mult", lambda v: _num(v) and v > 0, "a positive number")
+    _check(cfg, "optim.head_lr_mult", lambda v: _num(v) and v > 0, "a positive number")
+    _check(cfg, "val_mode", lambda v: v in ("stream", "clip"), "stream or clip")
     _check(cfg, "optim.scheduler.warmup_steps", lambda v: _int(v) and v >= 0, "a non-negative integer")
     _check(cfg, "optim.scheduler.power", lambda v: _num(v) and v >= 0, "a non-negative number")
     _check(

@@ -1,11 +1,10 @@
-"""LightningModule: losses, AdamW with poly schedule and warm-up, VSPW metrics, validation overlays."""
+"""LightningModule: losses, optimizer groups and schedule, VSPW metrics on the stream or the clip path."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,10 +12,13 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from vss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from vss.data.vspw import IGNORE_INDEX
+from vss.config import ConfigError
 from vss.metrics import SegmentationIoU, VideoConsistency
+from vss.models.aggregators.base import resize
 from vss.models.segmenter import Segmenter
+from vss.models.streamer import StreamOutput, Streamer, unbatch
+
+VAL_MODES = ("stream", "clip")
 
 NORM_LAYERS = (
     nn.LayerNorm,
@@ -35,51 +37,49 @@ def poly_warmup_factor(step: int, max_steps: int, warmup_steps: int, warmup_rati
     return poly
 
 
-def palette(num_classes: int) -> np.ndarray:
-    """Distinct RGB colours per class (PASCAL-style bit pattern); ignore is black."""
-    pal = np.zeros((256, 3), np.uint8)
-    for c in range(num_classes):
-        lab, r, g, b = c + 1, 0, 0, 0
-        for shift in range(8):
-            r |= ((lab >> 0) & 1) << (7 - shift)
-            g |= ((lab >> 1) & 1) << (7 - shift)
-            b |= ((lab >> 2) & 1) << (7 - shift)
-            lab >>= 3
-        pal[c] = (r, g, b)
-    return pal
+def poly_warmup(
+    optimizer: torch.optim.Optimizer, max_steps: int, warmup_steps: int, warmup_ratio: float, power: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The mmcv poly schedule with linear warm-up as a per-step LambdaLR (conf/optim: ``scheduler``)."""
+    factor = partial(
+        poly_warmup_factor, max_steps=max_steps, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, power=power
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class VSSModule(pl.LightningModule):
-    """Trains a :class:`Segmenter` on clips and evaluates mIoU, fwIoU and mVC_n as the VSPW code does."""
+    """Trains a :class:`Segmenter` on clips and evaluates mIoU, fwIoU and mVC_n as the VSPW code does.
+
+    Evaluation runs the stream path (``val_mode="stream"``: a :class:`Streamer` over every frame of each
+    video, each frame encoded once) or the official clip path (``"clip"``: every target with its clip).
+    Validation overlays and the W&B tables are :class:`vss.callbacks.ValidationImages`' job.
+    """
 
     def __init__(
         self,
         segmenter: Segmenter,
         num_classes: int,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        head_lr_mult: float = 1.0,
         class_names: Sequence[str] | None = None,
-        optimizer: Mapping[str, Any] | None = None,
-        scheduler: Mapping[str, Any] | None = None,
         vc_windows: Sequence[int] = (8, 16),
-        num_overlays: int = 4,
-        overlay_dir: str | None = None,
+        val_mode: str = "stream",
+        stream_batch_size: int = 8,
         config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["segmenter"])
+        if val_mode not in VAL_MODES:
+            raise ConfigError(f"val_mode={val_mode!r} is invalid: expected one of {list(VAL_MODES)}")
+        self.save_hyperparameters(ignore=["segmenter", "optimizer", "scheduler"])
         self.segmenter = segmenter
         self.num_classes = int(num_classes)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
-        self.optim_cfg = {
-            "lr": 6e-5,
-            "weight_decay": 0.01,
-            "betas": (0.9, 0.999),
-            "head_lr_mult": 10.0,
-            **(optimizer or {}),
-        }
-        self.sched_cfg = {"warmup_steps": 1500, "warmup_ratio": 1e-6, "power": 1.0, **(scheduler or {})}
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.head_lr_mult = float(head_lr_mult)
         self.vc_windows = tuple(int(n) for n in vc_windows)
-        self.num_overlays = int(num_overlays)
-        self.overlay_dir = Path(overlay_dir) if overlay_dir else None
+        self.val_mode = val_mode
+        self.streamer = Streamer(segmenter, stream_batch_size)
         self.metrics = nn.ModuleDict(
             {
                 stage: nn.ModuleDict(
@@ -91,7 +91,6 @@ class VSSModule(pl.LightningModule):
                 for stage in ("val", "test")
             }
         )
-        self._overlays: list[dict[str, Any]] = []
         self.last_metrics: dict[str, Any] = {}
 
     def forward(self, clip: Tensor) -> dict[str, Tensor]:
@@ -105,7 +104,7 @@ class VSSModule(pl.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss.item()} at step {self.global_step} (terms: "
-                f"{ {k: float(v) for k, v in terms.items()} }); lower optimizer.lr or check the data"
+                f"{ {k: float(v) for k, v in terms.items()} }); lower optim.optimizer.lr or check the data"
             )
         bs = batch["images"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -114,12 +113,13 @@ class VSSModule(pl.LightningModule):
         return loss
 
     # -- evaluation ---------------------------------------------------------------------------
-    def update_metrics(self, stage: str, batch: dict[str, Any], preds: Tensor) -> None:
-        """Add a batch of target predictions (at label size) to the stage's IoU and VC metrics."""
+    def update_metrics(self, stage: str, items: Sequence[Mapping[str, Any]], preds: Sequence[Tensor]) -> None:
+        """Add target predictions (each at its label's size, frames in video order) to the stage's metrics."""
         m = self.metrics[stage]
-        m["iou"].update(preds, batch["labels"][:, -1])
-        for n in self.vc_windows:
-            m[f"vc{n}"].update(preds, batch["raw_target"], list(batch["video"]), [int(f) for f in batch["frame"]])
+        for item, pred in zip(items, preds, strict=True):
+            m["iou"].update(pred[None], item["labels"][None])
+            for n in self.vc_windows:
+                m[f"vc{n}"].update(pred[None], item["raw_target"][None], [item["video"]], [int(item["frame"])])
 
     def compute_metrics(self, stage: str) -> dict[str, Any]:
         """Headline metrics and per-class IoU of the stage (synced over ranks), then reset its metrics."""
@@ -135,25 +135,46 @@ class VSSModule(pl.LightningModule):
             metric.reset()
         return scores
 
-    def _eval_step(self, stage: str, batch: dict[str, Any], batch_idx: int) -> None:
-        preds = self.segmenter.predict(batch["images"], batch["labels"].shape[-2:], batch.get("single_frame"))
-        self.update_metrics(stage, batch, preds)
-        if stage == "val" and len(self._overlays) < self.num_overlays and self.global_rank == 0:
-            self._keep_overlay(batch, preds)
+    @staticmethod
+    def stream_predictions(outputs: Sequence[StreamOutput]) -> list[Tensor]:
+        """Class maps of streamed targets at their labels' size (bilinear upsampling, then argmax)."""
+        return [resize(o.logits[None], o.item["labels"].shape[-2:])[0].argmax(0) for o in outputs]
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("val", batch, batch_idx)
+    def eval_step(self, batch: dict[str, Any]) -> tuple[list[dict[str, Any]], list[Tensor]]:
+        """The targets this batch completes and their class maps: streamed (delayed by the lookahead) or clips."""
+        if self.val_mode == "stream":
+            outputs = self.streamer.feed(batch)
+            return [o.item for o in outputs], self.stream_predictions(outputs)
+        preds = self.segmenter.predict(batch["images"], batch["labels"].shape[-2:], batch.get("num_references"))
+        return unbatch(batch), list(preds)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("test", batch, batch_idx)
+    def eval_finish(self) -> tuple[list[dict[str, Any]], list[Tensor]]:
+        """The targets still waiting in the stream at the end of the data (its last video)."""
+        outputs = self.streamer.finish()
+        return [o.item for o in outputs], self.stream_predictions(outputs)
+
+    def _eval_step(self, stage: str, batch: dict[str, Any]) -> dict[str, Any]:
+        items, preds = self.eval_step(batch)
+        self.update_metrics(stage, items, preds)
+        return {"items": items, "preds": preds}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._eval_step("test", batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self.streamer.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.streamer.reset()
 
     def _epoch_end(self, stage: str) -> None:
+        self.update_metrics(stage, *self.eval_finish())
         self.last_metrics = self.compute_metrics(stage)
         headline = {k: v for k, v in self.last_metrics.items() if k != "per_class_iou"}
         self.log_dict({f"{stage}/{k}": float(v) for k, v in headline.items()}, sync_dist=False)
-        if stage == "val" and not self.trainer.sanity_checking:
-            self._log_per_class_table(stage, self.last_metrics["per_class_iou"])
-            self._flush_overlays()
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_end("val")
@@ -161,81 +182,14 @@ class VSSModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._epoch_end("test")
 
-    # -- logging helpers ----------------------------------------------------------------------
-    def _wandb(self):
-        from pytorch_lightning.loggers import WandbLogger
-
-        return next((lg for lg in self.loggers if isinstance(lg, WandbLogger)), None)
-
-    def _log_per_class_table(self, stage: str, per_class: dict[str, float | None]) -> None:
-        wb = self._wandb()
-        if wb is not None and self.global_rank == 0:
-            rows = [[n, v] for n, v in per_class.items()]
-            wb.log_table(key=f"{stage}/per_class_iou", columns=["class", "IoU"], data=rows, step=self.global_step)
-
-    def _keep_overlay(self, batch: dict[str, Any], preds: Tensor) -> None:
-        for i in range(preds.shape[0]):
-            if len(self._overlays) >= self.num_overlays:
-                return
-            img = batch["images"][i, -1].float().cpu()
-            mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-            std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-            img = ((img * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-            self._overlays.append(
-                {
-                    "name": f"{batch['video'][i]}_{int(batch['frame'][i]):05d}",
-                    "image": img,
-                    "pred": preds[i].cpu().numpy().astype(np.uint8),
-                    "gt": batch["labels"][i, -1].cpu().numpy().astype(np.uint8),
-                }
-            )
-
-    def _flush_overlays(self) -> None:
-        """Write frame | prediction | truth panels as PNGs and send mask overlays to W&B."""
-        import cv2
-
-        overlays, self._overlays = self._overlays, []
-        if not overlays or self.global_rank != 0:
-            return
-        pal = palette(self.num_classes)
-        pal[IGNORE_INDEX] = 0
-        for o in overlays:  # the frame was resized for the network; bring it back to the mask size
-            o["image"] = cv2.resize(o["image"], o["gt"].shape[::-1], interpolation=cv2.INTER_LINEAR)
-        if self.overlay_dir is not None:
-            out = self.overlay_dir / f"step{self.global_step:07d}"
-            out.mkdir(parents=True, exist_ok=True)
-            for o in overlays:
-                img = o["image"]
-                panel = np.concatenate(
-                    [img] + [(0.5 * img + 0.5 * pal[o[k]]).astype(np.uint8) for k in ("pred", "gt")], 1
-                )
-                cv2.imwrite(str(out / f"{o['name']}.png"), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
-        wb = self._wandb()
-        if wb is not None:
-            labels = dict(enumerate(self.class_names)) | {IGNORE_INDEX: "ignore"}
-            masks = [
-                {
-                    "predictions": {"mask_data": o["pred"], "class_labels": labels},
-                    "ground_truth": {"mask_data": o["gt"], "class_labels": labels},
-                }
-                for o in overlays
-            ]
-            wb.log_image(
-                "val/overlays",
-                images=[o["image"] for o in overlays],
-                masks=masks,
-                caption=[o["name"] for o in overlays],
-                step=self.global_step,
-            )
-
     # -- optimisation -------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: head (aggregator) at lr x head_lr_mult; no weight decay on normalisation layers."""
-        lr, wd, mult = (
-            float(self.optim_cfg["lr"]),
-            float(self.optim_cfg["weight_decay"]),
-            float(self.optim_cfg["head_lr_mult"]),
-        )
+        """Groups: the aggregator at ``head_lr_mult`` x the base lr; no weight decay on normalisation layers.
+
+        The base lr and weight decay are the optimizer's (conf/optim); each group scales or zeroes them.
+        """
+        defaults = self.optimizer_factory.keywords if isinstance(self.optimizer_factory, partial) else {}
+        lr, wd = float(defaults.get("lr", 1e-3)), float(defaults.get("weight_decay", 0.0))
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         no_decay_names = set()
         if hasattr(self.segmenter.encoder, "no_weight_decay_names"):
@@ -251,7 +205,7 @@ class VSSModule(pl.LightningModule):
         return [
             {
                 "params": ps,
-                "lr": lr * (mult if head else 1.0),
+                "lr": lr * (self.head_lr_mult if head else 1.0),
                 "weight_decay": 0.0 if nd else wd,
                 "name": f"{'head' if head else 'encoder'}{'_no_decay' if nd else ''}",
             }
@@ -259,19 +213,11 @@ class VSSModule(pl.LightningModule):
         ]
 
     def configure_optimizers(self) -> dict[str, Any]:
-        opt = torch.optim.AdamW(self.param_groups(), betas=tuple(self.optim_cfg["betas"]))
+        opt = self.optimizer_factory(self.param_groups())
+        if self.scheduler_factory is None:
+            return {"optimizer": opt}
         max_steps = self.trainer.max_steps
         if max_steps is None or max_steps <= 0:
-            raise ValueError(
-                "trainer.max_steps must be a positive integer: training is iteration-based (poly schedule)"
-            )
-        s = self.sched_cfg
-        factor = partial(
-            poly_warmup_factor,
-            max_steps=max_steps,
-            warmup_steps=int(s["warmup_steps"]),
-            warmup_ratio=float(s["warmup_ratio"]),
-            power=float(s["power"]),
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            raise ConfigError("trainer.max_steps must be a positive integer: training is iteration-based (poly schedule)")
+        sched = self.scheduler_factory(opt, max_steps=max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

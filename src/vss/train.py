@@ -23,21 +23,30 @@ SUMMARY_KEYS = ("mIoU", "fwIoU", "mVC8", "mVC16")
 register_resolvers()
 
 
-def build_module(cfg: DictConfig, num_classes: int, class_names: list[str], overlay_dir: str | None = None) -> Any:
-    """Encoder + aggregator from ``cfg.encoder`` / ``cfg.model``, wrapped in the LightningModule."""
+def build_module(cfg: DictConfig, num_classes: int, class_names: list[str]) -> Any:
+    """Encoder + aggregator from ``cfg.encoder`` / ``cfg.model`` (``freeze`` applied), in the LightningModule."""
     from vss.lit import VSSModule
     from vss.models.segmenter import Segmenter
 
-    segmenter = Segmenter(instantiate(cfg.encoder), instantiate(cfg.model), num_classes)
+    freeze = list(cfg.get("freeze") or [])
+    segmenter = Segmenter(instantiate(cfg.encoder), instantiate(cfg.model), num_classes, freeze=freeze)
     return VSSModule(
         segmenter,
         num_classes=num_classes,
+        optimizer=instantiate(cfg.optim.optimizer, _convert_="all"),
+        scheduler=instantiate(cfg.optim.scheduler, _convert_="all") if cfg.optim.get("scheduler") else None,
+        head_lr_mult=float(cfg.optim.get("head_lr_mult", 1.0)),
         class_names=class_names,
-        optimizer=OmegaConf.to_container(cfg.optim.optimizer, resolve=True),
-        scheduler=OmegaConf.to_container(cfg.optim.scheduler, resolve=True),
-        overlay_dir=overlay_dir,
+        val_mode=str(cfg.get("val_mode", "stream")),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
+
+
+def use_eval_path(module: Any, datamodule: Any) -> None:
+    """Point the data module's evaluation at the module's path: frames (stream) or the model's clips (clip)."""
+    seg = module.segmenter
+    clip = module.val_mode == "clip"
+    datamodule.use_clip_path(seg.references if clip else None, 1 + len(seg.offsets))
 
 
 def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
@@ -106,7 +115,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
-    module = build_module(cfg, datamodule.num_classes, datamodule.class_names, str(output_dir / "overlays"))
+    module = build_module(cfg, datamodule.num_classes, datamodule.class_names)
+    use_eval_path(module, datamodule)
     loggers = _instantiate_dict(cfg.get("logger"))
     extra: dict[str, Any] = {}
     if cfg.trainer.get("sync_batchnorm") and _on_cpu(cfg):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vss.data.clips import ClipSampler
-from vss.data.datasets import EvalClips, TrainClips, VideoShardSampler
+from vss.data.datasets import EvalClips, EvalFrames, TrainClips, VideoShardSampler
 from vss.data.transforms import build_eval_transform, build_train_transform
 from vss.data.vspw import DatasetError, LabelMap, Video, read_split
 
@@ -49,11 +49,12 @@ class VSSDataModule(pl.LightningDataModule):
         self.root = Path(root)
         self.num_classes = int(num_classes)
         clip = dict(clip or {})
-        self.clip_sampler = ClipSampler(
-            tuple(clip.get("offsets", (-9, -6, -3))),
-            float(clip.get("reverse_prob", 0.5)),
-            str(clip.get("start_rule", "clamp")),
-        )
+        unknown = sorted(set(clip) - {"offsets", "reverse_prob"})
+        if unknown:
+            raise ValueError(f"data.clip has unknown key(s) {unknown}: expected offsets, reverse_prob")
+        self.clip_sampler = ClipSampler(tuple(clip.get("offsets", ())), float(clip.get("reverse_prob", 0.5)))
+        # evaluation input: frames (the stream path, default) or, after use_clip_path(), the model's clips
+        self.eval_clips: tuple[Callable[[int, int], Sequence[int]], int] | None = None
         lm = dict(label_map or {"reduce_zero_label": True})
         self.label_map = LabelMap(self.num_classes, **lm)
         if class_names is not None and len(class_names) != self.num_classes:
@@ -109,10 +110,16 @@ class VSSDataModule(pl.LightningDataModule):
         tf = build_train_transform(self.scale, self.crop_size, **self.aug, seed=self.seed)
         return TrainClips(self.videos(self.splits["fit"]), self.clip_sampler, self.label_map, tf, self.train_repeat)
 
-    def eval_dataset(self, split: str) -> EvalClips:
-        """Every frame of ``split`` as a target."""
+    def use_clip_path(self, references: Callable[[int, int], Sequence[int]] | None, num_frames: int = 1) -> None:
+        """Evaluate on clips: ``references(t, length)`` (the model's policy), padded to ``num_frames``; None: frames."""
+        self.eval_clips = None if references is None else (references, int(num_frames))
+
+    def eval_dataset(self, split: str) -> EvalFrames:
+        """Every frame of ``split`` once, in order (stream path), or as the target of its clip (clip path)."""
         tf = build_eval_transform(self.scale, self.size_divisor)
-        return EvalClips(self.videos(split), self.clip_sampler, self.label_map, tf)
+        if self.eval_clips is None:
+            return EvalFrames(self.videos(split), self.label_map, tf)
+        return EvalClips(self.videos(split), self.label_map, tf, *self.eval_clips)
 
     # -- loaders ------------------------------------------------------------------------------
     def _distributed(self) -> tuple[int, int]:

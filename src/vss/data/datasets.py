@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import albumentations as A
 import numpy as np
@@ -56,34 +57,75 @@ class TrainClips(Dataset):
         return {"images": out["images"].float(), "labels": torch.as_tensor(out["masks"]).long()}
 
 
-class EvalClips(Dataset):
-    """Every frame of every video is a target once, in video order then frame order.
+class EvalFrames(Dataset):
+    """Every frame of every video once, in video order then frame order (the stream path's input).
 
     Frames are resized by ``transform``; labels stay at the stored resolution so metrics are computed
     on the original masks, as the official VSPW evaluation does.
     """
 
-    def __init__(self, videos: list[Video], sampler: ClipSampler, label_map: LabelMap, transform: A.Compose) -> None:
-        self.videos, self.sampler, self.label_map, self.transform = videos, sampler, label_map, transform
+    clips = False  # items hold (3,H,W) frames; EvalClips: (T,3,H,W) clips
+
+    def __init__(self, videos: list[Video], label_map: LabelMap, transform: A.Compose) -> None:
+        self.videos, self.label_map, self.transform = videos, label_map, transform
         self.items = [(v, t) for v, video in enumerate(videos) for t in range(len(video))]
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor | str | int]:
+    def frame_indices(self, video: Video, t: int) -> list[int]:
+        """The frames item ``t`` loads: the target alone."""
+        return [t]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
         v, t = self.items[i]
         video = self.videos[v]
-        frames, labels, raws = _load_clip(video, self.sampler.eval_indices(len(video), t), self.label_map)
-        out = self.transform(images=frames)
+        indices = self.frame_indices(video, t)
+        frames, labels, raws = _load_clip(video, indices, self.label_map)
+        images = self.transform(images=frames)["images"].float()
         return {
-            "images": out["images"].float(),
-            "labels": torch.from_numpy(labels).long(),
+            "images": images if self.clips else images[0],
+            "labels": torch.from_numpy(labels[-1]).long(),
             "raw_target": torch.from_numpy(raws[-1]),
             "video": video.name,
             "frame": t,
             "frame_name": video.masks[t].name,
-            "single_frame": self.sampler.single_frame(t),  # predict from the target alone (start_rule)
+            "video_length": len(video),
         }
+
+
+class EvalClips(EvalFrames):
+    """The clip path: every frame is a target once, with the references the model's policy picks for it.
+
+    ``references(t, length)`` is the model's start-of-video policy (``Segmenter.references``). Clips are
+    padded at the front with the target to ``num_frames`` frames so they batch; ``num_references`` says how
+    many frames before the target are real references (``images[:, -1 - n:-1]``).
+    """
+
+    clips = True
+
+    def __init__(
+        self,
+        videos: list[Video],
+        label_map: LabelMap,
+        transform: A.Compose,
+        references: Callable[[int, int], Sequence[int]],
+        num_frames: int,
+    ) -> None:
+        super().__init__(videos, label_map, transform)
+        self.references, self.num_frames = references, int(num_frames)
+
+    def frame_indices(self, video: Video, t: int) -> list[int]:
+        refs = list(self.references(t, len(video)))
+        if len(refs) >= self.num_frames:
+            raise ValueError(f"the model's policy gives {len(refs)} references for frame {t}; at most {self.num_frames - 1}")
+        return [t] * (self.num_frames - 1 - len(refs)) + refs + [t]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = super().__getitem__(i)
+        v, t = self.items[i]
+        item["num_references"] = len(self.references(t, len(self.videos[v])))
+        return item
 
 
 class VideoShardSampler(Sampler[int]):
@@ -94,7 +136,7 @@ class VideoShardSampler(Sampler[int]):
     seen by exactly one rank, so summed metric states equal a single-process run.
     """
 
-    def __init__(self, dataset: EvalClips, num_replicas: int, rank: int) -> None:
+    def __init__(self, dataset: EvalFrames, num_replicas: int, rank: int) -> None:
         lengths = [len(v) for v in dataset.videos]
         starts = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
         load, owner = [0] * num_replicas, [0] * len(lengths)

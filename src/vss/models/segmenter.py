@@ -2,79 +2,122 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from vss.models.aggregators.base import Aggregator, FrameFeatures
+from vss.config import ConfigError
+from vss.models.aggregators.base import Aggregator, FrameFeatures, resize
 from vss.models.encoders import Encoder
 
 
 class Segmenter(nn.Module):
-    """``encode`` (encoder + the aggregator's per-frame part, cacheable) then ``aggregate`` (temporal)."""
+    """``encode`` (encoder + the aggregator's per-frame part, cacheable) then ``aggregate`` (temporal).
 
-    def __init__(self, encoder: Encoder, aggregator: Aggregator | Callable[..., Aggregator], num_classes: int) -> None:
+    The clip is the aggregator's: ``offsets`` (references relative to the target, in ``aggregate`` order),
+    ``lookahead`` and the start-of-video policy ``references``. ``freeze`` lists module prefixes (e.g.
+    ``encoder``, ``aggregator.decode_head``) whose parameters get no gradient and which stay in eval mode
+    through ``train()`` (BatchNorm statistics and dropout frozen).
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        aggregator: Aggregator | Callable[..., Aggregator],
+        num_classes: int,
+        freeze: Sequence[str] = (),
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         if not isinstance(aggregator, Aggregator):  # a Hydra partial waiting for the encoder's channels
             aggregator = aggregator(in_channels=encoder.out_channels, num_classes=num_classes)
         self.aggregator = aggregator
         self.num_classes = int(num_classes)
+        self.frozen = self._frozen_modules(freeze)
+        for module in self.frozen.values():
+            module.requires_grad_(False)
+        self.train(self.training)
+
+    # -- the clip ------------------------------------------------------------------------------------
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Where each reference sits relative to the target, in the order ``aggregate`` receives them."""
+        return self.aggregator.offsets
 
     @property
-    def uses_references(self) -> bool:
-        """False for single-frame models, which skip the reference frames entirely."""
-        return getattr(self.aggregator, "uses_references", True)
+    def lookahead(self) -> int:
+        """Frames after the target a stream waits for (0 for causal models)."""
+        return self.aggregator.lookahead
 
+    def references(self, t: int, length: int | None) -> list[int]:
+        """The model's start-of-video policy: reference frame indices of target ``t`` (``[]``: alone)."""
+        return self.aggregator.references(t, length)
+
+    # -- staged training -----------------------------------------------------------------------------
+    def _frozen_modules(self, prefixes: Sequence[str]) -> dict[str, nn.Module]:
+        names = dict(self.named_modules())
+        frozen: dict[str, nn.Module] = {}
+        for prefix in prefixes:
+            prefix = str(prefix).rstrip(".")
+            if prefix not in names or not prefix:
+                close = difflib.get_close_matches(prefix, [n for n in names if n], n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ConfigError(f"freeze: {prefix!r} is not a module of the model (e.g. encoder, aggregator){hint}")
+            frozen[prefix] = names[prefix]
+        return frozen
+
+    def train(self, mode: bool = True) -> Segmenter:
+        """``nn.Module.train``, but frozen parts stay in eval mode."""
+        super().train(mode)
+        for module in getattr(self, "frozen", {}).values():
+            module.eval()
+        return self
+
+    # -- per frame and temporal ----------------------------------------------------------------------
     def encode(self, frames: Tensor) -> FrameFeatures:
         """Per-frame features of a batch of frames (N,3,H,W); each depends on its own frame only."""
         return self.aggregator.encode(self.encoder(frames))
 
     def aggregate(self, target: FrameFeatures, references: Sequence[FrameFeatures]) -> dict[str, Tensor]:
-        """Target logits (and auxiliary outputs) from cached per-frame features, references oldest first."""
+        """Target logits (and auxiliary outputs) from per-frame features, references in ``offsets`` order."""
         return self.aggregator.aggregate(target, list(references))
 
-    def forward(self, clip: Tensor, single_frame: Tensor | None = None) -> dict[str, Tensor]:
-        """Clip (B,T,3,H,W), target last -> outputs; all frames go through ``encode`` as one batch.
+    def forward(self, clip: Tensor) -> dict[str, Tensor]:
+        """Clip (B,T,3,H,W): the references in ``offsets`` order, target last -> outputs (the clip path).
 
-        ``single_frame`` (B,) bool marks samples whose target is predicted from its own frame alone (the
-        start-of-video rule ``data.clip.start_rule=mrcfa``): their ``logits`` are the target's per-frame
-        logits (its FrameFeatures ``logits``).
+        Every frame of the clip goes through ``encode`` in one batch. T = 1 predicts the target alone.
         """
         b, t = clip.shape[:2]
-        if not self.uses_references:
-            return self.aggregate(self.encode(clip[:, -1]), [])
         feats = self.encode(clip.flatten(0, 1))
         per_frame = [{k: v.unflatten(0, (b, t))[:, i] for k, v in feats.items()} for i in range(t)]
-        return self.use_single_frame(self.aggregate(per_frame[-1], per_frame[:-1]), per_frame[-1], single_frame)
-
-    @staticmethod
-    def use_single_frame(
-        outputs: dict[str, Tensor], target: FrameFeatures, single_frame: Tensor | None
-    ) -> dict[str, Tensor]:
-        """Replace ``logits`` by the target's per-frame logits where ``single_frame`` is true."""
-        if single_frame is None:
-            return outputs
-        mask = torch.as_tensor(single_frame, dtype=torch.bool, device=outputs["logits"].device).view(-1)
-        if not bool(mask.any()):
-            return outputs
-        if "logits" not in target:
-            raise ValueError("single_frame samples need per-frame logits: the aggregator's encode() gives no 'logits'")
-        own = target["logits"]
-        if own.shape[-2:] != outputs["logits"].shape[-2:]:
-            own = torch.nn.functional.interpolate(
-                own, size=outputs["logits"].shape[-2:], mode="bilinear", align_corners=False
-            )
-        return {**outputs, "logits": torch.where(mask.view(-1, 1, 1, 1), own, outputs["logits"])}
+        return self.aggregate(per_frame[-1], per_frame[:-1])
 
     def losses(self, outputs: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
         """The aggregator's named loss terms."""
         return self.aggregator.losses(outputs, labels)
 
     @torch.no_grad()
-    def predict(self, clip: Tensor, size: Sequence[int], single_frame: Tensor | None = None) -> Tensor:
-        """Class map (B,H,W) of the target at ``size``: bilinear upsampling of logits, then argmax."""
-        logits = self(clip, single_frame)["logits"]
-        logits = torch.nn.functional.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
-        return logits.argmax(1)
+    def clip_logits(self, clip: Tensor, num_references: Tensor | Sequence[int] | None = None) -> Tensor:
+        """Target logits of padded evaluation clips (B,T,3,H,W) whose sample i reads its last
+        ``num_references[i]`` frames before the target (the policy's count; None: all T-1)."""
+        b, t = clip.shape[:2]
+        counts = [t - 1] * b if num_references is None else [int(n) for n in num_references]
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(counts):
+            groups.setdefault(n, []).append(i)
+        if len(groups) == 1:
+            (n,) = groups
+            return self(clip[:, t - 1 - n :])["logits"]
+        parts = {n: self(clip[idx, t - 1 - n :])["logits"] for n, idx in groups.items()}
+        size = max((p.shape[-2:] for p in parts.values()), key=lambda s: s[0] * s[1])
+        out = torch.empty(b, self.num_classes, *size, dtype=next(iter(parts.values())).dtype, device=clip.device)
+        for n, idx in groups.items():
+            out[idx] = resize(parts[n], size)
+        return out
+
+    @torch.no_grad()
+    def predict(self, clip: Tensor, size: Sequence[int], num_references: Tensor | Sequence[int] | None = None) -> Tensor:
+        """Class map (B,H,W) of the clips' targets at ``size``: bilinear upsampling of logits, then argmax."""
+        return resize(self.clip_logits(clip, num_references), size).argmax(1)

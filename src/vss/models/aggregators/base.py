@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vss.config import ConfigError
 from vss.data.vspw import IGNORE_INDEX
 
 FrameFeatures = dict[str, Tensor]
@@ -33,21 +34,72 @@ def cross_entropy(logits: Tensor, labels: Tensor, avg_non_ignore: bool = False) 
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none").mean()
 
 
+def check_offsets(offsets: Sequence[int], key: str = "model.offsets") -> tuple[int, ...]:
+    """Reference offsets relative to the target: integers of any sign, none 0, none repeated."""
+    try:
+        values = tuple(offsets)
+    except TypeError:
+        raise ConfigError(f"{key}={offsets!r} is invalid: expected a list of non-zero integers, e.g. [-9,-6,-3]") from None
+    if not all(isinstance(o, int) and not isinstance(o, bool) for o in values):
+        raise ConfigError(f"{key}={list(values)!r} is invalid: expected a list of non-zero integers, e.g. [-9,-6,-3]")
+    if 0 in values:
+        raise ConfigError(f"{key}={list(values)} is invalid: 0 is the target itself, not a reference")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{key}={list(values)} is invalid: an offset is repeated")
+    return values
+
+
+def clamp_references(offsets: Sequence[int], t: int, length: int | None) -> list[int]:
+    """References of target ``t`` at ``offsets``, clamped into the video: before frame 0 -> 0, past the end -> last.
+
+    ``length`` is None while a stream has not ended (then only the start clamps; the frames up to
+    ``t + lookahead`` exist).
+    """
+    last = None if length is None else length - 1
+    return [max(0, t + o) if last is None else min(last, max(0, t + o)) for o in offsets]
+
+
 class Aggregator(nn.Module):
     """Temporal model on top of an encoder.
 
-    ``encode`` sees one frame's encoder features and returns its :data:`FrameFeatures`; it must not
-    look at other frames, so features can be cached and reused in streaming inference.
-    ``aggregate`` combines the target's features with the references' (oldest first) and returns a
-    dict with at least ``logits`` (the target's prediction, any resolution) and any auxiliary outputs
-    its ``losses`` need.
+    The clip belongs to the model: ``offsets`` says where each reference frame sits relative to the target
+    (any sign, no 0), in the order ``aggregate`` receives them; ``()`` for single-frame models. A stream
+    waits ``lookahead = max(0, *offsets)`` frames before it can predict a target.
+
+    ``encode`` sees one frame's encoder features and returns its :data:`FrameFeatures`; it must not look at
+    other frames, so features can be cached and reused in streaming inference. ``aggregate`` combines the
+    target's features with the references' and returns a dict with at least ``logits`` (the target's
+    prediction, any resolution) and any auxiliary outputs its ``losses`` need. ``aggregate(target, [])``
+    predicts the target from its own frame alone, or raises :class:`vss.config.ConfigError` where the
+    method cannot. ``references`` is the start-of-video policy (which frames serve as references of each
+    target); the default clamps the offsets into the video.
     """
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, avg_non_ignore: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        offsets: Sequence[int] = (),
+        avg_non_ignore: bool = False,
+    ) -> None:
         super().__init__()
         self.in_channels = list(in_channels)
         self.num_classes = int(num_classes)
+        self.offsets = check_offsets(offsets)
         self.avg_non_ignore = bool(avg_non_ignore)
+
+    @property
+    def lookahead(self) -> int:
+        """Frames after the target that a stream must see before predicting it."""
+        return max((0, *self.offsets))
+
+    def references(self, t: int, length: int | None) -> list[int]:
+        """Frame indices of target ``t``'s references (``aggregate`` order); ``[]``: the target alone.
+
+        ``length`` is the video's length, or None while a stream has not reached its end. Default: the
+        offsets clamped into the video (the first / last frame repeats).
+        """
+        return clamp_references(self.offsets, t, length)
 
     def encode(self, feats: list[Tensor]) -> FrameFeatures:
         """Per-frame work on a batch of frames."""

@@ -20,8 +20,14 @@ retrieved features upsampled to 1/4 and added to the target's 1/4 feature) and `
 then reduce). Ablations are config values too: ``token_ratio`` (stm.p, Table 2), ``num_scales``
 (Table 3), ``sar`` / ``maa`` / ``fusion=feature_pyramid`` (Table 4).
 
-Official defaults that depend on the backbone: p = 0.8 for MiT-B0, 0.5 otherwise; the SAR/MAA layer
-layout ``b1`` for MiT-B1 and the light layout for every other MiT (see :data:`SAR_LAYOUTS`).
+Official defaults that depend on the backbone (``token_ratio=None`` / ``sar_layout=None`` pick them from
+``encoder_name``): p = 0.8 for MiT-B0, 0.5 otherwise; the SAR/MAA layer layout ``b1`` for MiT-B1 and the
+light layout for every other MiT (see :data:`SAR_LAYOUTS`).
+
+Start of a video (``start``, :meth:`MRCFA.references`): ``official`` is the official test rule
+(``prepare_test_img2``, offsets [-9,-6,-3] only): frames 0-2 are predicted by the per-frame branch alone,
+frames 3-8 read the fixed clips of :data:`OFFICIAL_START_CLIPS`, later frames the offsets; ``clamp``
+repeats the first frame for references before it (any offsets).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vss.config import ConfigError
 from vss.models.aggregators.base import Aggregator, FrameFeatures, cross_entropy, resize
 from vss.models.heads import SegFormerHead
 
@@ -54,26 +61,30 @@ SAR_LAYOUTS: dict[str, dict[str, dict[str, tuple[tuple[int, int], ...]]]] = {
         "aggregate": {"s16": ((1, 3),), "s8": ((1, 3),)},
     },
 }
+#: Official test clips (references, oldest first) of targets 3..8 with offsets [-9,-6,-3]; targets 0-2 read none.
+OFFICIAL_START_CLIPS: dict[int, tuple[int, ...]] = {
+    3: (0, 1, 2),
+    4: (0, 2, 3),
+    5: (0, 2, 4),
+    6: (0, 2, 4),
+    7: (0, 3, 5),
+    8: (0, 3, 6),
+}
+OFFICIAL_OFFSETS = (-9, -6, -3)
+STARTS = ("official", "clamp")
 FUSIONS = ("affinity", "feature_pyramid")
 MERGES = ("official", "paper")
 KEY_ORDERS = ("official", "paper")
 
 
-def official_token_ratio(encoder_name: str) -> float:
+def official_token_ratio(encoder_name: str | None) -> float:
     """Official STM ratio p: 0.8 for MiT-B0, 0.5 for the other backbones (``hypercorre_topk2.threh``)."""
     return 0.8 if str(encoder_name) == "mit_b0" else 0.5
 
 
-def official_sar_layout(encoder_name: str) -> str:
+def official_sar_layout(encoder_name: str | None) -> str:
     """Official affinity-decoder layout: ``b1`` for MiT-B1, ``light`` for B0/B2/B5 (``HPNLearner_topk2``)."""
     return "b1" if str(encoder_name) == "mit_b1" else "light"
-
-
-def _config_error(message: str) -> Exception:
-    """A :class:`vss.config.ConfigError` (one clear line from the CLIs)."""
-    from vss.config import ConfigError
-
-    return ConfigError(message)
 
 
 def cross_frame_affinity(queries: Tensor, keys: Tensor) -> Tensor:
@@ -111,9 +122,9 @@ class SelectiveTokenMasking(nn.Module):
     def __init__(self, token_ratio: float, top_n: int = 5) -> None:
         super().__init__()
         if not 0.0 < float(token_ratio) <= 1.0:
-            raise _config_error(f"stm.p (model.token_ratio)={token_ratio!r} is invalid: expected a number in (0, 1]")
+            raise ConfigError(f"stm.p (model.token_ratio)={token_ratio!r} is invalid: expected a number in (0, 1]")
         if int(top_n) < 1:
-            raise _config_error(f"stm.top_n (model.top_n)={top_n!r} is invalid: expected a positive integer")
+            raise ConfigError(f"stm.top_n (model.top_n)={top_n!r} is invalid: expected a positive integer")
         self.token_ratio = float(token_ratio)
         self.top_n = int(top_n)
 
@@ -172,7 +183,7 @@ class AffinityDecoder(nn.Module):
     def __init__(self, scales: Sequence[str], layout: str = "light", sar: bool = True, maa: bool = True) -> None:
         super().__init__()
         if layout not in SAR_LAYOUTS:
-            raise _config_error(f"model.sar_layout={layout!r} is invalid: expected one of {sorted(SAR_LAYOUTS)}")
+            raise ConfigError(f"model.sar_layout={layout!r} is invalid: expected one of {sorted(SAR_LAYOUTS)}")
         self.scales = tuple(scales)
         self.layout, self.sar, self.maa = layout, bool(sar), bool(maa)
         spec = SAR_LAYOUTS[layout]
@@ -225,16 +236,17 @@ class MRCFA(Aggregator):
         self,
         in_channels: Sequence[int],
         num_classes: int,
-        token_ratio: float = 0.5,
+        offsets: Sequence[int] = OFFICIAL_OFFSETS,
+        start: str = "official",
+        token_ratio: float | None = None,
         top_n: int = 5,
         num_scales: int = 3,
         sar: bool = True,
         maa: bool = True,
-        sar_layout: str = "light",
+        sar_layout: str | None = None,
         fusion: str = "affinity",
         merge: str = "official",
         key_order: str = "official",
-        num_references: int = 3,
         embed_dim: int = 256,
         dropout: float = 0.1,
         per_frame_loss_weight: float = 0.5,
@@ -242,29 +254,42 @@ class MRCFA(Aggregator):
         avg_non_ignore: bool = False,
         encoder_name: str | None = None,
     ) -> None:
-        super().__init__(in_channels, num_classes, avg_non_ignore)
+        super().__init__(in_channels, num_classes, offsets, avg_non_ignore)
         self.encoder_name = encoder_name
         if encoder_name is not None and not str(encoder_name).startswith("mit_"):
-            raise _config_error(
+            raise ConfigError(
                 f"model=mrcfa needs a MiT encoder (feature strides {list(MIT_STRIDES)}); encoder.name={encoder_name!r} "
                 "is not one (use encoder=mit_b0 ... mit_b5)"
             )
         if len(self.in_channels) != 4:
-            raise _config_error(f"model=mrcfa needs 4 encoder stages, got in_channels={self.in_channels}")
+            raise ConfigError(f"model=mrcfa needs 4 encoder stages, got in_channels={self.in_channels}")
         if int(num_scales) not in (1, 2, 3):
-            raise _config_error(f"model.num_scales={num_scales!r} is invalid: expected 1, 2 or 3")
+            raise ConfigError(f"model.num_scales={num_scales!r} is invalid: expected 1, 2 or 3")
         for key, value, allowed in (
             ("fusion", fusion, FUSIONS),
             ("merge", merge, MERGES),
             ("key_order", key_order, KEY_ORDERS),
+            ("start", start, STARTS),
         ):
             if value not in allowed:
-                raise _config_error(f"model.{key}={value!r} is invalid: expected one of {list(allowed)}")
-        if int(num_references) < 1:
-            raise _config_error(f"model.num_references={num_references!r} is invalid: expected a positive integer")
+                raise ConfigError(f"model.{key}={value!r} is invalid: expected one of {list(allowed)}")
+        if not self.offsets:
+            raise ConfigError("model.offsets=[] is invalid for model=mrcfa: expected at least one reference frame")
+        if start == "official" and self.offsets != OFFICIAL_OFFSETS:
+            raise ConfigError(
+                f"model.start=official (the official test clips) needs model.offsets={list(OFFICIAL_OFFSETS)}, got "
+                f"{list(self.offsets)}; use model.start=clamp with other offsets"
+            )
+        if int(embed_dim) < 1:
+            raise ConfigError(f"model.embed_dim={embed_dim!r} is invalid: expected a positive integer")
+        self.start = start
+        if token_ratio is None:
+            token_ratio = official_token_ratio(encoder_name)
+        if sar_layout is None:
+            sar_layout = official_sar_layout(encoder_name)
         self.scales = SCALES[len(SCALES) - int(num_scales) :]
         self.fusion, self.merge, self.key_order = fusion, merge, key_order
-        self.num_references = int(num_references)
+        self.num_references = len(self.offsets)
         self.per_frame_loss_weight = float(per_frame_loss_weight)
         self.aux_loss = bool(aux_loss)
         self.embed_dim = int(embed_dim)
@@ -290,6 +315,14 @@ class MRCFA(Aggregator):
         self.aux_classifiers = nn.ModuleList(
             _classifier(embed_dim, num_classes, dropout) for _ in range(self.num_references)
         )
+
+    def references(self, t: int, length: int | None) -> list[int]:
+        """Start-of-video policy ``start``: official (frames 0-2 alone, the fixed clips for 3-8) or clamp."""
+        if self.start == "official" and t < min(OFFICIAL_START_CLIPS):
+            return []
+        if self.start == "official" and t in OFFICIAL_START_CLIPS:
+            return list(OFFICIAL_START_CLIPS[t])
+        return super().references(t, length)
 
     def _ch(self, scale: str) -> int:
         return self.in_channels[_STAGE[scale]]
@@ -334,7 +367,7 @@ class MRCFA(Aggregator):
 
     # -- temporal ----------------------------------------------------------------------------------
     def aggregate(self, target: FrameFeatures, references: list[FrameFeatures]) -> dict[str, Tensor]:
-        """Target logits from its features and the references' (oldest first); no references: per-frame logits."""
+        """Target logits from its features and the references' (``offsets`` order); none: the per-frame logits."""
         if not references:
             return {"logits": target["logits"]}
         r = len(references)
@@ -365,9 +398,9 @@ class MRCFA(Aggregator):
             aux = [resize(cls(retrieved[:, i]), size4) for i, cls in enumerate(self.aux_classifiers)]
             outputs["aux_logits"] = torch.stack(aux, dim=1)
         elif self.training:
-            raise _config_error(
-                f"model.num_references={len(self.aux_classifiers)} but the clip has {r} reference frames "
-                "(data.clip.offsets); set them consistently"
+            raise ConfigError(
+                f"model.offsets has {len(self.aux_classifiers)} reference frames but the clip has {r}: "
+                "data.clip.offsets must follow model.offsets"
             )
         outputs["frame_logits"] = torch.stack([f["logits"] for f in references] + [target["logits"]], dim=1)
         return outputs

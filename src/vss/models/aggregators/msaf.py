@@ -44,6 +44,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
+from vss.config import ConfigError
 from vss.models.aggregators.base import Aggregator, FrameFeatures, cross_entropy, resize
 from vss.models.heads import ConvBNReLU
 
@@ -249,18 +250,31 @@ class MSAF(Aggregator):
         weight_rd: float = 1.0,
         weight_M: float = 1.0,
         avg_non_ignore: bool = False,
+        offsets: Sequence[int] = (-2, -1),
     ) -> None:
-        super().__init__(in_channels, num_classes, avg_non_ignore)
+        super().__init__(in_channels, num_classes, offsets, avg_non_ignore)
         if len(self.in_channels) < 3:
-            raise ValueError(f"MSAF needs at least 3 encoder maps (F3, F4, F5), got {len(self.in_channels)}")
+            raise ConfigError(f"MSAF needs at least 3 encoder maps (F3, F4, F5), got {len(self.in_channels)}")
         if motion_transformer not in ("decoupled", "vanilla"):
-            raise ValueError(f"model.motion_transformer={motion_transformer!r}: expected 'decoupled' or 'vanilla'")
+            raise ConfigError(f"model.motion_transformer={motion_transformer!r}: expected 'decoupled' or 'vanilla'")
         if dcn not in (True, False, "conv"):
-            raise ValueError(f"model.dcn={dcn!r}: expected true, false or 'conv'")
+            raise ConfigError(f"model.dcn={dcn!r}: expected true, false or 'conv'")
         if mask_average not in ("logits", "probs"):
-            raise ValueError(f"model.mask_average={mask_average!r}: expected 'logits' or 'probs'")
-        if not pst_downsample or any(int(r) < 1 for r in pst_downsample):
-            raise ValueError(f"model.pst_downsample={list(pst_downsample)}: expected positive factors, oldest first")
+            raise ConfigError(f"model.mask_average={mask_average!r}: expected 'logits' or 'probs'")
+        if not pst_downsample or any(not isinstance(r, int) or r < 1 for r in pst_downsample):
+            raise ConfigError(f"model.pst_downsample={list(pst_downsample)}: expected positive integer factors")
+        if int(embed_dim) < 1 or int(num_heads) < 1 or int(embed_dim) % int(num_heads):
+            raise ConfigError(
+                f"model.embed_dim={embed_dim} and model.num_heads={num_heads}: expected positive integers, "
+                "embed_dim divisible by num_heads"
+            )
+        expected = len(pst_downsample) - 1 if motion else 0
+        if len(self.offsets) != expected:
+            hint = "[]: without motion alignment MSAF reads no reference frame" if not motion else "e.g. [-2,-1]"
+            raise ConfigError(
+                f"model.offsets={list(self.offsets)}: MSAF reads {expected} reference frame(s) (one per "
+                f"model.pst_downsample entry but the last, in the order of those entries): expected {hint}"
+            )
         dim = int(embed_dim)
         self.motion, self.state, self.semantics = bool(motion), bool(state), bool(semantics)
         self.motion_transformer, self.dcn, self.mask_average = motion_transformer, dcn, mask_average
@@ -289,11 +303,6 @@ class MSAF(Aggregator):
             if m is not None:
                 _init_transformer(m)
 
-    @property
-    def uses_references(self) -> bool:
-        """Only the motion branch reads frames t-2 and t-1."""
-        return self.motion
-
     def encode(self, feats: list[Tensor]) -> FrameFeatures:
         """F3, F4, F5 of each frame projected to ``embed_dim`` (F3, F4 only when the pixel branch needs them)."""
         return {s: self.proj[s](f) for s, f in zip(STAGES, feats[-3:], strict=True) if s in self.proj}
@@ -303,9 +312,9 @@ class MSAF(Aggregator):
         if self.motion_alignment is None:
             return target["F5"]
         if len(references) != self.num_frames - 1:
-            raise ValueError(
-                f"MSAF's motion alignment reads {self.num_frames - 1} reference frames (oldest first), got "
-                f"{len(references)}: set data.clip.offsets to {self.num_frames - 1} offsets, e.g. [-2,-1]"
+            raise ConfigError(
+                f"MSAF's motion alignment reads {self.num_frames - 1} reference frames (model.offsets), got "
+                f"{len(references)}: it cannot predict a target from its own frame alone"
             )
         return self.motion_alignment([r["F5"] for r in references] + [target["F5"]])
 

@@ -6,14 +6,13 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from vss.config import ConfigError
 from vss.models.aggregators.base import Aggregator, FrameFeatures
 from vss.models.heads import SegFormerHead
 
 
 class SegFormer(Aggregator):
     """SegFormer (Xie et al. 2021) as a degenerate aggregator: all work is per-frame."""
-
-    uses_references = False
 
     def __init__(
         self,
@@ -22,8 +21,11 @@ class SegFormer(Aggregator):
         embed_dim: int = 256,
         dropout: float = 0.1,
         avg_non_ignore: bool = False,
+        offsets: Sequence[int] = (),
     ) -> None:
-        super().__init__(in_channels, num_classes, avg_non_ignore)
+        if tuple(offsets):
+            raise ConfigError(f"model.offsets={list(offsets)}: SegFormer is a single-frame model, expected []")
+        super().__init__(in_channels, num_classes, (), avg_non_ignore)
         self.decode_head = SegFormerHead(in_channels, num_classes, embed_dim, dropout)
 
     def encode(self, feats: list[Tensor]) -> FrameFeatures:
@@ -31,5 +33,5 @@ class SegFormer(Aggregator):
         return {"logits": self.decode_head(feats)}
 
     def aggregate(self, target: FrameFeatures, references: list[FrameFeatures]) -> dict[str, Tensor]:
-        """The target's own logits."""
+        """The target's own logits (a single-frame model has no references)."""
         return {"logits": target["logits"]}
