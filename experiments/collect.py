@@ -89,11 +89,15 @@ def find_runs(dirs: Sequence[Path]) -> list[Run]:
 
 
 def _offsets(run: Run) -> tuple[int, ...]:
-    return tuple(int(o) for o in run.cfg.data.clip.offsets)
+    return tuple(int(o) for o in run.cfg.model.offsets)
 
 
 def _p(run: Run) -> float:
-    return float(OmegaConf.to_container(run.cfg.model, resolve=True)["token_ratio"])
+    """STM ratio p of an MRCFA run (null in the config: the official default of its encoder)."""
+    from vss.models.aggregators.mrcfa import official_token_ratio
+
+    p = OmegaConf.to_container(run.cfg.model, resolve=True)["token_ratio"]
+    return float(official_token_ratio(run.cfg.encoder.name) if p is None else p)
 
 
 def key_table1(run: Run) -> tuple[tuple, list[str]] | None:

@@ -12,6 +12,8 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for module in model.modules():
             for name, p in module.named_parameters(recurse=False):
+                if p.ndim == 0:  # a learned scalar (e.g. a logit scale) keeps its initial value
+                    continue
                 noise = torch.randn(p.shape, generator=gen)
                 if isinstance(module, (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)) and name == "weight":
                     p.copy_(1.0 + 0.2 * noise)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from vss.data.clips import ClipSampler, validate_offsets
+from vss.config import ConfigError
+from vss.data.clips import ClipSampler
 from vss.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -22,6 +23,7 @@ from vss.data.transforms import (
     keep_ratio_size,
 )
 from vss.data.vspw import IGNORE_INDEX
+from vss.models.aggregators.base import check_offsets, clamp_references
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -46,29 +48,29 @@ def _normalised(frames: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# ClipSampler: evaluation
+# The default start-of-video policy (Aggregator.references): offsets clamped into the video
 
 
-def test_eval_indices_default_offsets() -> None:
+def _eval_clip(offsets: tuple[int, ...], length: int, t: int) -> list[int]:
+    """The default evaluation clip of target ``t``: references (clamped), then the target."""
+    return clamp_references(offsets, t, length) + [t]
+
+
+def test_eval_clips_default_offsets() -> None:
     s = ClipSampler()
     assert s.offsets == (-9, -6, -3)
     assert s.num_frames == 4
-    assert s.span == 9
+    assert (s.before, s.after) == (9, 0)
     length = 30
     for t in range(9, length):
-        assert s.eval_indices(length, t) == [t - 9, t - 6, t - 3, t]
+        assert _eval_clip(s.offsets, length, t) == [t - 9, t - 6, t - 3, t]
     # Start of the video: references before frame 0 repeat frame 0.
-    assert s.eval_indices(length, 0) == [0, 0, 0, 0]
-    assert s.eval_indices(length, 1) == [0, 0, 0, 1]
-    assert s.eval_indices(length, 4) == [0, 0, 1, 4]
-    assert s.eval_indices(length, 7) == [0, 1, 4, 7]
-    assert s.eval_indices(length, 8) == [0, 2, 5, 8]
-    for t in range(length):
-        assert s.eval_indices(length, t) == [max(0, t - 9), max(0, t - 6), max(0, t - 3), t]
-    assert s.eval_indices(1, 0) == [0, 0, 0, 0]
-    for bad in (-1, length):
-        with pytest.raises(IndexError):
-            s.eval_indices(length, bad)
+    assert _eval_clip(s.offsets, length, 0) == [0, 0, 0, 0]
+    assert _eval_clip(s.offsets, length, 1) == [0, 0, 0, 1]
+    assert _eval_clip(s.offsets, length, 4) == [0, 0, 1, 4]
+    assert _eval_clip(s.offsets, length, 7) == [0, 1, 4, 7]
+    assert _eval_clip(s.offsets, length, 8) == [0, 2, 5, 8]
+    assert _eval_clip(s.offsets, 1, 0) == [0, 0, 0, 0]
 
 
 @pytest.mark.parametrize(
@@ -81,13 +83,18 @@ def test_eval_indices_default_offsets() -> None:
         ([-6, -3], 4, [0, 1, 4]),
         ([-6, -3], 10, [4, 7, 10]),
         ([-12, -2], 13, [1, 11, 13]),
+        ([-1, 1], 0, [0, 1, 0]),  # after the target: clamped at the end of the video too
+        ([-1, 1], 19, [18, 19, 19]),
+        ([2, -3], 18, [19, 15, 18]),  # any order: the order aggregate receives them
     ],
 )
-def test_eval_indices_other_offsets(offsets: list[int], t: int, expected: list[int]) -> None:
-    s = ClipSampler(tuple(offsets))
-    assert s.num_frames == len(offsets) + 1
-    assert s.span == -offsets[0]
-    assert s.eval_indices(20, t) == expected
+def test_eval_clips_other_offsets(offsets: list[int], t: int, expected: list[int]) -> None:
+    assert _eval_clip(tuple(offsets), 20, t) == expected
+
+
+def test_streaming_policy_clamps_only_the_start_until_the_end_is_known() -> None:
+    assert clamp_references((-2, 3), 1, None) == [0, 4]
+    assert clamp_references((-2, 3), 18, 20) == [16, 19]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,6 +153,18 @@ def test_train_indices_uses_the_given_rng() -> None:
     assert _draws(s, 40, 50, seed=11) != _draws(s, 40, 50, seed=12)
 
 
+def test_train_indices_references_after_the_target() -> None:
+    """Offsets of both signs: the target has room on both sides; reversed, the roles of the sides swap."""
+    s = ClipSampler((-2, 1), reverse_prob=0.0)
+    clips = _draws(s, 10, 1500, seed=5)
+    assert {c[-1] for c in clips} == set(range(2, 9))
+    assert all(c == [c[-1] - 2, c[-1] + 1, c[-1]] for c in clips)
+    s = ClipSampler((-2, 1), reverse_prob=1.0)
+    clips = _draws(s, 10, 1500, seed=5)
+    assert {c[-1] for c in clips} == set(range(1, 8))
+    assert all(c == [c[-1] + 2, c[-1] - 1, c[-1]] for c in clips)  # time reversed: still inside the video
+
+
 @pytest.mark.parametrize("length", [1, 2, 5, 9])
 def test_train_indices_short_videos_clamp(length: int) -> None:
     """Videos no longer than the span still give clips (references clamp to the first played frame)."""
@@ -159,10 +178,10 @@ def test_train_indices_short_videos_clamp(length: int) -> None:
             t = c[-1]
             targets.add(t)
             if prob == 0.0:
-                assert c == s.eval_indices(length, t)
+                assert c == _eval_clip(s.offsets, length, t)
             else:  # played backwards: eval clip in the reversed order
                 r = length - 1 - t
-                assert c == [length - 1 - i for i in s.eval_indices(length, r)]
+                assert c == [length - 1 - i for i in _eval_clip(s.offsets, length, r)]
         assert targets == set(range(length))
 
 
@@ -173,20 +192,18 @@ def test_train_indices_exactly_span_plus_one() -> None:
     assert all(c == [9, 6, 3, 0] for c in _draws(s, 10, 100))
 
 
-@pytest.mark.parametrize(
-    "offsets",
-    [[1], [0], [-3, 0], [-9, -6, 3], [-3, -3], [-6, -3, -6], [-3, -6], [-3, -6, -9], [-1, -9]],
-)
-def test_invalid_offsets_raise(offsets: list[int]) -> None:
-    with pytest.raises(ValueError, match=r"data\.clip\.offsets"):
+@pytest.mark.parametrize("offsets", [[0], [-3, 0], [-3, -3], [-6, -3, -6], [1.5], ["a"]])
+def test_invalid_offsets_raise(offsets: list) -> None:
+    with pytest.raises(ConfigError, match=r"data\.clip\.offsets"):
         ClipSampler(tuple(offsets))
-    with pytest.raises(ValueError, match=r"data\.clip\.offsets"):
-        validate_offsets(offsets)
+    with pytest.raises(ConfigError, match=r"model\.offsets"):
+        check_offsets(offsets)
 
 
-def test_validate_offsets_and_reverse_prob() -> None:
-    assert validate_offsets([-9, -6, -3]) == (-9, -6, -3)
-    assert validate_offsets((-1,)) == (-1,)
+def test_valid_offsets_and_reverse_prob() -> None:
+    assert check_offsets([-9, -6, -3]) == (-9, -6, -3)
+    assert check_offsets((1, -1)) == (1, -1)
+    assert check_offsets([]) == ()
     for prob in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"data\.clip\.reverse_prob"):
             ClipSampler(reverse_prob=prob)

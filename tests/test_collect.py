@@ -34,12 +34,15 @@ def test_collect_fills_the_table2_page(collect: ModuleType, compose_cfg: Callabl
     sweep = tmp_path / "multirun"
     for job, (p, miou) in enumerate(((0.3, 0.5), (1.0, 0.7))):
         _fake_run(sweep / str(job), compose_cfg("experiment=mrcfa_synthetic", f"stm.p={p}", "paths.output_dir=x"), miou)
+    # stm.p left at null: the official default of the run's encoder (0.8 for mit_b0)
+    _fake_run(sweep / "2", compose_cfg("experiment=mrcfa_synthetic", "paths.output_dir=x"), 0.6)
     page = tmp_path / "table2.md"
     page.write_text("# Table 2\n\n<!-- ours:start -->\nold\n<!-- ours:end -->\n")
     rows = collect.collect_table("table2", [sweep], page, bench=False, plot=tmp_path / "table2.png")
     text = page.read_text()
-    assert len(rows) == 2 and "old" not in text
+    assert len(rows) == 3 and "old" not in text
     assert "| 30% |" in text and "| 100% |" in text and "50.0" in text and "70.0" in text
+    assert "| 80% |" in text and "60.0" in text
     assert (tmp_path / "table2.png").is_file()
 
 
@@ -51,7 +54,7 @@ def test_collect_names_msaf_table3_rows_and_keeps_settings_apart(
     _fake_run(runs / "a", compose_cfg(*base, "+msaf_table3=baseline"), 0.60, 0.92)
     _fake_run(runs / "b", compose_cfg(*base, "+msaf_table3=baseline", "seed=7"), 0.70, 0.94)  # same row: averaged
     _fake_run(runs / "c", compose_cfg(*base), 0.80)
-    _fake_run(runs / "d", compose_cfg(*base, "data.clip.offsets=[-2,-1]", "model.pst_downsample=[1,1,1]"), 0.75)
+    _fake_run(runs / "d", compose_cfg(*base, "model.offsets=[-2,-1]", "model.pst_downsample=[1,1,1]"), 0.75)
     _fake_run(runs / "e", compose_cfg(*base, "+msaf_table3=wo_dcn"), 0.78)
     page = tmp_path / "msaf_table3.md"
     page.write_text("<!-- ours-synthetic:start -->\nold\n<!-- ours-synthetic:end -->\n")

@@ -11,9 +11,13 @@ from vss.config import ConfigError, validate_train_config
 
 INVALID = [
     (["trainer.max_steps=0"], "trainer.max_steps"),
-    (["data.clip.offsets=[3]"], "data.clip.offsets"),
-    (["data.clip.offsets=[-3,-3]"], "data.clip.offsets"),
-    (["data.clip.offsets=[-3,-9]"], "data.clip.offsets"),
+    (["model.offsets=[0]"], "model.offsets"),
+    (["model.offsets=[-3,-3]"], "model.offsets"),
+    (["model=mrcfa", "model.offsets=[-3,x]"], "model.offsets"),
+    (["data.clip.offsets=[-3]"], "data.clip.offsets"),  # the clip follows the model (segformer: [])
+    (["model=mrcfa", "data.clip.offsets=[-6,-3]"], "model.offsets"),
+    (["val_mode=fast"], "val_mode"),
+    (["optim.head_lr_mult=0"], "optim.head_lr_mult"),
     (["encoder.name=mit_b9"], "encoder.name"),
     (["data=vspw", "data.root=/nonexistent"], "data.root"),
     (["data=vspw"], "data.root"),  # root: ??? (mandatory)
@@ -47,11 +51,11 @@ def test_unknown_top_level_key_is_rejected_by_hydra(compose_cfg):
 
 def test_cli_fails_fast_with_the_key(run_cli, tmp_path):
     start = time.monotonic()
-    proc = run_cli("data.clip.offsets=[3]", f"paths.log_dir={tmp_path / 'logs'}", timeout=120)
+    proc = run_cli("model.offsets=[0]", f"paths.log_dir={tmp_path / 'logs'}", timeout=120)
     elapsed = time.monotonic() - start
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
-    assert "data.clip.offsets" in out
+    assert "model.offsets" in out
     assert "Traceback" not in out  # one clear line, not a stack trace
     for progress in ("Epoch 0", "Training", "Validation", "[vss] step"):
         assert progress not in out

@@ -20,6 +20,7 @@ from vss.data.datasets import VideoShardSampler
 from vss.data.synthetic import ensure_synthetic
 from vss.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 from vss.data.vspw import IGNORE_INDEX, DatasetError, LabelMap, read_image, read_mask
+from vss.models.aggregators.base import clamp_references
 
 KNOBS: dict[str, Any] = dict(train_videos=3, val_videos=2, min_frames=12, max_frames=14, height=32, width=48)
 NUM_CLASSES = 5  # background + 4 object classes (the synthetic default)
@@ -35,7 +36,13 @@ def syn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _dm(root: Path, **kwargs: Any) -> VSSDataModule:
     """A data module on ``root`` with single-process loaders and small sizes."""
     args: dict[str, Any] = dict(
-        num_classes=NUM_CLASSES, scale=(48, 32), crop_size=(32, 32), train_repeat=2, batch_size=2, **LOADER
+        num_classes=NUM_CLASSES,
+        scale=(48, 32),
+        crop_size=(32, 32),
+        train_repeat=2,
+        batch_size=2,
+        clip={"offsets": [-9, -6, -3]},
+        **LOADER,
     )
     args.update(kwargs)
     return VSSDataModule(root=str(root), **args)
@@ -137,41 +144,69 @@ def test_train_labels_loaded_for_every_frame(syn_root: Path) -> None:
 # evaluation clips
 
 
-def test_eval_clips_every_frame_once_in_order(syn_root: Path) -> None:
+def _check_item(item: dict[str, Any], video: Any, lm: LabelMap) -> np.ndarray:
+    """Metadata, the target's label (stored resolution) and raw mask of an evaluation item; returns the raw mask."""
+    t = item["frame"]
+    assert item["frame_name"] == video.masks[t].name
+    assert item["video_length"] == len(video)
+    assert item["labels"].shape == (32, 48) and item["labels"].dtype == torch.int64
+    raw = np.array(Image.open(video.masks[t]))
+    assert np.array_equal(item["raw_target"].numpy(), raw)
+    assert np.array_equal(item["labels"].numpy(), lm(raw).astype(np.int64))
+    ignored = (raw == 0) | (raw == IGNORE_INDEX)
+    assert (item["labels"].numpy()[ignored] == IGNORE_INDEX).all()
+    return raw
+
+
+def test_eval_frames_every_frame_once_in_order(syn_root: Path) -> None:
+    """The stream path's input: each frame once, alone, resized; its label at the stored size."""
     dm = _dm(syn_root, scale=(80, 48))  # 32x48 -> keep ratio 48x72 -> multiples of 32: 64x96
     dm.setup("validate")
     ds = dm.eval_dataset("val")
     videos = dm.videos("val")
     assert len(ds) == sum(len(v) for v in videos)
-    lm = LabelMap(NUM_CLASSES)
+    lm, tf = LabelMap(NUM_CLASSES), build_eval_transform((80, 48))
     seen, raw_values = [], set()
-    tf = build_eval_transform((80, 48))
     for i in range(len(ds)):
         item = ds[i]
         seen.append((item["video"], item["frame"]))
         video = next(v for v in videos if v.name == item["video"])
-        t = item["frame"]
-        idx = dm.clip_sampler.eval_indices(len(video), t)
-        assert item["frame_name"] == video.masks[t].name
-        assert item["images"].shape == (4, 3, 64, 96)
-        assert item["images"].dtype == torch.float32
-        assert item["labels"].shape == (4, 32, 48)  # stored mask resolution
-        assert item["labels"].dtype == torch.int64
-        raw = np.array(Image.open(video.masks[t]))
-        assert np.array_equal(item["raw_target"].numpy(), raw)
-        assert np.array_equal(item["labels"][-1].numpy(), lm(raw).astype(np.int64))
-        for k, j in enumerate(idx):
-            assert np.array_equal(item["labels"][k].numpy(), lm(read_mask(video.masks[j])).astype(np.int64))
-        if t in (0, 5, len(video) - 1):
-            frames = np.stack([read_image(video.frames[j]) for j in idx])
-            assert torch.allclose(item["images"], tf(images=frames)["images"])
-        if t == 0:
-            assert all(torch.equal(item["images"][k], item["images"][-1]) for k in range(3))
-        raw_values |= set(np.unique(raw).tolist())
-        ignored = (raw == 0) | (raw == IGNORE_INDEX)
-        assert (item["labels"][-1].numpy()[ignored] == IGNORE_INDEX).all()
+        assert item["images"].shape == (3, 64, 96) and item["images"].dtype == torch.float32
+        raw_values |= set(np.unique(_check_item(item, video, lm)).tolist())
+        if item["frame"] in (0, 5):
+            frame = read_image(video.frames[item["frame"]])[None]
+            assert torch.allclose(item["images"], tf(images=frame)["images"][0])
     assert seen == [(v.name, t) for v in videos for t in range(len(v))]
     assert {0, IGNORE_INDEX} <= raw_values  # "others" and void both occur and stay distinct in raw_target
+
+
+def test_eval_clips_follow_the_model_policy(syn_root: Path) -> None:
+    """The clip path's input: the references the policy picks (here: none for frames 0-1), padded with the target."""
+    dm = _dm(syn_root, scale=(80, 48))
+    dm.setup("validate")
+
+    def policy(t: int, length: int) -> list[int]:
+        return [] if t < 2 else clamp_references((-9, 1), t, length)
+
+    dm.use_clip_path(policy, 3)
+    ds = dm.eval_dataset("val")
+    videos = dm.videos("val")
+    lm, tf = LabelMap(NUM_CLASSES), build_eval_transform((80, 48))
+    for i in range(len(ds)):
+        item = ds[i]
+        video = next(v for v in videos if v.name == item["video"])
+        t = item["frame"]
+        _check_item(item, video, lm)
+        assert item["images"].shape == (3, 3, 64, 96)
+        refs = policy(t, len(video))
+        assert item["num_references"] == len(refs)
+        if t in (0, 5, len(video) - 1):
+            idx = [t] * (2 - len(refs)) + refs + [t]
+            frames = np.stack([read_image(video.frames[j]) for j in idx])
+            assert torch.allclose(item["images"], tf(images=frames)["images"])
+    assert ds[len(videos[0]) - 1]["num_references"] == 2  # last frame: t+1 clamps to itself
+    dm.use_clip_path(None)
+    assert dm.eval_dataset("val")[0]["images"].shape == (3, 64, 96)
 
 
 def test_val_loader_batches(syn_root: Path) -> None:
@@ -181,8 +216,8 @@ def test_val_loader_batches(syn_root: Path) -> None:
     assert isinstance(loader.sampler, VideoShardSampler)
     assert list(loader.sampler) == list(range(len(loader.dataset)))
     batch = next(iter(loader))
-    assert batch["images"].shape == (3, 4, 3, 64, 96)
-    assert batch["labels"].shape == (3, 4, 32, 48)
+    assert batch["images"].shape == (3, 3, 64, 96)
+    assert batch["labels"].shape == (3, 32, 48)
     assert batch["raw_target"].shape == (3, 32, 48)
     assert batch["frame"].tolist() == [0, 1, 2]
     assert list(batch["video"]) == ["val_000"] * 3
@@ -265,6 +300,7 @@ def test_frames_of_different_sizes_name_the_files(tmp_path: Path) -> None:
     dm = _dm(tmp_path, clip={"offsets": [-1]})
     dm.setup("fit")
     video = dm.videos("val")[0]
+    dm.use_clip_path(lambda t, length: clamp_references((-1,), t, length), 2)
     ds = dm.eval_dataset("val")
     assert ds[0]["images"].shape[0] == ds[1]["images"].shape[0] == 2  # same-size clips load fine
     with pytest.raises(ValueError, match=re.escape(str(video.frames[2]))) as info:
@@ -289,7 +325,7 @@ def test_mask_value_outside_label_map_names_the_mask(tmp_path: Path) -> None:
     dm.setup("validate")
     video = dm.videos("val")[0]
     ds = dm.eval_dataset("val")
-    assert ds[0]["labels"].shape == (4, 32, 48)
+    assert ds[0]["labels"].shape == (32, 48)
     with pytest.raises(DatasetError, match=re.escape(str(video.masks[1]))):
         ds[1]
 
@@ -320,7 +356,9 @@ def test_config_errors_name_their_keys(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"data\.clip\.offsets"):
         _dm(tmp_path, clip={"offsets": [-3, 0]})
     with pytest.raises(ValueError, match=r"data\.clip\.offsets"):
-        _dm(tmp_path, clip={"offsets": [-3, -9]})
+        _dm(tmp_path, clip={"offsets": [-3, -3]})
+    with pytest.raises(ValueError, match=r"data\.clip has unknown key\(s\) \['start_rule'\]"):
+        _dm(tmp_path, clip={"offsets": [-3], "start_rule": "mrcfa"})
 
 
 def test_synthetic_num_classes_must_match_object_classes(tmp_path: Path) -> None:

@@ -89,7 +89,9 @@ class ValidationImages(pl.Callback):
             out.mkdir(parents=True, exist_ok=True)
             for o in kept:
                 img = o["image"]
-                panel = np.concatenate([img] + [(0.5 * img + 0.5 * pal[o[k]]).astype(np.uint8) for k in ("pred", "gt")], 1)
+                panel = np.concatenate(
+                    [img] + [(0.5 * img + 0.5 * pal[o[k]]).astype(np.uint8) for k in ("pred", "gt")], 1
+                )
                 cv2.imwrite(str(out / f"{o['name']}.png"), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
         if wb is not None:
             labels = dict(enumerate(pl_module.class_names)) | {IGNORE_INDEX: "ignore"}

@@ -2,21 +2,24 @@
 
 Two modes, both writing ``metrics.json`` (mIoU, fwIoU, mVC8, mVC16, per_class_iou) in the run directory:
 
-- ``ckpt_path=RUN/checkpoints/last.ckpt [data=vspw data.root=...] [split=val] [save_predictions=true]``
-  evaluates a checkpoint (its training config rebuilds the model; ``data`` overrides its data) and can
-  save the predictions as ``predictions/<video>/<frame>.png`` (class ids 0..C-1).
+- ``ckpt_path=RUN/checkpoints/last.ckpt [mode=stream|clip] [data=vspw data.root=...] [split=val]
+  [save_predictions=true]`` evaluates a checkpoint (its training config rebuilds the model and its clip;
+  ``data`` overrides its data) and can save the predictions as ``predictions/<video>/<frame>.png`` (class
+  ids 0..C-1). ``mode=stream`` (default) runs the :class:`~vss.models.streamer.Streamer`: each frame is
+  encoded once and the references come from a cache; ``mode=clip`` is the official path (every target
+  re-encodes its whole clip). Both give the same predictions up to float rounding.
 - ``pred_root=DIR data=vspw data.root=GT [split=val]`` scores saved predictions against the ground truth.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -48,44 +51,62 @@ def save_prediction(pred: torch.Tensor, path: Path) -> None:
     Image.fromarray(pred.to(torch.uint8).cpu().numpy(), mode="L").save(path)
 
 
+def eval_data_config(cfg: DictConfig, train_cfg: DictConfig) -> DictConfig:
+    """The data config of an evaluation: ``cfg.data`` when given (resolved against the checkpoint's model,
+    so ``data.clip.offsets`` still follows it), else the checkpoint's own."""
+    if cfg.get("data") is None:
+        data = train_cfg.data
+    else:
+        root = OmegaConf.create({"model": train_cfg.model, "seed": train_cfg.get("seed", 0)})
+        root = OmegaConf.merge(root, {"paths": cfg.paths, "data": cfg.data})
+        data = root.data
+    return OmegaConf.merge(data, {"num_workers": cfg.num_workers, "persistent_workers": False})
+
+
 @torch.no_grad()
 def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """Run the checkpoint's model over every frame of ``cfg.split``; return the metrics."""
-    from vss.train import build_module
+    """Run the checkpoint's model over every frame of ``cfg.split`` (``cfg.mode``: stream or clip)."""
+    from vss.train import build_module, use_eval_path
 
+    if cfg.mode not in ("stream", "clip"):
+        raise ConfigError(f"mode={cfg.mode!r} is invalid: expected stream (cached features) or clip (official path)")
     ckpt = load_checkpoint(cfg.ckpt_path)
     train_cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
-    data_cfg = cfg.data if cfg.get("data") is not None else train_cfg.data
-    if cfg.get("data") is not None and train_cfg.data.get("clip") is not None:
-        # the clip (offsets, start-of-video rule) belongs to the model: keep the checkpoint's unless set here
-        task = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-        given = {o.split("=", 1)[0].lstrip("+~") for o in task}
-        kept = {k: v for k, v in train_cfg.data.clip.items() if not {"data.clip", f"data.clip.{k}"} & given}
-        data_cfg = OmegaConf.merge(data_cfg, {"clip": kept})
-    data_cfg = OmegaConf.merge(data_cfg, {"num_workers": cfg.num_workers, "persistent_workers": False})
-    datamodule = instantiate(data_cfg)
+    datamodule = instantiate(eval_data_config(cfg, train_cfg))
     if datamodule.num_classes != train_cfg.data.num_classes:
         raise ConfigError(
             f"data.num_classes={datamodule.num_classes} differs from the checkpoint's {train_cfg.data.num_classes}"
         )
-    module = build_module(train_cfg, datamodule.num_classes, datamodule.class_names)
+    module = build_module(
+        OmegaConf.merge(train_cfg, {"val_mode": cfg.mode}), datamodule.num_classes, datamodule.class_names
+    )
     module.load_state_dict(ckpt["state_dict"], strict=True)
     device = resolve_device(cfg.device)
     module.to(device).eval()
     datamodule.setup("test")
+    use_eval_path(module, datamodule)
     loader = datamodule._eval_loader(cfg.split)
     pred_dir = output_dir / "predictions"
-    for batch in tqdm(loader, desc=f"eval {cfg.split}", disable=not cfg.progress):
-        images = batch["images"].to(device)
-        preds = module.segmenter.predict(images, batch["labels"].shape[-2:], batch.get("single_frame")).cpu()
-        module.update_metrics("test", batch, preds)
+
+    def consume(items: list[dict[str, Any]], preds: list[torch.Tensor]) -> None:
+        preds = [p.cpu() for p in preds]
+        module.update_metrics("test", items, preds)
         if cfg.save_predictions:
-            for p, video, name in zip(preds, batch["video"], batch["frame_name"], strict=True):
-                save_prediction(p, pred_dir / video / name)
+            for item, p in zip(items, preds, strict=True):
+                save_prediction(p, pred_dir / item["video"] / item["frame_name"])
+
+    start, frames = time.perf_counter(), 0
+    for batch in tqdm(loader, desc=f"eval {cfg.split} ({cfg.mode})", disable=not cfg.progress):
+        frames += len(batch["images"])
+        consume(*module.eval_step({**batch, "images": batch["images"].to(device)}))
+    consume(*module.eval_finish())
+    seconds = time.perf_counter() - start
     metrics = module.compute_metrics("test")
     metrics |= {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, "global_step": ckpt.get("global_step")}
+    metrics |= {"mode": cfg.mode, "seconds": seconds, "frames": frames}
     if cfg.save_predictions:
         metrics["pred_root"] = str(pred_dir)
+    print(f"[vss] {cfg.mode} mode: {frames} frames in {seconds:.1f} s ({frames / max(seconds, 1e-9):.2f} fps)")
     return metrics
 
 

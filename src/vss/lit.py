@@ -7,7 +7,6 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
@@ -16,7 +15,7 @@ from vss.config import ConfigError
 from vss.metrics import SegmentationIoU, VideoConsistency
 from vss.models.aggregators.base import resize
 from vss.models.segmenter import Segmenter
-from vss.models.streamer import StreamOutput, Streamer, unbatch
+from vss.models.streamer import Streamer, StreamOutput, unbatch
 
 VAL_MODES = ("stream", "clip")
 
@@ -218,6 +217,8 @@ class VSSModule(pl.LightningModule):
             return {"optimizer": opt}
         max_steps = self.trainer.max_steps
         if max_steps is None or max_steps <= 0:
-            raise ConfigError("trainer.max_steps must be a positive integer: training is iteration-based (poly schedule)")
+            raise ConfigError(
+                "trainer.max_steps must be a positive integer: training is iteration-based (poly schedule)"
+            )
         sched = self.scheduler_factory(opt, max_steps=max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

@@ -118,7 +118,9 @@ class EvalClips(EvalFrames):
     def frame_indices(self, video: Video, t: int) -> list[int]:
         refs = list(self.references(t, len(video)))
         if len(refs) >= self.num_frames:
-            raise ValueError(f"the model's policy gives {len(refs)} references for frame {t}; at most {self.num_frames - 1}")
+            raise ValueError(
+                f"the model's policy gives {len(refs)} references for frame {t}; at most {self.num_frames - 1}"
+            )
         return [t] * (self.num_frames - 1 - len(refs)) + refs + [t]
 
     def __getitem__(self, i: int) -> dict[str, Any]:

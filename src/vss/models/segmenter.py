@@ -118,6 +118,8 @@ class Segmenter(nn.Module):
         return out
 
     @torch.no_grad()
-    def predict(self, clip: Tensor, size: Sequence[int], num_references: Tensor | Sequence[int] | None = None) -> Tensor:
+    def predict(
+        self, clip: Tensor, size: Sequence[int], num_references: Tensor | Sequence[int] | None = None
+    ) -> Tensor:
         """Class map (B,H,W) of the clips' targets at ``size``: bilinear upsampling of logits, then argmax."""
         return resize(self.clip_logits(clip, num_references), size).argmax(1)

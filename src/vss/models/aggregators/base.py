@@ -39,7 +39,9 @@ def check_offsets(offsets: Sequence[int], key: str = "model.offsets") -> tuple[i
     try:
         values = tuple(offsets)
     except TypeError:
-        raise ConfigError(f"{key}={offsets!r} is invalid: expected a list of non-zero integers, e.g. [-9,-6,-3]") from None
+        raise ConfigError(
+            f"{key}={offsets!r} is invalid: expected a list of non-zero integers, e.g. [-9,-6,-3]"
+        ) from None
     if not all(isinstance(o, int) and not isinstance(o, bool) for o in values):
         raise ConfigError(f"{key}={list(values)!r} is invalid: expected a list of non-zero integers, e.g. [-9,-6,-3]")
     if 0 in values:

@@ -1,0 +1,146 @@
+"""vss.eval: the stream path (Streamer, each frame encoded once) equals the official clip path, for every model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+import vss.config
+from conftest import REPO_ROOT, TINY_DATA, compose_train
+from random_weights import randomize_
+from vss.config import ConfigError
+from vss.eval import evaluate_checkpoint
+from vss.train import build_module
+
+MODELS = sorted(p.stem for p in (vss.config.CONF_DIR / "model").glob("*.yaml"))
+# per model: an encoder it runs on and small widths (MRCFA needs inputs divisible by 32)
+SETTINGS = {
+    "msaf": ["encoder=resnet18", "model.embed_dim=16", "model.num_heads=2"],
+}
+DEFAULT = ["encoder=mit_b0", "model.embed_dim=16"]
+
+
+def _checkpoint(name: str, data_dir: Path, tmp: Path, extra: tuple[str, ...] = ()) -> Path:
+    """A vss checkpoint of ``model=name`` with random (non-trivial) weights on the tiny synthetic data."""
+    cfg = compose_train(
+        [
+            f"model={name}",
+            *SETTINGS.get(name, DEFAULT),
+            *TINY_DATA,
+            "data.scale=[64,64]",
+            "data.val_batch_size=5",
+            "data.num_workers=0",
+            f"paths.data_dir={data_dir}",
+            f"paths.output_dir={tmp}",
+            *extra,
+        ]
+    )
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    del cfg["hydra"]
+    torch.manual_seed(0)
+    module = build_module(cfg, cfg.data.num_classes, list(cfg.data.class_names))
+    randomize_(module)
+    path = tmp / f"{name}.ckpt"
+    torch.save(
+        {"state_dict": module.state_dict(), "hyper_parameters": {"config": OmegaConf.to_container(cfg, resolve=True)}},
+        path,
+    )
+    GlobalHydra.instance().clear()
+    return path
+
+
+def _eval_cfg(ckpt: Path, out: Path, mode: str) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(vss.config.CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "eval",
+            [
+                f"ckpt_path={ckpt}",
+                f"mode={mode}",
+                "save_predictions=true",
+                "progress=false",
+                "num_workers=0",
+                "device=cpu",
+                f"paths.output_dir={out}",
+            ],
+        )
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def _predictions(root: Path) -> dict[str, np.ndarray]:
+    return {str(p.relative_to(root)): np.array(Image.open(p)) for p in sorted(root.rglob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def data_dir(make_data_dir: Callable[..., Path]) -> Path:
+    return make_data_dir(*TINY_DATA)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_stream_mode_equals_clip_mode(name: str, data_dir: Path, tmp_path: Path) -> None:
+    """Same checkpoint, both paths: identical predictions (but for float-rounding ties), metrics within 1e-4."""
+    ckpt = _checkpoint(name, data_dir, tmp_path)
+    results = {}
+    for mode in ("stream", "clip"):
+        out = tmp_path / mode
+        results[mode] = (evaluate_checkpoint(_eval_cfg(ckpt, out, mode), out), _predictions(out / "predictions"))
+    (stream, s_pred), (clip, c_pred) = results["stream"], results["clip"]
+    assert len(s_pred) == 36 and s_pred.keys() == c_pred.keys()  # 2 videos x 18 frames, each frame once
+    same = sum(int((s_pred[k] == c_pred[k]).sum()) for k in s_pred)
+    total = sum(v.size for v in s_pred.values())
+    assert same / total > 0.999, f"{name}: {total - same} of {total} pixels differ between stream and clip"
+    for key in ("mIoU", "fwIoU", "pixel_accuracy", "mVC8", "mVC16"):
+        assert stream[key] == pytest.approx(clip[key], abs=1e-4), key
+    assert stream["frames"] == clip["frames"] == 36
+    assert (stream["mode"], clip["mode"]) == ("stream", "clip")
+
+
+def test_references_after_the_target_stream_like_clips(data_dir: Path, tmp_path: Path) -> None:
+    """A non-causal clip (t-3, t+2): the stream waits two frames and clamps at the video's end like the clips."""
+    ckpt = _checkpoint("mrcfa", data_dir, tmp_path, ("model.offsets=[-3,2]", "model.start=clamp"))
+    preds = {}
+    for mode in ("stream", "clip"):
+        out = tmp_path / mode
+        evaluate_checkpoint(_eval_cfg(ckpt, out, mode), out)
+        preds[mode] = _predictions(out / "predictions")
+    assert len(preds["stream"]) == 36
+    for k, v in preds["stream"].items():
+        assert (v == preds["clip"][k]).mean() > 0.999, k
+
+
+def test_bad_mode_is_a_config_error(data_dir: Path, tmp_path: Path) -> None:
+    ckpt = _checkpoint("segformer", data_dir, tmp_path)
+    with pytest.raises(ConfigError, match="mode='fast'"):
+        evaluate_checkpoint(_eval_cfg(ckpt, tmp_path / "x", "fast"), tmp_path / "x")
+
+
+def test_eval_cli_prints_mode_and_time(data_dir: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    ckpt = _checkpoint("segformer", data_dir, tmp_path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "vss.eval",
+        f"ckpt_path={ckpt}",
+        "mode=stream",
+        "progress=false",
+        "num_workers=0",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[vss] stream mode: 36 frames in" in proc.stdout
+    (metrics_file,) = (tmp_path / "logs").rglob("metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["mode"] == "stream" and metrics["frames"] == 36 and 0 <= metrics["mIoU"] <= 1
