@@ -394,6 +394,13 @@ def test_train_loader_single_process(syn_root: Path) -> None:
     assert batch["labels"].dtype == torch.int64
 
 
+def test_too_few_training_clips_for_one_batch_is_an_error(syn_root: Path) -> None:
+    dm = _dm(syn_root, train_repeat=1, batch_size=8)  # 3 videos x 1 < 8: drop_last would give no step at all
+    dm.setup("fit")
+    with pytest.raises(DatasetError, match=r"data\.batch_size=8"):
+        dm.train_dataloader()
+
+
 def test_loaders_under_fake_two_ranks(syn_root: Path) -> None:
     dm = _dm(syn_root, train_repeat=5, batch_size=2)
     dm.setup("fit")

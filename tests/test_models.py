@@ -1,4 +1,7 @@
-"""Segmenter split (encode/aggregate), SegFormer head, loss, optimiser groups and schedule."""
+"""SegFormer head, loss, optimiser groups and schedule, ``freeze`` names, ``predict``.
+
+What every model must do (stream = clip, ``encode`` per frame, gradients, frozen parts) is in test_contract.py.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vss.config import ConfigError
 from vss.lit import VSSModule, poly_warmup_factor
 from vss.models.aggregators.base import cross_entropy
 from vss.models.aggregators.segformer import SegFormer
@@ -21,30 +25,10 @@ def segformer() -> Segmenter:
     return Segmenter(build_encoder("mit_b0"), partial(SegFormer, embed_dim=32), num_classes=5).eval()
 
 
-def test_forward_equals_encode_then_aggregate(segformer: Segmenter) -> None:
-    clip = torch.randn(2, 4, 3, 64, 96)
+def test_segformer_reads_one_frame_and_predicts_at_quarter_resolution(segformer: Segmenter) -> None:
+    assert segformer.offsets == () and segformer.lookahead == 0 and segformer.references(5, 10) == []
     with torch.no_grad():
-        whole = segformer(clip)["logits"]
-        cache = {i: segformer.encode(clip[:, i]) for i in range(4)}
-        streamed = segformer.aggregate(cache[3], [cache[0], cache[1], cache[2]])["logits"]
-    assert whole.shape == (2, 5, 16, 24)  # 1/4 resolution
-    torch.testing.assert_close(whole, streamed, atol=1e-5, rtol=1e-5)
-
-
-def test_single_frame_model_ignores_references(segformer: Segmenter) -> None:
-    clip = torch.randn(1, 4, 3, 64, 64)
-    other = clip.clone()
-    other[:, :3] = torch.randn(1, 3, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(segformer(clip)["logits"], segformer(other)["logits"])
-
-
-def test_per_frame_features_depend_on_own_frame_only(segformer: Segmenter) -> None:
-    frames = torch.randn(3, 3, 64, 64)
-    with torch.no_grad():
-        batched = segformer.encode(frames)["logits"]
-        alone = segformer.encode(frames[1:2])["logits"]
-    torch.testing.assert_close(batched[1:2], alone, atol=1e-5, rtol=1e-5)  # eval-mode BN: no batch coupling
+        assert segformer(torch.randn(2, 1, 3, 64, 96))["logits"].shape == (2, 5, 16, 24)
 
 
 def test_head_state_dict_names_follow_official_segformer(segformer: Segmenter) -> None:
@@ -89,7 +73,8 @@ def test_poly_warmup_schedule_values() -> None:
 
 
 def test_param_groups_head_lr_and_no_decay_on_norms(segformer: Segmenter) -> None:
-    module = VSSModule(segformer, num_classes=5, optimizer={"lr": 1e-4, "weight_decay": 0.01, "head_lr_mult": 10})
+    adamw = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01)
+    module = VSSModule(segformer, num_classes=5, optimizer=adamw, head_lr_mult=10)
     groups = {g["name"]: g for g in module.param_groups()}
     assert set(groups) == {"encoder", "encoder_no_decay", "head", "head_no_decay"}
     assert groups["encoder"]["lr"] == pytest.approx(1e-4) and groups["head"]["lr"] == pytest.approx(1e-3)
@@ -103,7 +88,21 @@ def test_param_groups_head_lr_and_no_decay_on_norms(segformer: Segmenter) -> Non
     assert grouped[ids[norm_name]] == "encoder_no_decay"
 
 
+def test_param_groups_leave_out_frozen_parameters() -> None:
+    torch.manual_seed(0)
+    seg = Segmenter(build_encoder("mit_b0"), partial(SegFormer, embed_dim=16), 5, freeze=["encoder"])
+    module = VSSModule(seg, num_classes=5, optimizer=partial(torch.optim.AdamW, lr=1e-4))
+    groups = module.param_groups()
+    assert {g["name"] for g in groups} == {"head", "head_no_decay"}
+    assert sum(len(g["params"]) for g in groups) == len(list(seg.aggregator.parameters()))
+
+
+def test_freeze_names_an_unknown_prefix() -> None:
+    with pytest.raises(ConfigError, match=r"freeze: 'encodr' is not a module.*did you mean encoder"):
+        Segmenter(build_encoder("mit_b0"), partial(SegFormer, embed_dim=16), 5, freeze=["encodr"])
+
+
 def test_predict_returns_label_size_class_map(segformer: Segmenter) -> None:
-    pred = segformer.predict(torch.randn(2, 4, 3, 64, 64), (50, 70))
+    pred = segformer.predict(torch.randn(2, 1, 3, 64, 64), (50, 70))
     assert pred.shape == (2, 50, 70) and pred.dtype == torch.int64
     assert int(pred.min()) >= 0 and int(pred.max()) < 5

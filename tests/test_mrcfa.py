@@ -1,8 +1,13 @@
-"""MRCFA: STM, affinity-decoder ablations, loss, streaming, start rule, checkpoint import, parameter counts."""
+"""MRCFA: STM, affinity-decoder ablations, loss, per-frame branch, start-of-video policy, configs, checkpoint import,
+parameter counts.
+
+The contract every model meets (stream = clip over a whole video, per-frame ``encode``, gradients, frozen parts,
+presets that construct) is in test_contract.py; this file keeps what is MRCFA's own."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -10,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
@@ -17,13 +23,18 @@ from random_weights import randomize_
 from reference_mit import build_reference_mit
 from reference_mrcfa import OfficialMRCFAHead
 from vss.config import CONF_DIR, ConfigError, register_resolvers
-from vss.convert import convert, official_head_key
+from vss.convert import convert
 from vss.convert import main as convert_main
-from vss.data.clips import ClipSampler, validate_offsets
 from vss.eval import load_checkpoint
-from vss.models.aggregators.mrcfa import MRCFA, SCALES, SelectiveTokenMasking
+from vss.models.aggregators.mrcfa import (
+    MRCFA,
+    OFFICIAL_START_CLIPS,
+    SCALES,
+    SelectiveTokenMasking,
+    official_head_key,
+)
 from vss.models.aggregators.segformer import SegFormer
-from vss.models.encoders import Encoder, build_encoder
+from vss.models.encoders import MIT_SETTINGS, Encoder, build_encoder
 from vss.models.segmenter import Segmenter
 from vss.train import build_module
 
@@ -40,6 +51,15 @@ PAPER_PARAMS = {
 def _no_tf32() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models run faster and steadier single-threaded on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class TinyEncoder(Encoder):
@@ -165,14 +185,14 @@ ABLATIONS = [
     dict(num_scales=2, sar_layout="b1", maa=False),
     dict(fusion="feature_pyramid"),
     dict(merge="paper", key_order="paper"),
-    dict(num_references=2),
+    dict(offsets=(-6, -3), start="clamp"),
 ]
 
 
 @pytest.mark.parametrize("kwargs", ABLATIONS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
 def test_ablations_build_and_train_a_step(kwargs: dict[str, Any]) -> None:
     torch.manual_seed(0)
-    refs = kwargs.get("num_references", 3)
+    refs = len(kwargs.get("offsets", (-9, -6, -3)))
     m = Segmenter(TinyEncoder(), partial(MRCFA, token_ratio=0.8, embed_dim=32, **kwargs), 5).train()
     agg = m.aggregator
     scales = agg.scales
@@ -258,7 +278,7 @@ def test_non_mit_encoder_is_rejected_naming_encoder_name() -> None:
 
 
 def test_loss_matches_hand_computed_value() -> None:
-    agg = MRCFA([8, 8, 8, 8], num_classes=2, embed_dim=8, num_references=1)
+    agg = MRCFA([8, 8, 8, 8], num_classes=2, embed_dim=8, offsets=(-3,), start="clamp")
     ln3 = math.log(3.0)
     labels = torch.tensor([[[[0, 255]], [[1, 0]]]])  # (B=1, T=2, H=1, W=2): reference frame, then target
     frame_logits = torch.tensor([[[[ln3, 0.0]], [[0.0, 0.0]]], [[[0.0, 0.0]], [[0.0, ln3]]]])  # (T, C, H, W)
@@ -278,73 +298,64 @@ def test_loss_matches_hand_computed_value() -> None:
     assert paper.losses(outputs, labels) == {"ce_target": pytest.approx(math.log(4 / 3))}
 
 
-# -- streaming and per-frame features ----------------------------------------------------------------
+# -- per-frame branch and start-of-video policy -------------------------------------------------------
 
 
-def test_streaming_equals_clip_forward() -> None:
-    model = mrcfa_model(encoder="mit_b0", sar_layout="b1")  # the real encoder: no coupling within its batch
-    video = torch.randn(1, 11, 3, 64, 96, generator=gen(8))
+def test_encode_gives_the_official_per_frame_features(model: Segmenter) -> None:
     with torch.no_grad():
-        cache = {t: model.encode(video[:, t]) for t in range(11)}  # every frame encoded once
-        for t in (9, 10):
-            clip = video[:, [t - 9, t - 6, t - 3, t]]
-            whole = model(clip)["logits"]
-            streamed = model.aggregate(cache[t], [cache[t - 9], cache[t - 6], cache[t - 3]])["logits"]
-            torch.testing.assert_close(streamed, whole, atol=1e-5, rtol=1e-5)
-    assert whole.shape == (1, 5, 16, 24)
+        feats = model.encode(torch.randn(2, 3, 64, 96, generator=gen(9)))
+    assert set(feats) == {"logits", "feat8", "value", *(f"{a}_{s}" for a in ("query", "key") for s in SCALES)}
+    assert feats["logits"].shape == (2, 5, 16, 24) and feats["feat8"].shape == (2, 64, 8, 12)  # _c, _c2
+    assert feats["value"].shape == (2, 2 * 3, 64)  # the 1/32 grid's tokens (official sr1_feat)
+    assert feats["query_s8"].shape == (2, 8, 12, 16) and feats["key_s8"].shape == (2, 2 * 3, 16)  # eq. 9
 
 
-def test_per_frame_features_depend_on_own_frame_only(model: Segmenter) -> None:
-    frames = torch.randn(3, 3, 64, 64, generator=gen(9))
-    with torch.no_grad():
-        batched = model.encode(frames)
-        alone = model.encode(frames[1:2])
-    assert set(batched) == {"logits", "feat8", "value", *(f"{a}_{s}" for a in ("query", "key") for s in SCALES)}
-    for k, v in batched.items():
-        torch.testing.assert_close(v[1:2], alone[k], atol=1e-5, rtol=1e-5)
-
-
-def test_single_frame_samples_use_the_per_frame_logits(model: Segmenter) -> None:
+def test_targets_without_references_use_the_per_frame_branch(model: Segmenter) -> None:
+    """``aggregate(target, [])`` (the official frames 0-2) is the per-frame SegFormer logits; ``clip_logits``
+    batches targets that read different numbers of references."""
     clip = torch.randn(3, 4, 3, 64, 64, generator=gen(11))
-    flags = torch.tensor([True, False, True])
+    counts = [0, 3, 0]
     with torch.no_grad():
-        mixed = model(clip, single_frame=flags)["logits"]
-        temporal = model(clip)["logits"]
         own = model.encode(clip[:, -1])["logits"]
-        pred = model.predict(clip, (64, 64), flags)
-    torch.testing.assert_close(mixed[flags], own[flags])
-    torch.testing.assert_close(mixed[~flags], temporal[~flags])
+        assert torch.equal(model.aggregate(model.encode(clip[:, -1]), [])["logits"], own)
+        temporal = model(clip)["logits"]
+        mixed = model.clip_logits(clip, counts)
+        pred = model.predict(clip, (64, 64), counts)
+    torch.testing.assert_close(mixed[[0, 2]], own[[0, 2]])
+    torch.testing.assert_close(mixed[1], temporal[1])
+    assert not torch.allclose(own[1], temporal[1], atol=1e-4)
     assert pred.shape == (3, 64, 64)
-    assert model.aggregate(model.encode(clip[:, -1]), [])["logits"].shape == own.shape  # no references yet
 
 
-# -- start-of-video rule ---------------------------------------------------------------------------
+def test_training_needs_the_whole_clip() -> None:
+    m = mrcfa_model().train()
+    with pytest.raises(ConfigError, match="model.offsets has 3 reference frames but the clip has 2"):
+        m(torch.randn(1, 3, 3, 64, 64, generator=gen(12)))
 
 
-def test_start_rule_gives_the_official_clips() -> None:
-    s = ClipSampler(start_rule="mrcfa")
-    official = {3: [0, 1, 2, 3], 4: [0, 2, 3, 4], 5: [0, 2, 4, 5], 6: [0, 2, 4, 6], 7: [0, 3, 5, 7], 8: [0, 3, 6, 8]}
-    for t in range(20):
-        clip = s.eval_indices(20, t)
-        assert s.single_frame(t) == (t < 3)
-        assert clip[-1] == t
-        if t in official:
-            assert clip == official[t]
-        elif t >= 9:
-            assert clip == [t - 9, t - 6, t - 3, t]
-    assert not any(ClipSampler().single_frame(t) for t in range(5))  # clamp: no single-frame targets
-    assert ClipSampler().eval_indices(20, 4) == [0, 0, 1, 4]
-    with pytest.raises(ValueError, match="data.clip.start_rule"):
-        ClipSampler((-6, -3), start_rule="mrcfa")
-    with pytest.raises(ValueError, match="data.clip.start_rule"):
-        validate_offsets([-9, -6, -3], "first")
+def test_official_start_policy_gives_the_official_clips() -> None:
+    official = MRCFA(B0_CHANNELS, 5, embed_dim=8)  # start=official, offsets [-9,-6,-3]
+    clips = {3: [0, 1, 2], 4: [0, 2, 3], 5: [0, 2, 4], 6: [0, 2, 4], 7: [0, 3, 5], 8: [0, 3, 6]}
+    assert {t: list(c) for t, c in OFFICIAL_START_CLIPS.items()} == clips  # references only, the target excluded
+    for length in (None, 21):  # streaming (end unknown) and evaluation clips
+        for t in range(21):
+            expected = [] if t < 3 else clips.get(t, [t - 9, t - 6, t - 3])
+            assert official.references(t, length) == expected, (t, length)
+    assert official.references(9, None) == [0, 3, 6] and official.references(20, None) == [11, 14, 17]
+    assert official.lookahead == 0
+    clamp = MRCFA(B0_CHANNELS, 5, embed_dim=8, start="clamp")  # the first frame repeats
+    assert clamp.references(0, 20) == [0, 0, 0] and clamp.references(4, 20) == [0, 0, 1]
+    after = MRCFA(B0_CHANNELS, 5, embed_dim=8, offsets=(-3, 2), start="clamp")  # the last frame repeats too
+    assert after.references(19, 20) == [16, 19] and after.references(19, None) == [16, 21] and after.lookahead == 2
+    with pytest.raises(ConfigError, match=r"model\.start=official .* needs model\.offsets=\[-9, -6, -3\]"):
+        MRCFA(B0_CHANNELS, 5, offsets=(-6, -3))
+    with pytest.raises(ConfigError, match="model.start"):
+        MRCFA(B0_CHANNELS, 5, start="first")
+    with pytest.raises(ConfigError, match="at least one reference"):
+        MRCFA(B0_CHANNELS, 5, offsets=(), start="clamp")
 
 
 # -- configs ---------------------------------------------------------------------------------------
-
-
-def _compose(*overrides: str) -> Any:
-    return _compose_many([list(overrides)])[0]
 
 
 def _compose_many(overrides: list[list[str]]) -> list[Any]:
@@ -352,38 +363,38 @@ def _compose_many(overrides: list[list[str]]) -> list[Any]:
         return [compose("train", overrides=o) for o in overrides]
 
 
+def _aggregator(cfg: Any) -> MRCFA:
+    """``cfg.model`` built on ``cfg.encoder``'s MiT channels (a narrow decoder)."""
+    channels = MIT_SETTINGS[cfg.encoder.name]["embed_dims"]
+    return instantiate(cfg.model, embed_dim=16)(in_channels=channels, num_classes=5)
+
+
 def test_config_stm_p_is_top_level_and_defaults_follow_the_encoder() -> None:
-    defaults = (("mit_b0", 0.8, "light"), ("mit_b1", 0.5, "b1"), ("mit_b2", 0.5, "light"))
-    cfgs = _compose_many(
-        [
-            ["model=mrcfa", "encoder=mit_b1", "stm.p=0.3"],
-            ["model=mrcfa", "encoder=mit_b1", "model.sar_layout=light"],
-            ["model=segformer"],
-            ["model=mrcfa", "data.clip.offsets=[-6,-3]", "data.clip.start_rule=clamp"],
-            ["model=feature_pyramid"],
-            *(["model=mrcfa", f"encoder={e}"] for e, _, _ in defaults),
-        ]
-    )
-    cfg = cfgs[0]
-    assert cfg.model.token_ratio == 0.3 and cfg.model.sar_layout == "b1" and cfg.data.clip.start_rule == "mrcfa"
-    assert cfgs[1].model.sar_layout == "light"
-    assert cfgs[2].data.clip.start_rule == "clamp"
-    assert cfgs[3].model.num_references == 2
-    assert cfgs[4].model.fusion == "feature_pyramid"
-    for cfg, (_, p, layout) in zip(cfgs[5:], defaults, strict=True):
-        assert (cfg.stm.p, cfg.model.token_ratio, cfg.model.sar_layout) == (p, p, layout)
-
-
-@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "experiment").glob("mrcfa_*.yaml")))
-def test_mrcfa_experiment_presets_compose_and_build(name: str) -> None:
-    cfg = _compose(f"experiment={name}", "data.root=/nonexistent", "paths.output_dir=unused")
-    assert cfg.model._target_.endswith("MRCFA")
-    resolved = OmegaConf.to_container(cfg.model, resolve=True)
-    assert 0 < resolved["token_ratio"] <= 1
-    with torch.device("meta"):
-        build_module(cfg, int(cfg.data.num_classes), [str(i) for i in range(int(cfg.data.num_classes))])
-    offsets = list(cfg.data.clip.offsets)
-    validate_offsets(offsets, cfg.data.clip.start_rule)
+    """``stm.p=...`` works as typed; p and the SAR layout left at null take the official per-encoder values."""
+    cases = [
+        (["encoder=mit_b1", "stm.p=0.3"], 0.3, "b1"),
+        (["encoder=mit_b1", "model.sar_layout=light"], 0.5, "light"),
+        (["encoder=mit_b0"], 0.8, "light"),
+        (["encoder=mit_b1"], 0.5, "b1"),
+        (["encoder=mit_b2"], 0.5, "light"),
+    ]
+    others = [
+        ["model=segformer"],
+        ["model=mrcfa", "model.offsets=[-6,-3]", "model.start=clamp"],
+        ["model=feature_pyramid"],
+        ["model=mrcfa", "model.offsets=[-6,-3]"],
+    ]
+    cfgs = _compose_many([["model=mrcfa", *o] for o, _, _ in cases] + others)
+    for cfg, (overrides, p, layout) in zip(cfgs, cases, strict=False):
+        assert cfg.model.token_ratio == cfg.stm.p == (0.3 if "stm.p=0.3" in overrides else None)
+        agg = _aggregator(cfg)
+        assert (agg.token_masking.token_ratio, agg.affinity_decoder.layout) == (p, layout), overrides
+    segformer, clamp, feature_pyramid, official_other_offsets = cfgs[len(cases) :]
+    assert list(segformer.data.clip.offsets) == []  # the data loads the frames the model reads
+    assert list(clamp.data.clip.offsets) == [-6, -3] and _aggregator(clamp).offsets == (-6, -3)
+    assert feature_pyramid.model.fusion == "feature_pyramid" and _aggregator(feature_pyramid).affinity_decoder is None
+    with pytest.raises(ConfigError, match="use model.start=clamp"):
+        _aggregator(official_other_offsets)
 
 
 # -- checkpoint import -----------------------------------------------------------------------------
@@ -403,14 +414,14 @@ def test_checkpoint_import_round_trip(tmp_path: Path, backbone: str, capsys: pyt
     src, dst = tmp_path / "official.pth", tmp_path / "converted.ckpt"
     mit, head = _official_checkpoint(src, backbone)
     p = head.hypercorre_module.threh
-    assert convert_main(["--src", str(src), "--dst", str(dst), "--token-ratio", str(p)]) == 0
+    assert convert_main(["--model", "mrcfa", "--src", str(src), "--dst", str(dst), f"stm.p={p}"]) == 0
     printed = capsys.readouterr().out
     assert "decode_head.conv_seg.weight" in printed and "backbone.head.weight" in printed  # dropped and reported
     ckpt = load_checkpoint(dst)  # what `python -m vss.eval ckpt_path=...` reads
     cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
     assert cfg.encoder.name == "mit_b0" and cfg.data.num_classes == 7 and cfg.model.token_ratio == p
     assert cfg.model.sar_layout == ("b1" if backbone == "b1" else "light")
-    assert {"optimizer_states", "lr_schedulers"} <= set(ckpt)  # `vss.train ckpt_path=` can start from it
+    assert not {"optimizer_states", "lr_schedulers", "epoch", "global_step"} & set(ckpt)  # weights only: init_from=
     module = build_module(cfg, 7, [str(i) for i in range(7)])
     module.load_state_dict(ckpt["state_dict"], strict=True)
     module.eval()
@@ -419,7 +430,7 @@ def test_checkpoint_import_round_trip(tmp_path: Path, backbone: str, capsys: pyt
         expected = head(mit(clip.flatten(0, 1)), 2, 4)
         got = module.segmenter(clip)["logits"]
         single = head(mit(clip[:, -1]), 2, 1)  # the official per-frame fallback (num_clips != 4)
-        own = module.segmenter(clip, single_frame=torch.tensor([True, True]))["logits"]
+        own = module.segmenter(clip[:, -1:])["logits"]  # T = 1: the target alone (the per-frame branch)
     assert got.shape == expected.shape == (2, 7, 16, 24)
     assert (got - expected).abs().max().item() < 1e-4
     assert (own - single).abs().max().item() < 1e-4
@@ -461,11 +472,9 @@ def test_official_key_names() -> None:
 
 @pytest.mark.parametrize("encoder", ["mit_b0", "mit_b1", "mit_b2", "mit_b5"])
 def test_parameter_counts_match_table5(encoder: str) -> None:
-    cfg = _compose("model=mrcfa", f"encoder={encoder}")
-    layout = cfg.model.sar_layout
     with torch.device("meta"):  # counted without allocating (B5 has 82M parameters)
         seg = Segmenter(build_encoder(encoder), partial(SegFormer), 124)
-        mrcfa = Segmenter(build_encoder(encoder), partial(MRCFA, sar_layout=layout), 124)
+        mrcfa = Segmenter(build_encoder(encoder), partial(MRCFA, encoder_name=encoder), 124)  # official p, layout
     for name, m in (("segformer", seg), ("mrcfa", mrcfa)):
         n = sum(p.numel() for p in m.parameters() if p.requires_grad) / 1e6
         assert abs(n - PAPER_PARAMS[name][encoder]) / PAPER_PARAMS[name][encoder] < 0.02, (name, encoder, n)

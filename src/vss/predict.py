@@ -210,9 +210,9 @@ def load_model(ckpt_path: str | Path, device: torch.device) -> Model:
     try:
         module.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[:2]
+        why = _one_line(" ".join(str(e).strip().splitlines()[:2]))
         raise ConfigError(
-            f"ckpt_path={str(path)!r}: its weights do not fit the model of its own config ({_one_line(' '.join(first))})"
+            f"ckpt_path={str(path)!r}: its weights do not fit the model of its own config ({why})"
         ) from None
     scale = OmegaConf.select(cfg, "data.scale")
     if scale is None:
@@ -224,7 +224,10 @@ def load_model(ckpt_path: str | Path, device: torch.device) -> Model:
 def load_palette(path: str | Path | None, num_classes: int) -> np.ndarray:
     """Class colours (C,3) uint8: the file's list of [r, g, b] triples, or the default palette when None."""
     if path is None:
-        from vss.lit import palette
+        try:
+            from vss.callbacks import palette
+        except ImportError:  # older layout
+            from vss.lit import palette
 
         return np.ascontiguousarray(palette(num_classes)[:num_classes])
     import yaml
@@ -289,7 +292,9 @@ class AtomicVideoWriter:
             frame_size = (w + w % 2, h + h % 2)  # mp4v wants even sides
             self.writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*FOURCC), self.fps, frame_size)
             if not self.writer.isOpened():
-                raise ConfigError(f"cannot write {str(self.path)!r}: OpenCV's VideoWriter (fourcc {FOURCC}) did not open")
+                raise ConfigError(
+                    f"cannot write {str(self.path)!r}: OpenCV's VideoWriter (fourcc {FOURCC}) did not open"
+                )
         sh, sw = self.size
         if (h, w) != self.size:
             rgb = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_LINEAR)
@@ -350,6 +355,18 @@ def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def output_dir(cfg: DictConfig) -> Path:
+    """``cfg.output``, or the Hydra run directory when it is null."""
+    if cfg.get("output") is not None:
+        return Path(str(cfg.output)).expanduser()
+    try:
+        return Path(str(cfg.paths.output_dir))
+    except Exception:  # ${hydra:runtime.output_dir} outside a Hydra run
+        raise ConfigError(
+            "output=null means the run directory, which exists only under python -m vss.predict; pass output=DIR"
+        ) from None
+
+
 def chunks(frames: Iterable[Frame], size: int) -> Iterator[list[Frame]]:
     """Consecutive lists of up to ``size`` frames."""
     it = iter(frames)
@@ -368,7 +385,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     opacity = float(_checked(cfg, "opacity", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"))
     batch_size = _checked(cfg, "batch_size", lambda v: type(v) is int and v > 0, "a positive integer")
     fps_arg = _checked(cfg, "fps", lambda v: v is None or (_number(v) and v > 0), "a positive number or null")
-    output = Path(str(cfg.output)).expanduser() if cfg.get("output") is not None else Path(cfg.paths.output_dir)
+    output = output_dir(cfg)
 
     source = open_source(source_arg)  # before the model: a bad source fails in a second
     device = resolve_device(cfg.device)
@@ -432,6 +449,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         "seconds": round(seconds, 3),
         "fps": round(done / seconds, 2) if seconds > 0 else None,
         "source": str(source.path),
+        "source_kind": source.kind,
         "ckpt_path": str(ckpt_path),
         "output": str(output),
         "masks": str(mask_dir),

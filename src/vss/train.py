@@ -14,8 +14,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
 from vss.config import CONF_DIR, check_ddp_multirun, friendly_errors, register_resolvers, validate_train_config
+from vss.stages import check_stages, convert_sync_batchnorm, init_weights
 
 log = logging.getLogger("vss.train")
 SUMMARY_KEYS = ("mIoU", "fwIoU", "mVC8", "mVC16")
@@ -109,6 +111,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from vss.metrics import write_metrics_json
 
     validate_train_config(cfg)
+    init_state = check_stages(cfg)  # init_from / ckpt_path errors before anything is built
     hc = HydraConfig.get() if HydraConfig.initialized() else None
     check_ddp_multirun(cfg, multirun=hc is not None and hc.mode == RunMode.MULTIRUN)
     output_dir = Path(cfg.paths.output_dir)
@@ -116,19 +119,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule.num_classes, datamodule.class_names)
+    if init_state is not None:
+        rank_zero_only(print)(init_weights(module.segmenter, cfg, init_state).summary())
+        del init_state
     use_eval_path(module, datamodule)
     loggers = _instantiate_dict(cfg.get("logger"))
-    extra: dict[str, Any] = {}
-    if cfg.trainer.get("sync_batchnorm") and _on_cpu(cfg):
-        # torch's DistributedDataParallel rejects SyncBatchNorm on CPU modules (gloo): keep per-process BN there.
-        log.warning("trainer.sync_batchnorm=true needs GPUs; running CPU DDP with per-process BatchNorm")
-        extra["sync_batchnorm"] = False
+    if cfg.trainer.get("sync_batchnorm"):
+        if _on_cpu(cfg):
+            # torch's DistributedDataParallel rejects SyncBatchNorm on CPU modules (gloo): keep per-process BN there.
+            log.warning("trainer.sync_batchnorm=true needs GPUs; running CPU DDP with per-process BatchNorm")
+        else:  # here, not by Lightning: the frozen parts (freeze=...) keep plain, frozen BatchNorm
+            convert_sync_batchnorm(module.segmenter)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         callbacks=[*_instantiate_dict(cfg.get("callbacks")), ShareResults()],
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
-        **extra,
+        sync_batchnorm=False,
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

@@ -141,6 +141,12 @@ class VSSDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
         world, rank = self._distributed()
+        if len(dataset) < self.batch_size * world:  # drop_last would leave an epoch of no steps
+            raise DatasetError(
+                f"{len(dataset)} training clips per epoch ({len(dataset.videos)} videos x data.train_repeat="
+                f"{self.train_repeat}) are fewer than data.batch_size={self.batch_size} x {world} process(es): no "
+                "full batch; raise data.train_repeat or lower data.batch_size"
+            )
         if world > 1:
             sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, drop_last=True)
             return self._loader(dataset, self.batch_size, sampler=sampler, drop_last=True)

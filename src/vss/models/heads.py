@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vss.config import ConfigError
+
 
 class MLP(nn.Module):
     """Channel-wise linear embedding of a feature map (official ``MLP``: ``proj``)."""
@@ -38,6 +40,10 @@ class SegFormerHead(nn.Module):
         self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256, dropout: float = 0.1
     ) -> None:
         super().__init__()
+        if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
+            raise ConfigError(f"model.embed_dim={embed_dim!r} is invalid: expected a positive integer")
+        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0.0 <= dropout <= 1.0:
+            raise ConfigError(f"model.dropout={dropout!r} is invalid: expected a probability in [0, 1]")
         self.in_channels = list(in_channels)
         for i, c in enumerate(self.in_channels, start=1):
             setattr(self, f"linear_c{i}", MLP(c, embed_dim))

@@ -85,6 +85,8 @@ class Aggregator(nn.Module):
         avg_non_ignore: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(avg_non_ignore, bool):
+            raise ConfigError(f"model.avg_non_ignore={avg_non_ignore!r} is invalid: expected true or false")
         self.in_channels = list(in_channels)
         self.num_classes = int(num_classes)
         self.offsets = check_offsets(offsets)

@@ -458,3 +458,145 @@ class MRCFA(Aggregator):
             outs = list(outputs["aux_logits"].unbind(1)) + outs
         terms["ce_target"] = torch.stack([cross_entropy(o, target, self.avg_non_ignore) for o in outs]).mean()
         return terms
+
+
+# -- the official checkpoints ----------------------------------------------------------------------
+# The MRCFA key table lives here, beside the model (as timm keeps ``checkpoint_filter_fn`` beside each
+# model). ``python -m vss.convert --model mrcfa`` finds :func:`import_official_checkpoint` by convention
+# (the module of conf/model/mrcfa.yaml's ``_target_``). The official ``state_dict`` holds ``backbone.*``
+# (SegFormer MiT, renamed to timm PVTv2 by :func:`vss.models.encoders.convert_mit_checkpoint`) and
+# ``decode_head.*`` (this head, renamed by :func:`official_head_key`).
+
+#: Official ``decode_head`` names (after the prefix) -> ours (under ``aggregator.``).
+_HEAD_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"linear_(c[1-4]|fuse|pred)\.(.+)", r"decode_head.linear_\1.\2"),
+    (r"deco([1-3])\.smalldecoder\.(.+)", "aux_classifiers.{deco}.{rest}"),
+    (r"deco4\.smalldecoder\.(.+)", r"classifier.\1"),
+    (r"hypercorre_module\.q1\.(.+)", r"query_proj.s8.\1"),
+    (r"hypercorre_module\.q2\.(.+)", r"query_proj.s16.\1"),
+    (r"hypercorre_module\.q3\.(.+)", r"query_proj.s32.\1"),
+    (r"hypercorre_module\.k1\.(.+)", r"key_proj.s8.\1"),
+    (r"hypercorre_module\.k2\.(.+)", r"key_proj.s16.\1"),
+    (r"hypercorre_module\.k3\.(.+)", r"key_proj.s32.\1"),
+    (r"sr2\.(.+)", r"key_reduction.s8.\1"),
+    (r"sr3\.(.+)", r"key_reduction.s16.\1"),
+    (r"sr1_feat\.(.+)", r"value_reduction.\1"),
+    (r"hypercorre_module\.hpn\.encoder_layer4\.(\d+)\.(?:conv2\.)?(.+)", r"affinity_decoder.refine.s32.\1.\2"),
+    (r"hypercorre_module\.hpn\.encoder_layer3\.(\d+)\.(?:conv2\.)?(.+)", r"affinity_decoder.refine.s16.\1.\2"),
+    (r"hypercorre_module\.hpn\.encoder_layer2\.(\d+)\.(?:conv2\.)?(.+)", r"affinity_decoder.refine.s8.\1.\2"),
+    (r"hypercorre_module\.hpn\.encoder_layer4to3\.(\d+)\.(?:conv2\.)?(.+)", r"affinity_decoder.aggregate.s16.\1.\2"),
+    (r"hypercorre_module\.hpn\.encoder_layer3to2\.(\d+)\.(?:conv2\.)?(.+)", r"affinity_decoder.aggregate.s8.\1.\2"),
+)
+#: Official ``decode_head`` keys left out on purpose: mmseg's base-head classifier, which MRCFA never uses.
+DROPPED_HEAD = ("conv_seg.",)
+#: Present only in the ``b1`` layout of the affinity decoder (its SAR block at 1/32 has two units).
+_B1_LAYOUT_KEY = "hypercorre_module.hpn.encoder_layer4.3.conv2.weight"
+
+
+def official_head_key(key: str) -> str | None:
+    """Our aggregator key for an official ``decode_head`` key (prefix removed); None when unknown."""
+    import re
+
+    for pattern, repl in _HEAD_RENAMES:
+        m = re.fullmatch(pattern, key)
+        if m is None:
+            continue
+        if "{deco}" in repl:
+            return repl.format(deco=int(m[1]) - 1, rest=m[2])
+        return m.expand(repl)
+    return None
+
+
+def infer_mit_variant(backbone: dict[str, Tensor]) -> str:
+    """The MiT variant (mit_b0..b5) whose embed dims and depths match an official backbone state dict."""
+    from vss.models.encoders import MIT_SETTINGS
+
+    dims = tuple(int(backbone[f"patch_embed{i}.proj.weight"].shape[0]) for i in range(1, 5))
+    depths = tuple(len({k.split(".")[1] for k in backbone if k.startswith(f"block{i}.")}) for i in range(1, 5))
+    for name, s in MIT_SETTINGS.items():
+        if tuple(s["embed_dims"]) == dims and tuple(s["depths"]) == depths:
+            return name
+    raise ConfigError(
+        f"backbone with embed dims {dims} and depths {depths} is no MiT variant ({', '.join(MIT_SETTINGS)})"
+    )
+
+
+def infer_sar_layout(head: dict[str, Tensor]) -> str:
+    """The affinity-decoder layout (``b1`` or ``light``, :data:`SAR_LAYOUTS`) of an official ``decode_head``."""
+    return "b1" if _B1_LAYOUT_KEY in head else "light"
+
+
+def split_official(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor], list[str]]:
+    """``backbone.*`` and ``decode_head.*`` (prefixes removed) and the keys with any other prefix."""
+    backbone, head, other = {}, {}, []
+    for k, v in state_dict.items():
+        if k.startswith("backbone."):
+            backbone[k[len("backbone.") :]] = v
+        elif k.startswith("decode_head."):
+            head[k[len("decode_head.") :]] = v
+        else:
+            other.append(k)
+    return backbone, head, other
+
+
+def convert_official_state_dict(
+    state_dict: dict[str, Tensor],
+) -> tuple[dict[str, Tensor], dict[str, str], list[str], list[str]]:
+    """Official MRCFA keys -> Segmenter keys (``encoder.body.*``, ``aggregator.*``).
+
+    Returns the converted tensors, the official name of each converted key, the dropped keys
+    (``backbone.head.*``, MiT's ImageNet classifier, and :data:`DROPPED_HEAD`) and the keys that have
+    no counterpart.
+    """
+    from vss.models.encoders import convert_mit_checkpoint
+
+    backbone, head, unknown = split_official(state_dict)
+    dropped = [f"backbone.{k}" for k in backbone if k.startswith("head.")]
+    out: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}
+    for k, v in backbone.items():
+        for new, tensor in convert_mit_checkpoint({k: v}).items():
+            out[f"encoder.body.{new}"], origin[f"encoder.body.{new}"] = tensor, f"backbone.{k}"
+    for k, v in head.items():
+        if k.startswith(DROPPED_HEAD):
+            dropped.append(f"decode_head.{k}")
+            continue
+        new = official_head_key(k)
+        if new is None:
+            unknown.append(f"decode_head.{k}")
+        else:
+            out[f"aggregator.{new}"], origin[f"aggregator.{new}"] = v, f"decode_head.{k}"
+    return out, origin, sorted(dropped), sorted(unknown)
+
+
+def import_official_checkpoint(state_dict: dict[str, Tensor]) -> ImportResult:  # noqa: F821 (vss.convert's)
+    """An official MRCFA (GuoleiSun/VSS-MRCFA, mmseg) ``state_dict`` -> Segmenter tensors + the config they imply.
+
+    Read from the tensors: the MiT variant (``encoder=mit_bX``), the number of classes (``linear_pred``)
+    and the affinity-decoder layout (``model.sar_layout``). The STM ratio p is no weight: pass ``stm.p=``
+    to vss.convert (default: the official p of the encoder). The config starts from
+    ``experiment=mrcfa_vspw`` unless another experiment is given.
+    """
+    from vss.convert import ImportResult
+
+    backbone, head, _ = split_official(state_dict)
+    if not backbone or not head:
+        raise ConfigError("expected an official MRCFA (mmseg) checkpoint with backbone.* and decode_head.* keys")
+    encoder = infer_mit_variant(backbone)
+    if "linear_pred.weight" not in head:
+        raise ConfigError("decode_head.linear_pred.weight is missing (not a SegFormer/MRCFA head)")
+    num_classes = int(head["linear_pred.weight"].shape[0])
+    converted, origin, dropped, unknown = convert_official_state_dict(state_dict)
+    return ImportResult(
+        state_dict=converted,
+        overrides=[
+            "model=mrcfa",
+            f"encoder={encoder}",
+            f"data.num_classes={num_classes}",
+            f"model.sar_layout={infer_sar_layout(head)}",
+        ],
+        defaults=["experiment=mrcfa_vspw"],
+        origin=origin,
+        dropped=dropped,
+        unknown=unknown,
+    )

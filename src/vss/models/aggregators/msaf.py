@@ -268,6 +268,8 @@ class MSAF(Aggregator):
                 f"model.embed_dim={embed_dim} and model.num_heads={num_heads}: expected positive integers, "
                 "embed_dim divisible by num_heads"
             )
+        if not float(mlp_ratio) > 0:
+            raise ConfigError(f"model.mlp_ratio={mlp_ratio!r} is invalid: expected a positive number")
         expected = len(pst_downsample) - 1 if motion else 0
         if len(self.offsets) != expected:
             hint = "[]: without motion alignment MSAF reads no reference frame" if not motion else "e.g. [-2,-1]"
