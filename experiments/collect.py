@@ -209,24 +209,21 @@ def params_millions(run: Run) -> float:
 def bench_ms(run: Run, size: tuple[int, int] | None) -> float:
     """``vss.bench`` streaming time (ms) per target frame of the run's model, random weights, batch 1."""
     from vss.bench import bench
+    from vss.config import CONF_DIR
 
     if size is None:
         size = tuple(run.cfg.data.crop_size) if run.synthetic else (480, 864)
-    cfg = OmegaConf.create(
-        {
-            "encoder": OmegaConf.to_container(run.cfg.encoder, resolve=True),
-            "model": OmegaConf.to_container(run.cfg.model, resolve=True),
-            "num_classes": int(run.cfg.data.num_classes),
-            "height": int(size[0]),
-            "width": int(size[1]),
-            "clip_frames": len(_offsets(run)) + 1,
-            "batch_size": 1,
-            "warmup": 3,
-            "iters": 10,
-            "device": "auto",
-        }
-    )
-    return float(bench(cfg)["streaming_ms_per_frame"])
+    cfg = OmegaConf.load(CONF_DIR / "bench.yaml")  # the bench's own defaults (frames, warm-up, ...)
+    del cfg["defaults"]
+    run_parts = {
+        "encoder": OmegaConf.to_container(run.cfg.encoder, resolve=True),
+        "model": OmegaConf.to_container(run.cfg.model, resolve=True),
+        "num_classes": int(run.cfg.data.num_classes),
+        "height": int(size[0]),
+        "width": int(size[1]),
+        "device": "auto",
+    }
+    return float(bench(OmegaConf.merge(cfg, run_parts))["stream_ms_per_frame"])
 
 
 def _pct(x: float) -> str:

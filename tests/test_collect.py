@@ -67,3 +67,11 @@ def test_collect_names_msaf_table3_rows_and_keeps_settings_apart(
     ]
     text = page.read_text()
     assert "| Baseline | 74.5 | - | - | 65.0 | 93.0 |" in text and "| 2 |" in text
+
+
+def test_collect_times_a_row_with_the_bench(collect: ModuleType, compose_cfg: Callable, tmp_path: Path) -> None:
+    """The speed column: vss.bench's streaming time of the row's own model (defaults from conf/bench.yaml)."""
+    _fake_run(tmp_path / "r", compose_cfg("model=segformer", "model.embed_dim=16", "paths.output_dir=x"), 0.5)
+    (run,) = collect.find_runs([tmp_path])
+    ms = collect.bench_ms(run, (32, 32))
+    assert 0 < ms < 60_000

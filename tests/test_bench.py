@@ -1,0 +1,202 @@
+"""``vss.bench``: both paths in-process on tiny models (the clip path, the real Streamer over a video), option
+checks, and the CLI line."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+import vss.config
+from vss import bench
+from vss.config import ConfigError
+from vss.models.aggregators.mrcfa import MRCFA
+from vss.models.aggregators.msaf import MSAF
+from vss.models.aggregators.segformer import SegFormer
+from vss.models.encoders import build_encoder
+from vss.models.segmenter import Segmenter
+from vss.models.streamer import Streamer
+
+TINY = ("height=64", "width=64", "frames=6", "iters=1", "warmup=0", "device=cpu", "batch_size=1")
+MODELS = {
+    "segformer": (
+        ("model=segformer", "encoder=mit_b0", "model.embed_dim=16"),
+        lambda: Segmenter(build_encoder("mit_b0"), partial(SegFormer, embed_dim=16), 124),
+        (1, 0),
+    ),
+    "mrcfa": (
+        ("model=mrcfa", "encoder=mit_b0", "model.embed_dim=16"),
+        lambda: Segmenter(build_encoder("mit_b0"), partial(MRCFA, embed_dim=16, encoder_name="mit_b0"), 124),
+        (4, 0),
+    ),
+    "msaf": (
+        ("model=msaf", "encoder=resnet18", "model.embed_dim=16", "model.num_heads=2"),
+        lambda: Segmenter(build_encoder("resnet18"), partial(MSAF, embed_dim=16, num_heads=2), 124),
+        (3, 0),
+    ),
+}
+KEYS = (
+    "params_total_M",
+    "params_encoder_M",
+    "params_aggregator_M",
+    "clip_ms_per_frame",
+    "clip_fps",
+    "stream_ms_per_frame",
+    "stream_fps",
+    "encoder_pct",
+    "aggregator_pct",
+    "bookkeeping_pct",
+)
+
+
+@pytest.fixture
+def compose_bench() -> Iterator[Callable[..., DictConfig]]:
+    """``compose_bench(*overrides)``: ``conf/bench.yaml`` composed in-process."""
+    vss.config.register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(vss.config.CONF_DIR), version_base="1.3"):
+        yield lambda *overrides: compose("bench", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Single-threaded torch: tiny models run faster and steadier on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bench_times_both_paths_through_the_streamer(
+    name: str, compose_bench: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overrides, build, (clip, lookahead) = MODELS[name]
+    predicted: list[int] = []  # the index of every prediction the Streamer returns
+    pushes: list[int] = []
+    push, end = Streamer.push, Streamer.end
+
+    def counting_push(self: Streamer, frames: torch.Tensor, items: object = None) -> list:
+        pushes.append(len(frames))
+        out = push(self, frames, items)
+        predicted.extend(o.index for o in out)
+        return out
+
+    def counting_end(self: Streamer) -> list:
+        out = end(self)
+        predicted.extend(o.index for o in out)
+        return out
+
+    monkeypatch.setattr(Streamer, "push", counting_push)
+    monkeypatch.setattr(Streamer, "end", counting_end)
+    result = bench.bench(compose_bench(*overrides, *TINY))
+
+    assert set(KEYS) <= set(result.figures)
+    assert all(result[k] > 0 for k in KEYS if not k.endswith("_pct"))
+    assert (result.clip, result.lookahead, result.height, result.width, result.device) == (
+        clip,
+        lookahead,
+        64,
+        64,
+        "cpu",
+    )
+    assert result["stream_fps"] == pytest.approx(1e3 / result["stream_ms_per_frame"])
+    assert result["encoder_pct"] + result["aggregator_pct"] + result["bookkeeping_pct"] == pytest.approx(100)
+    assert result["encoder_pct"] > 0 and result["aggregator_pct"] > 0
+    # warmup=0, iters=1: the timed video and the instrumented one, 6 frames each, pushed one at a time
+    assert predicted == [*range(6), *range(6)]
+    assert pushes == [1] * 12
+
+    model = build()
+    assert result["params_total_M"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
+    assert result["params_encoder_M"] == pytest.approx(sum(p.numel() for p in model.encoder.parameters()) / 1e6)
+    assert result["params_aggregator_M"] == pytest.approx(sum(p.numel() for p in model.aggregator.parameters()) / 1e6)
+    assert result.clip == 1 + len(model.offsets)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bench_warms_up_on_short_videos_and_pushes_stream_batches(
+    compose_bench: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lengths: list[int] = []
+    stream_video = bench.stream_video
+
+    def recording(model: torch.nn.Module, video: torch.Tensor, batch_size: int) -> int:
+        lengths.append(len(video))
+        assert batch_size == 4
+        return stream_video(model, video, batch_size)
+
+    monkeypatch.setattr(bench, "stream_video", recording)
+    overrides = (*MODELS["mrcfa"][0], *TINY, "frames=12", "warmup=2", "iters=2", "stream_batch_size=4")
+    bench.bench(compose_bench(*overrides))
+    # warm-up: 1 + 9 (MRCFA reads t-9) frames; then 2 timed videos and the instrumented one, 12 frames each
+    assert lengths == [10, 10, 12, 12, 12]
+
+
+def test_stream_video_predicts_every_frame_once() -> None:
+    model = Segmenter(build_encoder("mit_b0"), partial(MRCFA, embed_dim=16, encoder_name="mit_b0"), 5).eval()
+    with torch.no_grad():
+        assert bench.stream_video(model, torch.randn(11, 3, 32, 32), 3) == 11
+
+
+def test_timed_stages_restores_the_model(compose_bench: Callable[..., DictConfig]) -> None:
+    model = Segmenter(build_encoder("mit_b0"), partial(SegFormer, embed_dim=16), 5).eval()
+    with torch.no_grad(), bench.timed_stages(model, torch.device("cpu")) as spent:
+        model(torch.randn(1, 1, 3, 32, 32))
+    assert all(v > 0 for v in spent.values())
+    assert {"forward", "encode", "aggregate"}.isdisjoint({*vars(model), *vars(model.encoder), *vars(model.aggregator)})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("frames=0", r"frames=0 is invalid: expected a positive integer"),
+        ("stream_batch_size=-1", r"stream_batch_size=-1 is invalid"),
+        ("iters=1.5", r"iters=1.5 is invalid"),
+        ("warmup=-1", r"warmup=-1 is invalid: expected a non-negative integer"),
+        ("height=0", r"height=0 is invalid"),
+        ("device=tpu", r"device='tpu' is invalid: expected auto, cpu or cuda"),
+    ],
+)
+def test_bench_options_are_checked(override: str, message: str, compose_bench: Callable[..., DictConfig]) -> None:
+    with pytest.raises(ConfigError, match=message):
+        bench.check_bench_config(compose_bench(override))
+
+
+def test_bench_cuda_without_a_gpu_is_a_config_error(
+    compose_bench: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"device=cuda but no GPU is available"):
+        bench.check_bench_config(compose_bench("device=cuda"))
+
+
+def test_variant_names_the_model_overrides_only() -> None:
+    overrides = ["model=mrcfa", "encoder=mit_b1", "stm.p=0.5", "frames=12", "+msaf_table3=baseline", "hydra.run.dir=x"]
+    assert bench.variant(overrides) == "stm.p=0.5 +msaf_table3=baseline"
+
+
+def test_bench_cli_prints_the_row(cli_env: dict[str, str], tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "vss.bench", "model=msaf", "encoder=resnet18", "+msaf_table3=baseline"]
+    cmd += ["model.embed_dim=16", "model.num_heads=2", *TINY, f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("[vss.bench]"))
+    head = "[vss.bench] MSAF resnet18 [+msaf_table3=baseline model.embed_dim=16 model.num_heads=2] "
+    assert line.startswith(head + "(64x64, clip 1, lookahead 0, cpu): params_total_M ")
+    numbers = dict(re.findall(r"(\w+) ([\d.]+)", line.split(": ", 1)[1]))
+    assert set(KEYS) <= set(numbers)
+    baseline = partial(MSAF, motion=False, offsets=(), state=False, semantics=False, embed_dim=16, num_heads=2)
+    model = Segmenter(build_encoder("resnet18"), baseline, 124)
+    assert float(numbers["params_total_M"]) == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6, abs=0.01)
