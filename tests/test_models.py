@@ -106,3 +106,12 @@ def test_predict_returns_label_size_class_map(segformer: Segmenter) -> None:
     pred = segformer.predict(torch.randn(2, 1, 3, 64, 64), (50, 70))
     assert pred.shape == (2, 50, 70) and pred.dtype == torch.int64
     assert int(pred.min()) >= 0 and int(pred.max()) < 5
+
+
+def test_class_map_is_argmax_with_first_index_on_ties() -> None:
+    from vss.models.aggregators.base import class_map
+
+    x = torch.randn(3, 7, 20, 30)
+    x[0, 2:5, 4, 5] = 10.0  # a three-way tie: the first index wins, as argmax
+    assert torch.equal(class_map(x), x.argmax(1))
+    assert int(class_map(x)[0, 4, 5]) == 2

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from vss.config import ConfigError
 from vss.metrics import SegmentationIoU, VideoConsistency
-from vss.models.aggregators.base import resize
+from vss.models.aggregators.base import class_map, resize
 from vss.models.segmenter import Segmenter
 from vss.models.streamer import Streamer, StreamOutput, unbatch
 
@@ -136,8 +136,16 @@ class VSSModule(pl.LightningModule):
 
     @staticmethod
     def stream_predictions(outputs: Sequence[StreamOutput]) -> list[Tensor]:
-        """Class maps of streamed targets at their labels' size (bilinear upsampling, then argmax)."""
-        return [resize(o.logits[None], o.item["labels"].shape[-2:])[0].argmax(0) for o in outputs]
+        """Class maps of streamed targets at their labels' size (bilinear upsampling, then argmax), batched."""
+        groups: dict[tuple, list[int]] = {}
+        for i, o in enumerate(outputs):
+            groups.setdefault((tuple(o.logits.shape), tuple(o.item["labels"].shape[-2:])), []).append(i)
+        preds: list[Tensor | None] = [None] * len(outputs)
+        for (_, size), idx in groups.items():
+            maps = class_map(resize(torch.stack([outputs[i].logits for i in idx]), size))
+            for i, pred in zip(idx, maps, strict=True):
+                preds[i] = pred
+        return preds  # type: ignore[return-value]
 
     def eval_step(self, batch: dict[str, Any]) -> tuple[list[dict[str, Any]], list[Tensor]]:
         """The targets this batch completes and their class maps: streamed (delayed by the lookahead) or clips."""

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from vss.config import ConfigError
-from vss.models.aggregators.base import Aggregator, FrameFeatures, resize
+from vss.models.aggregators.base import Aggregator, FrameFeatures, class_map, resize
 from vss.models.encoders import Encoder
 
 
@@ -122,4 +122,4 @@ class Segmenter(nn.Module):
         self, clip: Tensor, size: Sequence[int], num_references: Tensor | Sequence[int] | None = None
     ) -> Tensor:
         """Class map (B,H,W) of the clips' targets at ``size``: bilinear upsampling of logits, then argmax."""
-        return resize(self.clip_logits(clip, num_references), size).argmax(1)
+        return class_map(resize(self.clip_logits(clip, num_references), size))
