@@ -56,6 +56,17 @@ def cli_command(args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "vss.train", *flags, *(a for a in args if not a.startswith("-"))]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """In-process tests run single-threaded: tiny models run faster and steadier so on a 2-core box."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def compose_cfg() -> Iterator[Callable[..., DictConfig]]:
     """:func:`compose_train` as a fixture: ``compose_cfg("data=vspw", ...)``."""

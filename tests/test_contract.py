@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,15 +61,6 @@ def _smallest_of_each_family() -> list[str]:
 
 ENCODERS = _smallest_of_each_family()
 COMBOS = [(m, e) for m in MODELS for e in ENCODERS]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run faster and steadier single-threaded on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.cache

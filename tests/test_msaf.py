@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -69,15 +68,6 @@ def row_values(row: str) -> dict:
 def build(seed: int = 0, **kwargs) -> Segmenter:
     torch.manual_seed(seed)
     return Segmenter(build_encoder("resnet18"), partial(MSAF, **{**SMALL, **kwargs}), NUM_CLASSES)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run faster and steadier single-threaded on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
