@@ -58,7 +58,7 @@ class SegFormerHead(nn.Module):
         for i in reversed(range(len(feats))):  # official concat order: c4, c3, c2, c1
             e = getattr(self, f"linear_c{i + 1}")(feats[i])
             if e.shape[2:] != size:
-                e = F.interpolate(e, size=size, mode="bilinear", align_corners=False)
+                e = F.interpolate(e.contiguous(), size=size, mode="bilinear", align_corners=False)  # see resize()
             embedded.append(e)
         return self.linear_fuse(torch.cat(embedded, dim=1))
 

@@ -18,7 +18,9 @@ def resize(x: Tensor, size: Sequence[int], align_corners: bool = False) -> Tenso
     """Bilinear resize of a (B,C,H,W) map to ``size``; the map itself when it already has that size."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
+    # a channels-last map (what a conv after a token MLP gives) is copied first: torch's CPU bilinear kernel is
+    # about 6x slower on that layout for many channels (124-class logits to 480x854: 0.81 s vs 0.13 s)
+    return F.interpolate(x.contiguous(), size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
 def class_map(logits: Tensor) -> Tensor:
@@ -37,7 +39,7 @@ def cross_entropy(logits: Tensor, labels: Tensor, avg_non_ignore: bool = False) 
     pixels, ignored ones included in the denominator. ``True`` averages over labelled pixels only.
     """
     if logits.shape[-2:] != labels.shape[-2:]:
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits.contiguous(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
     if avg_non_ignore:
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none").mean()
