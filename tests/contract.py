@@ -34,7 +34,7 @@ def stream(
     pushes the cache holds at most ``span + lookahead`` frames (span = the farthest reference back) and it is
     empty after ``end``.
     """
-    streamer = streamer or Streamer(model, batch_size)
+    streamer = streamer or Streamer(model, batch_size, aggregate_batch_size=batch_size)
     chunk = chunk or batch_size
     span = max(0, -min(model.offsets, default=0))
     lookahead = model.lookahead
@@ -78,7 +78,7 @@ def assert_stream_equals_clip(
     expected = clip_path(model, video)
     for bs in batch_sizes:
         chunk = 1 if bs == 1 else bs + 1
-        streamer = Streamer(model, bs)
+        streamer = Streamer(model, bs, aggregate_batch_size=bs)  # batched aggregation too
         if bs > 1:  # a previous video on the same Streamer must not leak into the next one
             streamer.push(torch.randn(3, *video.shape[1:], generator=torch.Generator().manual_seed(99)))
             streamer.end()

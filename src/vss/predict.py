@@ -400,7 +400,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("side_by_side", False):
         writers["side_by_side"] = AtomicVideoWriter(output / "side_by_side.mp4", fps)
 
-    streamer = Streamer(model.segmenter, batch_size)
+    streamer = Streamer(model.segmenter, batch_size)  # frames encoded in batches, targets aggregated one by one
     first_size: tuple[int, int] | None = None
     done = 0
     bar = tqdm(total=source.count, desc="predict", unit="frame", disable=not cfg.get("progress", True))
