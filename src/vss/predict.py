@@ -224,10 +224,7 @@ def load_model(ckpt_path: str | Path, device: torch.device) -> Model:
 def load_palette(path: str | Path | None, num_classes: int) -> np.ndarray:
     """Class colours (C,3) uint8: the file's list of [r, g, b] triples, or the default palette when None."""
     if path is None:
-        try:
-            from vss.callbacks import palette
-        except ImportError:  # older layout
-            from vss.lit import palette
+        from vss.callbacks import palette
 
         return np.ascontiguousarray(palette(num_classes)[:num_classes])
     import yaml
