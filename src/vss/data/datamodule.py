@@ -16,6 +16,16 @@ from vss.data.transforms import build_eval_transform, build_train_transform
 from vss.data.vspw import DatasetError, LabelMap, Video, read_split
 
 
+def _check_palette(palette: Sequence[Sequence[int]] | None, num_classes: int) -> list[tuple[int, int, int]] | None:
+    """``data.palette``: one RGB triple (0..255) per class, or None (overlays then use a generated palette)."""
+    if palette is None:
+        return None
+    colours = [tuple(int(v) for v in c) for c in palette]
+    if len(colours) != num_classes or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in colours):
+        raise ValueError(f"data.palette must be {num_classes} RGB triples in 0..255 (one per class), got {palette}")
+    return colours  # type: ignore[return-value]
+
+
 class VSSDataModule(pl.LightningDataModule):
     """Clips of ``len(offsets)+1`` frames (references then target) from ``root/{train,val,test}.txt``."""
 
@@ -26,6 +36,7 @@ class VSSDataModule(pl.LightningDataModule):
         clip: Mapping[str, Any] | None = None,
         label_map: Mapping[str, Any] | None = None,
         class_names: Sequence[str] | None = None,
+        palette: Sequence[Sequence[int]] | None = None,
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "val",
@@ -62,6 +73,7 @@ class VSSDataModule(pl.LightningDataModule):
                 f"data.class_names has {len(class_names)} names but data.num_classes is {self.num_classes}"
             )
         self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
+        self.palette = _check_palette(palette, self.num_classes)
         self.splits = {"fit": train_split, "validate": val_split, "test": test_split}
         self.scale, self.crop_size = tuple(scale), tuple(crop_size)
         self.aug = dict(
@@ -168,7 +180,7 @@ class SyntheticDataModule(VSSDataModule):
     """The embedded procedural video set: generated (once, cached) under ``root``, then read as VSPW."""
 
     def __init__(self, root: str, synthetic: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
-        from vss.data.synthetic import SyntheticConfig
+        from vss.data.synthetic import OBJECT_PALETTE, SyntheticConfig
 
         self.synthetic = dict(synthetic or {})
         try:
@@ -182,6 +194,8 @@ class SyntheticDataModule(VSSDataModule):
                 f"gives {knobs.num_classes} classes (background + objects); set both consistently"
             )
         kwargs["class_names"] = kwargs.get("class_names") or list(knobs.class_names)
+        if kwargs.get("palette") is None:  # background grey, then each object class's own colour
+            kwargs["palette"] = [(128, 128, 128), *list(OBJECT_PALETTE.values())[: knobs.object_classes]]
         super().__init__(root=root, num_classes=knobs.num_classes, **kwargs)
 
     def prepare_data(self) -> None:
