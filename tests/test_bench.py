@@ -27,21 +27,24 @@ from vss.models.segmenter import Segmenter
 from vss.models.streamer import Streamer
 
 TINY = ("height=64", "width=64", "frames=6", "iters=1", "warmup=0", "device=cpu", "batch_size=1")
-MODELS = {
+MODELS = {  # overrides, the model, (clip, lookahead), span (the farthest reference back)
     "segformer": (
         ("model=segformer", "encoder=mit_b0", "model.embed_dim=16"),
         lambda: Segmenter(build_encoder("mit_b0"), partial(SegFormer, embed_dim=16), 124),
         (1, 0),
+        0,
     ),
     "mrcfa": (
         ("model=mrcfa", "encoder=mit_b0", "model.embed_dim=16"),
         lambda: Segmenter(build_encoder("mit_b0"), partial(MRCFA, embed_dim=16, encoder_name="mit_b0"), 124),
         (4, 0),
+        9,
     ),
     "msaf": (
         ("model=msaf", "encoder=resnet18", "model.embed_dim=16", "model.num_heads=2"),
         lambda: Segmenter(build_encoder("resnet18"), partial(MSAF, embed_dim=16, num_heads=2), 124),
         (3, 0),
+        2,
     ),
 }
 KEYS = (
@@ -55,7 +58,12 @@ KEYS = (
     "encoder_pct",
     "aggregator_pct",
     "bookkeeping_pct",
+    "gflops_per_frame",
+    "aggregator_gflops_pct",
+    "peak_rss_MiB",
+    "load_1m",
 )
+BASELINE_KEYS = ("baseline_ms_per_frame", "ratio_to_baseline", "baseline_gflops_per_frame", "flop_ratio")
 
 
 @pytest.fixture
@@ -82,20 +90,20 @@ def one_thread() -> Iterator[None]:
 def test_bench_times_both_paths_through_the_streamer(
     name: str, compose_bench: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    overrides, build, (clip, lookahead) = MODELS[name]
-    predicted: list[int] = []  # the index of every prediction the Streamer returns
+    overrides, build, (clip, lookahead), span = MODELS[name]
+    predicted: list[tuple[int, int]] = []  # (references the model reads, index) of every prediction returned
     pushes: list[int] = []
     push, end = Streamer.push, Streamer.end
 
     def counting_push(self: Streamer, frames: torch.Tensor, items: object = None) -> list:
         pushes.append(len(frames))
         out = push(self, frames, items)
-        predicted.extend(o.index for o in out)
+        predicted.extend((len(self.model.offsets), o.index) for o in out)
         return out
 
     def counting_end(self: Streamer) -> list:
         out = end(self)
-        predicted.extend(o.index for o in out)
+        predicted.extend((len(self.model.offsets), o.index) for o in out)
         return out
 
     monkeypatch.setattr(Streamer, "push", counting_push)
@@ -114,9 +122,23 @@ def test_bench_times_both_paths_through_the_streamer(
     assert result["stream_fps"] == pytest.approx(1e3 / result["stream_ms_per_frame"])
     assert result["encoder_pct"] + result["aggregator_pct"] + result["bookkeeping_pct"] == pytest.approx(100)
     assert result["encoder_pct"] > 0 and result["aggregator_pct"] > 0
-    # warmup=0, iters=1: the timed video and the instrumented one, 6 frames each, pushed one at a time
-    assert predicted == [*range(6), *range(6)]
-    assert pushes == [1] * 12
+    assert 0 < result["aggregator_gflops_pct"] < 100
+    # warmup=0, iters=1: the timed video of the model then its baseline's (single-frame, no references), the
+    # instrumented one, 6 frames each, pushed one at a time; then the FLOP-counted videos of 2 + span frames
+    # (at most 6) and 2 frames (the baseline)
+    refs, has_baseline = clip - 1, name != "segformer"
+    video = lambda k, n: [(k, i) for i in range(n)]  # noqa: E731
+    expected = video(refs, 6) + (video(0, 6) if has_baseline else []) + video(refs, 6) + video(refs, min(6, 2 + span))
+    assert predicted == expected + (video(0, 2) if has_baseline else [])
+    assert set(pushes) == {1}
+    if has_baseline:
+        assert set(BASELINE_KEYS) <= set(result.figures)
+        assert result["ratio_to_baseline"] == pytest.approx(
+            result["stream_ms_per_frame"] / result["baseline_ms_per_frame"]
+        )
+        assert result["flop_ratio"] > 1  # the temporal model does more than its single-frame baseline
+    else:
+        assert not set(BASELINE_KEYS) & set(result.figures)
 
     model = build()
     assert result["params_total_M"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
@@ -140,8 +162,9 @@ def test_bench_warms_up_on_short_videos_and_pushes_stream_batches(
     monkeypatch.setattr(bench, "stream_video", recording)
     overrides = (*MODELS["mrcfa"][0], *TINY, "frames=12", "warmup=2", "iters=2", "stream_batch_size=4")
     bench.bench(compose_bench(*overrides))
-    # warm-up: 1 + 9 (MRCFA reads t-9) frames; then 2 timed videos and the instrumented one, 12 frames each
-    assert lengths == [10, 10, 12, 12, 12]
+    # warm-up: 1 + 9 (MRCFA reads t-9) frames, the baseline's 4 (a push); then 2 timed videos of each model in turn
+    # and the instrumented one, 12 frames each
+    assert lengths == [10, 10, 4, 4, 12, 12, 12, 12, 12]
 
 
 def test_stream_video_predicts_every_frame_once() -> None:
@@ -178,8 +201,31 @@ def test_bench_cuda_without_a_gpu_is_a_config_error(
     compose_bench: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match=r"device=cuda but no GPU is available"):
-        bench.check_bench_config(compose_bench("device=cuda"))
+    monkeypatch.setattr(bench, "instantiate", lambda *a, **k: pytest.fail("a model was built before the check"))
+    with pytest.raises(ConfigError, match=r"device=cuda but torch.cuda.is_available\(\) is False"):
+        bench.bench(compose_bench("device=cuda"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_bench_cli_cuda_without_a_gpu_exits_2_with_one_line(cli_env: dict[str, str], tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "vss.bench", "device=cuda", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [x for x in (proc.stdout + proc.stderr).splitlines() if x.strip()]
+    assert lines == ["error: device=cuda but torch.cuda.is_available() is False (no GPU): use device=cpu"], lines
+
+
+def test_baseline_is_the_single_frame_model(compose_bench: Callable[..., DictConfig]) -> None:
+    assert bench.baseline_of(compose_bench("model=segformer")) is None
+    mrcfa = bench.baseline_of(compose_bench("model=mrcfa", "model.embed_dim=32"))
+    assert mrcfa.func is SegFormer and mrcfa.keywords["embed_dim"] == 32
+    msaf = bench.baseline_of(compose_bench("model=msaf", "encoder=resnet18"))
+    agg = msaf(in_channels=[64, 128, 256, 512], num_classes=5)
+    assert isinstance(agg, MSAF) and agg.offsets == () and not (agg.motion or agg.state or agg.semantics)
+    with pytest.raises(ConfigError, match=r"baseline=2 is invalid"):
+        bench.check_bench_config(compose_bench("baseline=2"))
+    with pytest.raises(ConfigError, match=r"precision='fp8' is invalid"):
+        bench.check_bench_config(compose_bench("precision=fp8"))
 
 
 def test_variant_names_the_model_overrides_only() -> None:

@@ -134,7 +134,7 @@ def test_p_sets_the_number_of_selected_tokens(model: Segmenter) -> None:
     clip = torch.randn(1, 4, 3, 128, 128, generator=gen(2))  # 4x4 = 16 tokens on the 1/32 grid
     seen: list[int] = []
     hook = model.aggregator.affinity_decoder.register_forward_hook(
-        lambda mod, args, out: seen.append(args[0]["s32"].shape[0])
+        lambda mod, args, out: seen.append(args[0]["s32"].shape[0] * args[0]["s32"].shape[1])
     )
     stm = model.aggregator.token_masking
     try:
@@ -146,7 +146,7 @@ def test_p_sets_the_number_of_selected_tokens(model: Segmenter) -> None:
     finally:
         stm.token_ratio = 0.5
         hook.remove()
-    assert seen == [3 * 4, 3 * 8, 3 * 16]  # B * R * S affinity maps, S = int(p * 16)
+    assert seen == [3 * 4, 3 * 8, 3 * 16]  # B * R items x S token maps, S = int(p * 16)
 
 
 def test_result_does_not_depend_on_reference_token_order(model: Segmenter) -> None:
@@ -294,8 +294,9 @@ def test_loss_matches_hand_computed_value() -> None:
 def test_encode_gives_the_official_per_frame_features(model: Segmenter) -> None:
     with torch.no_grad():
         feats = model.encode(torch.randn(2, 3, 64, 96, generator=gen(9)))
-    assert set(feats) == {"logits", "feat8", "value", *(f"{a}_{s}" for a in ("query", "key") for s in SCALES)}
-    assert feats["logits"].shape == (2, 5, 16, 24) and feats["feat8"].shape == (2, 64, 8, 12)  # _c, _c2
+    assert set(feats) == {"fused", "feat8", "value", *(f"{a}_{s}" for a in ("query", "key") for s in SCALES)}
+    assert feats["fused"].shape == (2, 64, 16, 24) and feats["feat8"].shape == (2, 64, 8, 12)  # _c, _c2
+    assert model.aggregator.frame_logits(feats).shape == (2, 5, 16, 24)  # the per-frame branch
     assert feats["value"].shape == (2, 2 * 3, 64)  # the 1/32 grid's tokens (official sr1_feat)
     assert feats["query_s8"].shape == (2, 8, 12, 16) and feats["key_s8"].shape == (2, 2 * 3, 16)  # eq. 9
 
@@ -306,7 +307,7 @@ def test_targets_without_references_use_the_per_frame_branch(model: Segmenter) -
     clip = torch.randn(3, 4, 3, 64, 64, generator=gen(11))
     counts = [0, 3, 0]
     with torch.no_grad():
-        own = model.encode(clip[:, -1])["logits"]
+        own = model.aggregator.frame_logits(model.encode(clip[:, -1]))
         assert torch.equal(model.aggregate(model.encode(clip[:, -1]), [])["logits"], own)
         temporal = model(clip)["logits"]
         mixed = model.clip_logits(clip, counts)

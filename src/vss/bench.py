@@ -1,9 +1,14 @@
 """Benchmarks: ``python -m vss.bench`` prints parameter counts and the time per target frame of two paths.
 
+One command gives a speed claim: the model's streaming time, FLOPs and memory beside its single-frame
+baseline's, timed in the same process with interleaved repeats (model video, baseline video, model video, ...)
+and medians, with the load average printed (on a shared machine a ratio of interleaved medians is the figure to
+trust, not an absolute time).
+
 **Clip path** (``clip_*``): one ``model(clip)`` per target, the clip (``batch_size``, T, 3, H, W) holding
 the references in ``model.offsets`` order and the target last, T = 1 + len(model.offsets) from the
 instantiated model (the official MRCFA/CFFM test code: every frame of the clip is encoded again for
-every target). Time per call / ``batch_size``, after ``warmup`` untimed calls, mean of ``iters`` calls.
+every target). Time per call / ``batch_size``, after ``warmup`` untimed calls, median of ``iters`` calls.
 
 **Streaming path** (``stream_*``): a video of ``frames`` random frames (B = 1) pushed through the real
 :class:`vss.models.streamer.Streamer`, ``stream_batch_size`` frames per ``push`` (1: frame by frame, as a
@@ -13,9 +18,28 @@ exactly once; its :data:`FrameFeatures` are cached and reused as long as a later
 start-of-video policy (``model.references``). Warm-up: ``warmup`` short videos of
 ``min(frames, max(stream_batch_size, 1 + span + lookahead))`` frames (span = the farthest reference back),
 enough to run every start-of-video case and the steady state once. Then ``iters`` whole videos are timed,
-from the first ``push`` to the return of ``end``; ``stream_ms_per_frame`` = their time / (``iters`` x
-``frames``) and ``stream_fps`` = 1000 / it. The bench checks that every video yields exactly ``frames``
-predictions, each frame once.
+from the first ``push`` to the return of ``end``; ``stream_ms_per_frame`` = the median over the videos of their
+time / ``frames``, and ``stream_fps`` = 1000 / it. The bench checks that every video yields exactly
+``frames`` predictions, each frame once.
+
+**Baseline** (``baseline=true``): the model's single-frame baseline (SegFormer with the same encoder and decoder
+width for MRCFA and other MiT models; MSAF with every branch off, the FCN head, for MSAF; none for SegFormer
+itself) streams the same video, its timed videos interleaved with the model's; ``baseline_ms_per_frame`` and
+``ratio_to_baseline`` (model / baseline).
+
+**FLOPs** (``gflops_per_frame``, ``aggregator_gflops_pct``; ``baseline_gflops_per_frame``, ``flop_ratio``):
+``torch.utils.flop_counter.FlopCounterMode`` over the push of the last frame of a video of
+``min(frames, 2 + span + lookahead)`` frames (the steady state when the video is long enough): the encoder's
+part and the rest (the aggregator). Inference runs under ``inference_mode`` in eval mode, so outputs only the
+training loss reads (MRCFA's auxiliary and per-frame logits, MSAF's pixel classifier) are not computed and
+not counted.
+
+**Memory**: ``peak_rss_MiB``, the process's peak resident set (``getrusage``; weights, both models and the
+bench's buffers included) on every device; on GPU also the allocator peaks below. ``load_1m``: the 1-minute
+load average at the end of the run.
+
+**Precision** (``precision``): ``32-true`` (fp32) or ``bf16-mixed`` (``torch.autocast``), as
+``trainer.precision``.
 
 Lookahead: a model with positive offsets (``lookahead`` L > 0) can only predict target t once frame t + L
 has been pushed; the last L targets are predicted at ``end``. The whole video is timed, so those targets'
@@ -37,6 +61,9 @@ but the frames of one ``push``).
 
 from __future__ import annotations
 
+import os
+import resource
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -50,6 +77,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from vss.config import CONF_DIR, ConfigError, _get, friendly_errors, register_resolvers
+from vss.models.precision import PRECISIONS, inference_precision
 
 register_resolvers()
 
@@ -64,6 +92,8 @@ BENCH_KEYS = {
     "frames",
     "stream_batch_size",
     "device",
+    "baseline",
+    "precision",
 }
 """Overrides that set the measurement, not the model; any other override names the row's variant."""
 POSITIVE = ("num_classes", "height", "width", "batch_size", "iters", "frames", "stream_batch_size")
@@ -98,20 +128,25 @@ class BenchResult:
 
 
 def check_bench_config(cfg: DictConfig) -> torch.device:
-    """Positive integer options, ``warmup`` >= 0, and a device that exists; returns the device."""
+    """Positive integer options, ``warmup`` >= 0, ``baseline`` a bool, a known ``precision``, and a device that
+    exists; returns the device."""
     for key in (*POSITIVE, "warmup"):
         value = _get(cfg, key)
         low = 0 if key == "warmup" else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             what = "a non-negative integer" if low == 0 else "a positive integer"
             raise ConfigError(f"{key}={value!r} is invalid: expected {what}")
+    if not isinstance(_get(cfg, "baseline"), bool):
+        raise ConfigError(f"baseline={_get(cfg, 'baseline')!r} is invalid: expected true or false")
+    if str(_get(cfg, "precision")) not in PRECISIONS:
+        raise ConfigError(f"precision={_get(cfg, 'precision')!r} is invalid: expected one of {list(PRECISIONS)}")
     name = str(_get(cfg, "device"))
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
         raise ConfigError(f"device={name!r} is invalid: expected auto, cpu or cuda (cuda:N)")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no GPU is available (torch.cuda.is_available() is False); use device=cpu")
+        raise ConfigError(f"device={name} but torch.cuda.is_available() is False (no GPU): use device=cpu")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
         raise ConfigError(f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible")
     return torch.device(name)
@@ -122,16 +157,52 @@ def _sync(device: torch.device) -> Callable[[], None]:
 
 
 def _time(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    """Mean seconds per call."""
+    """Median seconds per call."""
     sync = _sync(device)
     for _ in range(warmup):
         fn()
-    sync()
-    start = time.perf_counter()
+    times = []
     for _ in range(iters):
+        sync()
+        start = time.perf_counter()
         fn()
-    sync()
-    return (time.perf_counter() - start) / iters
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def baseline_of(cfg: DictConfig) -> Callable[..., object] | None:
+    """The single-frame baseline aggregator (a partial) of ``cfg.model``; None for a single-frame model."""
+    from functools import partial as _partial
+
+    from vss.models.aggregators.segformer import SegFormer
+
+    target = str(cfg.model.get("_target_", ""))
+    if target.endswith(".SegFormer"):
+        return None
+    if target.endswith(".MSAF"):
+        return instantiate(cfg.model, motion=False, offsets=[], state=False, semantics=False)
+    return _partial(
+        SegFormer, embed_dim=int(cfg.model.get("embed_dim", 256)), dropout=float(cfg.model.get("dropout", 0.1))
+    )
+
+
+def step_flops(model: torch.nn.Module, video: torch.Tensor) -> tuple[float, float]:
+    """FLOPs of pushing the last frame of ``video`` (N,3,H,W) into a Streamer that has seen the others (frame by
+    frame): the total and the encoder's part."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vss.models.streamer import Streamer
+
+    streamer = Streamer(model, 1)
+    for i in range(len(video) - 1):
+        streamer.push(video[i : i + 1])
+    with FlopCounterMode(display=False) as counter:
+        streamer.push(video[-1:])
+    streamer.end()
+    counts = counter.get_flop_counts()
+    encoder = sum(counts.get(type(model.encoder).__name__, {}).values())  # Segmenter.encode calls it as a root
+    return float(counter.get_total_flops()), float(encoder)
 
 
 def stream_video(model: torch.nn.Module, video: torch.Tensor, batch_size: int) -> int:
@@ -177,13 +248,24 @@ def timed_stages(model: torch.nn.Module, device: torch.device) -> Iterator[dict[
             delattr(obj, attr)
 
 
-@torch.no_grad()
 def bench(cfg: DictConfig) -> BenchResult:
-    """Parameter counts, clip-path and streaming-path time per target frame of the configured model."""
+    """Parameter counts, clip-path and streaming-path time per target frame, FLOPs and memory of the configured
+    model, and the same for its single-frame baseline (timed interleaved)."""
     from vss.models.segmenter import Segmenter
 
-    device = check_bench_config(cfg)
+    device = check_bench_config(cfg)  # before any model is built
     model = Segmenter(instantiate(cfg.encoder), instantiate(cfg.model), int(cfg.num_classes)).to(device).eval()
+    base_agg = baseline_of(cfg) if cfg.baseline else None
+    baseline = None
+    if base_agg is not None:
+        baseline = Segmenter(instantiate(cfg.encoder), base_agg, int(cfg.num_classes)).to(device).eval()
+    with torch.inference_mode(), inference_precision(cfg.precision, device, key="precision"):
+        return _bench(cfg, device, model, baseline)
+
+
+def _bench(
+    cfg: DictConfig, device: torch.device, model: torch.nn.Module, baseline: torch.nn.Module | None
+) -> BenchResult:
     h, w, b, t = int(cfg.height), int(cfg.width), int(cfg.batch_size), 1 + len(model.offsets)
     warmup, iters, frames, sb = int(cfg.warmup), int(cfg.iters), int(cfg.frames), int(cfg.stream_batch_size)
     cuda, sync = device.type == "cuda", _sync(device)
@@ -202,23 +284,34 @@ def bench(cfg: DictConfig) -> BenchResult:
     clip_peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else 0.0
     del clip
 
-    # streaming path
+    # streaming path, interleaved with the baseline's
     video = torch.randn(frames, 3, h, w, device=device)
     span = max(0, -min(model.offsets, default=0))
-    for _ in range(warmup):
-        stream_video(model, video[: min(frames, max(sb, 1 + span + model.lookahead))], sb)
+    runs = [m for m in (model, baseline) if m is not None]
+    for m in runs:
+        m_span = max(0, -min(m.offsets, default=0))
+        for _ in range(warmup):
+            stream_video(m, video[: min(frames, max(sb, 1 + m_span + m.lookahead))], sb)
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = 0.0
+    seconds: dict[int, list[float]] = {id(m): [] for m in runs}
+    stream_peak = 0.0
     for _ in range(iters):
-        start = time.perf_counter()
-        stream_video(model, video, sb)
-        sync()
-        seconds += time.perf_counter() - start
-    stream_ms = 1e3 * seconds / (iters * frames)
+        for m in runs:
+            start = time.perf_counter()
+            stream_video(m, video, sb)
+            sync()
+            seconds[id(m)].append(time.perf_counter() - start)
+            if cuda and m is model:
+                stream_peak = max(stream_peak, torch.cuda.max_memory_allocated(device))
+                torch.cuda.reset_peak_memory_stats(device)
+    stream_ms = 1e3 * statistics.median(seconds[id(model)]) / frames
     figures.update(stream_ms_per_frame=stream_ms, stream_fps=1e3 / stream_ms)
-    stream_peak = (torch.cuda.max_memory_allocated(device) - video.nbytes + video[:sb].nbytes) / 2**20 if cuda else 0.0
+    if baseline is not None:
+        base_ms = 1e3 * statistics.median(seconds[id(baseline)]) / frames
+        figures.update(baseline_ms_per_frame=base_ms, ratio_to_baseline=stream_ms / base_ms)
+    stream_peak = (stream_peak - video.nbytes + video[:sb].nbytes) / 2**20 if cuda else 0.0
 
     # shares of one more (instrumented) streaming video
     with timed_stages(model, device) as spent:
@@ -232,8 +325,17 @@ def bench(cfg: DictConfig) -> BenchResult:
         aggregator_pct=100 * aggregator / total,
         bookkeeping_pct=100 * (total - spent["encoder"] - aggregator) / total,
     )
+
+    # FLOPs of one streaming step
+    flops, encoder_flops = step_flops(model, video[: min(frames, 2 + span + model.lookahead)])
+    figures.update(gflops_per_frame=flops / 1e9, aggregator_gflops_pct=100 * (flops - encoder_flops) / max(flops, 1))
+    if baseline is not None:
+        base_flops, _ = step_flops(baseline, video[: min(frames, 2)])
+        figures.update(baseline_gflops_per_frame=base_flops / 1e9, flop_ratio=flops / max(base_flops, 1))
+    figures["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     if cuda:
         figures.update(clip_peak_MiB=clip_peak, stream_peak_MiB=stream_peak)
+    figures["load_1m"] = os.getloadavg()[0]
     return BenchResult(
         model=type(model.aggregator).__name__,
         encoder=str(cfg.encoder.get("name", type(model.encoder).__name__)),

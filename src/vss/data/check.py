@@ -1,4 +1,4 @@
-"""Validate a VSPW-layout dataset before training: ``python -m vss.data.check ROOT``.
+"""Validate a dataset before training: ``python -m vss.data.check ROOT`` (VSPW, Cityscapes video, CamVid video).
 
 Every frame of every listed video is read (image, mask, same size) and its mask is passed through
 the label map. All problems are collected (each message names the file), printed, and the exit
@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from vss.data.datasets import LabelReader
 from vss.data.synthetic import load_config
 from vss.data.vspw import (
     FRAME_SUFFIXES,
@@ -26,7 +27,9 @@ from vss.data.vspw import (
     DatasetError,
     LabelMap,
     Video,
-    read_pair,
+    no_mask_message,
+    read_image,
+    read_mask,
     read_split,
     read_video,
 )
@@ -42,6 +45,7 @@ class CheckReport:
     videos: dict[str, int] = field(default_factory=dict)  # split -> videos checked
     frames: dict[str, int] = field(default_factory=dict)  # split -> frames checked
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))  # train id -> pixels
+    labelled: int = 0  # frames with a mask that passed the label map
 
 
 def _split_names(root: Path, split: str, problems: list[str]) -> list[str]:
@@ -64,10 +68,10 @@ def _split_names(root: Path, split: str, problems: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _scan_video(root: Path, name: str, problems: list[str]) -> Video | None:
+def _scan_video(root: Path, name: str, problems: list[str], sparse: bool = False) -> Video | None:
     """The video's frame/mask pairs; on a structural problem list every one of them (and keep the pairs)."""
     try:
-        return read_video(root, name)
+        return read_video(root, name, sparse)
     except DatasetError as e:
         first = str(e)
     found: list[str] = []
@@ -88,20 +92,40 @@ def _scan_video(root: Path, name: str, problems: list[str]) -> Video | None:
                 if m.is_file():
                     frames.append(f)
                     masks.append(m)
+                elif sparse:
+                    frames.append(f)
+                    masks.append(None)
                 else:
-                    found.append(f"frame {f} has no mask (expected {m})")
+                    found.append(no_mask_message(f, m))
     if first not in found:
         found.insert(0, first)
     problems.extend(found)
     return Video(name=name, frames=tuple(frames), masks=tuple(masks)) if frames else None
 
 
-def _check_frames(video: Video, label_map: LabelMap, report: CheckReport) -> int:
-    """Read every pair of ``video``; record problems and the histogram; return frames checked."""
+def scan_vspw(root: Path, split: str, problems: list[str], sparse: bool = False) -> list[Video]:
+    """The videos of a VSPW-layout split, every structural problem collected instead of raised."""
+    before = len(problems)
+    names = _split_names(root, split, problems)
+    videos = [v for v in (_scan_video(root, n, problems, sparse) for n in names) if v is not None]
+    if names and len(problems) == before:
+        try:  # the reader must agree with the scan; report anything it rejects that we missed
+            read_split(root, split, sparse)
+        except DatasetError as e:
+            problems.append(str(e))
+    return videos
+
+
+Scan = Callable[[Path, str, list[str]], list[Video]]
+
+
+def _check_frames(video: Video, label_map: LabelMap, report: CheckReport, read_label: LabelReader) -> int:
+    """Read every frame (and mask) of ``video``; record problems and the histogram; return frames checked."""
     size: tuple[int, int] | None = None
     for frame, mask in zip(video.frames, video.masks, strict=True):
         try:
-            img, raw = read_pair(frame, mask)
+            img = read_image(frame)
+            raw = None if mask is None else read_label(mask)
         except DatasetError as e:
             report.problems.append(str(e))
             continue
@@ -112,47 +136,58 @@ def _check_frames(video: Video, label_map: LabelMap, report: CheckReport) -> int
                 f"frame {frame} is {img.shape[1]}x{img.shape[0]} but the first frame of video "
                 f"{video.name!r} is {size[1]}x{size[0]} (width x height); a video's frames must share a size"
             )
+        if raw is None:
+            continue
+        if raw.shape != img.shape[:2]:
+            report.problems.append(
+                f"mask {mask} is {raw.shape[1]}x{raw.shape[0]} but its frame {frame} is "
+                f"{img.shape[1]}x{img.shape[0]} (width x height); they must match"
+            )
+            continue
         try:
             ids = label_map(raw, path=mask)
         except DatasetError as e:
             report.problems.append(str(e))
             continue
         report.histogram += np.bincount(ids.ravel(), minlength=256)
+        report.labelled += 1
     return len(video.frames)
 
 
-def run_check(root: Path | str, splits: Sequence[str], label_map: LabelMap, progress: bool = False) -> CheckReport:
-    """Check ``splits`` of the dataset at ``root``; never stops at the first problem."""
+def run_check(
+    root: Path | str,
+    splits: Sequence[str],
+    label_map: LabelMap,
+    progress: bool = False,
+    sparse: bool = False,
+    scan: Scan | None = None,
+    read_label: LabelReader = read_mask,
+) -> CheckReport:
+    """Check ``splits`` of the dataset at ``root`` (``scan``: the layout, default VSPW); never stops early."""
     root = Path(root)
     report = CheckReport()
     if not root.is_dir():
         report.problems.append(f"dataset root {root} does not exist or is not a directory")
         return report
     for split in splits:
-        before = len(report.problems)
-        names = _split_names(root, split, report.problems)
-        videos = [v for v in (_scan_video(root, n, report.problems) for n in names) if v is not None]
-        if names and len(report.problems) == before:
-            try:  # the reader must agree with the scan; report anything it rejects that we missed
-                read_split(root, split)
-            except DatasetError as e:
-                report.problems.append(str(e))
-        report.videos[split] = len(names)
+        videos = scan(root, split, report.problems) if scan else scan_vspw(root, split, report.problems, sparse)
+        report.videos[split] = len(videos)
         n_frames = 0
         for video in tqdm(videos, desc=f"check {split}", unit="video", disable=not progress):
-            n_frames += _check_frames(video, label_map, report)
+            n_frames += _check_frames(video, label_map, report, read_label)
         report.frames[split] = n_frames
     return report
 
 
-def check_dataset(root: Path | str, splits: Sequence[str], label_map: LabelMap) -> list[str]:
-    """Problem messages (each naming the file) for ``splits`` of the dataset at ``root``; [] if clean."""
-    return run_check(root, splits, label_map).problems
+def check_dataset(root: Path | str, splits: Sequence[str], label_map: LabelMap, sparse: bool = False) -> list[str]:
+    """Problem messages (each naming the file) for ``splits`` of a VSPW-layout dataset; [] if clean."""
+    return run_check(root, splits, label_map, sparse=sparse).problems
 
 
 def _summary(report: CheckReport, class_names: Sequence[str] | None, top: int = 10) -> str:
     """Human-readable counts and the top classes by pixel share."""
     lines = [f"{s}: {report.videos[s]} videos, {report.frames[s]} frames" for s in report.videos]
+    lines.append(f"labelled frames: {report.labelled}")
     hist = report.histogram
     total = int(hist.sum())
     if total:
@@ -167,39 +202,101 @@ def _summary(report: CheckReport, class_names: Sequence[str] | None, top: int = 
     return "\n".join(lines)
 
 
+LAYOUTS = ("auto", "vspw", "cityscapes_video", "camvid_video")
+
+
+def detect_layout(root: Path) -> str:
+    """``cityscapes_video`` (gtFine/), ``camvid_video`` (frames/ + labels/) or ``vspw``."""
+    if (root / "gtFine").is_dir():
+        return "cityscapes_video"
+    if (root / "frames").is_dir() and (root / "labels").is_dir():
+        return "camvid_video"
+    return "vspw"
+
+
+def _layout_check(
+    layout: str, root: Path, splits: Sequence[str], args: argparse.Namespace
+) -> tuple[CheckReport, int, Sequence[str]]:
+    """Run the check of a Cityscapes / CamVid tree through its data module's reader."""
+    if layout == "cityscapes_video":
+        from vss.data.cityscapes import CLASSES, read_label, scan_snippets
+
+        def scan(r: Path, split: str, problems: list[str]) -> list[Video]:
+            return scan_snippets(r, split, problems, args.sequence_dir)
+
+        label_map = LabelMap(len(CLASSES), reduce_zero_label=False)
+        return run_check(root, splits, label_map, not args.no_progress, scan=scan, read_label=read_label), 19, CLASSES
+    from vss.data.camvid import CLASSES, CamVidVideoDataModule
+
+    dm = CamVidVideoDataModule(root=str(root), label_form=args.label_form, colour_convention=args.colour_convention)
+
+    def scan_camvid(r: Path, split: str, problems: list[str]) -> list[Video]:
+        from vss.data.camvid import read_camvid_split
+
+        try:
+            return read_camvid_split(r, split, args.label_form, problems)
+        except DatasetError as e:
+            problems.append(str(e))
+            return []
+
+    report = run_check(root, splits, dm.label_map, not args.no_progress, scan=scan_camvid, read_label=dm.read_label)
+    return report, len(CLASSES), CLASSES
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m vss.data.check", description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path, help="dataset root (holds train.txt, val.txt, data/)")
+    parser.add_argument("root", type=Path, help="dataset root (VSPW: train.txt, val.txt, data/; Cityscapes; CamVid)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="dataset layout (default: detected)")
     parser.add_argument("--splits", nargs="+", default=["train", "val"], help="splits to check")
     parser.add_argument(
         "--num-classes",
         type=int,
         default=None,
-        help="training classes (default: from a synthetic meta.json, else VSPW's 124)",
+        help="VSPW layout: training classes (default: from a synthetic meta.json, else VSPW's 124)",
     )
     parser.add_argument(
         "--no-reduce-zero-label",
         action="store_true",
-        help="raw value k is class k (default: VSPW map, 0 and 255 ignored, k -> k-1)",
+        help="VSPW layout: raw value k is class k (default: VSPW map, 0 and 255 ignored, k -> k-1)",
     )
+    parser.add_argument(
+        "--mapping",
+        default=None,
+        help='VSPW layout: an explicit raw -> train id table (data.label_map.mapping), JSON, e.g. \'{"1": 0, "2": 1}\'',
+    )
+    parser.add_argument("--sparse", action="store_true", help="VSPW layout: frames without a mask are unlabelled")
+    parser.add_argument("--sequence-dir", default="leftImg8bit_sequence", help="Cityscapes: the sequence folder")
+    parser.add_argument("--label-form", default="index", choices=["index", "colour"], help="CamVid label PNGs")
+    parser.add_argument("--colour-convention", default="grouped", choices=["grouped", "exact"], help="CamVid colours")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
 
-    synth = load_config(args.root) if args.root.is_dir() else None
-    num_classes = args.num_classes or (synth.num_classes if synth else VSPW_NUM_CLASSES)
-    class_names = synth.class_names if synth and num_classes == synth.num_classes else None
-    try:
-        label_map = LabelMap(num_classes, reduce_zero_label=not args.no_reduce_zero_label)
-    except ValueError as e:
-        parser.error(str(e))
-    report = run_check(args.root, args.splits, label_map, progress=not args.no_progress)
+    layout = detect_layout(args.root) if args.layout == "auto" else args.layout
+    if layout != "vspw":
+        report, num_classes, class_names = _layout_check(layout, args.root, args.splits, args)
+    else:
+        synth = load_config(args.root) if args.root.is_dir() else None
+        num_classes = args.num_classes or (synth.num_classes if synth else VSPW_NUM_CLASSES)
+        class_names = synth.class_names if synth and num_classes == synth.num_classes else None
+        sparse = args.sparse or bool(synth and synth.label_every > 1)
+        try:
+            if args.mapping is not None:
+                import json
+
+                mapping = {int(k): int(v) for k, v in json.loads(args.mapping).items()}
+                label_map = LabelMap(num_classes, mapping=mapping)
+            else:
+                label_map = LabelMap(num_classes, reduce_zero_label=not args.no_reduce_zero_label)
+        except (ValueError, AttributeError) as e:
+            parser.error(f"--mapping / --num-classes: {e}")
+        report = run_check(args.root, args.splits, label_map, progress=not args.no_progress, sparse=sparse)
     if report.problems:
-        print(f"{len(report.problems)} problem(s) in {args.root}:")
+        print(f"{len(report.problems)} problem(s) in {args.root} ({layout} layout):")
         for p in report.problems:
             print(f"  - {p}")
         return 1
-    print(f"{args.root}: OK ({num_classes} classes)")
+    print(f"{args.root}: OK ({layout} layout, {num_classes} classes)")
     print(_summary(report, class_names))
     return 0
 

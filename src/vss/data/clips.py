@@ -8,6 +8,7 @@ start-of-video policy (default: references outside the video clamp to its first 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -52,14 +53,27 @@ class ClipSampler:
             raise IndexError(f"target frame {t} outside a video of {length} frames")
         return [min(length - 1, max(0, t + o)) for o in self.offsets] + [t]
 
-    def train_indices(self, length: int, rng: random.Random | None = None) -> list[int]:
-        """Random training clip (indices into the original frame order)."""
+    def train_indices(
+        self, length: int, rng: random.Random | None = None, targets: Sequence[int] | None = None
+    ) -> list[int]:
+        """Random training clip (indices into the original frame order); the target is one of ``targets``.
+
+        ``targets`` are the labelled frames (sparse labels: Cityscapes, CamVid); None means every frame.
+        """
         rng = rng or random
         order = list(range(length))
         if rng.random() < self.reverse_prob:
             order.reverse()
         low, high = self.before, length - 1 - self.after
-        if high < low:  # too short for the whole span: any target, references clamped
-            low, high = 0, length - 1
-        t = rng.randint(low, high)
+        if targets is None:
+            if high < low:  # too short for the whole span: any target, references clamped
+                low, high = 0, length - 1
+            t = rng.randint(low, high)
+        else:
+            if not targets:
+                raise ValueError("no labelled frame to draw a training target from")
+            labelled = set(targets)
+            positions = [i for i in range(length) if order[i] in labelled]
+            roomy = [i for i in positions if low <= i <= high]
+            t = rng.choice(roomy or positions)  # none with room on both sides: references clamped
         return [order[i] for i in self._clamped(length, t)]

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from vss.data.clips import ClipSampler
 from vss.data.datasets import EvalClips, EvalFrames, TrainClips, VideoShardSampler
 from vss.data.transforms import build_eval_transform, build_train_transform
-from vss.data.vspw import DatasetError, LabelMap, Video, read_split
+from vss.data.vspw import DatasetError, LabelMap, Video, check_headers, read_mask, read_split
 
 
 def _check_palette(palette: Sequence[Sequence[int]] | None, num_classes: int) -> list[tuple[int, int, int]] | None:
@@ -54,6 +55,9 @@ class VSSDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         verify: bool = False,
+        sparse_labels: bool = False,
+        check_val_headers: bool = True,
+        iou_mean: str = "gt_present",
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -89,18 +93,38 @@ class VSSDataModule(pl.LightningDataModule):
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()  # pinning without a GPU only warns
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.verify = bool(verify)
+        self.sparse_labels = bool(sparse_labels)
+        self.check_val_headers = bool(check_val_headers)
+        from vss.metrics.iou import check_iou_mean
+
+        try:
+            self.iou_mean = check_iou_mean(iou_mean)  # the dataset's mIoU convention (VSPW: GT-present classes)
+        except ValueError as e:
+            raise ValueError(f"data.{e}") from e
         self.seed = seed  # albumentations' own RNG (it does not follow the global seed)
         self._videos: dict[str, list[Video]] = {}
 
     # -- data ---------------------------------------------------------------------------------
+    def read_videos(self, split: str) -> list[Video]:
+        """The videos of ``split`` from disk (the layout's reader; here VSPW's), raising on the first problem."""
+        return read_split(self.root, split, sparse=self.sparse_labels)
+
+    def read_label(self, path: Path) -> np.ndarray:
+        """A mask file's raw values (H,W) uint8, before the label map (here the stored 8-bit values)."""
+        return read_mask(path)
+
+    def check(self, splits: Sequence[str]) -> list[str]:
+        """Every problem of ``splits`` (each naming the file): every frame and mask read (``data.verify``)."""
+        from vss.data.check import check_dataset
+
+        return check_dataset(self.root, splits, self.label_map, sparse=self.sparse_labels)
+
     def videos(self, split: str) -> list[Video]:
         """Videos of a split, read (and checked) once."""
         if split not in self._videos:
-            self._videos[split] = read_split(self.root, split)
+            self._videos[split] = self.read_videos(split)
             if self.verify:
-                from vss.data.check import check_dataset
-
-                problems = check_dataset(self.root, [split], self.label_map)
+                problems = self.check([split])
                 if problems:
                     raise DatasetError(
                         f"{len(problems)} problem(s) in {self.root} split {split!r}:\n" + "\n".join(problems[:20])
@@ -111,7 +135,15 @@ class VSSDataModule(pl.LightningDataModule):
         """Read the split files now, so a broken dataset fails before the first step."""
         if stage in (None, "fit"):
             self.videos(self.splits["fit"])
-            self.videos(self.splits["validate"])
+            val = self.videos(self.splits["validate"])
+            if self.check_val_headers and not self.verify:  # a bad validation file must not wait for step N
+                problems = check_headers(val)
+                if problems:
+                    raise DatasetError(
+                        f"{len(problems)} problem(s) in {self.root} split {self.splits['validate']!r} (headers "
+                        f"checked before training; python -m vss.data.check {self.root} checks every pixel):\n"
+                        + "\n".join(problems[:20])
+                    )
         if stage == "validate":
             self.videos(self.splits["validate"])
         if stage in ("test", "predict"):
@@ -120,18 +152,26 @@ class VSSDataModule(pl.LightningDataModule):
     def train_dataset(self) -> TrainClips:
         """Random training clips."""
         tf = build_train_transform(self.scale, self.crop_size, **self.aug, seed=self.seed)
-        return TrainClips(self.videos(self.splits["fit"]), self.clip_sampler, self.label_map, tf, self.train_repeat)
+        videos = self.videos(self.splits["fit"])
+        return TrainClips(videos, self.clip_sampler, self.label_map, tf, self.train_repeat, self.read_label)
 
     def use_clip_path(self, references: Callable[[int, int], Sequence[int]] | None, num_frames: int = 1) -> None:
         """Evaluate on clips: ``references(t, length)`` (the model's policy), padded to ``num_frames``; None: frames."""
         self.eval_clips = None if references is None else (references, int(num_frames))
 
     def eval_dataset(self, split: str) -> EvalFrames:
-        """Every frame of ``split`` once, in order (stream path), or as the target of its clip (clip path)."""
+        """Every frame of ``split`` once, in order (stream path), or as the target of its clip (clip path).
+
+        Sparse labels: the stream runs the pieces of each video around its labelled frames (every frame a
+        labelled target's references need, in order); the clip path has one item per labelled frame.
+        """
         tf = build_eval_transform(self.scale, self.size_divisor)
+        videos = self.videos(split)
         if self.eval_clips is None:
-            return EvalFrames(self.videos(split), self.label_map, tf)
-        return EvalClips(self.videos(split), self.label_map, tf, *self.eval_clips)
+            before, after = self.clip_sampler.before, self.clip_sampler.after
+            pieces = [piece for v in videos for piece in v.segments(before, after)]
+            return EvalFrames(pieces, self.label_map, tf, self.read_label)
+        return EvalClips(videos, self.label_map, tf, *self.eval_clips, read_label=self.read_label)
 
     # -- loaders ------------------------------------------------------------------------------
     def _distributed(self) -> tuple[int, int]:
@@ -194,6 +234,7 @@ class SyntheticDataModule(VSSDataModule):
                 f"gives {knobs.num_classes} classes (background + objects); set both consistently"
             )
         kwargs["class_names"] = kwargs.get("class_names") or list(knobs.class_names)
+        kwargs["sparse_labels"] = knobs.label_every > 1 or bool(kwargs.get("sparse_labels", False))
         if kwargs.get("palette") is None:  # background grey, then each object class's own colour
             kwargs["palette"] = [(128, 128, 128), *list(OBJECT_PALETTE.values())[: knobs.object_classes]]
         super().__init__(root=root, num_classes=knobs.num_classes, **kwargs)

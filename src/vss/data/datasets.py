@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import albumentations as A
@@ -12,23 +13,42 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from vss.data.clips import ClipSampler
-from vss.data.vspw import LabelMap, Video, read_pair
+from vss.data.vspw import IGNORE_INDEX, DatasetError, LabelMap, Video, read_image, read_mask
+
+LabelReader = Callable[[Path], np.ndarray]
 
 
-def _load_clip(video: Video, indices: Sequence[int], label_map: LabelMap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Frames (T,H,W,3), training-id masks (T,H,W) and raw masks (T,H,W) of a clip, sizes checked."""
+def _load_clip(
+    video: Video, indices: Sequence[int], label_map: LabelMap, read_label: LabelReader = read_mask
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Frames (T,H,W,3), training-id masks (T,H,W) and raw masks (T,H,W) of a clip, sizes checked.
+
+    An unlabelled frame (sparse labels) gets an all-ignore mask (raw and training ids 255).
+    """
     frames, raws = [], []
     for i in indices:
-        img, raw = read_pair(video.frames[i], video.masks[i])
+        img = read_image(video.frames[i])
+        mask = video.masks[i]
+        if mask is None:
+            raw = np.full(img.shape[:2], IGNORE_INDEX, np.uint8)
+        else:
+            raw = read_label(mask)
+            if img.shape[:2] != raw.shape:
+                raise DatasetError(
+                    f"mask {mask} is {raw.shape[1]}x{raw.shape[0]} but its frame {video.frames[i]} is "
+                    f"{img.shape[1]}x{img.shape[0]} (width x height); they must match"
+                )
         if frames and img.shape != frames[0].shape:
-            raise ValueError(
+            raise DatasetError(
                 f"video {video.name!r}: frame {video.frames[i]} is {img.shape[1]}x{img.shape[0]} but "
                 f"{video.frames[indices[0]]} is {frames[0].shape[1]}x{frames[0].shape[0]}; "
                 "a video's frames must share one size"
             )
         frames.append(img)
         raws.append(raw)
-    labels = [label_map(r, video.masks[i]) for r, i in zip(raws, indices, strict=True)]
+    labels = [
+        raw if video.masks[i] is None else label_map(raw, video.masks[i]) for raw, i in zip(raws, indices, strict=True)
+    ]
     return np.stack(frames), np.stack(labels), np.stack(raws)
 
 
@@ -42,17 +62,23 @@ class TrainClips(Dataset):
         label_map: LabelMap,
         transform: A.Compose,
         repeat: int = 1,
+        read_label: LabelReader = read_mask,
     ) -> None:
         self.videos, self.sampler, self.label_map, self.transform = videos, sampler, label_map, transform
-        self.repeat = int(repeat)
+        self.repeat, self.read_label = int(repeat), read_label
+        self.targets = [None if v.dense else v.labelled for v in videos]  # sparse labels: targets are labelled
 
     def __len__(self) -> int:
         return len(self.videos) * self.repeat
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        video = self.videos[i % len(self.videos)]
-        indices = self.sampler.train_indices(len(video), random)
-        frames, labels, _ = _load_clip(video, indices, self.label_map)
+        v = i % len(self.videos)
+        video = self.videos[v]
+        indices = self.sampler.train_indices(len(video), random, self.targets[v])
+        try:
+            frames, labels, _ = _load_clip(video, indices, self.label_map, self.read_label)
+        except DatasetError as e:
+            raise DatasetError(f"{e} (python -m vss.data.check lists every broken file of a dataset)") from e
         out = self.transform(images=frames, masks=labels)
         return {"images": out["images"].float(), "labels": torch.as_tensor(out["masks"]).long()}
 
@@ -61,14 +87,21 @@ class EvalFrames(Dataset):
     """Every frame of every video once, in video order then frame order (the stream path's input).
 
     Frames are resized by ``transform``; labels stay at the stored resolution so metrics are computed
-    on the original masks, as the official VSPW evaluation does.
+    on the original masks, as the official VSPW evaluation does. With sparse labels the videos are the
+    pieces around the labelled frames (:meth:`Video.segments`); ``labelled`` says which items are scored.
     """
 
     clips = False  # items hold (3,H,W) frames; EvalClips: (T,3,H,W) clips
 
-    def __init__(self, videos: list[Video], label_map: LabelMap, transform: A.Compose) -> None:
-        self.videos, self.label_map, self.transform = videos, label_map, transform
-        self.items = [(v, t) for v, video in enumerate(videos) for t in range(len(video))]
+    def __init__(
+        self, videos: list[Video], label_map: LabelMap, transform: A.Compose, read_label: LabelReader = read_mask
+    ) -> None:
+        self.videos, self.label_map, self.transform, self.read_label = videos, label_map, transform, read_label
+        self.items = [(v, t) for v, video in enumerate(videos) for t in self.targets(video)]
+
+    def targets(self, video: Video) -> Sequence[int]:
+        """The frames of ``video`` that are items: all of them (a stream runs every frame)."""
+        return range(len(video))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -81,7 +114,7 @@ class EvalFrames(Dataset):
         v, t = self.items[i]
         video = self.videos[v]
         indices = self.frame_indices(video, t)
-        frames, labels, raws = _load_clip(video, indices, self.label_map)
+        frames, labels, raws = _load_clip(video, indices, self.label_map, self.read_label)
         images = self.transform(images=frames)["images"].float()
         return {
             "images": images if self.clips else images[0],
@@ -89,8 +122,11 @@ class EvalFrames(Dataset):
             "raw_target": torch.from_numpy(raws[-1]),
             "video": video.name,
             "frame": t,
-            "frame_name": video.masks[t].name,
+            "frame_name": video.label_name(t),
             "video_length": len(video),
+            "labelled": video.masks[t] is not None,
+            "source_video": video.source or video.name,  # a piece of a sparse video: the whole video's name
+            "source_frame": video.start + t,
         }
 
 
@@ -111,9 +147,14 @@ class EvalClips(EvalFrames):
         transform: A.Compose,
         references: Callable[[int, int], Sequence[int]],
         num_frames: int,
+        read_label: LabelReader = read_mask,
     ) -> None:
-        super().__init__(videos, label_map, transform)
         self.references, self.num_frames = references, int(num_frames)
+        super().__init__(videos, label_map, transform, read_label)
+
+    def targets(self, video: Video) -> Sequence[int]:
+        """Every labelled frame."""
+        return video.labelled
 
     def frame_indices(self, video: Video, t: int) -> list[int]:
         refs = list(self.references(t, len(video)))

@@ -70,6 +70,8 @@ max_distractors    2         most "others" blobs per video
 void_ring          True      label the blended 1-pixel ring around each blob as void (255)
 image_format       "jpg"     frame files: "jpg" (quality ``jpeg_quality``, 4:4:4) or "png"
 jpeg_quality       95        JPEG quality of the frames
+label_every        1         write masks only for frames 0, K, 2K, ... of each video (sparse labels,
+                             like Cityscapes / CamVid); 1 = every frame
 =================  ========  ======================================================================
 
 Every object class appears in every split as long as the split has at least ``object_classes``
@@ -148,6 +150,7 @@ class SyntheticConfig:
     void_ring: bool = True
     image_format: str = "jpg"
     jpeg_quality: int = 95
+    label_every: int = 1
 
     def __post_init__(self) -> None:
         """Reject knob values the generator cannot honour."""
@@ -178,6 +181,7 @@ class SyntheticConfig:
         need(0 <= self.min_distractors <= self.max_distractors, "need 0 <= min_distractors <= max_distractors")
         need(self.image_format in ("jpg", "png"), "image_format must be 'jpg' or 'png'")
         need(1 <= self.jpeg_quality <= 100, "jpeg_quality must be 1..100")
+        need(isinstance(self.label_every, int) and self.label_every >= 1, "label_every must be an integer >= 1")
         if errors:
             raise ValueError("invalid SyntheticConfig: " + "; ".join(errors))
 
@@ -448,11 +452,13 @@ def _write_video(vdir: Path, video: SyntheticVideo, cfg: SyntheticConfig) -> Non
             params += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
     else:
         params = [cv2.IMWRITE_PNG_COMPRESSION, 3]
-    for stem, frame, mask in zip(video.stems, video.frames, video.masks, strict=True):
+    for t, (stem, frame, mask) in enumerate(zip(video.stems, video.frames, video.masks, strict=True)):
         fpath = origin / f"{stem}.{cfg.image_format}"
         mpath = mask_dir / f"{stem}.png"
         if not cv2.imwrite(str(fpath), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), params):
             raise OSError(f"cannot write {fpath}")
+        if t % cfg.label_every:  # sparse labels: only every label_every-th frame (0, K, 2K, ...) has a mask
+            continue
         if not cv2.imwrite(str(mpath), mask, [cv2.IMWRITE_PNG_COMPRESSION, 3]):
             raise OSError(f"cannot write {mpath}")
     (vdir / "hidden.json").write_text(json.dumps(hidden_info(video, cfg), indent=1) + "\n")

@@ -28,14 +28,63 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Video:
-    """One video: its id and its frame and mask files in temporal order."""
+    """One video: its id, its frame files in temporal order and each frame's mask (None: unlabelled)."""
 
     name: str
     frames: tuple[Path, ...]
-    masks: tuple[Path, ...]
+    masks: tuple[Path | None, ...]
+    source: str = ""  # a piece of a longer video (segments): that video's name, and where the piece starts
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.frames) != len(self.masks):
+            raise ValueError(f"video {self.name!r}: {len(self.frames)} frames but {len(self.masks)} mask entries")
 
     def __len__(self) -> int:
         return len(self.frames)
+
+    @property
+    def labelled(self) -> tuple[int, ...]:
+        """Indices of the frames that have a mask."""
+        return tuple(i for i, m in enumerate(self.masks) if m is not None)
+
+    @property
+    def dense(self) -> bool:
+        """Every frame has a mask (VSPW, the default synthetic set)."""
+        return all(m is not None for m in self.masks)
+
+    def label_name(self, t: int) -> str:
+        """File name of frame ``t``'s mask (or, unlabelled, its frame's stem + .png): predictions use it."""
+        mask = self.masks[t]
+        return mask.name if mask is not None else f"{self.frames[t].stem}.png"
+
+    def segments(self, before: int, after: int) -> list[Video]:
+        """Sparse labels: the pieces a stream must run to score every labelled frame.
+
+        Each labelled frame ``k`` needs frames ``k-before .. k+after`` (clipped to the video); pieces that
+        overlap or touch are merged. A dense video is one piece, itself. Streaming a piece gives every
+        labelled frame the same references as the whole video would (clamping happens only at the ends of
+        the video, which are the ends of its first and last piece).
+        """
+        if self.dense:
+            return [self]
+        spans: list[list[int]] = []
+        for k in self.labelled:
+            lo, hi = max(0, k - before), min(len(self) - 1, k + after)
+            if spans and lo <= spans[-1][1] + 1:
+                spans[-1][1] = max(spans[-1][1], hi)
+            else:
+                spans.append([lo, hi])
+        return [
+            Video(
+                name=self.name if len(spans) == 1 else f"{self.name}@{lo:06d}",
+                frames=self.frames[lo : hi + 1],
+                masks=self.masks[lo : hi + 1],
+                source=self.name,
+                start=lo,
+            )
+            for lo, hi in spans
+        ]
 
 
 class LabelMap:
@@ -109,8 +158,16 @@ def _ranges(values: np.ndarray) -> str:
     return ", ".join(parts)
 
 
-def read_split(root: Path | str, split: str) -> list[Video]:
-    """List the videos of ``root/<split>.txt`` with their frames and masks; raise on any mismatch."""
+def no_mask_message(frame: Path, mask: Path) -> str:
+    """The error for a frame without its mask (VSPW: every frame has one)."""
+    return f"frame {frame} has no mask (expected {mask}; data.sparse_labels=true makes such frames unlabelled)"
+
+
+def read_split(root: Path | str, split: str, sparse: bool = False) -> list[Video]:
+    """List the videos of ``root/<split>.txt`` with their frames and masks; raise on any mismatch.
+
+    ``sparse``: frames without a mask are unlabelled (each video needs at least one mask) instead of an error.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset root {root} does not exist or is not a directory")
@@ -123,10 +180,10 @@ def read_split(root: Path | str, split: str) -> list[Video]:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise DatasetError(f"split file {split_file} lists videos more than once: {dupes[:5]}")
-    return [read_video(root, name) for name in names]
+    return [read_video(root, name, sparse) for name in names]
 
 
-def read_video(root: Path, name: str) -> Video:
+def read_video(root: Path, name: str, sparse: bool = False) -> Video:
     """Pair every frame of ``root/data/<name>/origin`` with its mask; raise naming the file on a gap."""
     vdir = root / "data" / name
     origin, mask_dir = vdir / "origin", vdir / "mask"
@@ -137,20 +194,48 @@ def read_video(root: Path, name: str) -> Video:
         raise DatasetError(f"video {name!r}: {origin} holds no frames (*.jpg / *.png)")
     if not mask_dir.is_dir():
         raise DatasetError(f"video {name!r}: mask folder {mask_dir} is missing")
-    masks = []
+    masks: list[Path | None] = []
     for f in frames:
         m = mask_dir / f"{f.stem}.png"
         if not m.is_file():
-            raise DatasetError(f"frame {f} has no mask (expected {m})")
+            if not sparse:
+                raise DatasetError(no_mask_message(f, m))
+            m = None
         masks.append(m)
+    if not any(m is not None for m in masks):
+        raise DatasetError(f"video {name!r}: no frame of {origin} has a mask in {mask_dir}")
     return Video(name=name, frames=tuple(frames), masks=tuple(masks))
 
 
+_JPEG_EOI = b"\xff\xd9"
+_PNG_IEND = b"IEND\xaeB`\x82"
+
+
+def truncation(data: bytes) -> str | None:
+    """Why an encoded JPEG / PNG is cut short (its end marker is missing), or None when it is whole.
+
+    libjpeg decodes a truncated JPEG into a half-grey frame with only a warning on stderr, so the end
+    marker is checked before decoding.
+    """
+    if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00\r\n ").endswith(_JPEG_EOI):
+        return "truncated JPEG: no end-of-image marker"
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and _PNG_IEND not in data[-32:]:
+        return "truncated PNG: no IEND chunk"
+    return None
+
+
 def read_image(path: Path | str) -> np.ndarray:
-    """Read an RGB frame as HxWx3 uint8; raise naming the file if it cannot be decoded."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """Read an RGB frame as HxWx3 uint8; raise naming the file if it is truncated or cannot be decoded."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DatasetError(f"cannot read image {path} ({e.strerror or e})") from e
+    cut = truncation(data)
+    if cut:
+        raise DatasetError(f"image {path} is corrupt ({cut}); re-extract or re-download it")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if img is None:
-        raise DatasetError(f"cannot read image {path} (missing, empty or not an image)")
+        raise DatasetError(f"cannot read image {path} (empty or not an image)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -178,3 +263,23 @@ def read_pair(frame: Path, mask: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{img.shape[1]}x{img.shape[0]} (width x height); they must match"
         )
     return img, m
+
+
+def check_headers(videos: Sequence[Video]) -> list[str]:
+    """Cheap problems (headers only, nothing decoded): unreadable files, a mask whose size differs from its frame's."""
+    problems = []
+    for video in videos:
+        for frame, mask in zip(video.frames, video.masks, strict=True):
+            sizes = []
+            for path in (frame, mask):
+                if path is None:
+                    continue
+                try:
+                    with Image.open(path) as im:
+                        sizes.append((path, im.size))
+                except (OSError, ValueError) as e:
+                    problems.append(f"cannot read {path} ({e})")
+            if len(sizes) == 2 and sizes[0][1] != sizes[1][1]:
+                (fp, (fw, fh)), (mp, (mw, mh)) = sizes
+                problems.append(f"mask {mp} is {mw}x{mh} but its frame {fp} is {fw}x{fh}; they must match")
+    return problems

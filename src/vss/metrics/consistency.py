@@ -8,8 +8,12 @@ Official definition, for each video with more than ``n`` frames::
         acc_i = sum(g & p) / sum(g)             # NaN if sum(g) == 0, dropped by nanmean
     VC_n = nanmean(acc_i over all windows of all videos)
 
-Ignore pixels are *not* excluded. Note: MRCFA/CFFM's copy remaps the GT first and skips videos with
-``len <= 16`` for both VC8 and VC16; this module follows the VSPW_code definition (skip ``len <= n``).
+Ignore pixels are *not* excluded. With sparse labels (Cityscapes, CamVid) only labelled frames are
+passed in; a gap in the frame indices ends a run as the end of a video does, so VC_n is computed over
+the runs of consecutive labelled frames (none longer than ``n``: no window, NaN = not applicable).
+
+Note: MRCFA/CFFM's copy remaps the GT first and skips videos with ``len <= 16`` for both VC8 and
+VC16; this module follows the VSPW_code definition (skip ``len <= n``).
 """
 
 from __future__ import annotations
@@ -158,6 +162,8 @@ class VideoConsistency(Metric):
                 f"video {video!r}: frame index {index} arrived after {self._last_index}; frames must "
                 "arrive in increasing temporal order"
             )
+        elif self._last_index is not None and index != self._last_index + 1:
+            self._count = 0  # sparse labels: a gap ends the run of consecutive frames, as the end of a video
         if self._count == 0:
             run_dtype = torch.uint8 if self.n < 255 else torch.int32
             self._run_gt = torch.ones(gt.shape, dtype=run_dtype, device=gt.device)

@@ -1,4 +1,4 @@
-"""Score a folder of predicted PNGs against a VSPW-layout dataset, like the official eval scripts."""
+"""Score a folder of predicted PNGs against a dataset's videos (any layout), like the official eval scripts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vss.data.vspw import DatasetError, LabelMap, read_mask, read_split
+from vss.data.vspw import DatasetError, LabelMap, Video, read_mask
 from vss.metrics.consistency import VideoConsistency
 from vss.metrics.iou import SegmentationIoU
 
@@ -40,58 +40,75 @@ def read_prediction(path: Path | str) -> np.ndarray:
 
 def score_predictions(
     pred_root: Path | str,
-    gt_root: Path | str,
-    split: str,
+    videos: Sequence[Video],
     label_map: LabelMap,
+    class_names: Sequence[str] | None = None,
     vc_windows: Sequence[int] = (8, 16),
+    iou_mean: str = "gt_present",
+    read_label: Callable[[Path], np.ndarray] = read_mask,
 ) -> dict[str, Any]:
-    """mIoU/fwIoU (official Evaluator) and mVC_n of ``pred_root/<video>/<mask name>`` over a split.
+    """mIoU/fwIoU (official Evaluator) and mVC_n of ``pred_root/<video>/<mask name>`` over ``videos``.
 
-    The GT is mapped with ``label_map`` for the IoU metrics and used raw for VC (as VSPW_code does).
-    Returns a JSON-serialisable dict; NaN per-class IoUs (class absent from GT and prediction) are None.
+    Only labelled frames are scored (sparse labels: the annotated frames). The GT is mapped with
+    ``label_map`` for the IoU metrics and used raw for VC (as VSPW_code does); a prediction value outside
+    ``0..C-1`` is refused. ``per_class_iou`` is keyed by class name (None: absent from GT and prediction);
+    an mVC_n without any window is left out and explained under ``not_applicable``.
     """
+    from vss.lit import not_applicable_vc
+
     pred_root = Path(pred_root)
-    videos = read_split(gt_root, split)
     num_classes = label_map.num_classes
-    iou = SegmentationIoU(num_classes)
+    names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for {num_classes} classes")
+    iou = SegmentationIoU(num_classes, mean=iou_mean)
     vcs = {int(n): VideoConsistency(int(n)) for n in vc_windows}
     num_frames = 0
     for video in videos:
-        for index, mask_path in enumerate(video.masks):
+        for index in video.labelled:
+            mask_path = video.masks[index]
+            assert mask_path is not None
             pred_path = pred_root / video.name / mask_path.name
             if not pred_path.is_file():
                 raise DatasetError(
                     f"video {video.name!r}: prediction for {mask_path} is missing (expected {pred_path})"
                 )
-            gt_raw = read_mask(mask_path)
+            gt_raw = read_label(mask_path)
             pred = read_prediction(pred_path)
             if pred.shape != gt_raw.shape:
                 raise DatasetError(
                     f"prediction {pred_path} is {pred.shape[1]}x{pred.shape[0]} but its mask {mask_path} is "
                     f"{gt_raw.shape[1]}x{gt_raw.shape[0]} (width x height); they must match"
                 )
+            if int(pred.max()) >= num_classes:
+                bad = np.unique(pred[pred >= num_classes])[:10].tolist()
+                raise DatasetError(
+                    f"prediction {pred_path}: values {bad} are outside 0..{num_classes - 1} "
+                    f"(the data config's {num_classes} classes)"
+                )
             gt_train = label_map(gt_raw, mask_path)
             pred_t = torch.from_numpy(pred)[None]
-            try:
-                iou.update(pred_t, torch.from_numpy(gt_train)[None])
-            except ValueError as e:
-                raise DatasetError(f"prediction {pred_path}: {e}") from e
+            iou.update(pred_t, torch.from_numpy(gt_train)[None])
             gt_t = torch.from_numpy(gt_raw)[None]
             for vc in vcs.values():
                 vc.update(pred_t, gt_t, [video.name], [index])
             num_frames += 1
     res = iou.compute()
-    out: dict[str, Any] = {
-        "mIoU": float(res["mIoU"]),
-        "fwIoU": float(res["fwIoU"]),
-    }
+    out: dict[str, Any] = {"mIoU": float(res["mIoU"]), "fwIoU": float(res["fwIoU"])}
     for n, vc in vcs.items():
-        out[f"mVC{n}"] = float(vc.compute())
+        value = float(vc.compute())
+        if math.isnan(value):
+            out.setdefault("not_applicable", {})[f"mVC{n}"] = not_applicable_vc(n)
+        else:
+            out[f"mVC{n}"] = value
     out.update(
         {
             "pixel_accuracy": float(res["pixel_accuracy"]),
             "mean_class_accuracy": float(res["mean_class_accuracy"]),
-            "per_class_iou": [None if math.isnan(v) else v for v in res["per_class_iou"].tolist()],
+            "per_class_iou": {
+                name: None if math.isnan(v) else v for name, v in zip(names, res["per_class_iou"].tolist(), strict=True)
+            },
+            "iou_mean": iou_mean,
             "num_videos": len(videos),
             "num_frames": num_frames,
         }

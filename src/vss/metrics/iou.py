@@ -4,6 +4,10 @@ The official evaluator accumulates one confusion matrix (rows = ground truth, co
 over every frame, counting only pixels whose ground truth lies in ``0..C-1``. Its mIoU averages the
 per-class IoU over the classes *present in the ground truth* (``rowsum > 0``), so a class that is
 only predicted does not lower the score (unlike mmseg's table or ``MulticlassJaccardIndex``).
+
+``mean="union"`` is the other convention: the mean over classes with a non-empty union (TP+FP+FN > 0),
+as the cityscapesscripts pixel-level evaluator, mmseg's table and the CamVid VSS code (DAVSS
+``runningScore``) compute it; a class that is only predicted counts as 0 there.
 """
 
 from __future__ import annotations
@@ -14,11 +18,22 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["SegmentationIoU", "iou_from_confmat"]
+__all__ = ["IOU_MEANS", "SegmentationIoU", "iou_from_confmat"]
+
+#: mIoU conventions: over the classes present in the GT (VSPW Evaluator) or with a non-empty union.
+IOU_MEANS = ("gt_present", "union")
 
 
-def iou_from_confmat(confmat: Tensor) -> dict[str, Tensor]:
+def check_iou_mean(mean: str) -> str:
+    """Validate an mIoU convention name."""
+    if mean not in IOU_MEANS:
+        raise ValueError(f"iou_mean={mean!r} is invalid: expected one of {list(IOU_MEANS)}")
+    return mean
+
+
+def iou_from_confmat(confmat: Tensor, mean: str = "gt_present") -> dict[str, Tensor]:
     """Evaluator metrics (float64) from a (C, C) confusion matrix with rows = GT, cols = prediction."""
+    check_iou_mean(mean)
     if confmat.device.type == "mps":  # no float64 on MPS
         confmat = confmat.cpu()
     cm = confmat.to(torch.float64)
@@ -28,7 +43,7 @@ def iou_from_confmat(confmat: Tensor) -> dict[str, Tensor]:
     total = cm.sum()
     # Official formula: diag / (rowsum + colsum - diag), NaN where 0/0 (class absent from GT and pred).
     per_class_iou = diag / (rowsum + colsum - diag)
-    present = rowsum > 0
+    present = rowsum > 0 if mean == "gt_present" else (rowsum + colsum) > 0
     if total > 0:
         miou = torch.nansum(torch.where(present, per_class_iou, 0.0)) / present.sum()
         freq = rowsum / total
@@ -48,7 +63,10 @@ def iou_from_confmat(confmat: Tensor) -> dict[str, Tensor]:
 
 
 class SegmentationIoU(Metric):
-    """Confusion-matrix mIoU / FWIoU / accuracies exactly as VSPW ``utils.Evaluator`` (DDP-exact)."""
+    """Confusion-matrix mIoU / FWIoU / accuracies exactly as VSPW ``utils.Evaluator`` (DDP-exact).
+
+    ``mean``: ``"gt_present"`` (VSPW) or ``"union"`` (Cityscapes / CamVid evaluators), see the module text.
+    """
 
     is_differentiable = False
     higher_is_better = True
@@ -56,11 +74,12 @@ class SegmentationIoU(Metric):
 
     confmat: Tensor
 
-    def __init__(self, num_classes: int, **kwargs: Any) -> None:
+    def __init__(self, num_classes: int, mean: str = "gt_present", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         self.num_classes = num_classes
+        self.mean = check_iou_mean(mean)
         self.add_state(
             "confmat", default=torch.zeros(num_classes, num_classes, dtype=torch.int64), dist_reduce_fx="sum"
         )
@@ -89,4 +108,4 @@ class SegmentationIoU(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """Return mIoU, fwIoU, per_class_iou (NaN for 0/0), pixel_accuracy, mean_class_accuracy."""
-        return iou_from_confmat(self.confmat)
+        return iou_from_confmat(self.confmat, self.mean)

@@ -52,7 +52,33 @@ class SegFormerHead(nn.Module):
         self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
 
     def fuse(self, feats: Sequence[Tensor]) -> Tensor:
-        """Fused 1/4-resolution feature ``_c`` (after conv+BN+ReLU, before dropout)."""
+        """Fused 1/4-resolution feature ``_c`` (after conv+BN+ReLU, before dropout), by the folded decoder.
+
+        Each stage's embedding ``linear_c{i}`` followed by its slice of the 1x1 ``linear_fuse`` conv is one
+        linear map M_i = W_fuse,i W_i, and bilinear upsampling commutes with channel-wise linear maps (its
+        weights sum to 1, so biases pass through): ``conv(cat(up(W_i x_i + b_i))) = sum_i up(M_i x_i) + sum_i
+        W_fuse,i b_i``. The maps are applied at each stage's own resolution, before the upsampling, instead of
+        a (4E -> E) conv at 1/4 (the same function; see :meth:`fuse_unfolded`). In eval mode BatchNorm is
+        folded in too. The parameters stay the official ones; :meth:`folded` derives the maps from them.
+        """
+        weights, bias, bn_folded = self.folded()
+        size = feats[0].shape[2:]
+        out: Tensor | None = None
+        for i in reversed(range(len(feats))):  # c4, c3, c2, c1, as the official concat order
+            x = feats[i]
+            b, _, h, w = x.shape
+            y = torch.matmul(weights[i], x.flatten(2)).view(b, -1, h, w)  # NCHW, whatever x's layout
+            if y.shape[2:] != size:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            out = y if out is None else out.add_(y)
+        assert out is not None
+        out = out.add_(bias.view(1, -1, 1, 1))
+        if not bn_folded:
+            out = self.linear_fuse.bn(out)
+        return F.relu(out, inplace=True)
+
+    def fuse_unfolded(self, feats: Sequence[Tensor]) -> Tensor:
+        """``_c`` as the official head computes it: embed, upsample to 1/4, concatenate, 1x1 conv + BN + ReLU."""
         size = feats[0].shape[2:]
         embedded = []
         for i in reversed(range(len(feats))):  # official concat order: c4, c3, c2, c1
@@ -61,6 +87,56 @@ class SegFormerHead(nn.Module):
                 e = F.interpolate(e.contiguous(), size=size, mode="bilinear", align_corners=False)  # see resize()
             embedded.append(e)
         return self.linear_fuse(torch.cat(embedded, dim=1))
+
+    def _fold_sources(self) -> list[Tensor]:
+        bn = self.linear_fuse.bn
+        projections = [getattr(self, f"linear_c{i + 1}").proj for i in range(len(self.in_channels))]
+        tensors = [self.linear_fuse.conv.weight, *(t for m in projections for t in (m.weight, m.bias))]
+        return tensors + [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
+
+    def _fold_key(self) -> tuple:
+        """What the folded maps depend on: BatchNorm's mode, inference mode (its tensors cannot enter autograd
+        later), and each source tensor's identity, storage, version counter, dtype and device."""
+        key: tuple = (self.linear_fuse.bn.training, torch.is_inference_mode_enabled())
+        return key + tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in self._fold_sources())
+
+    def folded(self) -> tuple[list[Tensor], Tensor, bool]:
+        """The per-stage maps M_i (E, C_i), the bias (E,) and whether BatchNorm (running statistics) is in them.
+
+        In training, or whenever autograd records, they are recomputed from the parameters at every call
+        (gradients reach the official parameters). Otherwise they are cached and recomputed when any source
+        tensor changes (``load_state_dict``, an optimizer step: both bump the tensors' version counters; ``to()``
+        gives new storage).
+        """
+        sources = self._fold_sources()
+        recording = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
+        if self.training or recording or any(t.is_inference() for t in sources):  # the latter have no versions
+            return self._compute_folded()
+        key = self._fold_key()
+        cached = getattr(self, "_folded_cache", None)
+        if cached is None or cached[0] != key:
+            self._folded_cache = (key, self._compute_folded())
+        return self._folded_cache[1]
+
+    def _compute_folded(self) -> tuple[list[Tensor], Tensor, bool]:
+        n, e = len(self.in_channels), self.linear_fuse.conv.out_channels
+        w_fuse = self.linear_fuse.conv.weight.flatten(1)  # (E, n*E), input chunks in the order c_n .. c_1
+        weights: list[Tensor] = []
+        bias: Tensor | None = None
+        for i in range(n):
+            proj = getattr(self, f"linear_c{i + 1}").proj
+            chunk = w_fuse[:, (n - 1 - i) * e : (n - i) * e]
+            weights.append(chunk @ proj.weight)
+            bias = chunk @ proj.bias if bias is None else bias + chunk @ proj.bias
+        assert bias is not None
+        bn = self.linear_fuse.bn
+        if bn.training or bn.running_mean is None or bn.running_var is None:
+            return weights, bias, False
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        bias = (bias - bn.running_mean) * scale + (bn.bias if bn.bias is not None else 0)
+        return [w * scale[:, None] for w in weights], bias, True
 
     def classify(self, fused: Tensor) -> Tensor:
         """Per-pixel class logits from the fused feature."""

@@ -81,8 +81,17 @@ class Segmenter(nn.Module):
         return self.aggregator.encode(self.encoder(frames))
 
     def aggregate(self, target: FrameFeatures, references: Sequence[FrameFeatures]) -> dict[str, Tensor]:
-        """Target logits (and auxiliary outputs) from per-frame features, references in ``offsets`` order."""
-        return self.aggregator.aggregate(target, list(references))
+        """Target logits (and auxiliary outputs) from per-frame features, references in ``offsets`` order.
+
+        With ``model.compile=true`` the aggregator's ``aggregate`` runs through ``torch.compile`` (compiled on the
+        first call; a new number of references or input size recompiles once).
+        """
+        if not getattr(self.aggregator, "compile_aggregate", False):
+            return self.aggregator.aggregate(target, list(references))
+        compiled = self.__dict__.get("_compiled_aggregate")
+        if compiled is None:
+            compiled = self.__dict__["_compiled_aggregate"] = torch.compile(self.aggregator.aggregate)
+        return compiled(target, list(references))
 
     def forward(self, clip: Tensor) -> dict[str, Tensor]:
         """Clip (B,T,3,H,W): the references in ``offsets`` order, target last -> outputs (the clip path).
@@ -93,6 +102,10 @@ class Segmenter(nn.Module):
         feats = self.encode(clip.flatten(0, 1))
         per_frame = [{k: v.unflatten(0, (b, t))[:, i] for k, v in feats.items()} for i in range(t)]
         return self.aggregate(per_frame[-1], per_frame[:-1])
+
+    def reference_features(self, features: FrameFeatures) -> FrameFeatures:
+        """What inference still reads of a frame that will only be a reference (the aggregator's choice)."""
+        return self.aggregator.reference_features(features)
 
     def losses(self, outputs: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
         """The aggregator's named loss terms."""

@@ -2,8 +2,9 @@
 
 ``Streamer`` is the inference loop of every model, as ``generate`` sits beside a language model: evaluation
 (``vss.eval mode=stream`` and validation during training), ``vss.predict`` and ``vss.bench`` all run through
-it. It keeps the :data:`FrameFeatures` of the frames still needed (keyed by frame index; a frame is evicted
-as soon as no later target can reference it), waits ``lookahead`` frames for non-causal models, flushes at
+it. It keeps the :data:`FrameFeatures` of the frames still needed (keyed by frame index; once a frame is
+predicted only its ``reference_features`` are kept, and it is evicted as soon as no later target can
+reference it), waits ``lookahead`` frames for non-causal models, flushes at
 the end of a video (references past the last frame clamp to it, as the model's policy says) and resets per
 video. New frames are encoded in batches of up to ``batch_size``; targets that become ready together and
 read the same number of references are aggregated in batches of up to ``aggregate_batch_size`` (default 1:
@@ -139,6 +140,9 @@ class Streamer:
             logits.update({t: out[i] for i, t in enumerate(targets)})
         self.next = ready[-1] + 1
         self._evict(length)
+        for t in ready:  # predicted: from now on only a reference, so keep only what references are read for
+            if t in self.cache:
+                self.cache[t] = self.model.reference_features(self.cache[t])
         return [StreamOutput(t, self.items.pop(t), logits[t]) for t in ready]
 
     def _stack(self, indices: Sequence[int]) -> FrameFeatures:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -85,7 +86,10 @@ class Aggregator(nn.Module):
     prediction, any resolution) and any auxiliary outputs its ``losses`` need. ``aggregate(target, [])``
     predicts the target from its own frame alone, or raises :class:`vss.config.ConfigError` where the
     method cannot. ``references`` is the start-of-video policy (which frames serve as references of each
-    target); the default clamps the offsets into the video.
+    target); the default clamps the offsets into the video. Outputs that only the training loss reads are
+    left out at inference (:meth:`wants_training_outputs`), and :meth:`reference_features` says what a stream
+    must keep of a frame that will only be read as a reference. ``compile=True`` (``model.compile``) runs
+    ``aggregate`` through ``torch.compile`` (see :meth:`vss.models.segmenter.Segmenter.aggregate`).
     """
 
     def __init__(
@@ -94,10 +98,14 @@ class Aggregator(nn.Module):
         num_classes: int,
         offsets: Sequence[int] = (),
         avg_non_ignore: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(avg_non_ignore, bool):
             raise ConfigError(f"model.avg_non_ignore={avg_non_ignore!r} is invalid: expected true or false")
+        if not isinstance(compile, bool):
+            raise ConfigError(f"model.compile={compile!r} is invalid: expected true or false")
+        self.compile_aggregate = compile
         self.in_channels = list(in_channels)
         self.num_classes = int(num_classes)
         self.offsets = check_offsets(offsets)
@@ -123,6 +131,16 @@ class Aggregator(nn.Module):
     def aggregate(self, target: FrameFeatures, references: list[FrameFeatures]) -> dict[str, Tensor]:
         """Temporal work: the target's logits (and auxiliary outputs)."""
         raise NotImplementedError
+
+    def reference_features(self, features: FrameFeatures) -> FrameFeatures:
+        """The part of a frame's features that inference reads once the frame is only a reference (a stream
+        keeps just this after the frame was predicted). Default: all of them."""
+        return features
+
+    def wants_training_outputs(self) -> bool:
+        """Whether ``aggregate`` should add the outputs only ``losses`` reads: in training mode or while autograd
+        records (a loss may follow); never under ``no_grad`` / ``inference_mode`` in eval mode."""
+        return self.training or torch.is_grad_enabled()
 
     def losses(self, outputs: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
         """Named loss terms; ``labels`` is (B,T,H,W) for the whole clip, target last. Default: CE on the target."""

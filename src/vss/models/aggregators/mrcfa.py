@@ -1,7 +1,8 @@
 """MRCFA: Mining Relations among Cross-Frame Affinities (Sun et al., ECCV 2022), as the official code computes it.
 
 Per frame (:meth:`MRCFA.encode`, cacheable): the MiT features c1..c4 feed the SegFormer MLP decoder, whose
-fused 1/4 feature ``_c`` gives the per-frame logits; ``_c`` resized to 1/8 is the frame's own feature
+fused 1/4 feature ``_c`` gives the per-frame logits (computed only where read: a target predicted alone, the
+training loss); ``_c`` resized to 1/8 is the frame's own feature
 (``feat8``, official ``_c2``) and, after a stride-4 conv to the 1/32 grid, its value tokens. For the
 last L stages (c2 1/8, c3 1/16, c4 1/32) the frame gets target queries (eq. 1, on its own grid) and
 reference keys (eq. 2, reduced to the 1/32 grid by a conv with kernel = stride, eq. 9).
@@ -88,25 +89,19 @@ def official_sar_layout(encoder_name: str | None) -> str:
 
 
 def cross_frame_affinity(queries: Tensor, keys: Tensor) -> Tensor:
-    """Cross-frame affinities, eq. 3: A = Q K^T, raw dot products (no scaling, no softmax).
+    """Cross-frame affinities, eq. 3: A = Q K^T, raw dot products (no scaling, no softmax), token-major.
 
-    ``queries`` (B,1,HW_t,C) of the target, ``keys`` (B,R,N,C) of R references -> (B,R,HW_t,N).
+    ``queries`` (B,HW_t,C) of the target, ``keys`` (B,R,S,C) of R references -> (B,R,S,HW_t): one affinity
+    map over the target grid per reference token (one bmm over the R*S key rows of each batch item).
     """
-    return torch.matmul(queries, keys.transpose(-2, -1))
+    return torch.bmm(keys.flatten(1, 2), queries.transpose(1, 2)).unflatten(1, keys.shape[1:3])
 
 
 def select_tokens(tokens: Tensor, index: Tensor | None) -> Tensor:
-    """Reference tokens (B,R,N,C) at the selected positions ``index`` (B,R,S) -> (B,R,S,C)."""
+    """Rows (B,R,N,C) of the selected reference tokens ``index`` (B,R,S) -> (B,R,S,C) (C: any row length)."""
     if index is None:
         return tokens
     return torch.gather(tokens, 2, index.unsqueeze(-1).expand(-1, -1, -1, tokens.shape[-1]))
-
-
-def select_columns(affinity: Tensor, index: Tensor | None) -> Tensor:
-    """Affinity columns (B,R,HW_t,N) of the selected reference tokens -> (B,R,HW_t,S)."""
-    if index is None:
-        return affinity
-    return torch.gather(affinity, 3, index.unsqueeze(2).expand(-1, -1, affinity.shape[2], -1))
 
 
 class SelectiveTokenMasking(nn.Module):
@@ -151,9 +146,13 @@ class SelectiveTokenMasking(nn.Module):
 class AffinityRefinement(nn.Sequential):
     """Single-scale Affinity Refinement units (eq. 5): [2D conv over the target grid + GroupNorm(1) + ReLU] x n.
 
-    Input (B*R*S, C, H, W): each selected reference token's affinity map over the target grid, the S
-    tokens folded into the batch (the conv weights are shared by tokens and references). Parameter
-    indices follow the official ``make_building_block`` (conv at 0, 3, ...; GroupNorm at 1, 4, ...).
+    Each selected reference token's affinity map over the target grid is refined by the same units (the
+    weights are shared by tokens and references). Input (N, S*C, H, W): the S token maps of each of N
+    (batch x reference) items side by side on the channel axis, token-major (channel ``s*C + c``). Each
+    unit runs as one grouped convolution (``groups=S``, the shared kernel repeated per group) and a
+    GroupNorm with S groups (GroupNorm(1) of each token's map), which is the official per-map computation
+    (the maps folded into the batch, (N*S, C, H, W)) in a layout CPU and GPU kernels handle far better.
+    Parameter indices follow the official ``make_building_block`` (conv at 0, 3, ...; GroupNorm at 1, 4, ...).
     """
 
     def __init__(self, in_channels: int, units: Sequence[tuple[int, int]]) -> None:
@@ -166,7 +165,23 @@ class AffinityRefinement(nn.Sequential):
             ]
             in_channels = out_channels
         super().__init__(*layers)
+        self.in_channels = self[0].in_channels
         self.out_channels = in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, S*C_in, H, W) -> (N, S*C_out, H, W), S = the number of token maps."""
+        tokens = x.shape[1] // self.in_channels
+        for i in range(0, len(self), 3):
+            conv, norm = self[i], self[i + 1]
+            x = F.conv2d(
+                x,
+                conv.weight.repeat(tokens, 1, 1, 1),
+                conv.bias.repeat(tokens),
+                padding=conv.padding,
+                groups=tokens,
+            )
+            x = F.relu(F.group_norm(x, tokens, norm.weight.repeat(tokens), norm.bias.repeat(tokens), norm.eps), True)
+        return x
 
 
 class AffinityDecoder(nn.Module):
@@ -207,7 +222,8 @@ class AffinityDecoder(nn.Module):
             raise AssertionError(f"affinity decoder ends with {channels} channels, expected 1")
 
     def forward(self, affinities: dict[str, Tensor], size: Sequence[int]) -> Tensor:
-        """Affinity maps per scale (B*R*S,1,H_l,W_l) -> refined affinity (B*R*S,1,H,W) at ``size`` (1/8)."""
+        """Affinity maps per scale (B*R, S, H_l, W_l) (token s of item n at channel s) -> refined affinity
+        (B*R, S, H, W) at ``size`` (1/8); see :class:`AffinityRefinement` for the layout."""
         out: Tensor | None = None
         for s in reversed(self.scales):
             a = self.refine[s](affinities[s]) if self.sar else affinities[s]
@@ -252,9 +268,10 @@ class MRCFA(Aggregator):
         per_frame_loss_weight: float = 0.5,
         aux_loss: bool = True,
         avg_non_ignore: bool = False,
+        compile: bool = False,
         encoder_name: str | None = None,
     ) -> None:
-        super().__init__(in_channels, num_classes, offsets, avg_non_ignore)
+        super().__init__(in_channels, num_classes, offsets, avg_non_ignore, compile)
         self.encoder_name = encoder_name
         if encoder_name is not None and not str(encoder_name).startswith("mit_"):
             raise ConfigError(
@@ -329,7 +346,11 @@ class MRCFA(Aggregator):
 
     # -- per frame ---------------------------------------------------------------------------------
     def encode(self, feats: list[Tensor]) -> FrameFeatures:
-        """One frame's logits, own 1/8 feature, value tokens, queries (eq. 1) and keys (eqs. 2, 9)."""
+        """One frame's fused 1/4 feature, own 1/8 feature, value tokens, queries (eq. 1) and keys (eqs. 2, 9).
+
+        The per-frame logits are not computed here: only a target predicted alone (``aggregate(target, [])``)
+        and the training loss read them (:meth:`frame_logits`).
+        """
         if len(feats) != 4:
             raise ValueError(f"MRCFA expects the 4 MiT stage outputs, got {len(feats)} feature maps")
         fused = self.decode_head.fuse(feats)  # official _c (1/4)
@@ -342,13 +363,7 @@ class MRCFA(Aggregator):
                 f"MRCFA needs the MiT strides {list(MIT_STRIDES)} (encoder.name={self.encoder_name!r}) and an input "
                 f"size divisible by 32 (data.size_divisor=32, crops of multiples of 32); got feature maps {grids}"
             )
-        out: FrameFeatures = {
-            "logits": self.decode_head.classify(fused),
-            "feat8": feat8,
-            "value": value.flatten(2).transpose(1, 2),
-        }
-        if self.merge == "paper":
-            out["fused"] = fused
+        out: FrameFeatures = {"fused": fused, "feat8": feat8, "value": value.flatten(2).transpose(1, 2)}
         for s in self.scales:
             c = feats[_STAGE[s]]
             out[f"query_{s}"] = self.query_proj[s](c.permute(0, 2, 3, 1))  # (N,H_l,W_l,C_l)
@@ -365,73 +380,88 @@ class MRCFA(Aggregator):
         k = self.key_proj[scale](c.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # paper: project, then reduce
         return reduce(k).flatten(2).transpose(1, 2)
 
+    def frame_logits(self, features: FrameFeatures) -> Tensor:
+        """The per-frame branch: SegFormer logits (1/4) of a frame from its fused feature."""
+        return self.decode_head.classify(features["fused"])
+
+    def reference_features(self, features: FrameFeatures) -> FrameFeatures:
+        """What inference reads of a reference: its keys and value tokens (not its 1/4 and 1/8 maps, queries)."""
+        return {k: v for k, v in features.items() if k == "value" or k.startswith("key_")}
+
     # -- temporal ----------------------------------------------------------------------------------
     def aggregate(self, target: FrameFeatures, references: list[FrameFeatures]) -> dict[str, Tensor]:
-        """Target logits from its features and the references' (``offsets`` order); none: the per-frame logits."""
+        """Target logits from its features and the references' (``offsets`` order); none: the per-frame logits.
+
+        The auxiliary outputs (``aux_logits``, ``frame_logits``) are computed only when the training loss may
+        read them (:meth:`Aggregator.wants_training_outputs`).
+        """
         if not references:
-            return {"logits": target["logits"]}
+            return {"logits": self.frame_logits(target)}
         r = len(references)
 
         def stacked(key: str) -> Tensor:
             return torch.stack([f[key] for f in references], dim=1)
 
         deep = self.scales[-1]
-        full = cross_frame_affinity(target[f"query_{deep}"].flatten(1, 2).unsqueeze(1), stacked(f"key_{deep}"))
-        index = self.token_masking(full)  # STM (sec. 3.4): the same tokens at every scale and for the values
+        b = target["feat8"].shape[0]
+        grids = {s: tuple(target[f"query_{s}"].shape[1:3]) for s in self.scales}
+
+        def affinity(scale: str, keys: Tensor) -> Tensor:
+            return cross_frame_affinity(target[f"query_{scale}"].flatten(1, 2), keys)
+
+        full = affinity(deep, stacked(f"key_{deep}"))  # (B,R,N,HW_32)
+        index = self.token_masking(full.transpose(2, 3))  # STM (sec. 3.4): the same tokens at every scale
         affinities: dict[str, Tensor] = {}
         for s in self.scales:
             if s == deep:
-                affinities[s] = select_columns(full, index)
+                affinities[s] = select_tokens(full, index)
             else:
-                q = target[f"query_{s}"].flatten(1, 2).unsqueeze(1)
-                affinities[s] = cross_frame_affinity(q, select_tokens(stacked(f"key_{s}"), index))
+                affinities[s] = affinity(s, select_tokens(stacked(f"key_{s}"), index))
         values = select_tokens(stacked("value"), index)  # (B,R,S,C)
-        grids = {s: tuple(target[f"query_{s}"].shape[1:3]) for s in self.scales}
         size8 = tuple(target["feat8"].shape[-2:])
+        maps = {k: a.reshape(b * r, a.shape[2], *grids[k]) for k, a in affinities.items()}  # views
         if self.fusion == "affinity":
-            retrieved = self._retrieve(affinities, grids, values, size8)
+            retrieved = self._retrieve(maps, values, size8)
         else:
-            retrieved = self._retrieve_feature_pyramid(affinities, grids, values, size8)
+            retrieved = self._retrieve_feature_pyramid(maps, values, size8)
         outputs = {"logits": self._merge(retrieved, target)}
-        if r == len(self.aux_classifiers):
-            size4 = target["logits"].shape[-2:]
-            aux = [resize(cls(retrieved[:, i]), size4) for i, cls in enumerate(self.aux_classifiers)]
-            outputs["aux_logits"] = torch.stack(aux, dim=1)
-        elif self.training:
+        if r != len(self.aux_classifiers) and self.training:
             raise ConfigError(
                 f"model.offsets has {len(self.aux_classifiers)} reference frames but the clip has {r}: "
                 "data.clip.offsets must follow model.offsets"
             )
-        outputs["frame_logits"] = torch.stack([f["logits"] for f in references] + [target["logits"]], dim=1)
+        if not self.wants_training_outputs():
+            return outputs
+        size4 = target["fused"].shape[-2:]
+        if r == len(self.aux_classifiers):
+            aux = [resize(cls(retrieved[:, i]), size4) for i, cls in enumerate(self.aux_classifiers)]
+            outputs["aux_logits"] = torch.stack(aux, dim=1)
+        outputs["frame_logits"] = torch.stack([self.frame_logits(f) for f in [*references, target]], dim=1)
         return outputs
 
-    def _retrieve(
-        self, affinities: dict[str, Tensor], grids: dict[str, tuple[int, int]], values: Tensor, size8: tuple[int, int]
-    ) -> Tensor:
+    def _retrieve(self, maps: dict[str, Tensor], values: Tensor, size8: tuple[int, int]) -> Tensor:
         """Affinity decoder (eqs. 5-6), softmax over S per reference, feature retrieval (eq. 7) -> (B,R,C,H8,W8)."""
-        b, r, _, s = affinities[self.scales[-1]].shape
-        maps = {k: a.transpose(2, 3).reshape(b * r * s, 1, *grids[k]) for k, a in affinities.items()}
+        b, r, s, c = values.shape
         assert self.affinity_decoder is not None
-        refined = self.affinity_decoder(maps, size8).reshape(b, r, s, -1).transpose(2, 3)  # (B,R,HW8,S)
-        attention = F.softmax(refined, dim=-1)
-        return torch.matmul(attention, values).transpose(2, 3).reshape(b, r, -1, *size8)
+        refined = self.affinity_decoder(maps, size8).reshape(b, r, s, -1)  # (B,R,S,HW8)
+        attention = F.softmax(refined, dim=2)
+        return torch.matmul(values.transpose(2, 3), attention).reshape(b, r, c, *size8)
 
-    def _retrieve_feature_pyramid(
-        self, affinities: dict[str, Tensor], grids: dict[str, tuple[int, int]], values: Tensor, size8: tuple[int, int]
-    ) -> Tensor:
+    def _retrieve_feature_pyramid(self, maps: dict[str, Tensor], values: Tensor, size8: tuple[int, int]) -> Tensor:
         """Table 4 "Feature Pyramid": retrieval (eq. 7) at each scale, the retrieved features merged deep to shallow."""
-        b, r = values.shape[:2]
+        b, r, s, c = values.shape
         out: Tensor | None = None
         for k in reversed(self.scales):
-            o = torch.matmul(F.softmax(affinities[k], dim=-1), values)  # (B,R,HW_l,C)
-            o = o.transpose(2, 3).reshape(b * r, -1, *grids[k])
-            out = o if out is None else resize(out, o.shape[-2:], align_corners=True) + o
+            grid = maps[k].shape[-2:]
+            attention = F.softmax(maps[k].reshape(b, r, s, -1), dim=2)
+            o = torch.matmul(values.transpose(2, 3), attention).reshape(b * r, c, *grid)  # (B*R,C,H_l,W_l)
+            out = o if out is None else resize(out, grid, align_corners=True) + o
         assert out is not None
-        return (resize(out, size8, align_corners=True) / len(self.scales)).reshape(b, r, -1, *size8)
+        return (resize(out, size8, align_corners=True) / len(self.scales)).reshape(b, r, c, *size8)
 
     def _merge(self, retrieved: Tensor, target: FrameFeatures) -> Tensor:
         """Eq. 8: mean over references + the target's own feature, then the classifier; logits at 1/4."""
-        size4 = target["logits"].shape[-2:]
+        size4 = target["fused"].shape[-2:]
         mean = retrieved.sum(1) / retrieved.shape[1]
         if self.merge == "official":
             return resize(self.classifier(mean + target["feat8"]), size4)

@@ -91,12 +91,47 @@ def _spatial(block: nn.Module, x: Tensor) -> Tensor:
     return block(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, c, h, w)
 
 
-def _per_pixel(block: nn.Module, maps: Sequence[Tensor], embed: Tensor) -> Tensor:
-    """A transformer block over a short token sequence at each pixel: maps L x (B,C,H,W) -> (B,L,C,H,W)."""
+def _tail_attention(attn: nn.Module, x: Tensor, k: int) -> Tensor:
+    """``attn(x)[:, -k:]`` of a timm ``Attention`` over sequences x (M, L, C): only the last k tokens' queries
+    are projected and attend (to every token's key and value); the same function, (M, k, C)."""
+    if getattr(attn, "gate", None) is not None:
+        raise NotImplementedError("gated attention")
+    m, n, c = x.shape
+    heads, dim = attn.num_heads, attn.head_dim
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(x[:, n - k :], weight[:c], None if bias is None else bias[:c]).view(m, k, heads, dim).transpose(1, 2)
+    kv = F.linear(x, weight[c:], None if bias is None else bias[c:]).view(m, n, 2, heads, dim)
+    key, value = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (M,heads,L,dim)
+    q, key = attn.q_norm(q), attn.k_norm(key)
+    out = F.scaled_dot_product_attention(q, key, value, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    return attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(m, k, heads * dim))))
+
+
+def _tail_block(block: Block, x: Tensor, k: int = 1) -> Tensor:
+    """``block(x)[:, -k:]`` of a timm pre-norm block (eq. 3) over sequences x (M, L, C), with the queries,
+    projection, residuals, LayerNorm and MLP run on the last k tokens only: their outputs read the other
+    tokens through their keys and values alone. The same function, (M, k, C)."""
+    y = x[:, x.shape[1] - k :] + block.drop_path1(block.ls1(_tail_attention(block.attn, block.norm1(x), k)))
+    return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
+
+
+def _pixel_tokens(maps: Sequence[Tensor], embed: Tensor) -> Tensor:
+    """Maps L x (B,C,H,W) -> per-pixel token sequences (B*H*W, L, C) plus the learned token embedding."""
     x = torch.stack(list(maps), 1)  # B,L,C,H,W
     b, n, c, h, w = x.shape
-    tokens = x.permute(0, 3, 4, 1, 2).reshape(b * h * w, n, c) + embed
-    return block(tokens).reshape(b, h, w, n, c).permute(0, 3, 4, 1, 2)
+    return x.permute(0, 3, 4, 1, 2).reshape(b * h * w, n, c) + embed
+
+
+def _per_pixel(block: Block, maps: Sequence[Tensor], embed: Tensor) -> Tensor:
+    """A transformer block over a short token sequence at each pixel: maps L x (B,C,H,W) -> (B,L,C,H,W)."""
+    b, c, h, w = maps[0].shape
+    return block(_pixel_tokens(maps, embed)).reshape(b, h, w, len(maps), c).permute(0, 3, 4, 1, 2)
+
+
+def _per_pixel_last(block: Block, maps: Sequence[Tensor], embed: Tensor) -> Tensor:
+    """The last token's output of :func:`_per_pixel`, (B,C,H,W), computing only what it reads."""
+    b, c, h, w = maps[0].shape
+    return _tail_block(block, _pixel_tokens(maps, embed)).reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class PyramidSpatialTransformer(nn.Module):
@@ -164,8 +199,8 @@ class AlignedTemporalTransformer(nn.Module):
         return [*aligned, target]
 
     def forward(self, d_pst: Sequence[Tensor]) -> Tensor:
-        """M^t: the target's output token of MHSA_tem over the aligned frames."""
-        return _per_pixel(self.mhsa_tem, self.align(d_pst), self.frame_embed)[:, -1]
+        """M^t: the target's output token of MHSA_tem over the aligned frames (only the target's is computed)."""
+        return _per_pixel_last(self.mhsa_tem, self.align(d_pst), self.frame_embed)
 
 
 class DecoupledTransformer(nn.Module):
@@ -198,7 +233,7 @@ class VanillaSpatioTemporalTransformer(nn.Module):
         x = torch.stack([_downsample(f, self.downsample) for f in f5], 1)  # B,T,C,h,w
         b, t, c, h, w = x.shape
         tokens = (x.flatten(3).transpose(2, 3) + self.frame_embed).reshape(b, t * h * w, c)
-        out = self.block(tokens).reshape(b, t, h * w, c)[:, -1]
+        out = _tail_block(self.block, tokens, h * w)  # the target's tokens only (the same function)
         return resize(out.transpose(1, 2).reshape(b, c, h, w), size)
 
 
@@ -250,9 +285,10 @@ class MSAF(Aggregator):
         weight_rd: float = 1.0,
         weight_M: float = 1.0,
         avg_non_ignore: bool = False,
+        compile: bool = False,
         offsets: Sequence[int] = (-2, -1),
     ) -> None:
-        super().__init__(in_channels, num_classes, offsets, avg_non_ignore)
+        super().__init__(in_channels, num_classes, offsets, avg_non_ignore, compile)
         if len(self.in_channels) < 3:
             raise ConfigError(f"MSAF needs at least 3 encoder maps (F3, F4, F5), got {len(self.in_channels)}")
         if motion_transformer not in ("decoupled", "vanilla"):
@@ -309,6 +345,10 @@ class MSAF(Aggregator):
         """F3, F4, F5 of each frame projected to ``embed_dim`` (F3, F4 only when the pixel branch needs them)."""
         return {s: self.proj[s](f) for s, f in zip(STAGES, feats[-3:], strict=True) if s in self.proj}
 
+    def reference_features(self, features: FrameFeatures) -> FrameFeatures:
+        """A reference is read for its F5 only (motion alignment)."""
+        return {"F5": features["F5"]}
+
     def motion_features(self, target: FrameFeatures, references: list[FrameFeatures]) -> Tensor:
         """M^t: the D-Transformer (or the vanilla transformer) on F5 of t-2, t-1, t; F5^t itself without motion."""
         if self.motion_alignment is None:
@@ -328,13 +368,15 @@ class MSAF(Aggregator):
         return self.pixel_descriptor(fused)
 
     def aggregate(self, target: FrameFeatures, references: list[FrameFeatures]) -> dict[str, Tensor]:
-        """Target logits at F5's size, plus the soft mask M^t' and the pixel-descriptor logits for the losses."""
+        """Target logits at F5's size, plus the soft mask M^t' and the pixel-descriptor logits for the losses (at
+        inference only where the logits read them)."""
         m = self.motion_features(target, references)
         soft_mask = self.soft_mask(m)
         out = {"soft_mask": soft_mask}
         if self.pixel_branch:
             p = self.pixel_descriptors(target, m)
-            out["pixel_logits"] = self.pixel_classifier(p)
+            if not self.semantics or self.wants_training_outputs():  # with semantics only L_pd reads it
+                out["pixel_logits"] = self.pixel_classifier(p)
         if self.semantics:
             out["logits"] = assignment_logits(p, region_descriptors(m, soft_mask), self.scale)
         elif self.pixel_branch and self.mask_average == "logits":

@@ -21,11 +21,12 @@ class SegFormer(Aggregator):
         embed_dim: int = 256,
         dropout: float = 0.1,
         avg_non_ignore: bool = False,
+        compile: bool = False,
         offsets: Sequence[int] = (),
     ) -> None:
         if tuple(offsets):
             raise ConfigError(f"model.offsets={list(offsets)}: SegFormer is a single-frame model, expected []")
-        super().__init__(in_channels, num_classes, (), avg_non_ignore)
+        super().__init__(in_channels, num_classes, (), avg_non_ignore, compile)
         self.decode_head = SegFormerHead(in_channels, num_classes, embed_dim, dropout)
 
     def encode(self, feats: list[Tensor]) -> FrameFeatures:

@@ -1,0 +1,240 @@
+"""The fast paths compute the same function as the official layouts: the folded SegFormer decoder (and its weight
+cache), SAR/MAA as grouped convolutions, MSAF's target-only temporal block, the reference cache that keeps only
+what ``aggregate`` reads, training-only outputs skipped at inference, and the bf16 / ``torch.compile`` options."""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+from random_weights import randomize_
+from test_mrcfa import TinyEncoder
+from vss.config import ConfigError
+from vss.models.aggregators.mrcfa import MRCFA, SAR_LAYOUTS, AffinityRefinement
+from vss.models.aggregators.msaf import MSAF, _block, _init_transformer, _tail_block
+from vss.models.aggregators.segformer import SegFormer
+from vss.models.heads import SegFormerHead
+from vss.models.precision import inference_precision
+from vss.models.segmenter import Segmenter
+from vss.models.streamer import Streamer
+
+CHANNELS = [8, 16, 24, 32]
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def stage_features(batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    """MiT-like stage maps at strides 4..32 of a 64x96 input, channels-last strided as timm returns them."""
+    g = gen(seed)
+    return [torch.randn(batch, 16 >> i, 24 >> i, c, generator=g).permute(0, 3, 1, 2) for i, c in enumerate(CHANNELS)]
+
+
+def random_head(seed: int = 0) -> SegFormerHead:
+    return randomize_(SegFormerHead(CHANNELS, 5, embed_dim=16), seed)
+
+
+# -- the folded SegFormer decoder ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_folded_decoder_is_the_official_fuse_with_the_same_gradients(training: bool) -> None:
+    head = random_head().train(training)
+    feats = stage_features()
+    folded = head.fuse(feats)
+    grads_folded = torch.autograd.grad(folded.square().sum(), list(head.parameters()), allow_unused=True)
+    if training:  # the official path updates the BN running statistics once more: compare from the same state
+        head = random_head().train(True)
+    official = head.fuse_unfolded(feats)
+    grads_official = torch.autograd.grad(official.square().sum(), list(head.parameters()), allow_unused=True)
+    assert (folded - official).abs().max().item() < 1e-5
+    scale = max(g.abs().max() for g in grads_official if g is not None)  # (BN makes some gradients ~0 in training)
+    for (name, _), a, b in zip(head.named_parameters(), grads_folded, grads_official, strict=True):
+        if b is None:  # linear_pred is not in the fuse
+            assert a is None, name
+            continue
+        assert (a - b).abs().max() <= 1e-5 * scale, name
+
+
+def test_folded_weights_are_cached_in_eval_and_recomputed_when_the_weights_change() -> None:
+    head = random_head(seed=1)
+    feats = stage_features()
+    with torch.no_grad():
+        first = head.fuse(feats)
+        cached = head.folded()
+        assert head.folded()[0][0] is cached[0][0]  # nothing changed: the cache is reused
+
+        head.load_state_dict(random_head(seed=2).state_dict())  # new weights, same tensors (copied in place)
+        assert head.folded()[0][0] is not cached[0][0]
+        torch.testing.assert_close(head.fuse(feats), random_head(seed=2).fuse_unfolded(feats))
+        assert (head.fuse(feats) - first).abs().max() > 1e-2
+
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    head.train()
+    head.fuse(feats).square().mean().backward()
+    opt.step()  # in-place update of the official parameters
+    head.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(head.fuse(feats), head.fuse_unfolded(feats))
+        head.linear_fuse.bn.running_var.mul_(2.0)  # a buffer changes too
+        torch.testing.assert_close(head.fuse(feats), head.fuse_unfolded(feats))
+        moved = copy.deepcopy(head)  # new storage: recomputed, not shared with the original
+        moved.linear_c1.proj.weight.add_(1.0)
+        torch.testing.assert_close(moved.fuse(feats), moved.fuse_unfolded(feats))
+        torch.testing.assert_close(head.fuse(feats), head.fuse_unfolded(feats))
+
+
+def test_segformer_checkpoint_keys_stay_official() -> None:
+    keys = set(random_head().state_dict())
+    assert keys == {
+        *(f"linear_c{i}.proj.{p}" for i in range(1, 5) for p in ("weight", "bias")),
+        "linear_fuse.conv.weight",
+        *(f"linear_fuse.bn.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")),
+        "linear_pred.weight",
+        "linear_pred.bias",
+    }
+
+
+# -- SAR / MAA as grouped convolutions ------------------------------------------------------------------------
+
+
+def per_map(block: AffinityRefinement, x: torch.Tensor) -> torch.Tensor:
+    """The official layout: every token map in the batch, (N*S, C, H, W), through the plain Sequential."""
+    n, sc, h, w = x.shape
+    tokens = sc // block.in_channels
+    out = nn.Sequential.forward(block, x.reshape(n * tokens, block.in_channels, h, w))
+    return out.reshape(n, tokens * block.out_channels, h, w)
+
+
+@pytest.mark.parametrize("units", [SAR_LAYOUTS["b1"]["refine"]["s8"], SAR_LAYOUTS["b1"]["aggregate"]["s8"]])
+def test_grouped_affinity_refinement_equals_the_per_map_units(units: tuple[tuple[int, int], ...]) -> None:
+    torch.manual_seed(0)
+    in_channels = 2 if units == SAR_LAYOUTS["b1"]["aggregate"]["s8"] else 1
+    block = randomize_(AffinityRefinement(in_channels, units), seed=3)
+    x = torch.randn(3, 7 * in_channels, 12, 20, generator=gen(4))
+    got = block(x)
+    assert got.shape == (3, 7 * block.out_channels, 12, 20)
+    torch.testing.assert_close(got, per_map(block, x), rtol=1e-5, atol=1e-5)
+
+
+# -- MSAF's target-only temporal block ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("k", [1, 3])
+def test_tail_block_is_the_blocks_last_tokens(training: bool, k: int) -> None:
+    torch.manual_seed(0)
+    block = _block(32, 4, 4.0).train(training)
+    _init_transformer(block)
+    x = torch.randn(40, 5, 32, generator=gen(5))
+    torch.testing.assert_close(_tail_block(block, x, k), block(x)[:, -k:], rtol=1e-5, atol=1e-5)
+
+
+# -- what inference computes and keeps --------------------------------------------------------------------------
+
+
+def tiny_mrcfa(**kwargs: object) -> Segmenter:
+    torch.manual_seed(0)
+    model = Segmenter(TinyEncoder(), partial(MRCFA, token_ratio=0.5, embed_dim=32, **kwargs), 5)
+    return randomize_(model, 1)
+
+
+def tiny_msaf(**kwargs: object) -> Segmenter:
+    from vss.models.encoders import build_encoder
+
+    torch.manual_seed(0)
+    return randomize_(Segmenter(build_encoder("resnet18"), partial(MSAF, embed_dim=16, num_heads=2, **kwargs), 5), 1)
+
+
+def test_training_outputs_are_computed_only_when_a_loss_can_read_them() -> None:
+    model = tiny_mrcfa()
+    clip = torch.randn(1, 4, 3, 64, 64, generator=gen(6))
+    with torch.no_grad():
+        assert set(model(clip)) == {"logits"}  # eval, no autograd: inference
+    assert set(model(clip)) == {"logits", "aux_logits", "frame_logits"}  # autograd records: a loss may follow
+    assert set(model.train()(clip)) == {"logits", "aux_logits", "frame_logits"}
+    msaf = tiny_msaf()
+    clip = torch.randn(1, 3, 3, 32, 32, generator=gen(7))
+    with torch.no_grad():
+        assert set(msaf(clip)) == {"logits", "soft_mask"}
+        assert set(tiny_msaf(semantics=False)(clip)) == {"logits", "soft_mask", "pixel_logits"}  # logits read it
+    assert set(msaf(clip)) == {"logits", "soft_mask", "pixel_logits"}
+
+
+@pytest.mark.parametrize(
+    ("build", "kept", "share"),
+    [(tiny_mrcfa, {"value", "key_s8", "key_s16", "key_s32"}, 0.05), (tiny_msaf, {"F5"}, 0.34)],
+)
+def test_stream_keeps_only_what_references_are_read_for(build, kept: set[str], share: float) -> None:
+    """A predicted frame keeps its reference features only (MRCFA: keys and values, not the 1/4 and 1/8 maps or
+    the queries; MSAF: F5); the predictions are those of the clip path (the contract battery)."""
+    model = build()
+    video = torch.randn(12, 3, 64, 64, generator=gen(8))
+    streamer = Streamer(model, batch_size=1)
+    with torch.no_grad():
+        for i, frame in enumerate(video):
+            streamer.push(frame)
+            assert all(set(streamer.cache[j]) == kept for j in streamer.cache if j < streamer.next), i
+            full = model.encode(frame[None])
+            if i == 11:
+                stored = sum(v.numel() for v in streamer.cache[i - 1].values())
+                assert stored <= share * sum(v.numel() for v in full.values())
+        streamer.end()
+
+
+# -- bf16 and torch.compile --------------------------------------------------------------------------------------
+
+BF16_AGREEMENT = 0.98  # pixels whose argmax is the same in bf16 autocast as in fp32 (random weights, tiny input)
+
+
+@pytest.mark.parametrize(
+    "build", [tiny_mrcfa, lambda: randomize_(Segmenter(TinyEncoder(), partial(SegFormer, embed_dim=32), 5), 1)]
+)
+def test_bf16_autocast_gives_the_same_argmax(build) -> None:
+    model = build()
+    clip = torch.randn(2, 1 + len(model.offsets), 3, 64, 96, generator=gen(9))
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        fp32 = model(clip)["logits"]
+        with inference_precision("bf16-mixed", cpu):
+            bf16 = model(clip)["logits"]
+    assert bf16.dtype == torch.bfloat16
+    agreement = (bf16.float().argmax(1) == fp32.argmax(1)).float().mean().item()
+    assert agreement >= BF16_AGREEMENT, agreement
+    with pytest.raises(ConfigError, match=r"trainer.precision='fp8' is invalid"), inference_precision("fp8", cpu):
+        pass
+    with pytest.raises(ConfigError, match=r"16-mixed needs a GPU"), inference_precision("16-mixed", cpu):
+        pass
+
+
+@pytest.mark.slow
+def test_compiled_aggregate_gives_the_same_logits() -> None:
+    model = tiny_mrcfa()
+    compiled = tiny_mrcfa(compile=True)
+    video = torch.randn(12, 3, 64, 64, generator=gen(10))
+    with torch.no_grad():
+        expected = [o.logits for o in Streamer(model, 1).run(video)]
+        got = [o.logits for o in Streamer(compiled, 1).run(video)]
+    for a, b in zip(got, expected, strict=True):
+        assert (a - b).abs().max().item() < 1e-4
+        assert torch.equal(a.argmax(0), b.argmax(0))
+
+
+def test_compile_must_be_a_bool() -> None:
+    with pytest.raises(ConfigError, match=r"model.compile='yes' is invalid"):
+        tiny_mrcfa(compile="yes")
+
+
+def test_official_parity_is_unchanged_by_the_folded_decoder() -> None:
+    """MRCFA's per-frame branch (folded) is the unfolded SegFormer decoder on the same weights."""
+    model = tiny_mrcfa().aggregator
+    feats = [torch.randn(2, c, 16 >> i, 16 >> i, generator=gen(i)) for i, c in enumerate(model.in_channels)]
+    with torch.no_grad():
+        got = model.frame_logits(model.encode(feats))
+        expected = model.decode_head.classify(model.decode_head.fuse_unfolded(feats))
+    assert got.shape == (2, 5, 16, 16) and (got - expected).abs().max().item() < 1e-5
