@@ -259,13 +259,22 @@ def test_msaf_preset_trains_and_evaluates_on_a_fake_tree(dataset: str, tmp_path:
     preds = sorted(p.relative_to(tmp_path / "eval" / "predictions") for p in (tmp_path / "eval").rglob("*.png"))
     expected = 1 if dataset == "cityscapes" else 2  # the labelled val frames only
     assert len(preds) == expected
+    score = subprocess.run(
+        [sys.executable, "-m", "vss.eval", f"pred_root={tmp_path / 'eval' / 'predictions'}",
+         f"data={dataset}_video", f"data.root={root}", f"hydra.run.dir={tmp_path / 'score'}"],
+        env=cli_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert score.returncode == 0, score.stderr[-3000:]
+    folder = json.loads((tmp_path / "score" / "metrics.json").read_text())
+    assert folder["mIoU"] == pytest.approx(metrics["mIoU"], abs=1e-9) and folder["num_frames"] == expected
+    assert folder["iou_mean"] == "union" and len(folder["per_class_iou"]) == (19 if dataset == "cityscapes" else 11)
 
 
 def test_msaf_trains_on_sparse_synthetic_labels(tmp_path: Path, run_cli, tiny_args) -> None:
     res = run_cli(
         "experiment=msaf_synthetic",
         *tiny_args(tmp_path / "logs"),
-        "++data.synthetic.label_every=5",
+        "data.synthetic.label_every=5",
         "model.embed_dim=32",
         "model.num_heads=2",
         "data.verify=true",
@@ -282,3 +291,41 @@ def test_msaf_trains_on_sparse_synthetic_labels(tmp_path: Path, run_cli, tiny_ar
     masks = sorted((root.parent / "data").glob("train_000/mask/*.png"))
     frames = sorted((root.parent / "data").glob("train_000/origin/*"))
     assert len(frames) == 18 and len(masks) == 4  # frames 0, 5, 10, 15
+
+
+def _write_video(path: Path, frames: int, size: tuple[int, int] = (48, 64)) -> None:
+    tmp = path.with_suffix(".tmp.avi")
+    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"MJPG"), 30, (size[1], size[0]))
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        writer.write(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+    writer.release()
+    tmp.rename(path)  # the reader probes the content, not the extension (.MXF here)
+
+
+def test_prepare_camvid_decodes_lays_out_and_is_idempotent(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from vss.data.prepare import main as prepare_main
+
+    src = write_camvid(tmp_path / "src")  # its labels/ and split lists are the user's download
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _write_video(videos / "01TP_extract.avi", 95)
+    _write_video(videos / "0016E5.MXF", 425)
+    out = tmp_path / "camvid"
+    args = ["camvid", "--videos", str(videos), "--labels", str(src / "labels"), "--splits", str(src), "--out", str(out)]
+    assert prepare_main([*args, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "0001TP: 95 frames (OpenCV reads 3751 from the official file)" in printed
+    assert "train: 3 labelled frames" in printed
+    assert len(list((out / "frames" / "0016E5").glob("*.png"))) == 425
+    assert check_main([str(out), "--splits", "train", "val", "test", "--no-progress"]) == 0
+    first = (out / "frames" / "0001TP" / "0001TP_000000.png").stat().st_mtime_ns
+    assert prepare_main([*args, "--no-progress"]) == 0  # idempotent: nothing decoded again
+    assert (out / "frames" / "0001TP" / "0001TP_000000.png").stat().st_mtime_ns == first
+    (videos / "0016E5.MXF").unlink()
+    _write_video(videos / "0016E5.MXF", 300)
+    import shutil
+
+    shutil.rmtree(out / "frames" / "0016E5")
+    assert prepare_main([*args, "--no-progress"]) == 2
+    assert "0016E5.MXF decoded to 300 frames but a label needs frame 422" in capsys.readouterr().err

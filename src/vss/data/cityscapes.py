@@ -230,7 +230,7 @@ class CityscapesVideoDataModule(VSSDataModule):
         offsets = list(self.clip_sampler.offsets)
         if split == self.splits["fit"] and self.clip_sampler.reverse_prob > 0:
             offsets += [-o for o in offsets]
-        return max(0, -min(offsets, default=0)), max(0, *offsets)
+        return max(0, -min(offsets, default=0)), max((0, *offsets))
 
     def read_videos(self, split: str) -> list[Video]:
         before, after = self.span(split)
