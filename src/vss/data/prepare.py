@@ -1,4 +1,4 @@
-"""Lay out a downloaded dataset for vss: ``python -m vss.data.prepare camvid --videos DIR --labels DIR --splits DIR --out ROOT``.
+"""Lay out a downloaded dataset for vss: ``python -m vss.data.prepare camvid --videos V --labels L --splits S --out R``.
 
 CamVid: decodes the four source videos with OpenCV into ``ROOT/frames/<seq>/<seq>_<k:06d>.png`` (0-based),
 copies the label PNGs into ``ROOT/labels/`` and writes ``ROOT/{train,val,test}.txt`` (label stems), the
@@ -93,7 +93,7 @@ def prepare_camvid(videos: Path, labels: Path, splits: Path, out: Path, progress
     """Decode, copy and list CamVid into ``out``; return the decoded frame count per sequence."""
     stems = split_stems(splits)
     needed: dict[str, int] = {}
-    for split, names in stems.items():
+    for names in stems.values():
         for stem in names:
             seq, k = label_frame(stem)
             needed[seq] = max(needed.get(seq, 0), k)
