@@ -41,5 +41,6 @@ format: $(STAMP)  ## apply ruff fixes and formatting
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 
-bench: $(STAMP)  ## parameter counts and forward time per frame (SegFormer on MiT-B0, MiT-B1, ResNet-18; 240x432)
-	$(PY) -m vss.bench -m encoder=mit_b0,mit_b1,resnet18 model=segformer height=240 width=432 iters=3 hydra.sweep.dir=outputs/bench/$$(date +%s) 2>&1 | grep '\[vss.bench\]'
+bench: $(STAMP)  ## streaming ms/frame, FLOPs, memory and the ratio to the single-frame baseline (MRCFA-B1, MSAF-R18; CPU-sized)
+	$(PY) -m vss.bench model=mrcfa encoder=mit_b1 height=256 width=448 frames=12 iters=3 hydra.run.dir=outputs/bench/$$(date +%s)-mrcfa 2>&1 | grep '\[vss.bench\]'
+	$(PY) -m vss.bench model=msaf encoder=resnet18 height=256 width=512 frames=8 iters=3 hydra.run.dir=outputs/bench/$$(date +%s)-msaf 2>&1 | grep '\[vss.bench\]'

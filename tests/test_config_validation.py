@@ -25,6 +25,19 @@ INVALID = [
     (["optim.optimizer.lr=-1"], "optim.optimizer.lr"),
     (["trainer.precision=17"], "trainer.precision"),
     (["data.batch_size=0"], "data.batch_size"),
+    (["data.clip.offsets=-3"], "data.clip.offsets"),
+    (["model=mrcfa", "stm.p=abc"], "stm.p"),
+    (["model=mrcfa", "stm.p=1.5"], "stm.p"),
+    (["model=msaf", "encoder=resnet18", "data.clip.offsets=[-9,-6,-3]"], "data.clip.offsets"),
+    (["model.embed_dim=0"], "model.embed_dim"),
+    (["data.train_repeat=0"], "data.train_repeat"),
+    (["data.iou_mean=mean"], "data.iou_mean"),
+    (["data.synthetic.label_every=0"], "data.synthetic.label_every"),
+    (["data=cityscapes_video", "data.root=/tmp", "data.missing_frames=maybe"], "data.missing_frames"),
+    (["data=cityscapes_video", "data.root=/tmp", "data.label_file=ids"], "data.label_file"),
+    (["data=cityscapes_video", "data.root=/nonexistent"], "data.root"),
+    (["data=camvid_video", "data.root=/tmp", "data.label_form=rgb"], "data.label_form"),
+    (["data=camvid_video", "data.root=/tmp", "data.colour_convention=fancy"], "data.colour_convention"),
 ]
 
 
@@ -61,3 +74,23 @@ def test_cli_fails_fast_with_the_key(run_cli, tmp_path):
         assert progress not in out
     assert not list((tmp_path / "logs").rglob("*.ckpt"))
     assert elapsed < 60, f"took {elapsed:.0f} s to reject a bad value"
+
+
+# the hostile tester's list: one line naming the key, exit status 2, before anything is built
+ONE_LINE = [
+    (["data.clip.offsets=-3"], "data.clip.offsets=-3 is invalid: expected a list"),
+    (["model=mrcfa", "stm.p=abc"], "stm.p='abc' is invalid: expected a token ratio in (0, 1]"),
+    (["model=msaf", "encoder=resnet18", "data.clip.offsets=[-9,-6,-3]"], "data.clip.offsets=[-9, -6, -3] differs"),
+    (["model.embed_dim=0"], "model.embed_dim=0 is invalid: expected a positive integer"),
+    (["data.train_repeat=0"], "data.train_repeat=0 is invalid: expected a positive integer"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "words"), ONE_LINE, ids=[" ".join(o) for o, _ in ONE_LINE])
+def test_cli_bad_value_is_one_line_and_exit_2(run_cli, tmp_path, overrides, words):
+    proc = run_cli(*overrides, f"paths.log_dir={tmp_path / 'logs'}", timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out and "[vss] train" not in out  # nothing was built
+    errors = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and words in errors[0], proc.stderr

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from vss.data.vspw import IGNORE_INDEX, DatasetError, LabelMap
+from vss.data.vspw import IGNORE_INDEX, DatasetError, LabelMap, read_split
 from vss.metrics import (
     SegmentationIoU,
     VideoConsistency,
@@ -373,19 +373,21 @@ def test_score_predictions_hand_computed(tmp_path: Path) -> None:
     # Confusion matrix by hand (rows GT train id, cols pred) over the counted pixels of all 6 frames:
     #   row0 = [7,1,1,0], row1 = [1,2,1,0], row2 = [0,1,4,0], row3 = 0 ; total 18
     iou = [7 / (9 + 8 - 7), 2 / (4 + 4 - 2), 4 / (5 + 6 - 4)]
-    out = score_predictions(preds, root, "val", LabelMap(4), vc_windows=(2, 3))
+    out = score_predictions(preds, read_split(root, "val"), LabelMap(4), vc_windows=(2, 3))
     assert out["mIoU"] == pytest.approx(sum(iou) / 3)
     assert out["fwIoU"] == pytest.approx((9 * iou[0] + 4 * iou[1] + 5 * iou[2]) / 18)
     assert out["pixel_accuracy"] == pytest.approx(13 / 18)
     assert out["mean_class_accuracy"] == pytest.approx((7 / 9 + 2 / 4 + 4 / 5) / 3)
-    assert out["per_class_iou"][:3] == pytest.approx(iou) and out["per_class_iou"][3] is None
+    per_class = out["per_class_iou"]
+    assert list(per_class) == ["0", "1", "2", "3"]
+    assert [per_class[k] for k in "012"] == pytest.approx(iou) and per_class["3"] is None
     # VC2 (raw GT): v1 window 0 -> g=[T,F,T,T], p=[T,T,F,T] -> 2/3 ; v2 window 0 -> g all, p=[T,F,T,T] -> 3/4
     assert out["mVC2"] == pytest.approx((2 / 3 + 3 / 4) / 2)
-    assert math.isnan(out["mVC3"])  # both videos have len 3 <= 3
+    assert "mVC3" not in out and "VC_3" in out["not_applicable"]["mVC3"]  # both videos have len 3 <= 3
     assert out["num_videos"] == 2 and out["num_frames"] == 6
     json.dumps(out)
-    default = score_predictions(preds, root, "val", LabelMap(4))
-    assert math.isnan(default["mVC8"]) and math.isnan(default["mVC16"])
+    default = score_predictions(preds, read_split(root, "val"), LabelMap(4))
+    assert set(default["not_applicable"]) == {"mVC8", "mVC16"} and "mVC8" not in default
     assert default["mIoU"] == out["mIoU"]
 
 
@@ -395,15 +397,15 @@ def test_score_predictions_errors(tmp_path: Path) -> None:
     missing = preds / "v2" / "00000167.png"
     missing.unlink()
     with pytest.raises(DatasetError, match="00000167.png") as e:
-        score_predictions(preds, root, "val", LabelMap(4))
+        score_predictions(preds, read_split(root, "val"), LabelMap(4))
     assert str(missing) in str(e.value)
     cv2.imwrite(str(missing), np.zeros((2, 4), np.uint8))
     with pytest.raises(DatasetError, match="must match") as e:
-        score_predictions(preds, root, "val", LabelMap(4))
+        score_predictions(preds, read_split(root, "val"), LabelMap(4))
     assert str(missing) in str(e.value) and str(root / "data" / "v2" / "mask" / "00000167.png") in str(e.value)
     cv2.imwrite(str(missing), np.array([[9, 9, 9, 9]], np.uint8))
     with pytest.raises(DatasetError, match=r"\[9\]") as e:
-        score_predictions(preds, root, "val", LabelMap(4))
+        score_predictions(preds, read_split(root, "val"), LabelMap(4))
     assert str(missing) in str(e.value)
 
 

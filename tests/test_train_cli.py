@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from vss.checkpoint import AtomicCheckpointIO, atomic_torch_save
+from vss.config import ConfigError
 
 SUMMARY = ("mIoU", "fwIoU", "mVC8", "mVC16")
 RUN_DIR_RE = re.compile(r"^\[vss\] run directory: (.+)$", re.MULTILINE)
@@ -119,9 +120,9 @@ def wandb_run(run_dir: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def two_runs(start_cli, tiny_args, tmp_path_factory) -> tuple[list[subprocess.CompletedProcess], Path]:
     """The tiny default job started twice at once, logging into the same folder, the second one to W&B
-    (offline) as well; (processes, log dir)."""
+    (offline) and TensorBoard as well; (processes, log dir)."""
     log_dir = tmp_path_factory.mktemp("pair") / "logs"
-    procs = [start_cli(*tiny_args(log_dir)), start_cli(*tiny_args(log_dir), "logger=[csv,wandb]")]
+    procs = [start_cli(*tiny_args(log_dir)), start_cli(*tiny_args(log_dir), "logger=[csv,wandb,tensorboard]")]
     done = []
     for proc in procs:
         out, err = proc.communicate(timeout=420)
@@ -142,6 +143,12 @@ def test_default_job_outputs(two_runs):
 
     metrics = read_metrics(run_dir)
     assert metrics["step"] == 4
+    best = metrics["best"]  # the summary names the best checkpoint and its metrics
+    assert best["ckpt_path"] == str(next((run_dir / "checkpoints").glob("best-*.ckpt")))
+    assert best["step"] == ckpt_step(Path(best["ckpt_path"])) and best["step"] in (2, 4)
+    assert re.search(
+        rf"^\[vss\] best checkpoint: {re.escape(best['ckpt_path'])} \(step {best['step']}: val mIoU", proc.stdout, re.M
+    )
     for key in (*SUMMARY, "pixel_accuracy"):
         value = metrics["val"][key]
         assert isinstance(value, float) and 0.0 <= value <= 1.0, (key, value)
@@ -158,13 +165,27 @@ def test_default_job_outputs(two_runs):
 
     pngs = sorted((run_dir / "overlays").rglob("*.png"))
     assert pngs and {p.parent.name for p in pngs} == {"step0000002", "step0000004"}
-    with Image.open(pngs[0]) as im:  # frame | prediction | truth side by side
-        assert im.size == (3 * 32, 32)
+    assert len({p.name.split("_")[1] for p in pngs}) == 2  # spread over both validation videos
+    with Image.open(pngs[0]) as im:  # frame | prediction | truth side by side, a legend below
+        assert im.size[0] == 3 * 32 and im.size[1] > 32
 
     rows = read_csv(run_dir)
     val = [r for r in rows if r.get("val/mIoU")]
-    assert [int(r["step"]) for r in val] == [1, 3]  # Lightning logs validation at global_step - 1
+    assert [int(r["step"]) for r in val] == [2, 4]  # the step of the weights, as checkpoints and overlays say
     assert float(val[-1]["val/mIoU"]) == pytest.approx(metrics["val"]["mIoU"], abs=1e-6)
+    for name, iou in metrics["val"]["per_class_iou"].items():  # per-class IoU is logged too
+        logged = val[-1][f"val/iou/{name}"]
+        assert (float(logged) if logged else None) == (None if iou is None else pytest.approx(iou, abs=1e-6))
+
+    log = (run_dir / "train.log").read_text()  # the run's log: config summary, validations, summary
+    assert "[vss] train experiment=synthetic" in log and "config:\n" in log
+    assert "[vss] validation at step 2: mIoU" in log and "[vss] validation at step 4: mIoU" in log
+    assert f"[vss] step 4: {line}" in log and f"[vss] run directory: {run_dir}" in log
+
+    out = proc.stdout + proc.stderr  # quiet: no tips, no FLOPs column, no deprecation noise; a step bar
+    for noise in ("Tip:", "FLOPs", "Total Flops", "LeafSpec", "sync_dist", "Epoch 0"):
+        assert noise not in out, noise
+    assert re.search(r"step: 100%\|.*\| 4/4 ", out), out[-2000:]
     assert len([r for r in rows if r.get("train/loss")]) == 4
     assert (run_dir / ".hydra" / "config.yaml").is_file()
 
@@ -189,25 +210,75 @@ def test_wandb_offline_run(two_runs):
         assert summary[f"val/{key}"] == pytest.approx(metrics[key], abs=1e-6)  # logged as float32
     assert (run_dir / "csv" / "metrics.csv").is_file()  # the other logger of the list still writes
     assert not (only_run_dir(two_runs[0][0]) / "wandb").exists()  # logger=csv (the default) does not
+    assert "anonymous" not in two_runs[0][1].stderr  # no W&B deprecation noise
 
 
-def test_resume_continues_from_the_checkpoint(two_runs, run_cli, tiny_args, tmp_path):
-    first = only_run_dir(two_runs[0][0])
+def test_tensorboard_gets_metrics_at_the_right_step_overlays_and_per_class_iou(two_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = only_run_dir(two_runs[0][1])
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert [e.step for e in events.Scalars("val/mIoU")] == [2, 4]
+    assert events.Scalars("val/mIoU")[-1].value == pytest.approx(read_metrics(run_dir)["val"]["mIoU"], abs=1e-6)
+    assert {t for t in tags["scalars"] if t.startswith("val/iou/")} <= {
+        f"val/iou/{n}" for n in ("background", "red", "green", "blue", "yellow")
+    }
+    assert any(t.startswith("val/iou/") for t in tags["scalars"])
+    overlays = [t for t in tags["images"] if t.startswith("val/overlays/")]
+    assert overlays and sorted({e.step for t in overlays for e in events.Images(t)}) == [2, 4]
+
+
+def test_resume_continues_from_the_checkpoint(two_runs, run_cli, tmp_path):
+    import shutil
+
+    first = tmp_path / "run"  # a copy: the other tests read the original
+    shutil.copytree(only_run_dir(two_runs[0][0]), first)
     last = first / "checkpoints" / "last.ckpt"
-    proc = run_cli(*tiny_args(tmp_path / "logs"), "trainer.max_steps=6", f"ckpt_path={last}")
+    proc = run_cli("trainer.max_steps=6", f"ckpt_path={last}")  # the stored config: the tiny job, not the default
     run_dir = only_run_dir(proc)
-    assert run_dir != first
+    assert run_dir == first  # the same run directory
+    assert (
+        f"resuming from {last} (step 4) with its stored config; command-line overrides: trainer.max_steps=6 (was 4)"
+        in proc.stdout
+    )
     assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr
     assert re.search(r"^\[vss\] step 6: val mIoU", proc.stdout, re.MULTILINE), report(proc)
 
     assert read_metrics(run_dir)["step"] == 6
     assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == 6
-    assert ckpt_step(last) == 4  # the checkpoint resumed from is left as it was
     rows = read_csv(run_dir)
     train_steps = [int(r["step"]) for r in rows if r.get("train/loss")]
-    assert train_steps == [4, 5], "the resumed run must train steps 4 and 5 only"
-    assert [int(r["step"]) for r in rows if r.get("val/mIoU")] == [5]
-    assert {p.parent.name for p in (run_dir / "overlays").rglob("*.png")} == {"step0000006"}
+    assert train_steps == [0, 1, 2, 3, 4, 5], "the rows before the resume are kept; it trains steps 4 and 5 only"
+    assert [int(r["step"]) for r in rows if r.get("val/mIoU")] == [2, 4, 6]
+    assert {p.parent.name for p in (run_dir / "overlays").rglob("*.png")} == {
+        "step0000002",
+        "step0000004",
+        "step0000006",
+    }
+    assert "resuming from" in (run_dir / "train.log").read_text()
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(two_runs, compose_cfg, tiny_args, tmp_path) -> None:
+    from vss.stages import check_resume_model, prepare_resume
+    from vss.train import build_module
+
+    last = only_run_dir(two_runs[0][0]) / "checkpoints" / "last.ckpt"
+    cfg = compose_cfg(*tiny_args(tmp_path), f"ckpt_path={last}", "model.embed_dim=16")
+    cfg.paths.output_dir = str(last.parents[1])  # as Hydra sets it for a resume
+    resume = prepare_resume(cfg, ["model.embed_dim=16"], {"model"})
+    assert resume.step == 4 and resume.changes == ["model.embed_dim=16 (was 32)"]
+    module = build_module(resume.config, 5, list("abcde"))
+    with pytest.raises(ConfigError) as info:
+        check_resume_model(module, resume)
+    msg = str(info.value)
+    assert "\n" not in msg and str(last) in msg and "after the overrides model.embed_dim=16 (was 32)" in msg
+    assert re.search(r"aggregator\.decode_head\.\S+: checkpoint \(32, .*\) vs model \(16, ", msg), msg
+    cfg = compose_cfg(*tiny_args(tmp_path), f"ckpt_path={last}")
+    cfg.paths.output_dir = str(last.parents[1])
+    same = prepare_resume(cfg)
+    check_resume_model(build_module(same.config, 5, list("abcde")), same)  # the stored config fits
 
 
 # -- DDP on CPU ---------------------------------------------------------------------------------------
@@ -250,8 +321,10 @@ def test_ddp_cpu_matches_single_process_validation(run_cli, make_data_dir, compo
     assert ckpt_step(last) == 2
 
     # the same weights validated by one process: resuming at max_steps trains nothing and validates
-    single = run_cli(*args, f"ckpt_path={last}")
-    ref = read_metrics(only_run_dir(single))
+    single = run_cli(*args, "trainer=cpu", f"ckpt_path={last}")
+    assert "command-line overrides: trainer=cpu" in single.stdout, report(single)
+    assert only_run_dir(single) == ddp_dir
+    ref = read_metrics(ddp_dir)
     assert ref["step"] == 2
     assert_same_metrics(ddp["val"], ref["val"])
 
@@ -273,6 +346,13 @@ def test_multirun_sweep_runs_every_job_with_its_own_wandb_run(run_cli, tiny_over
         assert (job / "checkpoints" / "last.ckpt").is_file()
         lrs.append(OmegaConf.load(job / ".hydra" / "config.yaml").optim.optimizer.lr)
     assert lrs == [1e-3, 2e-3]
+    table = (sweeps[0] / "sweep.md").read_text()  # overrides -> metrics, the best job marked
+    best = max((0, 1), key=lambda j: read_metrics(jobs[j])["val"]["mIoU"])
+    for j, lr in enumerate(("0.001", "0.002")):  # as Hydra writes the swept values
+        m = read_metrics(jobs[j])["val"]
+        row = f"| {j} | {lr} | {100 * m['mIoU']:.1f} | {100 * m['mVC8']:.1f} | {'*' if j == best else ''} |"
+        assert row in table, table
+    assert (sweeps[0] / "sweep.csv").is_file() and "[vss] sweep of 2 jobs" in proc.stdout
 
     # W&B: wandb.finish() between jobs, so each job has its own finished offline run with its own numbers
     runs = [wandb_run(job) for job in jobs]

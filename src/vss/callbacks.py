@@ -1,16 +1,39 @@
-"""Lightning callbacks of the suite: validation images (PNGs and W&B masks) and the per-class IoU table."""
+"""Lightning callbacks of the suite: validation overlays (PNGs, TensorBoard, W&B masks) with the data's class
+colours and a legend, the step progress bar, the run report (per-validation lines, ``ddp_spawn`` results)
+and the checkpoint written when SIGTERM stops a run."""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from vss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from vss.data.vspw import IGNORE_INDEX
+
+RUN_LOG = logging.getLogger("vss.report")
+SUMMARY_KEYS = ("mIoU", "fwIoU", "mVC8", "mVC16")
+QUIET_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)",  # torch's pytree deprecation, from inside Lightning
+    r"It is recommended to use `self\.log\('(val|test)/",  # the metrics are synced by torchmetrics before logging
+)
+
+
+def quiet_warnings() -> None:
+    """Ignore the known-harmless warnings (:data:`QUIET_WARNINGS`) in this process (a spawned rank too)."""
+    import warnings
+
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -27,25 +50,101 @@ def palette(num_classes: int) -> np.ndarray:
     return pal
 
 
-def _wandb(trainer: pl.Trainer) -> Any:
-    from pytorch_lightning.loggers import WandbLogger
+def class_palette(num_classes: int, colours: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """A 256x3 lookup table: the data's class colours (``data.palette``) where given, else :func:`palette`;
+    ignore (255) and unused values black."""
+    pal = palette(num_classes)
+    if colours is not None:
+        pal[: len(colours)] = np.asarray(colours, np.uint8).reshape(-1, 3)
+    pal[num_classes:] = 0
+    return pal
 
-    return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+def draw_legend(width: int, names: Sequence[str], colours: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """Rows of colour swatch + class name for ``classes`` (and ignore), ``width`` pixels wide (RGB uint8)."""
+    import cv2
+
+    entries = [(names[c], tuple(int(v) for v in colours[c])) for c in classes]
+    entries.append(("ignore", (0, 0, 0)))
+    font, scale, thick, line = cv2.FONT_HERSHEY_SIMPLEX, 0.35, 1, 12
+    widths = [12 + cv2.getTextSize(n, font, scale, thick)[0][0] + 8 for n, _ in entries]
+    rows, x = [[]], 0
+    for entry, w in zip(entries, widths, strict=True):
+        if x + w > width and rows[-1]:
+            rows.append([])
+            x = 0
+        rows[-1].append((entry, x))
+        x += w
+    legend = np.full((line * len(rows) + 2, width, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        y = r * line + 1
+        for (name, colour), x0 in row:
+            cv2.rectangle(legend, (x0 + 1, y + 1), (x0 + 9, y + 9), colour, -1)
+            cv2.rectangle(legend, (x0 + 1, y + 1), (x0 + 9, y + 9), (90, 90, 90), 1)
+            cv2.putText(legend, name, (x0 + 12, y + 9), font, scale, (0, 0, 0), thick, cv2.LINE_AA)
+    return legend
+
+
+def overlay_panel(
+    image: np.ndarray, pred: np.ndarray, gt: np.ndarray, pal: np.ndarray, names: Sequence[str]
+) -> np.ndarray:
+    """frame | prediction | ground truth (class colours blended at 50%), with a legend of the classes shown."""
+    tiles = [image] + [(0.5 * image + 0.5 * pal[m]).astype(np.uint8) for m in (pred, gt)]
+    panel = np.concatenate(tiles, 1)
+    shown = sorted({int(v) for v in np.unique(np.concatenate([pred.ravel(), gt.ravel()])) if v < len(names)})
+    return np.concatenate([panel, draw_legend(panel.shape[1], names, pal, shown)], 0)
+
+
+def pick_overlay_frames(videos: Sequence[Any], count: int, root: Path | None = None) -> list[tuple[str, int]]:
+    """``count`` (video, frame) pairs spread over the videos; in each, a frame where the synthetic set hid an
+    object's colour (``hidden.json``) when there is one, else frames spread over the video."""
+    if not videos or count <= 0:
+        return []
+    picks: list[tuple[str, int]] = []
+    order = [videos[i] for i in np.linspace(0, len(videos) - 1, min(count, len(videos))).round().astype(int)]
+    rounds = math.ceil(count / len(order))
+    for video in order:
+        hidden: list[int] = []
+        info = None if root is None else Path(root) / "data" / video.name / "hidden.json"
+        if info is not None and info.is_file():
+            data = json.loads(info.read_text())
+            hidden = sorted(
+                {t for o in data.get("objects", []) for t in o.get("hidden", [])} | set(data.get("storm", []))
+            )
+        n = len(video)
+        spread = [int(round((j + 1) * (n - 1) / (rounds + 1))) for j in range(rounds)]
+        chosen = [hidden[int(j * len(hidden) / rounds)] for j in range(min(rounds, len(hidden)))] if hidden else []
+        chosen += [t for t in spread if t not in chosen][: rounds - len(chosen)]
+        picks += [(video.name, t) for t in chosen]
+    return picks[:count]
+
+
+def _logger(trainer: pl.Trainer, kind: str) -> Any:
+    from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+
+    cls = {"wandb": WandbLogger, "tensorboard": TensorBoardLogger}[kind]
+    return next((lg for lg in trainer.loggers if isinstance(lg, cls)), None)
 
 
 class ValidationImages(pl.Callback):
-    """Keeps the first ``num_images`` validation targets; after each validation writes frame | prediction |
-    truth panels under ``dirpath/stepNNNNNNN/`` and, with W&B, logs them as mask overlays plus the per-class
-    IoU table (rank 0 only)."""
+    """After each validation: frame | prediction | truth panels of ``num_images`` targets spread over the
+    validation videos (frames whose colour cue the synthetic set hid, where known), in the data's class colours
+    with a legend, under ``dirpath/stepNNNNNNN/``; also to TensorBoard, and to W&B as mask overlays with the
+    per-class IoU table (rank 0 only)."""
 
     def __init__(self, num_images: int = 4, dirpath: str | None = None) -> None:
         super().__init__()
         self.num_images = int(num_images)
         self.dirpath = Path(dirpath) if dirpath else None
         self._kept: list[dict[str, Any]] = []
+        self._wanted: set[tuple[str, int]] = set()
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self._kept = []
+        dm = getattr(trainer, "datamodule", None)
+        if not self._wanted and dm is not None and hasattr(dm, "videos"):
+            videos = dm.videos(dm.splits["validate"])
+            self._wanted = set(pick_overlay_frames(videos, self.num_images, getattr(dm, "root", None)))
 
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -53,8 +152,9 @@ class ValidationImages(pl.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero or not isinstance(outputs, dict):
             return
         for item, pred in zip(outputs.get("items", []), outputs.get("preds", []), strict=True):
-            if len(self._kept) >= self.num_images:
-                return
+            key = (item["video"], int(item["frame"]))
+            if self._wanted and key not in self._wanted or len(self._kept) >= self.num_images:
+                continue
             img = item["images"][-1] if item["images"].ndim == 4 else item["images"]
             mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
             img = ((img.float().cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
@@ -68,10 +168,10 @@ class ValidationImages(pl.Callback):
             )
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        kept, self._kept = self._kept, []
+        kept, self._kept = sorted(self._kept, key=lambda o: o["name"]), []
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        wb = _wandb(trainer)
+        wb = _logger(trainer, "wandb")
         per_class = (getattr(pl_module, "last_metrics", {}) or {}).get("per_class_iou")
         if wb is not None and per_class:
             rows = [[n, v] for n, v in per_class.items()]
@@ -80,21 +180,23 @@ class ValidationImages(pl.Callback):
             return
         import cv2
 
-        pal = palette(pl_module.num_classes)
-        pal[IGNORE_INDEX] = 0
+        dm = getattr(trainer, "datamodule", None)
+        pal = class_palette(pl_module.num_classes, getattr(dm, "palette", None))
+        names = list(pl_module.class_names)
         for o in kept:  # the frame was resized for the network; bring it back to the mask size
             o["image"] = cv2.resize(o["image"], o["gt"].shape[::-1], interpolation=cv2.INTER_LINEAR)
+            o["panel"] = overlay_panel(o["image"], o["pred"], o["gt"], pal, names)
         if self.dirpath is not None:
             out = self.dirpath / f"step{trainer.global_step:07d}"
             out.mkdir(parents=True, exist_ok=True)
             for o in kept:
-                img = o["image"]
-                panel = np.concatenate(
-                    [img] + [(0.5 * img + 0.5 * pal[o[k]]).astype(np.uint8) for k in ("pred", "gt")], 1
-                )
-                cv2.imwrite(str(out / f"{o['name']}.png"), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
+                cv2.imwrite(str(out / f"{o['name']}.png"), cv2.cvtColor(o["panel"], cv2.COLOR_RGB2BGR))
+        tb = _logger(trainer, "tensorboard")
+        if tb is not None:
+            for o in kept:
+                tb.experiment.add_image(f"val/overlays/{o['name']}", o["panel"], trainer.global_step, dataformats="HWC")
         if wb is not None:
-            labels = dict(enumerate(pl_module.class_names)) | {IGNORE_INDEX: "ignore"}
+            labels = dict(enumerate(names)) | {IGNORE_INDEX: "ignore"}
             masks = [
                 {
                     "predictions": {"mask_data": o["pred"], "class_labels": labels},
@@ -109,3 +211,86 @@ class ValidationImages(pl.Callback):
                 caption=[o["name"] for o in kept],
                 step=trainer.global_step,
             )
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar for the whole job: ``step n/max_steps``, the ETA of the remaining steps, the training loss and
+    the latest validation mIoU (not Lightning's per-epoch bar)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.initial = bar.n = trainer.global_step
+        bar.set_description("step")
+        bar.refresh()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        pass  # one bar across epochs
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        n = trainer.global_step
+        if bar is not None and (n % max(self.refresh_rate, 1) == 0 or n >= trainer.max_steps):
+            bar.n = n
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        pass
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: Any) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return {k.replace("train/", "").replace("val/", "val "): v for k, v in metrics.items()}
+
+
+class RunReport(pl.Callback):
+    """Per validation: a ``[vss] validation at step N`` line in ``train.log`` and the metrics by step (for the
+    final summary). ``ddp_spawn`` runs fit/validate/test in worker processes and hands back only rank 0's
+    ``trainer.callback_metrics``: keep the final step and the per-class IoU there too, as tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: dict[int, dict[str, Any]] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        quiet_warnings()  # ddp_spawn ranks start a fresh interpreter without the main process's filters
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        trainer.callback_metrics["vss/step"] = torch.tensor(trainer.global_step)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if trainer.sanity_checking:
+            return
+        self._per_class(trainer, pl_module, "val")
+        metrics = {k: v for k, v in (pl_module.last_metrics or {}).items() if k != "per_class_iou"}
+        if metrics and trainer.is_global_zero:
+            self.history[trainer.global_step] = metrics
+            line = " | ".join(f"{k} {metrics[k]:.4f}" for k in SUMMARY_KEYS if metrics.get(k) is not None)
+            RUN_LOG.info("[vss] validation at step %d: %s", trainer.global_step, line)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._per_class(trainer, pl_module, "test")
+
+    @staticmethod
+    def _per_class(trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        if trainer.sanity_checking:
+            return
+        values = (pl_module.last_metrics.get("per_class_iou") or {}).values()
+        iou = [math.nan if v is None else float(v) for v in values]
+        trainer.callback_metrics[f"vss/{stage}_per_class_iou"] = torch.tensor(iou, dtype=torch.float64)
+
+
+class SaveOnSigterm(pl.Callback):
+    """When SIGTERM stops training (preemption, ``timeout``), write ``dirpath/last.ckpt`` at the current step, so a
+    resume loses nothing; not mid-validation (the last validation's ``last.ckpt`` stays)."""
+
+    def __init__(self, dirpath: str | Path) -> None:
+        super().__init__()
+        self.dirpath = Path(dirpath)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or not trainer.training or trainer.sanity_checking:
+            return
+        trainer.save_checkpoint(self.dirpath / "last.ckpt")

@@ -1,4 +1,5 @@
-"""Atomic checkpoint writes: a crash mid-save never leaves a truncated ``.ckpt`` behind."""
+"""Atomic checkpoint writes: a crash mid-save never leaves a truncated ``.ckpt`` behind; a kill mid-save leaves a
+``.NAME.*.tmp`` file, which the next start of the same run removes; checkpoints get the process's umask."""
 
 from __future__ import annotations
 
@@ -11,6 +12,27 @@ import torch
 from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+TMP_GLOB = ".*.tmp"
+"""The temporary files of :func:`atomic_torch_save` (``.last.ckpt.<random>.tmp``)."""
+
+
+def umask() -> int:
+    """The process's file mode creation mask (read without changing it for good)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporary_files(dirpath: _PATH) -> list[Path]:
+    """Delete the half-written temporary checkpoints a killed write left in ``dirpath``; returns them.
+
+    Call it when a run starts or resumes, before anything of this run writes there.
+    """
+    stale = sorted(Path(dirpath).glob(TMP_GLOB)) if Path(dirpath).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
 
 def atomic_torch_save(obj: Any, path: _PATH) -> None:
     """``torch.save`` into a temporary file next to ``path``, fsync, then rename over it."""
@@ -22,6 +44,7 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp creates 0600; a checkpoint is as readable as any other file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
+import netrc
 import os
+import re
 import secrets
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +25,33 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the key, the value and what is allowed."""
 
 
+def _end_progress_bars() -> None:
+    """Close live tqdm bars, so that what is printed next starts on a new line, not after a bar's ``\\r``."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        bar.close()
+
+
+def print_error(message: str) -> None:
+    """``error: message`` on stderr, on a line of its own (after any progress bar)."""
+    _end_progress_bars()
+    sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn config and dataset errors into one clear line on stderr and exit code 2 (no stack trace)."""
-    import functools
-    import sys
-
-    from vss.data.vspw import DatasetError
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DatasetError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+        except Exception as e:
+            vspw = sys.modules.get("vss.data.vspw")  # imported by whoever raised a DatasetError
+            if isinstance(e, ConfigError) or (vspw is not None and isinstance(e, vspw.DatasetError)):
+                print_error(str(e))
+                raise SystemExit(2) from None
+            raise
 
     return wrapper
 
@@ -52,6 +70,17 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("vss_uid"):
         uid = f"{os.getpid()}-{secrets.token_hex(3)}"
         OmegaConf.register_new_resolver("vss_uid", lambda: uid, use_cache=True)
+    if not OmegaConf.has_resolver("vss_knobs_key"):
+        OmegaConf.register_new_resolver("vss_knobs_key", knobs_key)
+
+
+def knobs_key(knobs: Any) -> str:
+    """``${vss_knobs_key:${data.synthetic}}``: 8 hex digits of a hash of every generator setting (cache key)."""
+    import hashlib
+    import json
+
+    plain = OmegaConf.to_container(knobs, resolve=True) if isinstance(knobs, DictConfig) else knobs
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -79,8 +108,12 @@ def _num(v: Any) -> bool:
 
 def validate_train_config(cfg: DictConfig) -> None:
     """Check the composed training config; raise :class:`ConfigError` naming the first bad key."""
-    from vss.models.encoders import ENCODER_NAMES
+    check_train_values(cfg)
+    check_model_values(cfg)
 
+
+def check_train_values(cfg: DictConfig) -> None:
+    """The checks that need neither torch nor the model code (they run before torch is imported)."""
     _check(
         cfg,
         "trainer.max_steps",
@@ -125,20 +158,35 @@ def validate_train_config(cfg: DictConfig) -> None:
         "[low, high] with 0 < low <= high",
     )
     _check(cfg, "data.cat_max_ratio", lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]")
-    from vss.models.aggregators.base import check_offsets
-
-    offsets = check_offsets(_get(cfg, "model.offsets") or [])
-    data_offsets = OmegaConf.select(cfg, "data.clip.offsets", default=None)
-    if data_offsets is not None and list(data_offsets) != list(offsets):
-        raise ConfigError(
-            f"data.clip.offsets={list(data_offsets)} differs from model.offsets={list(offsets)}: the clip belongs "
-            "to the model; set model.offsets=... (data.clip.offsets follows it)"
-        )
+    _check(cfg, "data.train_repeat", lambda v: _int(v) and v > 0, "a positive integer (clips per video per epoch)")
+    for key, choices in (
+        ("data.iou_mean", ("gt_present", "union")),
+        ("data.missing_frames", ("error", "clamp")),  # Cityscapes video
+        ("data.label_file", ("auto", "labelIds", "labelTrainIds")),
+        ("data.label_form", ("index", "colour")),  # CamVid video
+        ("data.colour_convention", ("grouped", "exact")),
+    ):
+        _check(cfg, key, lambda v, c=choices: v in c, f"one of {list(choices)}", optional=True)
+    _check(cfg, "data.synthetic.label_every", lambda v: _int(v) and v > 0, "a positive integer", optional=True)
+    _check(
+        cfg,
+        "data.clip.offsets",
+        lambda v: OmegaConf.is_list(v) or isinstance(v, list | tuple),
+        "a list of reference offsets that follows model.offsets (set model.offsets=[...] instead)",
+        optional=True,
+    )
+    _check(cfg, "model.embed_dim", lambda v: _int(v) and v > 0, "a positive integer", optional=True)
+    if OmegaConf.select(cfg, "stm", default=None) is not None:
+        _check(cfg, "stm.p", lambda v: _num(v) and 0 < v <= 1, "a token ratio in (0, 1], or null", optional=True)
+        _check(cfg, "stm.top_n", lambda v: _int(v) and v > 0, "a positive integer")
     _check(cfg, "data.clip.reverse_prob", lambda v: _num(v) and 0 <= v <= 1, "a probability in [0, 1]")
     root = _get(cfg, "data.root")
     if "Synthetic" not in str(_get(cfg, "data._target_")) and not Path(str(root)).is_dir():
-        raise ConfigError(f"data.root={root!r} is invalid: the directory does not exist (expected a VSPW-layout root)")
-    _check(cfg, "encoder.name", lambda v: v in ENCODER_NAMES, f"one of {sorted(ENCODER_NAMES)}")
+        raise ConfigError(
+            f"data.root={root!r} is invalid: the directory does not exist (expected the dataset's root folder)"
+        )
+            f"data.root={root!r} is invalid: the directory does not exist (expected the dataset's root folder)"
+        )
     _check(
         cfg,
         "encoder.pretrained",
@@ -162,6 +210,53 @@ def validate_train_config(cfg: DictConfig) -> None:
     target = _get(cfg, "model._target_")
     if not isinstance(target, str) or not target.startswith("vss.models.aggregators."):
         raise ConfigError(f"model._target_={target!r} is invalid: expected a class under vss.models.aggregators")
+    check_wandb_login(cfg)
+
+
+def check_model_values(cfg: DictConfig) -> None:
+    """The checks that read the model code (encoder names, the offsets' rules): after the cheap ones."""
+    from vss.models.aggregators.base import check_offsets
+    from vss.models.encoders import ENCODER_NAMES
+
+    _check(cfg, "encoder.name", lambda v: v in ENCODER_NAMES, f"one of {sorted(ENCODER_NAMES)}")
+    offsets = check_offsets(_get(cfg, "model.offsets") or [])
+    data_offsets = OmegaConf.select(cfg, "data.clip.offsets", default=None)
+    if data_offsets is not None and list(data_offsets) != list(offsets):
+        raise ConfigError(
+            f"data.clip.offsets={list(data_offsets)} differs from model.offsets={list(offsets)}: the clip belongs "
+            "to the model; set model.offsets=... (data.clip.offsets follows it)"
+        )
+
+
+OFFLINE_MODES = ("offline", "dryrun", "disabled")
+
+
+def wandb_logged_in() -> bool:
+    """Whether W&B has an API key without asking the network: ``WANDB_API_KEY`` or a netrc entry for its host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0].split(":")[0]
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return path.is_file() and netrc.netrc(str(path)).authenticators(host) is not None
+    except (netrc.NetrcParseError, OSError):
+        return False
+
+
+def check_wandb_login(cfg: DictConfig) -> None:
+    """``logger=wandb`` online without a login would stop at W&B's prompt or fail late: say how to go offline."""
+    loggers = cfg.get("logger") or {}
+    wandb_loggers = [
+        c for c in loggers.values() if isinstance(c, DictConfig) and "WandbLogger" in str(c.get("_target_", ""))
+    ]
+    if not wandb_loggers or all(c.get("offline") for c in wandb_loggers):
+        return
+    if os.environ.get("WANDB_MODE", "").lower() in OFFLINE_MODES or wandb_logged_in():
+        return
+    raise ConfigError(
+        "logger=wandb needs a W&B login (run `wandb login` or set WANDB_API_KEY), or run offline: WANDB_MODE=offline "
+        "(or logger.wandb.offline=true); upload an offline run later with `wandb sync RUN/wandb/offline-run-*`"
+    )
 
 
 def check_ddp_multirun(cfg: DictConfig, multirun: bool) -> None:
@@ -174,3 +269,116 @@ def check_ddp_multirun(cfg: DictConfig, multirun: bool) -> None:
             "trainer.strategy=ddp cannot run inside a Hydra multirun (-m): Lightning re-launches the script per "
             "rank. Use trainer=ddp_spawn for sweeps, or launch each run of the sweep on its own without -m."
         )
+
+
+# -- the command line, before Hydra ------------------------------------------------------------------------
+def _leaf_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a config (containers and leaves), e.g. ``stm``, ``stm.p``."""
+    keys: list[str] = []
+    if isinstance(node, DictConfig):
+        for k in node:
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys += _leaf_keys(node._get_node(k), f"{full}.")
+    return keys
+
+
+def closest_key(key: str, cfg: DictConfig) -> str | None:
+    """The key of ``cfg`` closest to a mistyped ``key`` (``stm.pp`` -> ``stm.p``), or None."""
+    keys = _leaf_keys(cfg)
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    siblings = [k for k in keys if k.rsplit(".", 1)[0] == parent] if parent else []
+    for pool in (siblings, keys):
+        close = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
+        if close:
+            return close[0]
+    return None
+
+
+def _task_overrides(argv: Sequence[str]) -> tuple[list[str], bool] | None:
+    """The config overrides of a Hydra command line (sweeps reduced to their first value) and whether it is a
+    multirun; None where Hydra itself answers (``--help``, ``--info``, another config) or the line does not parse."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        args = get_args_parser().parse_args(list(argv))
+    except SystemExit:
+        return None
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun:
+        return None
+    if args.config_name or args.config_path or args.config_dir:
+        return None
+    out = []
+    try:
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception:  # Hydra reports a malformed override itself
+        return None
+    for text, o in zip(args.overrides, parsed, strict=True):
+        if o.key_or_group.startswith(("hydra.", "hydra/")) or o.key_or_group == "hydra":
+            continue
+        if o.is_sweep_override():
+            out.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
+        else:
+            out.append(text)
+    return out, bool(args.multirun)
+
+
+def check_command_line(config_name: str, argv: Sequence[str]) -> None:
+    """Compose ``config_name`` with the command line's overrides as Hydra will, without torch: a key that is not
+    in the config is a :class:`ConfigError` suggesting the closest key, a missing group option lists the options."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    parsed = _task_overrides(argv)
+    if parsed is None or GlobalHydra.instance().is_initialized():
+        return
+    overrides, _ = parsed
+    register_resolvers()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            try:
+                compose(config_name=config_name, overrides=overrides)
+                return
+            except MissingConfigException as e:
+                options = ", ".join(getattr(e, "options", None) or [])
+                first = str(e).strip().splitlines()[0]
+                raise ConfigError(f"{first}" + (f"; available: {options}" if options else "")) from None
+            except ConfigCompositionException as e:
+                named = re.search(r"Could not override '([^']+)'", str(e))
+                key = named.group(1) if named else getattr(e.__cause__, "full_key", None) or ""
+                bad = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), None)
+                if not key or bad is None:
+                    raise ConfigError(" ".join(str(e).split())) from None
+                base = compose(config_name=config_name, overrides=[o for o in overrides if o is not bad])
+                close = closest_key(key, base)
+                hint = f"; did you mean `{close}`?" if close else ""
+                raise ConfigError(
+                    f"{bad.split('=', 1)[0]} is not a key of the {config_name} config{hint} "
+                    f"(`+{key}=...` adds a new key)"
+                ) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def run_dir_of_checkpoint(ckpt_path: str | Path) -> Path | None:
+    """The run directory a checkpoint belongs to: ``RUN`` for ``RUN/checkpoints/X.ckpt`` (``RUN/.hydra`` exists)."""
+    path = Path(str(ckpt_path)).expanduser()
+    run = path.parent.parent
+    if path.parent.name == "checkpoints" and (run / ".hydra").is_dir():
+        return run
+    return None
+
+
+def resume_arguments(argv: Sequence[str]) -> list[str]:
+    """The command line of a resume (``ckpt_path=RUN/checkpoints/X.ckpt``, not ``-m``): continue in ``RUN``
+    (``hydra.run.dir=RUN``, its ``.hydra/`` left as the run wrote it); any other command line unchanged."""
+    parsed = _task_overrides(argv)
+    if parsed is None or parsed[1] or any(a.startswith(("hydra.run.dir=", "hydra.output_subdir=")) for a in argv):
+        return list(argv)
+    ckpt = next((o.split("=", 1)[1] for o in parsed[0] if o.startswith("ckpt_path=")), None)
+    run = run_dir_of_checkpoint(ckpt) if ckpt not in (None, "null") else None
+    if run is None:
+        return list(argv)
+    return [*argv, f'hydra.run.dir="{run}"', "hydra.output_subdir=null"]

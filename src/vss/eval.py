@@ -91,15 +91,19 @@ def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     def consume(items: list[dict[str, Any]], preds: list[torch.Tensor]) -> None:
         preds = [p.cpu() for p in preds]
         module.update_metrics("test", items, preds)
-        if cfg.save_predictions:
+        if cfg.save_predictions:  # the scored (labelled) frames, under their whole video's name
             for item, p in zip(items, preds, strict=True):
-                save_prediction(p, pred_dir / item["video"] / item["frame_name"])
+                if bool(item.get("labelled", True)):
+                    save_prediction(p, pred_dir / item.get("source_video", item["video"]) / item["frame_name"])
+
+    from vss.models.precision import inference_precision
 
     start, frames = time.perf_counter(), 0
-    for batch in tqdm(loader, desc=f"eval {cfg.split} ({cfg.mode})", disable=not cfg.progress):
-        frames += len(batch["images"])
-        consume(*module.eval_step({**batch, "images": batch["images"].to(device)}))
-    consume(*module.eval_finish())
+    with inference_precision(OmegaConf.select(cfg, "trainer.precision", default="32-true"), device):
+        for batch in tqdm(loader, desc=f"eval {cfg.split} ({cfg.mode})", disable=not cfg.progress):
+            frames += len(batch["images"])
+            consume(*module.eval_step({**batch, "images": batch["images"].to(device)}))
+        consume(*module.eval_finish())
     seconds = time.perf_counter() - start
     metrics = module.compute_metrics("test")
     metrics |= {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, "global_step": ckpt.get("global_step")}
@@ -107,21 +111,33 @@ def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if cfg.save_predictions:
         metrics["pred_root"] = str(pred_dir)
     print(f"[vss] {cfg.mode} mode: {frames} frames in {seconds:.1f} s ({frames / max(seconds, 1e-9):.2f} fps)")
+    if cfg.save_predictions:
+        print(f"[vss] predictions written to {pred_dir}/<video>/<frame>.png")
     return metrics
 
 
 def score_folder(cfg: DictConfig) -> dict[str, Any]:
-    """Score ``cfg.pred_root`` against the ground truth of ``cfg.data``."""
-    from vss.data.vspw import LabelMap
+    """Score ``cfg.pred_root`` against the ground truth of ``cfg.data`` (its reader, classes and mIoU rule)."""
     from vss.metrics import score_predictions
 
     if cfg.get("data") is None:
         raise ConfigError(
             "pred_root needs the ground truth: pass data=vspw data.root=/path/to/VSPW (or another data group)"
         )
-    lm = OmegaConf.to_container(cfg.data.get("label_map") or {"reduce_zero_label": True})
-    label_map = LabelMap(int(cfg.data.num_classes), **lm)
-    metrics = score_predictions(cfg.pred_root, cfg.data.root, cfg.split, label_map)
+    # scoring reads no clips (and has no model.offsets for data.clip to follow)
+    fixed = {"num_workers": 0, "persistent_workers": False, "clip": {"offsets": []}, "seed": 0}
+    data = OmegaConf.merge(cfg.data, fixed)
+    datamodule = instantiate(data)
+    datamodule.prepare_data()  # the synthetic set: generated if not cached
+    videos = datamodule.videos(cfg.split)
+    metrics = score_predictions(
+        cfg.pred_root,
+        videos,
+        datamodule.label_map,
+        datamodule.class_names,
+        iou_mean=datamodule.iou_mean,
+        read_label=datamodule.read_label,
+    )
     return metrics | {"pred_root": str(cfg.pred_root), "split": cfg.split}
 
 

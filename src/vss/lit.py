@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -18,6 +19,16 @@ from vss.models.segmenter import Segmenter
 from vss.models.streamer import Streamer, StreamOutput, unbatch
 
 VAL_MODES = ("stream", "clip")
+log = logging.getLogger("vss")
+
+
+def not_applicable_vc(n: int) -> str:
+    """Why mVC_n has no value: no video (or run of consecutive labelled frames) longer than ``n`` frames."""
+    return (
+        f"not applicable: VC_{n} needs more than {n} consecutive labelled frames in a video and none has them "
+        "(sparse labels, or videos too short)"
+    )
+
 
 NORM_LAYERS = (
     nn.LayerNorm,
@@ -65,6 +76,7 @@ class VSSModule(pl.LightningModule):
         vc_windows: Sequence[int] = (8, 16),
         val_mode: str = "stream",
         stream_batch_size: int = 8,
+        iou_mean: str = "gt_present",
         config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -83,7 +95,7 @@ class VSSModule(pl.LightningModule):
             {
                 stage: nn.ModuleDict(
                     {
-                        "iou": SegmentationIoU(self.num_classes),
+                        "iou": SegmentationIoU(self.num_classes, mean=iou_mean),
                         **{f"vc{n}": VideoConsistency(n) for n in self.vc_windows},
                     }
                 )
@@ -91,6 +103,7 @@ class VSSModule(pl.LightningModule):
             }
         )
         self.last_metrics: dict[str, Any] = {}
+        self._told_not_applicable: dict[str, bool] = {}
 
     def forward(self, clip: Tensor) -> dict[str, Tensor]:
         return self.segmenter(clip)
@@ -116,6 +129,8 @@ class VSSModule(pl.LightningModule):
         """Add target predictions (each at its label's size, frames in video order) to the stage's metrics."""
         m = self.metrics[stage]
         for item, pred in zip(items, preds, strict=True):
+            if not bool(item.get("labelled", True)):  # sparse labels: a reference-only frame is not scored
+                continue
             m["iou"].update(pred[None], item["labels"][None])
             for n in self.vc_windows:
                 m[f"vc{n}"].update(pred[None], item["raw_target"][None], [item["video"]], [int(item["frame"])])
@@ -125,7 +140,12 @@ class VSSModule(pl.LightningModule):
         m = self.metrics[stage]
         iou = m["iou"].compute()
         scores = {k: float(iou[k]) for k in ("mIoU", "fwIoU", "pixel_accuracy")}
-        scores |= {f"mVC{n}": float(m[f"vc{n}"].compute()) for n in self.vc_windows}
+        for n in self.vc_windows:
+            vc = float(m[f"vc{n}"].compute())
+            if math.isnan(vc):  # no window: reported as not applicable, never as a number
+                scores.setdefault("not_applicable", {})[f"mVC{n}"] = not_applicable_vc(n)
+            else:
+                scores[f"mVC{n}"] = vc
         per_class = iou["per_class_iou"].tolist()
         scores["per_class_iou"] = {
             n: (None if math.isnan(v) else v) for n, v in zip(self.class_names, per_class, strict=True)
@@ -180,8 +200,27 @@ class VSSModule(pl.LightningModule):
     def _epoch_end(self, stage: str) -> None:
         self.update_metrics(stage, *self.eval_finish())
         self.last_metrics = self.compute_metrics(stage)
-        headline = {k: v for k, v in self.last_metrics.items() if k != "per_class_iou"}
-        self.log_dict({f"{stage}/{k}": float(v) for k, v in headline.items()}, sync_dist=False)
+        headline = {k: v for k, v in self.last_metrics.items() if k not in ("per_class_iou", "not_applicable")}
+        for key, reason in self.last_metrics.get("not_applicable", {}).items():
+            if not self._told_not_applicable.get(key):
+                log.warning("%s %s", key, reason)
+                self._told_not_applicable[key] = True
+        scalars = {f"{stage}/{k}": float(v) for k, v in headline.items()}
+        # callback_metrics (checkpoint monitor, progress bar) here; the loggers below, at the trainer's step
+        bar = "val/mIoU" if stage == "val" and "val/mIoU" in scalars else None
+        self.log_dict({k: v for k, v in scalars.items() if k != bar}, logger=False, sync_dist=False)
+        if bar is not None:
+            self.log(bar, scalars[bar], prog_bar=True, logger=False, sync_dist=False)
+        per_class = self.last_metrics.get("per_class_iou") or {}
+        self.log_to_loggers(scalars | {f"{stage}/iou/{n}": v for n, v in per_class.items() if v is not None})
+
+    def log_to_loggers(self, metrics: Mapping[str, float]) -> None:
+        """Log ``metrics`` at ``global_step``, the step of the weights evaluated (as checkpoints, overlays and the
+        summary say); Lightning would log epoch-end metrics of a validation inside fit at ``global_step - 1``."""
+        if self._trainer is None or self.trainer.sanity_checking:
+            return
+        for logger in self.loggers:
+            logger.log_metrics(dict(metrics), step=self.global_step)
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_end("val")

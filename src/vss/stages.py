@@ -212,3 +212,131 @@ def convert_sync_batchnorm(segmenter: nn.Module, frozen: Sequence[str] = ()) -> 
 
     convert(segmenter, "")
     return segmenter
+
+
+# -- resume ------------------------------------------------------------------------------------------
+ALWAYS_CURRENT = ("ckpt_path",)
+"""Keys a resume takes from the command line's config, not the checkpoint's."""
+
+
+@dataclass
+class Resume:
+    """A resume (``ckpt_path=``): the checkpoint, its step, the run's config and what the command line changed."""
+
+    path: str
+    step: int
+    config: DictConfig
+    changes: list[str] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    stored: bool = True
+
+    def summary(self) -> str:
+        """One line: ``[vss] resuming from PATH (step N) with its stored config; overrides: ...``."""
+        source = "its stored config" if self.stored else "this command line's config (the checkpoint stores none)"
+        changed = "; command-line overrides: " + ", ".join(self.changes) if self.changes else ""
+        return f"[vss] resuming from {self.path} (step {self.step}) with {source}{changed}"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, DictConfig | dict):
+        return "{...}"
+    return str(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value).replace(" ", "")
+
+
+def _remap(node: Any, old: str, new: str) -> Any:
+    """Every string of a plain container with the prefix ``old`` (a former run directory) moved under ``new``."""
+    if isinstance(node, dict):
+        return {k: _remap(v, old, new) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_remap(v, old, new) for v in node]
+    if isinstance(node, str) and (node == old or node.startswith(old.rstrip("/") + "/")):
+        return new + node[len(old) :]
+    return node
+
+
+def resume_config(
+    current: DictConfig, stored: Mapping[str, Any], overrides: Sequence[str], groups: Sequence[str] | set[str] = ()
+) -> tuple[DictConfig, list[str]]:
+    """The config of a resumed run: the checkpoint's (``stored``, resolved) with the command line's ``overrides``
+    taken from ``current`` (the config Hydra composed from them); returns it and the changes (``key=new (was old)``).
+
+    A group override (``trainer=cpu``) replaces that node; a group without a node of its own (``experiment=``)
+    cannot be re-applied to a stored config and is refused. Paths under the stored run directory follow
+    ``paths.output_dir`` of ``current`` when the run directory moved.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    plain = dict(stored)
+    old_dir = str((plain.get("paths") or {}).get("output_dir") or "")
+    new_dir = str(OmegaConf.select(current, "paths.output_dir", default="") or "")
+    if old_dir and new_dir and old_dir != new_dir:
+        plain = _remap(plain, old_dir, new_dir)
+    merged, original = OmegaConf.create(plain), OmegaConf.create(plain)
+    changes = []
+    for text, o in zip(overrides, OverridesParser.create().parse_overrides(list(overrides)), strict=True):
+        key = o.key_or_group
+        if key in ALWAYS_CURRENT or key.startswith("hydra"):
+            continue
+        if o.is_delete():
+            raise ConfigError(f"{text}: deleting a key is not supported when resuming (ckpt_path=); drop it")
+        if key in groups and OmegaConf.select(current, key, default=None) is None:
+            raise ConfigError(
+                f"{text}: the group {key} sets keys across the config and cannot change when resuming "
+                "(ckpt_path=); start a new run from the checkpoint's weights with init_from= instead"
+            )
+        new = OmegaConf.select(current, key, default=None)
+        old = OmegaConf.select(original, key, default=None)
+        value = OmegaConf.to_container(new, resolve=True) if OmegaConf.is_config(new) else new
+        OmegaConf.update(merged, key, value, merge=False, force_add=True)
+        if key in groups:
+            changes.append(f"{key}={o.value()}")
+        elif old != new:
+            changes.append(f"{key}={_show(new)} (was {_show(old)})")
+    for key in ALWAYS_CURRENT:
+        OmegaConf.update(merged, key, OmegaConf.select(current, key), force_add=True)
+    merged.init_from, merged.init_exclude = None, []  # the weights come from the checkpoint itself
+    return merged, changes
+
+
+def prepare_resume(cfg: DictConfig, overrides: Sequence[str] = (), groups: Sequence[str] | set[str] = ()) -> Resume:
+    """Read ``cfg.ckpt_path`` (tensors memory-mapped): its step, its stored config with ``overrides`` applied
+    (:func:`resume_config`) and its tensor shapes (for :func:`check_resume_model`).
+
+    Also what a SLURM requeue calls with the checkpoint it restarts from.
+    """
+    path = str(cfg.ckpt_path)
+    ckpt = read_checkpoint(path, "ckpt_path", mmap=True)
+    if "optimizer_states" not in ckpt or "global_step" not in ckpt:
+        raise ConfigError(
+            f"ckpt_path={path!r} is a weights-only checkpoint (no optimizer state or step, e.g. "
+            f"written by vss.convert): use init_from={path} to start training from its weights"
+        )
+    stored = (ckpt.get("hyper_parameters") or {}).get("config")
+    shapes = {k: tuple(v.shape) for k, v in segmenter_state_dict(ckpt, path, "ckpt_path").items()}
+    if stored is None:
+        return Resume(path, int(ckpt["global_step"]), cfg, shapes=shapes, stored=False)
+    config, changes = resume_config(cfg, stored, overrides, groups)
+    return Resume(path, int(ckpt["global_step"]), config, changes, shapes)
+
+
+def check_resume_model(module: nn.Module, resume: Resume) -> None:
+    """Refuse, in one line, a checkpoint whose tensors do not fit the model built from the resumed config."""
+    expected = {k[len(PREFIX) :]: tuple(v.shape) for k, v in module.state_dict().items() if k.startswith(PREFIX)}
+    rows = [
+        f"{k}: checkpoint {resume.shapes[k]} vs model {s}"
+        for k, s in expected.items()
+        if k in resume.shapes and resume.shapes[k] != s
+    ]
+    missing = sorted(set(expected) - set(resume.shapes))
+    unexpected = sorted(set(resume.shapes) - set(expected))
+    if not (rows or missing or unexpected):
+        return
+    parts = [f"{len(rows)} tensor shape(s) differ: {preview(rows, 2)}"] if rows else []
+    parts += [f"missing in the checkpoint: {preview(missing, 2)}"] if missing else []
+    parts += [f"not in the model: {preview(unexpected, 2)}"] if unexpected else []
+    cause = f" after the overrides {', '.join(resume.changes)}" if resume.changes else ""
+    raise ConfigError(
+        f"ckpt_path={resume.path!r}: the checkpoint's model does not match the model of the resumed config{cause}: "
+        + "; ".join(parts)
+        + "; drop the model overrides, or start a new run from these weights with init_from= (and init_exclude=)"
+    )

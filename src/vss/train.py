@@ -1,32 +1,57 @@
-"""Training entry point: ``python -m vss.train [overrides]`` (also ``vss-train``)."""
+"""Training entry point: ``python -m vss.train [overrides]`` (also ``vss-train``).
+
+The command line is checked before torch is imported (a mistyped key or a bad value fails in about a second);
+``ckpt_path=RUN/checkpoints/last.ckpt`` resumes in ``RUN`` with the config stored in the checkpoint.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
-import pytorch_lightning as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities import rank_zero_only
 
-from vss.config import CONF_DIR, check_ddp_multirun, friendly_errors, register_resolvers, validate_train_config
-from vss.stages import check_stages, convert_sync_batchnorm, init_weights
+from vss.config import (
+    CONF_DIR,
+    check_command_line,
+    check_ddp_multirun,
+    check_model_values,
+    check_train_values,
+    friendly_errors,
+    print_error,
+    register_resolvers,
+    resume_arguments,
+)
 
 log = logging.getLogger("vss.train")
+RUN_LOG = logging.getLogger("vss.report")
+"""Lines for the run's ``train.log`` only (conf/hydra/default.yaml gives it the file handler, not the console)."""
 SUMMARY_KEYS = ("mIoU", "fwIoU", "mVC8", "mVC16")
+EXIT_SIGTERM = 128 + 15
 
 register_resolvers()
+_ARGV: list[str] = []
+
+
+def say(message: str) -> None:
+    """Print a ``[vss]`` line and write it to the run's ``train.log``."""
+    print(message, flush=True)
+    RUN_LOG.info(message)
 
 
 def build_module(cfg: DictConfig, num_classes: int, class_names: list[str]) -> Any:
     """Encoder + aggregator from ``cfg.encoder`` / ``cfg.model`` (``freeze`` applied), in the LightningModule."""
+    from hydra.utils import instantiate
+
     from vss.lit import VSSModule
     from vss.models.segmenter import Segmenter
 
@@ -40,6 +65,7 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str]) -> A
         head_lr_mult=float(cfg.optim.get("head_lr_mult", 1.0)),
         class_names=class_names,
         val_mode=str(cfg.get("val_mode", "stream")),
+        iou_mean=str(cfg.data.get("iou_mean", "gt_present")),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
 
@@ -53,45 +79,26 @@ def use_eval_path(module: Any, datamodule: Any) -> None:
 
 def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every child with a ``_target_`` (callbacks, loggers)."""
+    from hydra.utils import instantiate
+
     if not cfg:
         return []
     return [instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
-def format_summary(metrics: dict[str, Any], prefix: str = "val") -> str:
+def format_summary(metrics: Mapping[str, Any], prefix: str = "val") -> str:
     """One line with the headline metrics, e.g. ``val mIoU 0.6123 | fwIoU ...``."""
-    return " | ".join(f"{prefix} {k} {metrics[k]:.4f}" for k in SUMMARY_KEYS if k in metrics)
+    return " | ".join(f"{prefix} {k} {metrics[k]:.4f}" for k in SUMMARY_KEYS if metrics.get(k) is not None)
 
 
-class ShareResults(pl.Callback):
-    """``ddp_spawn`` runs fit/validate/test in worker processes and hands back only the weights and rank 0's
-    ``trainer.callback_metrics``: keep the final step and the per-class IoU there too, as tensors."""
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        trainer.callback_metrics["vss/step"] = torch.tensor(trainer.global_step)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        self._per_class(trainer, pl_module, "val")
-
-    def on_test_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        self._per_class(trainer, pl_module, "test")
-
-    @staticmethod
-    def _per_class(trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
-        if trainer.sanity_checking:
-            return
-        values = (pl_module.last_metrics.get("per_class_iou") or {}).values()
-        iou = [math.nan if v is None else float(v) for v in values]
-        trainer.callback_metrics[f"vss/{stage}_per_class_iou"] = torch.tensor(iou, dtype=torch.float64)
-
-
-def _stage_results(module: Any, trainer: pl.Trainer, stage: str) -> dict[str, Any]:
+def _stage_results(module: Any, trainer: Any, stage: str) -> dict[str, Any]:
     """The module's metrics of the last ``stage`` loop; rebuilt from callback_metrics when that loop ran in
     spawned workers (``ddp_spawn``), which leave this process's module untouched."""
     if module.last_metrics:
         return dict(module.last_metrics)
     cm = trainer.callback_metrics
     out: dict[str, Any] = {k.split("/", 1)[1]: float(v) for k, v in cm.items() if k.startswith(f"{stage}/")}
+    out = {k: v for k, v in out.items() if "/" not in k}  # not the per-class val/iou/<class> scalars
     per_class = cm.get(f"vss/{stage}_per_class_iou")
     if per_class is not None:
         names = module.class_names
@@ -101,80 +108,335 @@ def _stage_results(module: Any, trainer: pl.Trainer, stage: str) -> dict[str, An
 
 def _on_cpu(cfg: DictConfig) -> bool:
     """Whether the trainer will run on CPU (``accelerator: cpu``, or ``auto`` without CUDA)."""
+    import torch
+
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
 
 
+def describe_run(cfg: DictConfig, choices: Mapping[str, Any]) -> str:
+    """One line naming what a run trains: groups, steps, batch, learning rate, validation interval."""
+    picked = " ".join(f"{g}={choices[g]}" for g in ("experiment", "data", "encoder", "model") if choices.get(g))
+    if not picked:
+        picked = f"model={str(cfg.model._target_).rsplit('.', 1)[-1]} encoder={cfg.encoder.name}"
+    return (
+        f"[vss] train {picked}: {cfg.trainer.max_steps} steps, batch {cfg.data.batch_size}, "
+        f"lr {cfg.optim.optimizer.lr:g}, validation every {cfg.trainer.val_check_interval} steps, seed {cfg.seed}"
+    )
+
+
+def quiet_output() -> None:
+    """Drop Lightning's product tips and known-harmless deprecation/sync notes; real warnings stay."""
+    from vss.callbacks import quiet_warnings
+
+    quiet_warnings()
+
+    def no_tips(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
+        logger = logging.getLogger(name)
+        for handler in [*logger.handlers, *logging.getLogger().handlers]:
+            if no_tips not in handler.filters:
+                handler.addFilter(no_tips)
+        logger.addFilter(no_tips)
+    show = warnings.showwarning
+
+    def show_and_log(message: Any, category: type[Warning], filename: str, lineno: int, *args: Any) -> None:
+        show(message, category, filename, lineno, *args)
+        RUN_LOG.warning("%s:%d: %s: %s", filename, lineno, category.__name__, message)
+
+    if getattr(warnings.showwarning, "__name__", "") != "show_and_log":
+        warnings.showwarning = show_and_log
+
+
+def _overrides_and_groups() -> tuple[list[str], set[str]]:
+    """The command line's config overrides and the config groups of this Hydra run (none outside Hydra)."""
+    if not HydraConfig.initialized():
+        return [], set()
+    hc = HydraConfig.get()
+    return list(hc.overrides.task), set(hc.runtime.choices.keys())
+
+
+def _report_best(trainer: Any, history: Mapping[int, Mapping[str, Any]], final_step: int) -> dict[str, Any] | None:
+    """The best checkpoint (by the monitored metric) and its metrics; printed, returned for metrics.json."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    best = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
+    if best is None or not best.best_model_path:
+        return None
+    import torch
+
+    step = int(torch.load(best.best_model_path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    metrics = dict(history.get(step, {}))
+    score = float(best.best_model_score) if best.best_model_score is not None else None
+    key = best.monitor.split("/", 1)[-1]
+    metrics.setdefault(key, score)
+    verdict = "the final weights" if step == final_step else f"beats the final weights (step {final_step})"
+    line = format_summary(metrics) or (f"{best.monitor} {score:.4f}" if score is not None else "")
+    say(f"[vss] best checkpoint: {best.best_model_path} (step {step}{': ' + line if line else ''}); {verdict}")
+    return {"step": step, "ckpt_path": best.best_model_path, "val": metrics}
+
+
+class CsvHistory:
+    """A resumed run in its own directory: Lightning's CSVLogger would start ``metrics.csv`` afresh; keep the rows
+    before the resumed step and put them back in front of the new ones when the run ends (or stops)."""
+
+    def __init__(self, loggers: list[Any], step: int) -> None:
+        import csv
+
+        from pytorch_lightning.loggers import CSVLogger
+
+        self.kept: list[tuple[Path, list[dict[str, str]]]] = []
+        for logger in loggers:
+            if isinstance(logger, CSVLogger):
+                path = Path(logger.log_dir) / "metrics.csv"
+                if path.is_file():
+                    with path.open(newline="") as f:
+                        rows = [r for r in csv.DictReader(f) if r.get("step") and self._before(r, step)]
+                    path.unlink()
+                    self.kept.append((path, rows))
+
+    @staticmethod
+    def _before(row: Mapping[str, str], step: int) -> bool:
+        """Rows logged before the checkpoint: earlier steps, and the validation of the checkpoint's own step (the
+        training rows at that step come again from the resumed run)."""
+        s = int(row["step"])
+        return s < step or (s == step and any(v and k.startswith(("val/", "test/")) for k, v in row.items()))
+
+    def restore(self) -> None:
+        """Write the kept rows, then the resumed run's, under one header."""
+        import csv
+
+        for path, old in self.kept:
+            new = []
+            if path.is_file():
+                with path.open(newline="") as f:
+                    new = list(csv.DictReader(f))
+            rows = old + new
+            keys = list(dict.fromkeys(k for r in rows for k in r))
+            tmp = path.with_suffix(".csv.tmp")
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(rows)
+            tmp.replace(path)
+
+
+def terminated(output_dir: Path, step: int, command: str) -> SystemExit:
+    """Say where the last checkpoint of a run stopped by SIGTERM is and how to resume; exit status 143."""
+    import torch
+
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        saved = int(torch.load(last, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+        where = f"last checkpoint: {last} (step {saved}); resume with: {command} ckpt_path={last}"
+    else:
+        where = "no checkpoint was written yet; start the run again"
+    message = f"training stopped by SIGTERM at step {step}, before max_steps; {where}"
+    RUN_LOG.error(message)
+    print_error(message)
+    return SystemExit(EXIT_SIGTERM)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Validate the config, build data/model/trainer, fit, and return the final validation metrics."""
-    from vss.checkpoint import AtomicCheckpointIO
-    from vss.metrics import write_metrics_json
-
-    validate_train_config(cfg)
-    init_state = check_stages(cfg)  # init_from / ckpt_path errors before anything is built
+    check_train_values(cfg)  # before torch is imported
     hc = HydraConfig.get() if HydraConfig.initialized() else None
     check_ddp_multirun(cfg, multirun=hc is not None and hc.mode == RunMode.MULTIRUN)
+
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+    from pytorch_lightning.utilities import rank_zero_only
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from vss.callbacks import RunReport, SaveOnSigterm
+    from vss.checkpoint import AtomicCheckpointIO, remove_stale_temporary_files
+    from vss.metrics import write_metrics_json
+    from vss.stages import check_resume_model, check_stages, init_weights, prepare_resume
+
+    quiet_output()
+    init_state = check_stages(cfg)  # init_from / ckpt_path errors before anything is built
+    resume = None
+    if cfg.get("ckpt_path") is not None:
+        resume = prepare_resume(cfg, *_overrides_and_groups())
+        cfg = resume.config
+        check_train_values(cfg)
+    check_model_values(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    pl.seed_everything(cfg.seed, workers=True)
+    rank0 = rank_zero_only.rank == 0
+    if rank0:
+        (output_dir / "metrics.json").unlink(missing_ok=True)  # written again only when the run completes
+        removed = remove_stale_temporary_files(output_dir / "checkpoints")
+        if removed:
+            names = ", ".join(p.name for p in removed[:3]) + (", ..." if len(removed) > 3 else "")
+            say(f"[vss] removed {len(removed)} stale temporary file(s) of an interrupted write: {names}")
+        say(describe_run(cfg, hc.runtime.choices if hc is not None else {}))
+        if resume is not None:
+            say(resume.summary())
+        try:
+            RUN_LOG.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+        except Exception:  # an interpolation that only resolves later (e.g. outside Hydra): as composed
+            RUN_LOG.info("config:\n%s", OmegaConf.to_yaml(cfg))
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule.num_classes, datamodule.class_names)
+    if resume is not None:
+        check_resume_model(module, resume)
     if init_state is not None:
-        rank_zero_only(print)(init_weights(module.segmenter, cfg, init_state).summary())
+        rank_zero_only(say)(init_weights(module.segmenter, cfg, init_state).summary())
         del init_state
+    if rank0:
+        total = sum(p.numel() for p in module.segmenter.parameters())
+        trainable = sum(p.numel() for p in module.segmenter.parameters() if p.requires_grad)
+        say(f"[vss] model: {total / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trainable)")
     use_eval_path(module, datamodule)
     loggers = _instantiate_dict(cfg.get("logger"))
+    for logger in loggers:  # Lightning always passes wandb.init(anonymous=None); wandb >= 0.19 warns it has no effect
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            init.pop("anonymous", None)
     if cfg.trainer.get("sync_batchnorm"):
         if _on_cpu(cfg):
             # torch's DistributedDataParallel rejects SyncBatchNorm on CPU modules (gloo): keep per-process BN there.
             log.warning("trainer.sync_batchnorm=true needs GPUs; running CPU DDP with per-process BatchNorm")
         else:  # here, not by Lightning: the frozen parts (freeze=...) keep plain, frozen BatchNorm
+            from vss.stages import convert_sync_batchnorm
+
             convert_sync_batchnorm(module.segmenter)
+    report = RunReport()
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        callbacks=[*_instantiate_dict(cfg.get("callbacks")), ShareResults()],
+        callbacks=[*_instantiate_dict(cfg.get("callbacks")), report, SaveOnSigterm(output_dir / "checkpoints")],
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
         sync_batchnorm=False,
     )
+    quiet_output()  # again: Lightning's loggers have their handlers now
+    history = None
+    if resume is not None and rank0:
+        history = CsvHistory(loggers, resume.step)
+        # the run directory is this run's own; training clips are drawn at random, so a mid-epoch restart is sound
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+        warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except SIGTERMException:
+            raise terminated(output_dir, trainer.global_step, "python -m vss.train") from None
         step = trainer.global_step or int(trainer.callback_metrics.get("vss/step", 0))  # ddp_spawn: from rank 0
         validated = bool(module.last_metrics) or "val/mIoU" in trainer.callback_metrics
         if step % int(cfg.trainer.val_check_interval) != 0 or not validated:
             trainer.validate(module, datamodule=datamodule, verbose=False)  # metrics of the final weights
         metrics = _stage_results(module, trainer, "val")
-        result = {"step": step, "val": metrics}
+        result: dict[str, Any] = {"step": step, "val": metrics}
         if cfg.get("test"):
             trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
             result["test"] = _stage_results(module, trainer, "test")
         if trainer.is_global_zero:
+            say(f"[vss] step {step}: {format_summary(metrics)}")
+            best = _report_best(trainer, report.history, step)
+            if best is not None:
+                result["best"] = best
             write_metrics_json(result, output_dir / "metrics.json")
-            print(f"[vss] step {step}: {format_summary(metrics)}")
-            print(f"[vss] run directory: {output_dir}")
+            say(f"[vss] run directory: {output_dir}")
         return result
     finally:
+        if history is not None:
+            history.restore()
         _finish_wandb()
 
 
 def _finish_wandb() -> None:
     """Close the W&B run so the next job of a multirun starts a new one."""
-    try:
-        import wandb
-    except ImportError:
-        return
-    if wandb.run is not None:
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
+
+
+class SweepSummary(HydraCallback):
+    """At the end of a ``-m`` sweep: a table of the swept values -> mIoU / mVC8 per job, the best job marked,
+    printed and written as ``sweep.md`` and ``sweep.csv`` in the sweep directory."""
+
+    def __init__(self, metrics: tuple[str, ...] = ("mIoU", "mVC8"), sort_by: str = "mIoU") -> None:
+        self.metrics, self.sort_by = tuple(metrics), sort_by
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        rows = sweep_rows(sweep_dir, self.metrics)
+        if rows:
+            print(write_sweep_table(sweep_dir, rows, self.metrics, self.sort_by), flush=True)
+
+
+def sweep_rows(sweep_dir: Path, metrics: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One row per job of a sweep directory: job number, its overrides and its final validation metrics."""
+    import json
+
+    rows = []
+    for job in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+        overrides_file = job / ".hydra" / "overrides.yaml"
+        overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
+        values = dict(o.split("=", 1) for o in overrides if "=" in o)
+        result = job / "metrics.json"
+        val = json.loads(result.read_text()).get("val", {}) if result.is_file() else {}
+        rows.append({"job": int(job.name), "overrides": values, **{m: val.get(m) for m in metrics}})
+    return rows
+
+
+def write_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], metrics: tuple[str, ...], sort_by: str) -> str:
+    """Write ``sweep.md`` / ``sweep.csv``: the overrides that differ between jobs -> metrics; returns the table."""
+    import csv
+
+    keys = sorted({k for r in rows for k in r["overrides"]})
+    swept = [k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1] or keys
+    scored = [r for r in rows if r.get(sort_by) is not None]
+    best = max(scored, key=lambda r: r[sort_by])["job"] if scored else None
+
+    def cell(v: Any) -> str:
+        return "-" if v is None else (f"{100 * v:.1f}" if isinstance(v, float) else str(v))
+
+    header = ["job", *swept, *metrics, "best"]
+    table = [
+        [str(r["job"]), *(r["overrides"].get(k, "") for k in swept), *(cell(r[m]) for m in metrics)]
+        + ["*" if r["job"] == best else ""]
+        for r in rows
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in table]
+    text = "\n".join(lines) + "\n"
+    (sweep_dir / "sweep.md").write_text(f"# Sweep {sweep_dir}\n\nmetrics in %, {metrics[0]} best marked *\n\n{text}")
+    with (sweep_dir / "sweep.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for r in rows:
+            writer.writerow(
+                [r["job"], *(r["overrides"].get(k, "") for k in swept), *(r[m] for m in metrics), int(r["job"] == best)]
+            )
+    return f"[vss] sweep of {len(rows)} jobs ({sweep_dir / 'sweep.md'}):\n{text}"
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 @friendly_errors
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``optimized_metric`` for sweepers."""
+    if _ARGV:
+        sys.argv[:] = _ARGV  # the user's command line: what Lightning's DDP launcher re-runs per rank
     result = train(cfg)
     key = str(cfg.get("optimized_metric", "val/mIoU")).split("/")[-1]
     value = result["val"].get(key)
     return None if value is None else float(value)
+
+
+def main() -> float | None:
+    """``python -m vss.train`` / ``vss-train``: check the command line (no torch yet), pick a resume's run
+    directory, then run Hydra."""
+    args = sys.argv[1:]
+    friendly_errors(check_command_line)("train", args)
+    _ARGV[:] = sys.argv
+    sys.argv[1:] = resume_arguments(args)
+    return _hydra_main()
 
 
 if __name__ == "__main__":

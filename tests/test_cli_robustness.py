@@ -1,0 +1,274 @@
+"""What a hostile tester tries on the training CLI: SIGTERM, resume with ``ckpt_path=`` alone, stale temporary
+files, mistyped keys and bad values (one line, exit 2, before torch), checkpoint modes, overlays, sweep tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import REPO_ROOT, cli_command
+from vss.config import (
+    ConfigError,
+    check_command_line,
+    check_wandb_login,
+    friendly_errors,
+    resume_arguments,
+    run_dir_of_checkpoint,
+)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The single ``error:`` line of a refused command (exit 2, no traceback)."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+# -- SIGTERM, then resume with ckpt_path= alone ----------------------------------------------------------
+def test_sigterm_exits_nonzero_and_ckpt_path_alone_finishes_the_run(tiny_args, cli_env, run_cli, tmp_path):
+    args = [
+        *tiny_args(tmp_path / "logs"),
+        "trainer.max_steps=30",
+        "trainer.val_check_interval=4",
+        "data.train_repeat=8",
+    ]
+    proc = subprocess.Popen(
+        cli_command(args), cwd=REPO_ROOT, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    runs = tmp_path / "logs" / "train" / "runs"
+    deadline = time.monotonic() + 300
+    while not list(runs.glob("*/checkpoints/last.ckpt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be terminated"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (proc.returncode, out[-2000:], err[-2000:])
+    (run_dir,) = runs.iterdir()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    message = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(message) == 1, err
+    stopped = int(re.search(r"stopped by SIGTERM at step (\d+)", message[0]).group(1))
+    assert 4 <= stopped < 30
+    saved = int(re.search(rf"last checkpoint: {re.escape(str(last))} \(step (\d+)\)", message[0]).group(1))
+    assert saved == int(torch.load(last, weights_only=False)["global_step"])
+    # written when SIGTERM arrived in training; arriving mid-validation, the last validation's checkpoint stays
+    assert saved == stopped or (saved % 4 == 0 and stopped - saved <= 4), (saved, stopped)
+    assert f"resume with: python -m vss.train ckpt_path={last}" in message[0]
+    assert not (run_dir / "metrics.json").exists()  # nothing claims the run completed
+    assert "[vss] step" not in out
+    assert "SIGTERM" in (run_dir / "train.log").read_text()
+
+    stale = run_dir / "checkpoints" / ".last.ckpt.x1y2z3.tmp"  # a write killed half-way
+    stale.write_bytes(b"PK\x03\x04 half")
+    resumed = run_cli(f"ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"[vss] run directory: {run_dir}" in resumed.stdout  # the same run directory
+    assert f"resuming from {last} (step {saved}) with its stored config" in resumed.stdout
+    assert "removed 1 stale temporary file" in resumed.stdout and not stale.exists()
+    assert re.search(r"^\[vss\] step 30: val mIoU", resumed.stdout, re.MULTILINE)  # the original max_steps
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["step"] == 30
+    assert [p.name for p in runs.iterdir()] == [run_dir.name]
+    rows = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    steps = [int(r.split(",")[header.index("step")]) for r in rows[1:] if r.split(",")[header.index("train/loss")]]
+    assert steps == list(range(30)), "one training row per step, before and after the resume"
+
+
+# -- resume: the stored config, overrides reported, a mismatching model refused ---------------------------
+def test_resume_config_reuses_the_checkpoint_and_reports_overrides(compose_cfg) -> None:
+    from vss.stages import resume_config
+
+    stored = OmegaConf.to_container(compose_cfg("trainer.max_steps=4", "optim.optimizer.lr=2e-3"), resolve=False)
+    stored["paths"] = {"output_dir": "/runs/a", "data_dir": "/data"}
+    stored["callbacks"] = {"ckpt": {"dirpath": "/runs/a/checkpoints"}}
+    current = compose_cfg("trainer.max_steps=8", "trainer=gpu", "ckpt_path=/runs/a/checkpoints/last.ckpt")
+    current.paths.output_dir = "/runs/b"
+    merged, changes = resume_config(
+        current, stored, ["trainer=gpu", "trainer.max_steps=8", "ckpt_path=/x"], groups={"trainer", "model"}
+    )
+    assert merged.optim.optimizer.lr == 2e-3  # from the checkpoint, not the defaults (1e-3)
+    assert merged.trainer.accelerator == "gpu" and merged.trainer.max_steps == 8
+    assert changes == ["trainer=gpu", "trainer.max_steps=8 (was 4)"]
+    assert merged.ckpt_path == current.ckpt_path and merged.init_from is None
+    assert merged.callbacks.ckpt.dirpath == "/runs/b/checkpoints"  # the run directory moved
+    with pytest.raises(ConfigError, match="experiment=vspw: the group experiment .*init_from="):
+        resume_config(current, stored, ["experiment=vspw"], groups={"experiment"})
+
+
+def test_resume_continues_in_the_checkpoints_run_directory(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert run_dir_of_checkpoint(ckpt) == run
+    assert resume_arguments([f"ckpt_path={ckpt}"]) == [
+        f"ckpt_path={ckpt}",
+        f'hydra.run.dir="{run}"',
+        "hydra.output_subdir=null",
+    ]
+    assert resume_arguments(["-m", f"ckpt_path={ckpt}", "seed=1,2"]) == ["-m", f"ckpt_path={ckpt}", "seed=1,2"]
+    loose = tmp_path / "elsewhere.ckpt"  # not inside a run directory: a new run directory
+    assert resume_arguments([f"ckpt_path={loose}"]) == [f"ckpt_path={loose}"]
+
+
+# -- bad input: one line, exit 2, before torch ------------------------------------------------------------
+def test_mistyped_key_suggests_the_closest_one_without_importing_torch(cli_env, tmp_path) -> None:
+    start = time.monotonic()
+    cmd = [sys.executable, "-X", "importtime", "-m", "vss.train", "model=mrcfa", "stm.pp=0.5"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True, timeout=120)
+    line = one_line_error(proc)
+    assert (
+        line == "error: stm.pp is not a key of the train config; did you mean `stm.p`? (`+stm.pp=...` adds a new key)"
+    )
+    imported = {x.split("|")[-1].strip() for x in proc.stderr.splitlines() if x.startswith("import time:")}
+    assert "torch" not in imported and "pytorch_lightning" not in imported and "timm" not in imported
+    assert time.monotonic() - start < 60
+
+
+def test_bad_value_is_reported_before_torch_is_imported(cli_env, tmp_path) -> None:
+    cmd = [sys.executable, "-X", "importtime", "-m", "vss.train", "data.train_repeat=0", f"paths.log_dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True, timeout=120)
+    assert "data.train_repeat=0 is invalid: expected a positive integer" in one_line_error(proc)
+    imported = {x.split("|")[-1].strip() for x in proc.stderr.splitlines() if x.startswith("import time:")}
+    assert "torch" not in imported, "the value check imported torch"
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["modle=mrcfa"], "modle is not a key of the train config; did you mean `model`?"),
+        (["model=mrcfaa"], "Could not find 'model/mrcfaa'; available: feature_pyramid, mrcfa, msaf, segformer"),
+        (["trainer.max_step=3"], "did you mean `trainer.max_steps`?"),
+    ],
+)
+def test_command_line_typos(argv: list[str], words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        check_command_line("train", argv)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_wandb_without_login_says_how_to_go_offline(compose_cfg, monkeypatch, tmp_path) -> None:
+    cfg = compose_cfg("logger=wandb")
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    with pytest.raises(ConfigError, match=r"logger=wandb needs a W&B login .*WANDB_MODE=offline"):
+        check_wandb_login(cfg)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    check_wandb_login(cfg)
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    check_wandb_login(cfg)  # logged in (wandb login writes this entry)
+    check_wandb_login(compose_cfg("logger=csv"))
+
+
+def test_error_line_starts_on_a_new_line_after_a_progress_bar(capfd) -> None:
+    from tqdm import tqdm
+
+    @friendly_errors
+    def fails() -> None:
+        bar = tqdm(total=10, desc="step", file=sys.stderr)
+        bar.update(3)
+        raise ConfigError("trainer.max_steps=0 is invalid")
+
+    with pytest.raises(SystemExit) as info:
+        fails()
+    assert info.value.code == 2
+    err = capfd.readouterr().err
+    assert "\nerror: trainer.max_steps=0 is invalid\n" in err, repr(err)
+
+
+# -- checkpoint files ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_checkpoints_follow_the_umask(mask: int, mode: int, tmp_path: Path) -> None:
+    from vss.checkpoint import atomic_torch_save
+
+    old = os.umask(mask)
+    try:
+        atomic_torch_save({"x": torch.zeros(2)}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == mode
+
+
+def test_stale_temporary_files_are_removed(tmp_path: Path) -> None:
+    from vss.checkpoint import remove_stale_temporary_files
+
+    keep = [tmp_path / "last.ckpt", tmp_path / "best-step0000002.ckpt", tmp_path / "notes.tmp"]
+    stale = [tmp_path / ".last.ckpt.ab12.tmp", tmp_path / ".best-step0000004.ckpt.cd34.tmp"]
+    for p in keep + stale:
+        p.write_bytes(b"x")
+    assert remove_stale_temporary_files(tmp_path) == sorted(stale)
+    assert sorted(tmp_path.iterdir()) == sorted(keep)
+    assert remove_stale_temporary_files(tmp_path / "missing") == []
+
+
+# -- overlays -----------------------------------------------------------------------------------------------
+def test_overlays_use_the_data_palette_and_draw_a_legend() -> None:
+    from vss.callbacks import class_palette, overlay_panel
+
+    colours = [(128, 128, 128), (220, 45, 45), (45, 200, 60), (55, 85, 235), (230, 210, 35)]
+    pal = class_palette(5, colours)
+    assert pal[1].tolist() == [220, 45, 45] and pal[4].tolist() == [230, 210, 35] and pal[255].tolist() == [0, 0, 0]
+    image = np.full((8, 8, 3), 100, np.uint8)
+    gt = np.ones((8, 8), np.uint8)  # red everywhere
+    gt[0, 0] = 255
+    pred = np.full((8, 8), 4, np.uint8)  # yellow everywhere
+    panel = overlay_panel(image, pred, gt, pal, ["background", "red", "green", "blue", "yellow"])
+    assert panel.shape[1] == 24 and panel.shape[0] > 8  # frame | prediction | truth, legend below
+    assert panel[4, 12].tolist() == [165, 155, 67]  # 0.5 * 100 + 0.5 * yellow, floored
+    assert panel[4, 20].tolist() == [160, 72, 72]  # 0.5 * 100 + 0.5 * red
+    assert panel[0, 16].tolist() == [50, 50, 50]  # ignore: black at 50%
+    legend = panel[8:]
+    for colour in ([220, 45, 45], [230, 210, 35]):  # the swatches of the classes shown
+        assert (legend.reshape(-1, 3) == colour).all(1).any()
+    assert not (legend.reshape(-1, 3) == [45, 200, 60]).all(1).any()  # green is not shown
+
+
+def test_overlay_frames_spread_over_videos_and_hidden_frames(tmp_path: Path) -> None:
+    from vss.callbacks import pick_overlay_frames
+    from vss.data.vspw import Video
+
+    videos = [Video(f"v{i}", tuple(Path(f"{t}.jpg") for t in range(20)), (None,) * 20) for i in range(8)]
+    for i, hidden in ((0, [5, 6, 7]), (7, [12, 13])):
+        (tmp_path / "data" / f"v{i}").mkdir(parents=True)
+        info = {"storm": [], "objects": [{"hidden": hidden}]}
+        (tmp_path / "data" / f"v{i}" / "hidden.json").write_text(json.dumps(info))
+    picks = pick_overlay_frames(videos, 4, tmp_path)
+    assert [v for v, _ in picks] == ["v0", "v2", "v5", "v7"]  # spread over the 8 videos
+    assert dict(picks)["v0"] == 5 and dict(picks)["v7"] == 12  # where the colour was hidden
+    assert dict(picks)["v2"] == 10  # no hidden.json: the middle of the video
+    two = pick_overlay_frames(videos[:2], 4, tmp_path)  # fewer videos than images: frames spread inside them
+    assert sorted(two) == [("v0", 5), ("v0", 6), ("v1", 6), ("v1", 13)]
+
+
+# -- sweeps -------------------------------------------------------------------------------------------------
+def test_sweep_table_marks_the_best_job(tmp_path: Path) -> None:
+    from vss.train import sweep_rows, write_sweep_table
+
+    for job, (lr, miou) in enumerate([("1e-3", 0.61), ("2e-3", 0.66), ("4e-3", 0.58)]):
+        (tmp_path / str(job) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(f"- seed=42\n- optim.optimizer.lr={lr}\n")
+        metrics = {"step": 4, "val": {"mIoU": miou, "mVC8": 0.9}}
+        (tmp_path / str(job) / "metrics.json").write_text(json.dumps(metrics))
+    text = write_sweep_table(tmp_path, sweep_rows(tmp_path, ("mIoU", "mVC8")), ("mIoU", "mVC8"), "mIoU")
+    assert "| job | optim.optimizer.lr | mIoU | mVC8 | best |" in text  # seed is the same in every job
+    assert "| 1 | 2e-3 | 66.0 | 90.0 | * |" in text and "| 0 | 1e-3 | 61.0 | 90.0 |  |" in text
+    assert (tmp_path / "sweep.md").read_text().count("*") == 2  # the note and the best row
+    csv_rows = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert csv_rows[0] == "job,optim.optimizer.lr,mIoU,mVC8,best" and csv_rows[2] == "1,2e-3,0.66,0.9,1"
