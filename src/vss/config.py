@@ -185,8 +185,6 @@ def check_train_values(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.root={root!r} is invalid: the directory does not exist (expected the dataset's root folder)"
         )
-            f"data.root={root!r} is invalid: the directory does not exist (expected the dataset's root folder)"
-        )
     _check(
         cfg,
         "encoder.pretrained",
