@@ -329,3 +329,23 @@ def test_prepare_camvid_decodes_lays_out_and_is_idempotent(tmp_path: Path, capsy
     shutil.rmtree(out / "frames" / "0016E5")
     assert prepare_main([*args, "--no-progress"]) == 2
     assert "0016E5.MXF decoded to 300 frames but a label needs frame 422" in capsys.readouterr().err
+
+
+def test_segformer_cityscapes_preset_trains_on_a_fake_tree(tmp_path: Path, run_cli) -> None:
+    root = write_cityscapes(tmp_path / "cs")
+    res = run_cli(
+        "experiment=segformer_cityscapes",
+        f"data.root={root}",
+        "encoder=mit_b0",
+        "data.scale=[128,64]",
+        "data.crop_size=[32,32]",
+        "data.num_workers=0",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "optim.scheduler.warmup_steps=1",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    (metrics_path,) = (tmp_path / "logs").rglob("metrics.json")
+    metrics = json.loads(metrics_path.read_text())["val"]
+    assert 0.0 <= metrics["mIoU"] <= 1.0 and len(metrics["per_class_iou"]) == 19
