@@ -199,7 +199,7 @@ def test_cli_reads_synthetic_meta(tmp_path: Path, capsys: pytest.CaptureFixture[
     root = ensure_synthetic(tmp_path / "syn", progress=False, train_videos=2, val_videos=1, min_frames=4, max_frames=4)
     assert main([str(root), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "(5 classes)" in out and "background" in out
+    assert "(vspw layout, 5 classes)" in out and "background" in out
     # the VSPW default of 124 classes also accepts it; a too-small map does not
     assert main([str(root), "--num-classes", "2", "--no-progress"]) == 1
     assert "outside the label map" in capsys.readouterr().out
