@@ -14,20 +14,13 @@ from torch import Tensor, nn
 
 from vss.config import ConfigError
 from vss.metrics import SegmentationIoU, VideoConsistency
+from vss.metrics.consistency import not_applicable_vc
 from vss.models.aggregators.base import class_map, resize
 from vss.models.segmenter import Segmenter
 from vss.models.streamer import Streamer, StreamOutput, unbatch
 
 VAL_MODES = ("stream", "clip")
 log = logging.getLogger("vss")
-
-
-def not_applicable_vc(n: int) -> str:
-    """Why mVC_n has no value: no video (or run of consecutive labelled frames) longer than ``n`` frames."""
-    return (
-        f"not applicable: VC_{n} needs more than {n} consecutive labelled frames in a video and none has them "
-        "(sparse labels, or videos too short)"
-    )
 
 
 NORM_LAYERS = (

@@ -18,7 +18,6 @@ classes, the default) or ``exact`` (AR-Seg's: only the 11 class colours, everyth
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import cv2
 import numpy as np
 
 from vss.data.datamodule import VSSDataModule
-from vss.data.vspw import IGNORE_INDEX, DatasetError, Video, read_mask
+from vss.data.vspw import IGNORE_INDEX, DatasetError, Video, check_choice, fail, read_mask
 
 #: The 11 classes in SegNet order.
 CLASSES: tuple[str, ...] = (
@@ -58,11 +57,7 @@ _STEM = re.compile(r"^(?P<seq>0001TP|0006R0|0016E5|Seq05VD)_f?(?P<num>\d+)$")
 
 def colour_table(convention: str) -> dict[int, int]:
     """Packed RGB (r<<16 | g<<8 | b) -> SegNet id for a 32 -> 11 convention."""
-    if convention not in COLOUR_CONVENTIONS:
-        raise ValueError(
-            f"data.colour_convention={convention!r} is invalid: expected one of {list(COLOUR_CONVENTIONS)}"
-        )
-    col = COLOUR_CONVENTIONS.index(convention)
+    col = COLOUR_CONVENTIONS.index(check_choice("data.colour_convention", convention, COLOUR_CONVENTIONS))
     return {(r << 16) | (g << 8) | b: ids[col] for (r, g, b), ids in _LEGEND.items()}
 
 
@@ -110,13 +105,7 @@ def read_camvid_split(
     """One video per sequence of ``root/<split>.txt``: all its decoded frames, masks on the split's frames."""
     root = Path(root)
 
-    def fail(msg: str) -> None:
-        if problems is None:
-            raise DatasetError(msg)
-        problems.append(msg)
-
-    if label_form not in LABEL_FORMS:
-        raise ValueError(f"data.label_form={label_form!r} is invalid: expected one of {list(LABEL_FORMS)}")
+    check_choice("data.label_form", label_form, LABEL_FORMS)
     split_file = root / f"{split}.txt"
     if not split_file.is_file():
         raise DatasetError(f"split file {split_file} is missing (expected one label stem per line, e.g. 0016E5_07959)")
@@ -128,11 +117,11 @@ def read_camvid_split(
         try:
             seq, k = label_frame(stem)
         except DatasetError as e:
-            fail(f"{split_file}: {e}")
+            fail(problems, f"{split_file}: {e}")
             continue
         path = root / "labels" / (f"{stem}_L.png" if label_form == "colour" else f"{stem}.png")
         if not path.is_file():
-            fail(f"{split_file} lists {stem} but its label {path} is missing")
+            fail(problems, f"{split_file} lists {stem} but its label {path} is missing")
             continue
         labels.setdefault(seq, {})[k] = path
     videos = []
@@ -140,18 +129,24 @@ def read_camvid_split(
         folder = root / "frames" / seq
         frames = sorted(folder.glob(f"{seq}_*.png")) if folder.is_dir() else []
         if not frames:
-            fail(f"sequence {seq}: no decoded frames in {folder} (expected {seq}_<k:06d>.png; vss.data.prepare)")
+            fail(
+                problems,
+                f"sequence {seq}: no decoded frames in {folder} (expected {seq}_<k:06d>.png; vss.data.prepare)",
+            )
             continue
         index = {int(f.stem.rsplit("_", 1)[1]): f for f in frames}
         first, last = min(index), max(index)
         gaps = [k for k in range(first, last + 1) if k not in index]
         if gaps:
-            fail(f"sequence {seq}: frames {folder / f'{seq}_{gaps[0]:06d}.png'} (and {len(gaps) - 1} more) are missing")
+            fail(
+                problems,
+                f"sequence {seq}: frames {folder / f'{seq}_{gaps[0]:06d}.png'} (and {len(gaps) - 1} more) are missing",
+            )
             continue
         masks: list[Path | None] = [None] * (last - first + 1)
         for k, path in sorted(labels[seq].items()):
             if k not in index:
-                fail(f"label {path} has no frame: {folder / f'{seq}_{k:06d}.png'} is missing")
+                fail(problems, f"label {path} has no frame: {folder / f'{seq}_{k:06d}.png'} is missing")
                 continue
             masks[k - first] = path
         if any(m is not None for m in masks):
@@ -163,9 +158,8 @@ class CamVidVideoDataModule(VSSDataModule):
     """Clips from the CamVid sequences: targets are the split's labelled frames, references any decoded frame."""
 
     def __init__(self, root: str, label_form: str = "index", colour_convention: str = "grouped", **kwargs: Any) -> None:
-        if label_form not in LABEL_FORMS:
-            raise ValueError(f"data.label_form={label_form!r} is invalid: expected one of {list(LABEL_FORMS)}")
-        colour_table(colour_convention)  # validates the name
+        check_choice("data.label_form", label_form, LABEL_FORMS)
+        check_choice("data.colour_convention", colour_convention, COLOUR_CONVENTIONS)
         num_classes = int(kwargs.pop("num_classes", len(CLASSES)))
         if num_classes != len(CLASSES):
             raise ValueError(f"data.num_classes={num_classes}: CamVid has {len(CLASSES)} classes")
@@ -184,14 +178,10 @@ class CamVidVideoDataModule(VSSDataModule):
             return read_colour_label(path, self.colour_convention)
         return read_index_label(path)
 
-    def check(self, splits: Sequence[str]) -> list[str]:
-        from vss.data.check import run_check
-
-        def scan(root: Path, split: str, problems: list[str]) -> list[Video]:
-            try:
-                return read_camvid_split(root, split, self.label_form, problems)
-            except DatasetError as e:
-                problems.append(str(e))
-                return []
-
-        return run_check(self.root, splits, self.label_map, scan=scan, read_label=self.read_label).problems
+    def scan(self, root: Path, split: str, problems: list[str]) -> list[Video]:
+        """For the check: the split's sequences, problems collected."""
+        try:
+            return read_camvid_split(root, split, self.label_form, problems)
+        except DatasetError as e:
+            problems.append(str(e))
+            return []

@@ -217,30 +217,16 @@ def detect_layout(root: Path) -> str:
 def _layout_check(
     layout: str, root: Path, splits: Sequence[str], args: argparse.Namespace
 ) -> tuple[CheckReport, int, Sequence[str]]:
-    """Run the check of a Cityscapes / CamVid tree through its data module's reader."""
+    """Check a Cityscapes / CamVid tree through its data module (its reader, label files and label map)."""
     if layout == "cityscapes_video":
-        from vss.data.cityscapes import CLASSES, read_label, scan_snippets
+        from vss.data.cityscapes import CityscapesVideoDataModule
 
-        def scan(r: Path, split: str, problems: list[str]) -> list[Video]:
-            return scan_snippets(r, split, problems, args.sequence_dir)
+        dm = CityscapesVideoDataModule(root=str(root), sequence_dir=args.sequence_dir)
+    else:
+        from vss.data.camvid import CamVidVideoDataModule
 
-        label_map = LabelMap(len(CLASSES), reduce_zero_label=False)
-        return run_check(root, splits, label_map, not args.no_progress, scan=scan, read_label=read_label), 19, CLASSES
-    from vss.data.camvid import CLASSES, CamVidVideoDataModule
-
-    dm = CamVidVideoDataModule(root=str(root), label_form=args.label_form, colour_convention=args.colour_convention)
-
-    def scan_camvid(r: Path, split: str, problems: list[str]) -> list[Video]:
-        from vss.data.camvid import read_camvid_split
-
-        try:
-            return read_camvid_split(r, split, args.label_form, problems)
-        except DatasetError as e:
-            problems.append(str(e))
-            return []
-
-    report = run_check(root, splits, dm.label_map, not args.no_progress, scan=scan_camvid, read_label=dm.read_label)
-    return report, len(CLASSES), CLASSES
+        dm = CamVidVideoDataModule(root=str(root), label_form=args.label_form, colour_convention=args.colour_convention)
+    return dm.check_report(splits, progress=not args.no_progress), dm.num_classes, dm.class_names
 
 
 def main(argv: Sequence[str] | None = None) -> int:

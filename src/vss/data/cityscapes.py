@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vss.data.datamodule import VSSDataModule
-from vss.data.vspw import IGNORE_INDEX, DatasetError, Video, read_mask
+from vss.data.vspw import IGNORE_INDEX, DatasetError, Video, check_choice, fail, read_mask
 
 log = logging.getLogger("vss.data")
 
@@ -89,8 +88,7 @@ def annotated_frames(
     root: Path, split: str, label_file: str = "auto", problems: list[str] | None = None
 ) -> list[tuple[str, str, int, Path]]:
     """(city, seq, frame, label file) of every annotated frame of ``gtFine/<split>``, in name order."""
-    if label_file not in LABEL_FILES:
-        raise ValueError(f"data.label_file={label_file!r} is invalid: expected one of {list(LABEL_FILES)}")
+    check_choice("data.label_file", label_file, LABEL_FILES)
     gt_dir = root / "gtFine" / split
     if not gt_dir.is_dir():
         raise DatasetError(
@@ -102,10 +100,7 @@ def annotated_frames(
         if m is None:
             continue
         if m["city"] != path.parent.name:
-            msg = f"{path}: city {m['city']!r} in the name but the file is in folder {path.parent.name!r}"
-            if problems is None:
-                raise DatasetError(msg)
-            problems.append(msg)
+            fail(problems, f"{path}: city {m['city']!r} in the name but the file is in folder {path.parent.name!r}")
             continue
         found.setdefault((m["city"], m["seq"], int(m["frame"])), {})[m["kind"]] = path
     if not found:
@@ -114,10 +109,10 @@ def annotated_frames(
     for (city, seq, frame), kinds in sorted(found.items()):
         kind = label_file if label_file != "auto" else ("labelTrainIds" if "labelTrainIds" in kinds else "labelIds")
         if kind not in kinds:
-            msg = f"{next(iter(kinds.values()))}: no _gtFine_{kind}.png beside it (data.label_file={label_file})"
-            if problems is None:
-                raise DatasetError(msg)
-            problems.append(msg)
+            fail(
+                problems,
+                f"{next(iter(kinds.values()))}: no _gtFine_{kind}.png beside it (data.label_file={label_file})",
+            )
             continue
         out.append((city, seq, frame, kinds[kind]))
     return out
@@ -139,8 +134,7 @@ def read_snippets(
     of the snippet instead (with a warning). With ``problems`` given, problems are collected, not raised.
     """
     root = Path(root)
-    if missing_frames not in MISSING_FRAMES:
-        raise ValueError(f"data.missing_frames={missing_frames!r} is invalid: expected one of {list(MISSING_FRAMES)}")
+    check_choice("data.missing_frames", missing_frames, MISSING_FRAMES)
     if not root.is_dir():
         raise DatasetError(f"dataset root {root} does not exist or is not a directory")
     seq_dir = root / sequence_dir / split
@@ -155,23 +149,18 @@ def read_snippets(
         present = {f for f in snippet if frame_path(root, sequence_dir, split, city, seq, f).is_file()}
         target = frame_path(root, sequence_dir, split, city, seq, k)
         if k not in present:
-            msg = f"label {label} has no frame: {target} is missing"
-            if problems is None:
-                raise DatasetError(msg)
-            problems.append(msg)
+            fail(problems, f"label {label} has no frame: {target} is missing")
             continue
         frames = []
         for f in range(k - before, k + after + 1):
             if f not in present:
                 path = frame_path(root, sequence_dir, split, city, seq, f)
                 if missing_frames == "error":
-                    msg = (
+                    fail(
+                        problems,
                         f"snippet {city}_{seq}_{k:06d}: frame {path} is missing; a clip needs frames "
-                        f"{k - before}..{k + after} (data.missing_frames=clamp uses the nearest frame instead)"
+                        f"{k - before}..{k + after} (data.missing_frames=clamp uses the nearest frame instead)",
                     )
-                    if problems is None:
-                        raise DatasetError(msg)
-                    problems.append(msg)
                     break
                 f = min(present, key=lambda p, f=f: (abs(p - f), p))
                 clamped += 1
@@ -208,17 +197,12 @@ class CityscapesVideoDataModule(VSSDataModule):
         missing_frames: str = "error",
         **kwargs: Any,
     ) -> None:
-        if label_file not in LABEL_FILES:
-            raise ValueError(f"data.label_file={label_file!r} is invalid: expected one of {list(LABEL_FILES)}")
-        if missing_frames not in MISSING_FRAMES:
-            raise ValueError(
-                f"data.missing_frames={missing_frames!r} is invalid: expected one of {list(MISSING_FRAMES)}"
-            )
+        check_choice("data.label_file", label_file, LABEL_FILES)
+        check_choice("data.missing_frames", missing_frames, MISSING_FRAMES)
         num_classes = int(kwargs.pop("num_classes", len(CLASSES)))
         if num_classes != len(CLASSES):
             raise ValueError(f"data.num_classes={num_classes}: Cityscapes has {len(CLASSES)} train ids")
-        kwargs.setdefault("class_names", list(CLASSES))
-        kwargs["class_names"] = kwargs["class_names"] or list(CLASSES)
+        kwargs["class_names"] = kwargs.get("class_names") or list(CLASSES)
         kwargs["palette"] = kwargs.get("palette") or [list(c) for c in PALETTE]
         kwargs["label_map"] = {"reduce_zero_label": False}  # read_label already gives train ids
         kwargs["sparse_labels"] = True
@@ -245,10 +229,6 @@ class CityscapesVideoDataModule(VSSDataModule):
     def read_label(self, path: Path) -> np.ndarray:
         return read_label(path)
 
-    def check(self, splits: Sequence[str]) -> list[str]:
-        from vss.data.check import run_check
-
-        def scan(root: Path, split: str, problems: list[str]) -> list[Video]:
-            return scan_snippets(root, split, problems, self.sequence_dir)
-
-        return run_check(self.root, splits, self.label_map, scan=scan, read_label=read_label).problems
+    def scan(self, root: Path, split: str, problems: list[str]) -> list[Video]:
+        """For the check: every annotated frame with its whole 30-frame snippet."""
+        return scan_snippets(root, split, problems, self.sequence_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -14,6 +14,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from vss.data.clips import ClipSampler
 from vss.data.datasets import EvalClips, EvalFrames, TrainClips, VideoShardSampler
 from vss.data.transforms import build_eval_transform, build_train_transform
+
+if TYPE_CHECKING:
+    from vss.data.check import CheckReport
+
 from vss.data.vspw import DatasetError, LabelMap, Video, check_headers, read_mask, read_split
 
 
@@ -113,11 +117,21 @@ class VSSDataModule(pl.LightningDataModule):
         """A mask file's raw values (H,W) uint8, before the label map (here the stored 8-bit values)."""
         return read_mask(path)
 
+    def scan(self, root: Path, split: str, problems: list[str]) -> list[Video]:
+        """The videos of ``split`` for a check, every structural problem collected (here: the VSPW layout)."""
+        from vss.data.check import scan_vspw
+
+        return scan_vspw(root, split, problems, self.sparse_labels)
+
+    def check_report(self, splits: Sequence[str], progress: bool = False) -> CheckReport:
+        """Read every frame and mask of ``splits`` through this layout's scan and label reader."""
+        from vss.data.check import run_check
+
+        return run_check(self.root, splits, self.label_map, progress, scan=self.scan, read_label=self.read_label)
+
     def check(self, splits: Sequence[str]) -> list[str]:
         """Every problem of ``splits`` (each naming the file): every frame and mask read (``data.verify``)."""
-        from vss.data.check import check_dataset
-
-        return check_dataset(self.root, splits, self.label_map, sparse=self.sparse_labels)
+        return self.check_report(splits).problems
 
     def videos(self, split: str) -> list[Video]:
         """Videos of a split, read (and checked) once."""

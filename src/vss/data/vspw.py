@@ -26,6 +26,20 @@ class DatasetError(ValueError):
     """A dataset on disk does not match what the reader expects; the message names the file."""
 
 
+def fail(problems: list[str] | None, message: str) -> None:
+    """Raise ``message`` as a DatasetError, or, when a checker collects ``problems``, append it there."""
+    if problems is None:
+        raise DatasetError(message)
+    problems.append(message)
+
+
+def check_choice(key: str, value: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else a ValueError naming ``key``."""
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is invalid: expected one of {list(choices)}")
+    return value
+
+
 @dataclass(frozen=True)
 class Video:
     """One video: its id, its frame files in temporal order and each frame's mask (None: unlabelled)."""

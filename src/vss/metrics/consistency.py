@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["VideoConsistency", "video_consistency"]
+__all__ = ["VideoConsistency", "not_applicable_vc", "video_consistency"]
 
 
 def video_consistency(
@@ -57,6 +57,14 @@ def video_consistency(
             if den > 0:
                 accs.append(int((g & p).sum()) / den)
     return math.fsum(accs) / len(accs) if accs else float("nan")
+
+
+def not_applicable_vc(n: int) -> str:
+    """Why mVC_n has no value: no video (or run of consecutive labelled frames) longer than ``n`` frames."""
+    return (
+        f"not applicable: VC_{n} needs more than {n} consecutive labelled frames in a video and none has them "
+        "(sparse labels, or videos too short)"
+    )
 
 
 def _check_n(n: int) -> None:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from vss.data.vspw import DatasetError, LabelMap, Video, read_mask
-from vss.metrics.consistency import VideoConsistency
+from vss.metrics.consistency import VideoConsistency, not_applicable_vc
 from vss.metrics.iou import SegmentationIoU
 
 __all__ = ["read_prediction", "score_predictions", "write_metrics_json"]
@@ -54,8 +54,6 @@ def score_predictions(
     ``0..C-1`` is refused. ``per_class_iou`` is keyed by class name (None: absent from GT and prediction);
     an mVC_n without any window is left out and explained under ``not_applicable``.
     """
-    from vss.lit import not_applicable_vc
-
     pred_root = Path(pred_root)
     num_classes = label_map.num_classes
     names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
