@@ -64,6 +64,7 @@ from __future__ import annotations
 import os
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -76,7 +77,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from vss.config import CONF_DIR, ConfigError, _get, friendly_errors, register_resolvers
+from vss.config import CONF_DIR, ConfigError, _get, check_command_line, friendly_errors, register_resolvers
 from vss.models.precision import PRECISIONS, inference_precision
 
 register_resolvers()
@@ -357,9 +358,15 @@ def variant(overrides: list[str]) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
 @friendly_errors
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     """Print one table row per run."""
     print(bench(cfg).line(variant(list(HydraConfig.get().overrides.task))))
+
+
+def main() -> None:
+    """``python -m vss.bench`` / ``vss-bench``: a mistyped key or a missing option is one line first."""
+    friendly_errors(check_command_line)("bench", sys.argv[1:])
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Two modes, both writing ``metrics.json`` (mIoU, fwIoU, mVC8, mVC16, per_class_io
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from vss.config import CONF_DIR, ConfigError, friendly_errors, register_resolvers, resolve_device
+from vss.config import (
+    CONF_DIR,
+    ConfigError,
+    check_command_line,
+    friendly_errors,
+    register_resolvers,
+    resolve_device,
+)
 
 log = logging.getLogger("vss.eval")
 register_resolvers()
@@ -160,9 +168,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 @friendly_errors
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     evaluate(cfg)
+
+
+def main() -> None:
+    """``python -m vss.eval`` / ``vss-eval``: a mistyped key or a missing option is one line first."""
+    friendly_errors(check_command_line)("eval", sys.argv[1:])
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -46,7 +46,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from tqdm import tqdm
 
-from vss.config import CONF_DIR, ConfigError, friendly_errors, register_resolvers, resolve_device
+from vss.config import (
+    CONF_DIR,
+    ConfigError,
+    check_command_line,
+    friendly_errors,
+    register_resolvers,
+    resolve_device,
+)
 
 log = logging.getLogger("vss.predict")
 register_resolvers()
@@ -466,9 +473,15 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
 @friendly_errors
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     predict(cfg)
+
+
+def main() -> None:
+    """``python -m vss.predict`` / ``vss-predict``: a mistyped key or a missing option is one line first."""
+    friendly_errors(check_command_line)("predict", sys.argv[1:])
+    _hydra_main()
 
 
 if __name__ == "__main__":
