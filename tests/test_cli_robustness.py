@@ -45,16 +45,23 @@ def test_sigterm_exits_nonzero_and_ckpt_path_alone_finishes_the_run(tiny_args, c
         "trainer.max_steps=30",
         "trainer.val_check_interval=4",
         "data.train_repeat=8",
+        "data.num_workers=1",  # a DataLoader worker gets the signal too, as from SLURM or kill -- -PGID
     ]
     proc = subprocess.Popen(
-        cli_command(args), cwd=REPO_ROOT, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cli_command(args),
+        cwd=REPO_ROOT,
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     runs = tmp_path / "logs" / "train" / "runs"
     deadline = time.monotonic() + 300
     while not list(runs.glob("*/checkpoints/last.ckpt")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be terminated"
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole process group: the run and its worker
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, (proc.returncode, out[-2000:], err[-2000:])
     (run_dir,) = runs.iterdir()

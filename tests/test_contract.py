@@ -42,7 +42,15 @@ from vss.train import build_module
 NUM_CLASSES = 5
 SIZE = (64, 64)  # a multiple of 32 (MRCFA's 1/32 token grid)
 VIDEO_FRAMES = 14  # MRCFA's official start clips (frames 0-8) and then its steady state
-SMALL = {"embed_dim": 16, "num_heads": 2, "mlp_ratio": 2.0}  # set where the model has the key
+SMALL = {  # set where the model has the key
+    "embed_dim": 16,
+    "num_heads": 2,
+    "mlp_ratio": 2.0,
+    "channels": 16,  # PSPHead width (pspnet, stf)
+    "mlp_dim": 16,  # STF/MAR hidden width
+    "block_size": [4, 4],  # STF's ISA blocks on the 8x8 features of a 64x64 frame
+    "pe_size": [4, 4],  # STF's positional tables (resized to 8x8)
+}
 AFTER_TARGET = "[-2,1]"  # references before and after the target: lookahead 1
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -50,10 +58,11 @@ MSAF_ROWS = sorted(p.stem for p in (CONF_DIR / "msaf_table3").glob("*.yaml"))
 
 
 def _smallest_of_each_family() -> list[str]:
-    """``conf/encoder/*.yaml`` grouped by name without the trailing number: the smallest number of each group."""
+    """``conf/encoder/*.yaml`` grouped by name without the trailing number (and variant letter: resnet50c is a
+    resnet): the smallest number of each group."""
     families: dict[str, tuple[int, str]] = {}
     for p in (CONF_DIR / "encoder").glob("*.yaml"):
-        m = re.fullmatch(r"(.*?)(\d+)", p.stem)
+        m = re.fullmatch(r"(.*?)(\d+)[a-z]?", p.stem)
         family, number = (m[1], int(m[2])) if m else (p.stem, 0)
         families[family] = min(families.get(family, (number, p.stem)), (number, p.stem))
     return sorted(name for _, name in families.values())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +31,16 @@ def _check_palette(palette: Sequence[Sequence[int]] | None, num_classes: int) ->
     if len(colours) != num_classes or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in colours):
         raise ValueError(f"data.palette must be {num_classes} RGB triples in 0..255 (one per class), got {palette}")
     return colours  # type: ignore[return-value]
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader worker start: ignore SIGTERM (the main process saves and stops the run; SLURM and ``kill -- -PGID``
+    signal every process, and a worker killed first would crash the run instead), then Lightning's worker seeding."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if os.environ.get("PL_SEED_WORKERS") == "1":  # seed_everything(workers=True): what Lightning would have added
+        from lightning_fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
 
 
 class VSSDataModule(pl.LightningDataModule):
@@ -201,6 +213,7 @@ class VSSDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            worker_init_fn=worker_init if self.num_workers > 0 else None,
             **kwargs,
         )
 

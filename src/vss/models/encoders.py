@@ -22,6 +22,7 @@ __all__ = [
     "ResNetEncoder",
     "build_encoder",
     "convert_mit_checkpoint",
+    "convert_resnet_v1c_checkpoint",
     "load_checkpoint_state_dict",
 ]
 
@@ -35,7 +36,8 @@ MIT_SETTINGS: dict[str, dict[str, tuple[int, ...]]] = {
     "mit_b4": {"embed_dims": _MIT_WIDE, "depths": (3, 8, 27, 3), "num_heads": (1, 2, 5, 8)},
     "mit_b5": {"embed_dims": _MIT_WIDE, "depths": (3, 6, 40, 3), "num_heads": (1, 2, 5, 8)},
 }
-RESNET_NAMES = ("resnet18", "resnet50", "resnet101")
+# resnet50c: deep stem (3x3 convs 3->32->32->64), no avg-down = mmseg's ResNetV1c (PSPNet R50-D8's backbone).
+RESNET_NAMES = ("resnet18", "resnet50", "resnet101", "resnet50c")
 ENCODER_NAMES: tuple[str, ...] = (*MIT_SETTINGS, *RESNET_NAMES)
 
 _MIT_DEFAULT_DROP_PATH = 0.1  # SegFormer's stochastic depth for every MiT variant
@@ -120,10 +122,10 @@ class ResNetEncoder(Encoder):
         return list(self.body(x))
 
     def load_pretrained(self, path: str | Path) -> None:
-        """Load a timm/torchvision ResNet state dict strictly (the `fc.*` classifier is dropped)."""
+        """Load a timm/torchvision or mmseg/mmcv ResNet state dict strictly (the `fc.*` classifier is dropped)."""
         state_dict = load_checkpoint_state_dict(path)
         state_dict = _strip_prefix(state_dict, "backbone.", keep_only=True)
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+        state_dict = {k: v for k, v in convert_resnet_v1c_checkpoint(state_dict).items() if not k.startswith("fc.")}
         _load_strict(self.body, state_dict, path)
 
 
@@ -146,6 +148,25 @@ def build_encoder(
 def convert_mit_checkpoint(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Rename official SegFormer MiT keys to timm PVTv2 keys; drop `head.*`; keep timm-layout keys."""
     return {_timm_mit_key(k): v for k, v in state_dict.items() if not k.startswith("head.")}
+
+
+def convert_resnet_v1c_checkpoint(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename mmseg/mmcv ResNetV1c deep-stem keys to timm's (`stem.0/1/3/4/6` -> `conv1.*`, `stem.7` -> `bn1`).
+
+    `layerX.*` (convs, BNs, `downsample.0/1`) have the same names in both; other keys pass through.
+    """
+    return {_timm_resnet_key(k): v for k, v in state_dict.items()}
+
+
+def _timm_resnet_key(key: str) -> str:
+    """Map one mmseg ResNetV1c stem key to timm's name; others pass through."""
+    if m := re.match(r"stem\.([0-7])\.", key):
+        index = int(m[1])
+        if index in (0, 1, 3, 4, 6):
+            return f"conv1.{index}.{key[m.end() :]}"
+        if index == 7:
+            return f"bn1.{key[m.end() :]}"
+    return key
 
 
 def _timm_mit_key(key: str) -> str:

@@ -145,3 +145,62 @@ class SegFormerHead(nn.Module):
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
         """Logits at the resolution of the first feature map."""
         return self.classify(self.fuse(feats))
+
+
+class PyramidPoolingBranch(nn.Sequential):
+    """One PPM branch: ``AdaptiveAvgPool2d(scale)`` then 1x1 conv + BN + ReLU (mmseg ``PPM``: indices 0 and 1)."""
+
+    def __init__(self, scale: int, in_ch: int, out_ch: int) -> None:
+        super().__init__(nn.AdaptiveAvgPool2d(scale), ConvBNReLU(in_ch, out_ch, 1))
+
+
+class PSPHead(nn.Module):
+    """PSPNet's pyramid pooling head (Zhao et al. 2017; mmseg ``PSPHead``): PPM, 3x3 bottleneck, classifier.
+
+    Names give mmseg's state dict directly: ``psp_modules.{k}.1.conv/bn``, ``bottleneck.conv/bn``, ``conv_seg``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        channels: int = 512,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ConfigError(f"model.channels={channels!r} is invalid: expected a positive integer")
+        try:
+            scales = tuple(pool_scales)
+        except TypeError:
+            scales = ()
+        if not scales or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in scales):
+            raise ConfigError(
+                f"model.pool_scales={pool_scales!r} is invalid: expected a non-empty list of positive integers"
+            )
+        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0.0 <= dropout <= 1.0:
+            raise ConfigError(f"model.dropout={dropout!r} is invalid: expected a probability in [0, 1]")
+        self.in_channels = int(in_channels)
+        self.channels = channels
+        self.pool_scales = scales
+        self.psp_modules = nn.ModuleList(PyramidPoolingBranch(s, self.in_channels, channels) for s in scales)
+        self.bottleneck = ConvBNReLU(self.in_channels + len(scales) * channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+
+    def bottleneck_features(self, x: Tensor) -> Tensor:
+        """(B, in_channels, h, w) -> the PSP feature (B, channels, h, w): concat [x, PPM s=1, 2, ...], 3x3 conv."""
+        size = x.shape[2:]
+        pooled = [
+            F.interpolate(branch(x), size=size, mode="bilinear", align_corners=False) for branch in self.psp_modules
+        ]
+        return self.bottleneck(torch.cat([x, *pooled], dim=1))
+
+    def classify(self, feature: Tensor) -> Tensor:
+        """``cls_seg``: Dropout2d then the 1x1 ``conv_seg`` -> (B, num_classes, h, w) logits."""
+        return self.conv_seg(self.dropout(feature))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits at the input's resolution."""
+        return self.classify(self.bottleneck_features(x))

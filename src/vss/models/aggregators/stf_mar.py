@@ -1,0 +1,691 @@
+"""STF + MAR (Zhuang et al., TCSVT; arXiv 2301.03832), as the official code (jfzhuang/ST_Memory) computes it.
+
+Base network: mmseg PSPNet R50-D8 (``encoder=resnet50c``, :class:`vss.models.heads.PSPHead`). Per frame
+(:meth:`STFMAR.encode`, cacheable): the PSP bottleneck feature (512 x H/8 x W/8). Temporal
+(:meth:`STFMAR.aggregate`): the frames t-1, t, t+1 (``offsets``, stacked in time order) go through the
+Spatial-Temporal Fusion transformer (:class:`SpatialTemporalFusion`: one post-norm encoder layer over the
+frames, one decoder layer with the raw target feature as query; every attention is a 3-D interlaced sparse
+attention, :class:`InterlacedSparseAttention`); with ``mar=true`` the Memory-Augmented Refinement
+(:class:`MemoryAugmentedRefinement`) lets each pixel attend over a static class memory; the PSP classifier
+``decode_head.conv_seg`` (official ``cls_seg``) gives the logits at 1/8.
+
+Stages are config, not code (../shared/reference/stf-mar-official.md A.2-A.7):
+
+1. ``model=stf`` (``mar=false``): init_from a PSPNet run/checkpoint, ``freeze=[encoder,
+   aggregator.decode_head.psp_modules, aggregator.decode_head.bottleneck]``, ``init_exclude=
+   [aggregator.decode_head.conv_seg]`` (the official code re-initialises the classifier at each stage).
+2. The memory pass: a stage-1 model's ``aggregate`` returns ``features`` (the STF output) beside ``logits``
+   at inference too; the pass keeps, per class, the K lowest-score correct pixels as keys and the mean of
+   the K highest-score ones as the prototype, and writes them with :func:`save_memory`.
+3. ``model=stf_mar`` (``mar=true``) ``model.memory=memory.pt``: init_from stage 1, freeze also
+   ``aggregator.stf``; MAR, its memory and ``conv_seg`` train.
+
+Readings where the notes are silent: the positional tables are resized with ``align_corners=False`` (the
+``F.interpolate`` default; at the official 1024x2048 input the resize is the identity and is skipped);
+the short-range step of the decoder's cross-attention adds the target's ``query_pos``; a target predicted
+alone (``aggregate(target, [])``) runs STF with T=1 and the target's own slice of ``pe_enc``; MAR has no
+dropout on its attention weights.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vss.config import ConfigError
+from vss.models.aggregators.base import Aggregator, FrameFeatures
+from vss.models.heads import PSPHead
+
+if TYPE_CHECKING:
+    from vss.convert import ImportResult
+
+__all__ = [
+    "STFMAR",
+    "InterlacedSparseAttention",
+    "MemoryAugmentedRefinement",
+    "SpatialTemporalFusion",
+    "check_input_size",
+    "check_train_config",
+    "import_official_checkpoint",
+    "load_memory",
+    "load_official_memory",
+    "save_memory",
+]
+
+OUTPUT_STRIDE = 8
+"""The PSPNet R50-D8 feature's stride: STF's block grid is counted on it."""
+OFFICIAL_BLOCK = (16, 16)
+"""The official ISA block (``block_size: auto`` takes it wherever the feature map divides by it)."""
+
+
+# -- checks ------------------------------------------------------------------------------------------------
+def _positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"model.{key}={value!r} is invalid: expected a positive integer")
+    return value
+
+
+def _pair(key: str, value: Any) -> tuple[int, int]:
+    try:
+        pair = tuple(value)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
+        raise ConfigError(f"model.{key}={value!r} is invalid: expected [height, width], two positive integers")
+    return int(pair[0]), int(pair[1])
+
+
+def block_size_value(value: Any) -> tuple[int, int] | None:
+    """``model.block_size``: ``auto`` (None) or [height, width]."""
+    return None if value == "auto" else _pair("block_size", value)
+
+
+def auto_block(h: int, w: int) -> tuple[int, int]:
+    """``block_size: auto`` on an h x w feature map: per side the official 16, else its largest divisor below 16
+    (at the official sizes, multiples of 128, always 16x16)."""
+
+    def side(block: int, n: int) -> int:
+        return max(d for d in range(1, min(block, n) + 1) if n % d == 0)
+
+    return side(OFFICIAL_BLOCK[0], h), side(OFFICIAL_BLOCK[1], w)
+
+
+def check_input_size(
+    height: int, width: int, reduction: int = OUTPUT_STRIDE, block_size: Sequence[int] = (16, 16), key: str = "input"
+) -> None:
+    """Raise ConfigError unless an input of ``height`` x ``width`` gives a feature map (stride ``reduction``)
+    whose sides are multiples of STF's ``block_size``: multiples of 128 for 16x16 blocks at stride 8."""
+    bh, bw = (int(b) for b in block_size)
+    mh, mw = bh * reduction, bw * reduction
+    if height % mh or width % mw:
+        raise ConfigError(
+            f"{key}={[height, width]} is invalid for STF: the input must be a multiple of {mh}x{mw} "
+            f"(model.block_size={[bh, bw]} blocks on the stride-{reduction} feature map)"
+        )
+
+
+def check_train_config(cfg: Any) -> None:
+    """Config-time check of a training config for STF/MAR: the crop (``data.crop_size``, padded to it) and the
+    evaluation sizes (``data.size_divisor``, sides rounded up to a multiple of it) must be multiples of
+    ``block_size`` x 8 (128 for the official 16x16 blocks). A hook shared code can call with the composed
+    config (``cfg.model`` of this module); a missing key is not checked. ``block_size: auto`` fits any size."""
+    from omegaconf import OmegaConf
+
+    block = block_size_value(OmegaConf.select(cfg, "model.block_size", default=list(OFFICIAL_BLOCK)))
+    if block is None:
+        return
+    crop = OmegaConf.select(cfg, "data.crop_size", default=None)
+    if crop is not None:
+        check_input_size(int(crop[0]), int(crop[1]), OUTPUT_STRIDE, block, key="data.crop_size")
+    divisor = OmegaConf.select(cfg, "data.size_divisor", default=None)
+    if divisor is not None:
+        m = [b * OUTPUT_STRIDE for b in block]
+        if any(int(divisor) % v for v in m):
+            raise ConfigError(
+                f"data.size_divisor={divisor} is invalid for STF: evaluation frames must be multiples of {m[0]}x{m[1]} "
+                f"(model.block_size={list(block)} at stride {OUTPUT_STRIDE}); set data.size_divisor={max(m)}"
+            )
+
+
+# -- STF: 3-D interlaced sparse attention ------------------------------------------------------------------
+def _long_groups(x: Tensor, block: tuple[int, int]) -> Tensor:
+    """(B,T,H,W,C) -> (B*ph*pw, T*nh*nw, C): one sequence per in-block offset (a,b), over the stride-block
+    lattice {(tau, ph*i+a, pw*j+b)} of all T frames (the long-range groups of ISA)."""
+    b, t, h, w, c = x.shape
+    ph, pw = block
+    return x.reshape(b, t, h // ph, ph, w // pw, pw, c).permute(0, 3, 5, 1, 2, 4, 6).reshape(b * ph * pw, -1, c)
+
+
+def _short_groups(x: Tensor, block: tuple[int, int]) -> Tensor:
+    """(B,T,H,W,C) -> (B*nh*nw, T*ph*pw, C): one sequence per block window, over its pixels in all T frames."""
+    b, t, h, w, c = x.shape
+    ph, pw = block
+    return x.reshape(b, t, h // ph, ph, w // pw, pw, c).permute(0, 2, 4, 1, 3, 5, 6).reshape(-1, t * ph * pw, c)
+
+
+def _long_to_short(y: Tensor, shape: Sequence[int], block: tuple[int, int]) -> Tensor:
+    """The long-range layout of a (B,T,H,W,C) map -> its short-range layout (one permute)."""
+    b, t, h, w, c = shape
+    ph, pw = block
+    nh, nw = h // ph, w // pw
+    return y.reshape(b, ph, pw, t, nh, nw, c).permute(0, 4, 5, 3, 1, 2, 6).reshape(b * nh * nw, t * ph * pw, c)
+
+
+def _from_short(y: Tensor, shape: Sequence[int], block: tuple[int, int]) -> Tensor:
+    """The short-range layout -> (B,T,H,W,C)."""
+    b, t, h, w, c = shape
+    ph, pw = block
+    nh, nw = h // ph, w // pw
+    return y.reshape(b, nh, nw, t, ph, pw, c).permute(0, 3, 1, 4, 2, 5, 6).reshape(b, t, h, w, c)
+
+
+class InterlacedSparseAttention(nn.Module):
+    """3-D interlaced sparse attention (official ``ISA_Block`` / ``ISA_Block_CA``).
+
+    Long-range step: one multi-head attention per in-block offset over the stride-``block_size`` lattice
+    across the frames (queries of the Tq query frames against keys/values of the Tk key frames); short-range
+    step: a second attention over the long step's output within each block window across the Tq frames.
+    Queries and keys get their positional encoding added (in both steps), values do not.
+    """
+
+    def __init__(self, dim: int, num_heads: int, block_size: tuple[int, int] | None, dropout: float) -> None:
+        super().__init__()
+        self.block_size = block_size
+        self.long_range = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.short_range = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        query_pos: Tensor,
+        key_pos: Tensor,
+        block: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """query (B,Tq,H,W,C), key/value (B,Tk,H,W,C), positions broadcastable to them -> (B,Tq,H,W,C);
+        ``block`` overrides ``block_size`` (``block_size: auto``)."""
+        blk = block or self.block_size
+        shape = query.shape
+        q = _long_groups(query + query_pos, blk)
+        k = _long_groups(key + key_pos, blk)
+        y = self.long_range(q, k, _long_groups(value, blk), need_weights=False)[0]
+        y = _long_to_short(y, shape, blk)
+        qk = y + _short_groups(query_pos.expand(shape), blk)
+        return _from_short(self.short_range(qk, qk, y, need_weights=False)[0], shape, blk)
+
+
+def _ffn(dim: int, hidden: int, dropout: float) -> nn.Sequential:
+    """W2 drop(ReLU(W1 x)) (indices 0 and 3 hold the weights)."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+
+class STFEncoderLayer(nn.Module):
+    """Post-norm encoder layer: x = LN(x + drop(ISA(x, x, x, pos))); x = LN(x + drop(FFN(x)))."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_dim: int, block_size: tuple[int, int] | None, dropout: float
+    ) -> None:
+        super().__init__()
+        self.attn = InterlacedSparseAttention(dim, num_heads, block_size, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = _ffn(dim, mlp_dim, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, pos: Tensor, block: tuple[int, int] | None = None) -> Tensor:
+        """(B,T,H,W,C) -> (B,T,H,W,C)."""
+        x = self.norm1(x + self.dropout(self.attn(x, x, x, pos, pos, block)))
+        return self.norm2(x + self.dropout(self.ffn(x)))
+
+
+class STFDecoderLayer(nn.Module):
+    """Post-norm decoder layer: ISA self-attention on the target (``query_pos``), cross-attention ISA (target
+    queries vs the encoder memory), FFN; each with add & LayerNorm."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_dim: int, block_size: tuple[int, int] | None, dropout: float
+    ) -> None:
+        super().__init__()
+        self.self_attn = InterlacedSparseAttention(dim, num_heads, block_size, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.cross_attn = InterlacedSparseAttention(dim, num_heads, block_size, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = _ffn(dim, mlp_dim, dropout)
+        self.norm3 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, tgt: Tensor, memory: Tensor, query_pos: Tensor, pos: Tensor, block: tuple[int, int] | None = None
+    ) -> Tensor:
+        """tgt (B,1,H,W,C), memory (B,T,H,W,C) -> (B,1,H,W,C)."""
+        tgt = self.norm1(tgt + self.dropout(self.self_attn(tgt, tgt, tgt, query_pos, query_pos, block)))
+        tgt = self.norm2(tgt + self.dropout(self.cross_attn(tgt, memory, memory, query_pos, pos, block)))
+        return self.norm3(tgt + self.dropout(self.ffn(tgt)))
+
+
+def resize_table(table: Tensor, size: Sequence[int]) -> Tensor:
+    """A learned positional table (1,C,T0,h0,w0) resized trilinearly to ``size`` = (T,h,w); the table itself
+    when it already has that size (a same-size linear resize samples the grid exactly: skipping it is exact)."""
+    if tuple(table.shape[2:]) == tuple(size):
+        return table
+    return F.interpolate(table, size=tuple(size), mode="trilinear", align_corners=False)
+
+
+class SpatialTemporalFusion(nn.Module):
+    """STF (official ``lib/net/transformer.py: STF``): a DETR-style post-norm encoder-decoder, ``depth`` layers
+    each, over the frames' features with the raw target feature as decoder query; learned positional tables
+    ``pe_enc`` (1,C,T,pe_h,pe_w) and ``pe_dec`` (1,C,1,pe_h,pe_w), resized to the input each call."""
+
+    def __init__(
+        self,
+        dim: int = 512,
+        num_frames: int = 3,
+        depth: int = 1,
+        num_heads: int = 2,
+        mlp_dim: int = 256,
+        block_size: Sequence[int] | str = (16, 16),
+        pe_size: Sequence[int] = (128, 256),
+        dropout: float = 0.1,
+        target_index: int = 1,
+    ) -> None:
+        super().__init__()
+        self.block_size = block_size_value(block_size)  # None: auto
+        self.target_index = int(target_index)
+        pe_h, pe_w = _pair("pe_size", pe_size)
+        self.pe_enc = nn.Parameter(torch.empty(1, dim, num_frames, pe_h, pe_w))
+        self.pe_dec = nn.Parameter(torch.empty(1, dim, 1, pe_h, pe_w))
+        args = (dim, num_heads, mlp_dim, self.block_size, dropout)
+        self.encoder_layers = nn.ModuleList(STFEncoderLayer(*args) for _ in range(depth))
+        self.decoder_layers = nn.ModuleList(STFDecoderLayer(*args) for _ in range(depth))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official ``weight_init``: xavier-uniform on every parameter with more than one dimension (the
+        positional tables included: they start near zero, bound ~3e-4 at full size), the rest as built."""
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def block_for(self, h: int, w: int) -> tuple[int, int]:
+        """The ISA block on an h x w feature map: ``block_size``, checked, or :func:`auto_block`."""
+        if self.block_size is None:
+            return auto_block(h, w)
+        ph, pw = self.block_size
+        if h % ph or w % pw:
+            raise ConfigError(
+                f"STF's feature map {h}x{w} is not divisible by model.block_size={[ph, pw]}: the input must be a "
+                f"multiple of {ph * OUTPUT_STRIDE}x{pw * OUTPUT_STRIDE} (data.crop_size, data.size_divisor), or "
+                "model.block_size=auto"
+            )
+        return ph, pw
+
+    def positions(self, t: int, h: int, w: int) -> tuple[Tensor, Tensor]:
+        """The encoder's and the decoder's positional encodings, channel-last (1,T,h,w,C) and (1,1,h,w,C). T=1
+        with a table of more frames (a target alone) takes the target's slice of ``pe_enc``."""
+        table = self.pe_enc
+        if t == 1 and table.shape[2] != 1:
+            table = table[:, :, self.target_index : self.target_index + 1]
+        elif t != table.shape[2]:
+            raise ConfigError(f"STF was built for {table.shape[2]} frames (pe_enc), got {t}")
+        pos = resize_table(table, (t, h, w)).permute(0, 2, 3, 4, 1)
+        query_pos = resize_table(self.pe_dec, (1, h, w)).permute(0, 2, 3, 4, 1)
+        return pos, query_pos
+
+    def forward(self, frames: Tensor, target_index: int) -> Tensor:
+        """frames (B,T,C,H,W) in time order, the target at ``target_index`` -> the fused target feature (B,C,H,W)."""
+        b, t, c, h, w = frames.shape
+        block = self.block_for(h, w)
+        pos, query_pos = self.positions(t, h, w)
+        x = frames.permute(0, 1, 3, 4, 2)  # B,T,H,W,C
+        tgt = x[:, target_index : target_index + 1]
+        memory = x
+        for layer in self.encoder_layers:
+            memory = layer(memory, pos, block)
+        for layer in self.decoder_layers:
+            tgt = layer(tgt, memory, query_pos, pos, block)
+        return tgt[:, 0].permute(0, 3, 1, 2)
+
+
+# -- MAR ---------------------------------------------------------------------------------------------------
+def _projection(dim: int, mlp_dim: int) -> nn.Sequential:
+    """Official ``to_q`` / ``to_k`` / ``to_v``: Linear(C,C), Linear(C,mlp), Linear(mlp,mlp); no bias, no activation."""
+    return nn.Sequential(
+        nn.Linear(dim, dim, bias=False), nn.Linear(dim, mlp_dim, bias=False), nn.Linear(mlp_dim, mlp_dim, bias=False)
+    )
+
+
+class MemoryAugmentedRefinement(nn.Module):
+    """MAR (official ``MAR`` / ``TransformerHELayer``): each pixel attends over a static class memory.
+
+    ``memory_key`` and ``memory_value`` (num_classes*K, C) are class-major: slot r belongs to class r // K;
+    the keys are the K hard (low-score, correct) features of each class, value slot r the prototype of class
+    r // K. Read path: attn = softmax(q k^T) (single head, no 1/sqrt(d) scaling); x = LN(x + drop(W_o attn v));
+    x = LN(x + drop(FFN(x))).
+    """
+
+    def __init__(
+        self, dim: int, num_classes: int, keys_per_class: int = 10, mlp_dim: int = 256, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.num_classes, self.keys_per_class = int(num_classes), int(keys_per_class)
+        slots = self.num_classes * self.keys_per_class
+        self.memory_key = nn.Parameter(torch.randn(slots, dim))
+        self.memory_value = nn.Parameter(torch.randn(num_classes, dim).repeat_interleave(keys_per_class, 0))
+        self.to_q = _projection(dim, mlp_dim)
+        self.to_k = _projection(dim, mlp_dim)
+        self.to_v = _projection(dim, mlp_dim)
+        self.proj = nn.Linear(mlp_dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = _ffn(dim, mlp_dim, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    @torch.no_grad()
+    def set_memory(self, memory: dict[str, Tensor], source: str = "memory") -> None:
+        """Load a memory dict (:func:`load_memory`): keys as they are, prototypes repeat-interleaved K times."""
+        key, prototype = memory["key"], memory["prototype"]
+        expected_key, expected_proto = tuple(self.memory_key.shape), (self.num_classes, self.memory_key.shape[1])
+        if tuple(key.shape) != expected_key or tuple(prototype.shape) != expected_proto:
+            raise ConfigError(
+                f"model.memory={source}: key {tuple(key.shape)} and prototype {tuple(prototype.shape)} do not match "
+                f"the model's key {expected_key} and prototype {expected_proto} (data.num_classes x "
+                "model.keys_per_class, model.channels)"
+            )
+        self.memory_key.copy_(key)
+        self.memory_value.copy_(prototype.repeat_interleave(self.keys_per_class, 0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B,C,H,W) -> the refined feature (B,C,H,W)."""
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # B,HW,C
+        q = self.to_q(tokens)
+        k = self.to_k(self.memory_key)
+        v = self.to_v(self.memory_value)
+        attn = torch.softmax(q @ k.t(), dim=-1)  # unscaled, as the official code
+        out = self.norm1(tokens + self.dropout(self.proj(attn @ v)))
+        out = self.norm2(out + self.dropout(self.ffn(out)))
+        return out.transpose(1, 2).reshape(b, c, h, w)
+
+
+# -- memory files ------------------------------------------------------------------------------------------
+def save_memory(path: str | Path, key: Tensor, prototype: Tensor, count: Tensor) -> None:
+    """Write a MAR memory: ``key`` (num_classes*K, C), class-major; ``prototype`` (num_classes, C); ``count``
+    (num_classes,) the correct pixels seen per class (-1: unknown). Read back by :func:`load_memory`."""
+    from vss.checkpoint import atomic_torch_save
+
+    memory = {"key": key.detach().float().cpu(), "prototype": prototype.detach().float().cpu()}
+    memory["count"] = torch.as_tensor(count).detach().long().cpu()
+    _check_memory(memory, str(path))
+    atomic_torch_save(memory, path)
+
+
+def _check_memory(memory: Any, source: str) -> dict[str, Tensor]:
+    if not isinstance(memory, dict) or not {"key", "prototype", "count"} <= set(memory):
+        raise ConfigError(f"model.memory={source}: expected a dict with key, prototype and count (vss save_memory)")
+    key, prototype, count = memory["key"], memory["prototype"], memory["count"]
+    if not all(isinstance(t, Tensor) for t in (key, prototype, count)):
+        raise ConfigError(f"model.memory={source}: key, prototype and count must be tensors")
+    n = prototype.shape[0] if prototype.ndim == 2 else 0
+    ok = (
+        key.ndim == 2
+        and prototype.ndim == 2
+        and key.shape[1] == prototype.shape[1]
+        and n > 0
+        and key.shape[0] % n == 0
+        and tuple(count.shape) == (n,)
+    )
+    if not ok:
+        raise ConfigError(
+            f"model.memory={source}: key {tuple(key.shape)}, prototype {tuple(prototype.shape)}, count "
+            f"{tuple(count.shape)}: expected (num_classes*K, C), (num_classes, C), (num_classes,)"
+        )
+    return {"key": key.float(), "prototype": prototype.float(), "count": count.long()}
+
+
+def load_memory(path: str | Path) -> dict[str, Tensor]:
+    """Read a MAR memory written by :func:`save_memory` (shapes checked)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"model.memory={str(path)!r} is invalid: the file does not exist (expected a memory.pt)")
+    return _check_memory(torch.load(path, map_location="cpu", weights_only=True), str(path))
+
+
+def load_official_memory(key_npy: str | Path, value_npy: str | Path, keys_per_class: int = 10) -> dict[str, Tensor]:
+    """The official memory files (ST_Memory ``generate_memory/output/key.npy`` (190,512), class-major, and
+    ``value.npy`` (19,512) prototypes) as a :func:`load_memory` dict; ``count`` is unknown (-1)."""
+    key = torch.from_numpy(np.load(key_npy).astype(np.float32))
+    prototype = torch.from_numpy(np.load(value_npy).astype(np.float32))
+    if key.ndim != 2 or prototype.ndim != 2 or key.shape != (prototype.shape[0] * keys_per_class, prototype.shape[1]):
+        raise ConfigError(
+            f"{key_npy} {tuple(key.shape)} and {value_npy} {tuple(prototype.shape)}: expected (num_classes*"
+            f"{keys_per_class}, C) and (num_classes, C)"
+        )
+    count = torch.full((prototype.shape[0],), -1, dtype=torch.long)
+    return _check_memory({"key": key, "prototype": prototype, "count": count}, str(key_npy))
+
+
+# -- the aggregator ----------------------------------------------------------------------------------------
+class STFMAR(Aggregator):
+    """PSPNet + STF (+ MAR with ``mar=true``); see the module docstring.
+
+    ``aggregate`` returns ``logits`` (1/8) and ``features``, the STF output before MAR (what the memory pass
+    reads of a stage-1 model; returned at inference too, it costs nothing).
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        offsets: Sequence[int] = (-1, 1),
+        mar: bool = False,
+        channels: int = 512,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        depth: int = 1,
+        num_heads: int = 2,
+        mlp_dim: int = 256,
+        block_size: Sequence[int] | str = (16, 16),
+        pe_size: Sequence[int] = (128, 256),
+        dropout: float = 0.1,
+        keys_per_class: int = 10,
+        memory: str | None = None,
+        avg_non_ignore: bool = False,
+        compile: bool = False,
+        encoder_name: str | None = None,
+    ) -> None:
+        super().__init__(in_channels, num_classes, offsets, avg_non_ignore, compile)
+        if encoder_name is not None and not str(encoder_name).startswith("resnet"):
+            raise ConfigError(
+                f"model=stf/stf_mar needs a dilated ResNet encoder (output stride 8, e.g. encoder=resnet50c); "
+                f"encoder.name={encoder_name!r} is not one"
+            )
+        if not isinstance(mar, bool):
+            raise ConfigError(f"model.mar={mar!r} is invalid: expected true or false")
+        if not self.offsets:
+            raise ConfigError("model.offsets=[] is invalid for STF: expected reference frames, e.g. [-1,1]")
+        channels = _positive_int("channels", channels)
+        num_heads = _positive_int("num_heads", num_heads)
+        if channels % num_heads:
+            raise ConfigError(f"model.num_heads={num_heads} is invalid: model.channels={channels} must divide by it")
+        mlp_dim, depth = _positive_int("mlp_dim", mlp_dim), _positive_int("depth", depth)
+        keys_per_class = _positive_int("keys_per_class", keys_per_class)
+        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"model.dropout={dropout!r} is invalid: expected a probability in [0, 1)")
+        if memory is not None and not mar:
+            raise ConfigError(
+                f"model.memory={memory!r} is set but model.mar=false: the memory is MAR's (model=stf_mar)"
+            )
+        self.mar_enabled = mar
+        # the frames in time order: the references (offsets order) and the target (offset 0) sorted by offset
+        self.time_order = sorted(range(len(self.offsets) + 1), key=lambda i: (*self.offsets, 0)[i])
+        self.target_index = sum(o < 0 for o in self.offsets)
+        self.decode_head = PSPHead(self.in_channels[-1], num_classes, channels, pool_scales, dropout)
+        self.stf = SpatialTemporalFusion(
+            channels,
+            len(self.offsets) + 1,
+            depth,
+            num_heads,
+            mlp_dim,
+            block_size,
+            pe_size,
+            dropout,
+            self.target_index,
+        )
+        if mar:
+            self.mar = MemoryAugmentedRefinement(channels, num_classes, keys_per_class, mlp_dim, dropout)
+            if memory is None:
+                warnings.warn(
+                    "model.mar=true without model.memory: MAR's memory is random; build it with the memory pass "
+                    "over a trained model=stf and pass model.memory=memory.pt",
+                    stacklevel=2,
+                )
+            else:
+                self.mar.set_memory(load_memory(memory), str(memory))
+
+    def encode(self, feats: list[Tensor]) -> FrameFeatures:
+        """The PSP bottleneck feature of each frame (official ``decode_head(x, return_feat=True)``)."""
+        return {"feature": self.decode_head.bottleneck_features(feats[-1])}
+
+    def aggregate(self, target: FrameFeatures, references: list[FrameFeatures]) -> dict[str, Tensor]:
+        """STF over the frames in time order (target as the decoder query), MAR, ``conv_seg``; no references:
+        STF over the target alone (T=1, the target's slice of ``pe_enc``)."""
+        if references and len(references) != len(self.offsets):
+            raise ConfigError(
+                f"STF reads {len(self.offsets)} reference frames (model.offsets={list(self.offsets)}), got "
+                f"{len(references)}"
+            )
+        if references:
+            items = [*references, target]
+            frames = torch.stack([items[i]["feature"] for i in self.time_order], 1)
+            x = self.stf(frames, self.target_index)
+        else:
+            x = self.stf(target["feature"].unsqueeze(1), 0)
+        refined = self.mar(x) if self.mar_enabled else x
+        return {"logits": self.decode_head.classify(refined), "features": x}
+
+
+# -- the official checkpoints ------------------------------------------------------------------------------
+# ``python -m vss.convert --model stf|stf_mar`` finds :func:`import_official_checkpoint` by convention. The
+# official ``STF`` / ``MAR`` modules' names below are inferred from the notes (the released refine.py
+# modules hold ``stf`` and ``mar``; the layers follow the DETR layer names of lib/net/transformer.py); the
+# test oracle tests/reference_stf_mar.py is written with them. If a real checkpoint differs, this table is
+# the one place to change.
+
+#: Official names (under ``stf.`` / ``mar.``) -> ours (under ``aggregator.``).
+_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"stf\.(pe_enc|pe_dec)", r"stf.\1"),
+    (r"stf\.encoder\.layers\.(\d+)\.self_attn\.long_attn\.(.+)", r"stf.encoder_layers.\1.attn.long_range.\2"),
+    (r"stf\.encoder\.layers\.(\d+)\.self_attn\.short_attn\.(.+)", r"stf.encoder_layers.\1.attn.short_range.\2"),
+    (r"stf\.(en|de)coder\.layers\.(\d+)\.linear1\.(.+)", r"stf.\1coder_layers.\2.ffn.0.\3"),
+    (r"stf\.(en|de)coder\.layers\.(\d+)\.linear2\.(.+)", r"stf.\1coder_layers.\2.ffn.3.\3"),
+    (r"stf\.(en|de)coder\.layers\.(\d+)\.(norm[123])\.(.+)", r"stf.\1coder_layers.\2.\3.\4"),
+    (r"stf\.decoder\.layers\.(\d+)\.self_attn\.long_attn\.(.+)", r"stf.decoder_layers.\1.self_attn.long_range.\2"),
+    (r"stf\.decoder\.layers\.(\d+)\.self_attn\.short_attn\.(.+)", r"stf.decoder_layers.\1.self_attn.short_range.\2"),
+    (
+        r"stf\.decoder\.layers\.(\d+)\.multihead_attn\.long_attn\.(.+)",
+        r"stf.decoder_layers.\1.cross_attn.long_range.\2",
+    ),
+    (
+        r"stf\.decoder\.layers\.(\d+)\.multihead_attn\.short_attn\.(.+)",
+        r"stf.decoder_layers.\1.cross_attn.short_range.\2",
+    ),
+    (r"mar\.(memory_key|memory_value)", r"mar.\1"),
+    (r"mar\.transformer\.(to_[qkv])\.(\d)\.weight", r"mar.\1.\2.weight"),
+    (r"mar\.transformer\.to_out\.(.+)", r"mar.proj.\1"),
+    (r"mar\.transformer\.linear1\.(.+)", r"mar.ffn.0.\1"),
+    (r"mar\.transformer\.linear2\.(.+)", r"mar.ffn.3.\1"),
+    (r"mar\.transformer\.(norm[12])\.(.+)", r"mar.\1.\2"),
+)
+
+
+def official_key(key: str) -> str | None:
+    """Our aggregator key (without ``aggregator.``) for an official ``stf.*`` / ``mar.*`` key; None if unknown."""
+    for pattern, repl in _RENAMES:
+        m = re.fullmatch(pattern, key)
+        if m is not None:
+            return m.expand(repl)
+    return None
+
+
+def convert_official_state_dict(
+    state_dict: dict[str, Tensor],
+) -> tuple[dict[str, Tensor], dict[str, str], list[str], list[str]]:
+    """Official ``stf.*`` / ``mar.*`` (and PSPNet ``backbone.*`` / ``decode_head.*``, optionally under
+    ``pspnet.``) -> Segmenter keys. Returns tensors, origins, dropped and unknown keys."""
+    from vss.models.aggregators.pspnet import pspnet_keys
+
+    base = {k.removeprefix("pspnet."): v for k, v in state_dict.items() if not k.startswith(("stf.", "mar."))}
+    out, origin, dropped, unknown = pspnet_keys(base)
+    out, origin = dict(out), dict(origin)
+    for k, v in state_dict.items():
+        if not k.startswith(("stf.", "mar.")):
+            continue
+        new = official_key(k)
+        if new is None:
+            unknown.append(k)
+            continue
+        if new in ("mar.memory_key", "mar.memory_value") and v.ndim == 3:
+            v = v[0]  # official (1, N, C)
+        out[f"aggregator.{new}"], origin[f"aggregator.{new}"] = v, k
+    return out, origin, sorted(dropped), sorted(unknown)
+
+
+def import_official_checkpoint(state_dict: dict[str, Tensor]) -> ImportResult:
+    """An official ST_Memory ``state_dict`` (``stf.*``, ``mar.*``, PSPNet ``backbone.*`` / ``decode_head.*``)
+    -> Segmenter tensors + the config they imply: ``model=stf_mar`` when ``mar.*`` is present (else
+    ``model=stf``), ``encoder=resnet50c``, the number of classes (``conv_seg``, else the memory rows / K),
+    the widths and the positional tables' grid. A 19-class checkpoint starts from ``data=cityscapes_video``."""
+    from vss.convert import ImportResult
+
+    if "stf.pe_enc" not in state_dict:
+        raise ConfigError("expected an official ST_Memory checkpoint with stf.* keys (stf.pe_enc is missing)")
+    pe = state_dict["stf.pe_enc"]
+    has_mar = any(k.startswith("mar.") for k in state_dict)
+    seg = next(
+        (
+            state_dict[k]
+            for k in ("decode_head.conv_seg.weight", "pspnet.decode_head.conv_seg.weight")
+            if k in state_dict
+        ),
+        None,
+    )
+    if seg is not None:
+        num_classes = int(seg.shape[0])
+    elif "mar.memory_key" in state_dict:
+        num_classes = int(state_dict["mar.memory_key"].shape[-2]) // 10
+    else:
+        raise ConfigError("cannot tell the number of classes: no decode_head.conv_seg.weight and no mar.memory_key")
+    depth = len({k.split(".")[3] for k in state_dict if k.startswith("stf.encoder.layers.")})
+    mlp = state_dict.get("stf.encoder.layers.0.linear1.weight")
+    converted, origin, dropped, unknown = convert_official_state_dict(state_dict)
+    overrides = [
+        f"model={'stf_mar' if has_mar else 'stf'}",
+        "encoder=resnet50c",
+        f"data.num_classes={num_classes}",
+        f"model.channels={int(pe.shape[1])}",
+        f"model.pe_size=[{int(pe.shape[3])},{int(pe.shape[4])}]",
+        f"model.depth={max(depth, 1)}",
+    ]
+    if mlp is not None:
+        overrides.append(f"model.mlp_dim={int(mlp.shape[0])}")
+    return ImportResult(
+        state_dict=converted,
+        overrides=overrides,
+        defaults=["data=cityscapes_video"] if num_classes == 19 else [],
+        origin=origin,
+        dropped=dropped,
+        unknown=unknown,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vss.models.aggregators.stf_mar --key key.npy --value value.npy --out memory.pt``: the official
+    memory files as a ``model.memory`` file."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m vss.models.aggregators.stf_mar", description=main.__doc__)
+    parser.add_argument("--key", required=True, help="official key.npy (num_classes*K, C)")
+    parser.add_argument("--value", required=True, help="official value.npy (num_classes, C)")
+    parser.add_argument("--keys-per-class", type=int, default=10, help="K (official: 10)")
+    parser.add_argument("--out", required=True, help="memory.pt to write")
+    args = parser.parse_args(argv)
+    try:
+        memory = load_official_memory(args.key, args.value, args.keys_per_class)
+    except (ConfigError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    save_memory(args.out, memory["key"], memory["prototype"], memory["count"])
+    print(f"[vss] {args.out}: key {tuple(memory['key'].shape)}, prototype {tuple(memory['prototype'].shape)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

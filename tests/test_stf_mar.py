@@ -1,0 +1,408 @@
+"""STF + MAR specifics: parity with the re-implemented official modules (tests/reference_stf_mar.py), the official
+parameter counts, the checkpoint and memory importers, time order, the causal variant and staged freezing.
+The contract battery (tests/test_contract.py) covers streaming == clip, gradients and frozen parts generically."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import reference_stf_mar as ref
+from conftest import compose_train
+from contract import assert_stream_equals_clip
+from random_weights import randomize_
+from vss.config import ConfigError
+from vss.models.aggregators.stf_mar import (
+    STFMAR,
+    MemoryAugmentedRefinement,
+    SpatialTemporalFusion,
+    auto_block,
+    check_input_size,
+    check_train_config,
+    convert_official_state_dict,
+    import_official_checkpoint,
+    load_memory,
+    load_official_memory,
+    save_memory,
+)
+from vss.models.heads import PSPHead
+from vss.models.segmenter import Segmenter
+
+pytestmark = pytest.mark.filterwarnings("ignore:model.mar=true without model.memory")
+TOL = 1e-4
+SMALL = ["model.channels=16", "model.mlp_dim=16", "model.block_size=[4,4]", "model.pe_size=[4,4]"]
+
+
+def _official_stf(dim: int, mlp: int, pe: tuple[int, int], block: tuple[int, int], seed: int = 0) -> ref.STF:
+    """A reference STF with random weights and well-scaled (not near-zero) positional tables."""
+    torch.manual_seed(seed)
+    stf = randomize_(ref.STF(dim, 1, 2, mlp, pe, block=block), seed)
+    with torch.no_grad():
+        stf.pe_enc.normal_()
+        stf.pe_dec.normal_()
+    return stf
+
+
+def _ours(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Official ``stf.*`` / ``mar.*`` tensors through the importer, as keys of our module."""
+    converted, _, _, unknown = convert_official_state_dict(state)
+    assert not unknown, unknown
+    return {k.removeprefix(prefix): v for k, v in converted.items()}
+
+
+@pytest.mark.parametrize(
+    ("dim", "pe", "target"),
+    [(32, (32, 32), 1), (32, (16, 24), 1), (32, (40, 24), 2), (512, (32, 32), 1)],
+    ids=["C32-same-size-PE", "C32-PE-upsized", "C32-PE-resized-causal-target", "C512"],
+)
+def test_stf_equals_the_official_module(dim: int, pe: tuple[int, int], target: int) -> None:
+    """Same weights (copied through the importer) -> same output within 1e-4, with and without the PE resize."""
+    mlp = 256 if dim == 512 else 16
+    official = _official_stf(dim, mlp, pe, (16, 16))
+    ours = SpatialTemporalFusion(dim, 3, 1, 2, mlp, (16, 16), pe, 0.1, target).eval()
+    ours.load_state_dict(_ours({f"stf.{k}": v for k, v in official.state_dict().items()}, "aggregator.stf."))
+    x = torch.randn(2, 3, dim, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = official(x.transpose(1, 2), x[:, target].unsqueeze(2))
+        got = ours(x, target)
+    assert got.shape == (2, dim, 32, 32)
+    err = (got - expected).abs().max().item()
+    assert err < TOL, f"max |ours - official| = {err:.3g}"
+    assert expected.std() > 0.5  # a real signal, not a near-constant output
+
+
+def test_stf_groups_matter() -> None:
+    """The parity test can fail: the same weights with other ISA groups (8x8 blocks) give another output."""
+    official = _official_stf(32, 16, (32, 32), (16, 16))
+    ours = SpatialTemporalFusion(32, 3, 1, 2, 16, (16, 16), (32, 32), 0.1, 1).eval()
+    ours.load_state_dict(_ours({f"stf.{k}": v for k, v in official.state_dict().items()}, "aggregator.stf."))
+    ours.block_size = (8, 8)  # other groups, same weights
+    for layer in [*ours.encoder_layers, *ours.decoder_layers]:
+        for attn in [getattr(layer, n) for n in ("attn", "self_attn", "cross_attn") if hasattr(layer, n)]:
+            attn.block_size = (8, 8)
+    x = torch.randn(1, 3, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(x, 1) - official(x.transpose(1, 2), x[:, 1].unsqueeze(2))).abs().max().item()
+    assert diff > 1e-2
+
+
+def test_mar_equals_the_official_module() -> None:
+    torch.manual_seed(0)
+    official = randomize_(ref.MAR(32, 16, 10, 10, 5))
+    with torch.no_grad():
+        official.memory_key.normal_()
+        official.memory_value.normal_()
+    ours = MemoryAugmentedRefinement(32, 5, 10, 16).eval()
+    ours.load_state_dict(_ours({f"mar.{k}": v for k, v in official.state_dict().items()}, "aggregator.mar."))
+    x = 3 * torch.randn(2, 32, 8, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = official(x), ours(x)
+    assert (got - expected).abs().max().item() < TOL
+    assert not torch.allclose(got, x, atol=1e-2)
+
+
+def test_official_parameter_counts_and_names() -> None:
+    """STF(512, depth 1, 2 heads, mlp 256, pe (128,256)) and MAR(512, 256, KL=KH=10, 19 classes), on meta."""
+    with torch.device("meta"):
+        stf = SpatialTemporalFusion(512, 3, 1, 2, 256, (16, 16), (128, 256))
+        mar = MemoryAugmentedRefinement(512, 19, 10, 256)
+        official = {f"stf.{k}": v for k, v in ref.STF(512, 1, 2, 256, (128, 256)).state_dict().items()}
+        official |= {f"mar.{k}": v for k, v in ref.MAR(512, 256, 10, 10, 19).state_dict().items()}
+    assert sum(p.numel() for p in stf.parameters()) == 73_943_552
+    assert stf.pe_enc.numel() + stf.pe_dec.numel() == 67_108_864
+    assert sum(p.numel() for p in mar.parameters()) == 1_967_360
+    assert mar.memory_key.numel() + mar.memory_value.numel() == 194_560
+    converted, _, _, unknown = convert_official_state_dict(official)
+    assert not unknown
+    ours = {f"aggregator.stf.{k}": v for k, v in stf.state_dict().items()}
+    ours |= {f"aggregator.mar.{k}": v for k, v in mar.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in ours.items()}
+
+
+def test_positional_tables_start_like_the_official_weight_init() -> None:
+    """xavier-uniform on the 5-D tables: bound sqrt(6 / (C*T*h*w + T*h*w)) (about 3.4e-4 at full size)."""
+    stf = SpatialTemporalFusion(32, 3, 1, 2, 16, (16, 16), (16, 16))
+    bound = (6 / (32 * 3 * 256 + 3 * 256)) ** 0.5
+    assert stf.pe_enc.abs().max() <= bound and stf.pe_enc.abs().max() > 0.9 * bound
+
+
+def _psp_official(seed: int = 0) -> tuple[PSPHead, ref.STF, ref.MAR, dict[str, torch.Tensor]]:
+    """A tiny official-layout STF+MAR checkpoint: PSP head (mmseg names), ``stf.*``, ``mar.*``."""
+    torch.manual_seed(seed)
+    head = randomize_(PSPHead(512, 5, 32, (1, 2, 3, 6), 0.1), seed)
+    stf = _official_stf(32, 16, (4, 4), (4, 4), seed)
+    mar = randomize_(ref.MAR(32, 16, 10, 10, 5), seed)
+    state = {f"decode_head.{k}": v for k, v in head.state_dict().items() if "num_batches_tracked" not in k}
+    state |= {f"stf.{k}": v for k, v in stf.state_dict().items()}
+    state |= {f"mar.{k}": v for k, v in mar.state_dict().items()}
+    state["auxiliary_head.conv_seg.weight"] = torch.zeros(5, 256, 1, 1)
+    return head, stf, mar, state
+
+
+def test_import_official_checkpoint_gives_the_official_outputs() -> None:
+    head, stf, mar, state = _psp_official()
+    result = import_official_checkpoint(state)
+    assert result.overrides[:3] == ["model=stf_mar", "encoder=resnet50c", "data.num_classes=5"]
+    assert {"model.channels=32", "model.pe_size=[4,4]", "model.mlp_dim=16", "model.depth=1"} <= set(result.overrides)
+    assert result.dropped == ["auxiliary_head.conv_seg.weight"] and not result.unknown
+    with pytest.warns(UserWarning, match="memory"):
+        ours = STFMAR([64, 128, 256, 512], 5, mar=True, channels=32, mlp_dim=16, block_size=(4, 4), pe_size=(4, 4))
+    agg = {k.removeprefix("aggregator."): v for k, v in result.state_dict.items() if k.startswith("aggregator.")}
+    ours.load_state_dict(agg, strict=True)
+    ours.eval()
+    feats = [torch.randn(1, 512, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with torch.no_grad():
+        per_frame = [ours.encode([f]) for f in feats]  # frames t-1, t, t+1
+        out = ours.aggregate(per_frame[1], [per_frame[0], per_frame[2]])
+        x = torch.stack([head.bottleneck_features(f) for f in feats], 2)
+        fused = stf(x, x[:, :, 1:2])
+        expected = head.classify(mar(fused))
+    assert (out["features"] - fused).abs().max() < TOL
+    assert (out["logits"] - expected).abs().max() < TOL
+
+
+def test_import_refuses_a_checkpoint_without_stf() -> None:
+    with pytest.raises(ConfigError, match="stf"):
+        import_official_checkpoint({"decode_head.conv_seg.weight": torch.zeros(19, 512, 1, 1)})
+
+
+def test_an_stf_checkpoint_without_mar_imports_as_model_stf() -> None:
+    _, _, _, state = _psp_official()
+    result = import_official_checkpoint({k: v for k, v in state.items() if not k.startswith("mar.")})
+    assert result.overrides[0] == "model=stf"
+    assert not [k for k in result.state_dict if k.startswith("aggregator.mar.")]
+
+
+def test_memory_file_roundtrip_and_layout(tmp_path) -> None:
+    key, proto, count = torch.randn(50, 16), torch.randn(5, 16), torch.arange(5)
+    path = tmp_path / "memory.pt"
+    save_memory(path, key, proto, count)
+    memory = load_memory(path)
+    assert torch.equal(memory["key"], key) and torch.equal(memory["prototype"], proto)
+    assert torch.equal(memory["count"], count)
+    seg = _build("stf_mar", f"model.memory={path}")
+    mar = seg.aggregator.mar
+    assert torch.equal(mar.memory_key, key)
+    for r in range(50):  # value slot r holds the prototype of class r // K (repeat-interleave)
+        assert torch.equal(mar.memory_value[r], proto[r // 10])
+
+
+def test_a_memory_of_other_shapes_is_a_config_error(tmp_path) -> None:
+    path = tmp_path / "memory.pt"
+    save_memory(path, torch.randn(190, 16), torch.randn(19, 16), torch.zeros(19))
+    with pytest.raises(ConfigError, match=r"memory\.pt.*\(190, 16\).*\(50, 16\)"):
+        _build("stf_mar", f"model.memory={path}")
+    with pytest.raises(ConfigError, match="does not exist"):
+        _build("stf_mar", f"model.memory={tmp_path / 'missing.pt'}")
+
+
+def test_official_memory_files(tmp_path) -> None:
+    key = np.random.default_rng(0).standard_normal((190, 32)).astype(np.float32)
+    value = np.random.default_rng(1).standard_normal((19, 32)).astype(np.float32)
+    np.save(tmp_path / "key.npy", key)
+    np.save(tmp_path / "value.npy", value)
+    memory = load_official_memory(tmp_path / "key.npy", tmp_path / "value.npy")
+    assert torch.equal(memory["key"], torch.from_numpy(key)) and torch.equal(
+        memory["prototype"], torch.from_numpy(value)
+    )
+    assert memory["count"].shape == (19,)
+    from vss.models.aggregators.stf_mar import main
+
+    assert (
+        main(
+            [
+                "--key",
+                str(tmp_path / "key.npy"),
+                "--value",
+                str(tmp_path / "value.npy"),
+                "--out",
+                str(tmp_path / "m.pt"),
+            ]
+        )
+        == 0
+    )
+    assert torch.equal(load_memory(tmp_path / "m.pt")["key"], memory["key"])
+    np.save(tmp_path / "value.npy", value[:18])
+    with pytest.raises(ConfigError, match="value.npy"):
+        load_official_memory(tmp_path / "key.npy", tmp_path / "value.npy")
+
+
+def _build(model: str, *extra: str, freeze: tuple[str, ...] = (), encoder: str = "resnet18") -> Segmenter:
+    cfg = compose_train([f"model={model}", f"encoder={encoder}", *SMALL, *extra])
+    torch.manual_seed(0)
+    return Segmenter(instantiate(cfg.encoder), instantiate(cfg.model), 5, freeze=freeze)
+
+
+def test_frames_are_stacked_in_time_order() -> None:
+    """offsets [-1,1] and [1,-1] read the same clip: references in offsets order, STF input in time order."""
+    a = randomize_(_build("stf"))
+    b = _build("stf", "model.offsets=[1,-1]").eval()
+    b.load_state_dict(a.state_dict())
+    video = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fa = [a.encode(video[i : i + 1]) for i in range(3)]
+        out_a = a.aggregate(fa[1], [fa[0], fa[2]])
+        out_b = b.aggregate(fa[1], [fa[2], fa[0]])
+        stacked = torch.stack([f["feature"] for f in fa], 1)
+        direct = a.aggregator.stf(stacked, 1)
+    torch.testing.assert_close(out_a["logits"], out_b["logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_a["features"], direct, atol=1e-5, rtol=1e-5)
+
+
+def test_features_are_returned_at_inference() -> None:
+    seg = randomize_(_build("stf_mar")).eval()
+    with torch.no_grad():
+        out = seg(torch.randn(1, 3, 3, 64, 64))
+    assert set(out) == {"logits", "features"} and out["features"].shape == (1, 16, 8, 8)
+    assert out["logits"].shape == (1, 5, 8, 8)
+
+
+def test_the_causal_variant_streams_like_its_clips() -> None:
+    seg = randomize_(_build("stf", "model.offsets=[-2,-1]")).eval()
+    assert seg.lookahead == 0 and seg.aggregator.target_index == 2
+    video = torch.randn(7, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    assert_stream_equals_clip(seg, video, (1, 4), "stf [-2,-1]")
+
+
+def test_a_target_alone_reads_its_own_positional_slice() -> None:
+    seg = randomize_(_build("stf", "model.offsets=[-2,-1]")).eval()
+    stf = seg.aggregator.stf
+    with torch.no_grad():
+        stf.pe_enc.normal_()
+    alone = SpatialTemporalFusion(16, 1, 1, 2, 16, (4, 4), (4, 4)).eval()
+    state = stf.state_dict()
+    state["pe_enc"] = stf.pe_enc[:, :, 2:3]
+    alone.load_state_dict(state)
+    with torch.no_grad():
+        target = seg.encode(torch.randn(1, 3, 64, 64))
+        got = seg.aggregate(target, [])["features"]
+        expected = alone(target["feature"].unsqueeze(1), 0)
+    torch.testing.assert_close(got, expected)
+
+
+def test_stage_two_freezes_the_base_and_stf() -> None:
+    """freeze=[encoder, psp_modules, bottleneck, stf]: only MAR and conv_seg train; BN statistics stay."""
+    freeze = ("encoder", "aggregator.decode_head.psp_modules", "aggregator.decode_head.bottleneck", "aggregator.stf")
+    seg = randomize_(_build("stf_mar", freeze=freeze)).train()
+    before = {k: v.clone() for k, v in seg.state_dict().items()}
+    clip = torch.randn(2, 3, 3, 64, 64)
+    labels = torch.randint(0, 5, (2, 3, 64, 64))
+    sum(seg.losses(seg(clip), labels).values()).backward()
+    trained = {n for n, p in seg.named_parameters() if p.grad is not None}
+    assert trained == {
+        n for n, _ in seg.named_parameters() if n.startswith(("aggregator.mar.", "aggregator.decode_head.conv_seg."))
+    }
+    changed = [k for k, v in seg.state_dict().items() if not torch.equal(v, before[k])]
+    assert not changed, changed
+    assert not seg.aggregator.stf.training and seg.aggregator.mar.training
+
+
+def test_input_size_checks() -> None:
+    check_input_size(768, 1536)
+    check_input_size(1024, 2048)
+    with pytest.raises(ConfigError, match="multiple of 128x128"):
+        check_input_size(769, 769, key="data.crop_size")
+    check_train_config(
+        OmegaConf.create({"model": {"block_size": [16, 16]}, "data": {"crop_size": [768, 768], "size_divisor": 128}})
+    )
+    with pytest.raises(ConfigError, match="data.size_divisor=32"):
+        check_train_config(
+            OmegaConf.create({"model": {"block_size": [16, 16]}, "data": {"crop_size": [768, 768], "size_divisor": 32}})
+        )
+    with pytest.raises(ConfigError, match="data.crop_size"):
+        check_train_config(OmegaConf.create({"model": {"block_size": [16, 16]}, "data": {"crop_size": [769, 769]}}))
+
+
+def test_auto_block_is_the_official_block_where_it_fits() -> None:
+    assert auto_block(128, 256) == (16, 16) and auto_block(96, 192) == (16, 16)  # 1024x2048, 768x1536
+    assert auto_block(8, 8) == (8, 8) and auto_block(60, 108) == (15, 12) and auto_block(13, 32) == (13, 16)
+    check_train_config(OmegaConf.create({"model": {"block_size": "auto"}, "data": {"crop_size": [64, 64]}}))
+    seg = _build("stf", "model.block_size=auto").eval()
+    with torch.no_grad():
+        auto = seg(torch.randn(1, 3, 3, 64, 64, generator=torch.Generator().manual_seed(0)))["logits"]
+        seg.aggregator.stf.block_size = (8, 8)  # what auto picks on 8x8 features
+        explicit = seg(torch.randn(1, 3, 3, 64, 64, generator=torch.Generator().manual_seed(0)))["logits"]
+    assert torch.equal(auto, explicit)
+
+
+def test_the_training_cli_checks_the_block_against_the_crop_before_building(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    args = ["model=stf", "encoder=resnet50c", "model.block_size=[16,16]", f"paths.log_dir={tmp_path}"]
+    done = subprocess.run([sys.executable, "-m", "vss.train", *args], capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert lines[-1].startswith(
+        "error: data.crop_size=[64, 64] is invalid for STF: the input must be a multiple of 128x128"
+    ), lines[-3:]
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_feature_map_not_divisible_by_the_block_is_a_config_error() -> None:
+    seg = _build("stf", "model.block_size=[16,16]").eval()
+    with torch.no_grad(), pytest.raises(ConfigError, match="block_size"):
+        seg(torch.randn(1, 3, 3, 64, 64))  # 8x8 features
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        (("model.mar=yes",), "mar"),
+        (("model.channels=30", "model.num_heads=4"), "num_heads"),
+        (("model.block_size=[4]",), "block_size"),
+        (("model.pe_size=[0,4]",), "pe_size"),
+        (("model.keys_per_class=0",), "keys_per_class"),
+        (("model.memory=x.pt",), "memory"),  # model=stf: no MAR
+        (("model.offsets=[]",), "offsets"),
+    ],
+)
+def test_bad_values(extra: tuple[str, ...], key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        _build("stf", *extra)
+
+
+def test_a_mit_encoder_is_refused() -> None:
+    with torch.device("meta"), pytest.raises(ConfigError, match="dilated ResNet"):
+        _build("stf", encoder="mit_b0")
+
+
+def _mmseg_backbone(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A resnet50c state dict under mmseg ResNetV1c names (``backbone.stem.*``), random weights."""
+    import timm
+
+    torch.manual_seed(seed)
+    body = timm.create_model("resnet50c", pretrained=False, num_classes=0)
+    stem = {"conv1.0": "stem.0", "conv1.1": "stem.1", "conv1.3": "stem.3", "conv1.4": "stem.4", "conv1.6": "stem.6"}
+    out = {}
+    for k, v in body.state_dict().items():
+        head, _, rest = k.partition(".")
+        name = k
+        if k.startswith("conv1."):
+            name = stem[".".join(k.split(".")[:2])] + "." + k.split(".", 2)[2]
+        elif head == "bn1":
+            name = "stem.7." + rest
+        out[f"backbone.{name}"] = v
+    return out
+
+
+def test_vss_convert_writes_a_loadable_stf_mar_checkpoint(tmp_path) -> None:
+    """``python -m vss.convert --model stf_mar``: the whole official layout loads strictly into the model."""
+    from vss.convert import convert
+
+    _, _, _, state = _psp_official()
+    state = {k: v for k, v in state.items() if not k.startswith("decode_head.")}
+    head = randomize_(PSPHead(2048, 5, 32, (1, 2, 3, 6), 0.1))
+    state |= {f"decode_head.{k}": v for k, v in head.state_dict().items()}
+    state |= _mmseg_backbone()
+    src = tmp_path / "official.pth"
+    torch.save({"state_dict": state}, src)
+    report = convert(src, tmp_path / "stf_mar.ckpt", "stf_mar", ["model.block_size=[4,4]"], verbose=False)
+    assert "encoder=resnet50c" in report["overrides"] and report["dropped"] == ["auxiliary_head.conv_seg.weight"]
+    ckpt = torch.load(tmp_path / "stf_mar.ckpt", weights_only=False)
+    sd = ckpt["state_dict"]
+    key = next(k for k in sd if k.endswith("aggregator.mar.memory_key"))
+    torch.testing.assert_close(sd[key], state["mar.memory_key"][0])
