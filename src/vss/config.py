@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import netrc
 import os
 import re
@@ -72,6 +73,27 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("vss_uid", lambda: uid, use_cache=True)
     if not OmegaConf.has_resolver("vss_knobs_key"):
         OmegaConf.register_new_resolver("vss_knobs_key", knobs_key)
+    if not OmegaConf.has_resolver("vss_run_name"):
+        OmegaConf.register_new_resolver("vss_run_name", lambda default: slurm_run_name() or default)
+
+
+def slurm_job(env: Any = None) -> bool:
+    """Whether this process is a task of a SLURM job step, as Lightning's ``SLURMEnvironment.detect`` decides
+    (``SLURM_NTASKS`` set, job name not ``bash``/``interactive``): Lightning then starts no ranks itself."""
+    env = os.environ if env is None else env
+    return "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
+def slurm_run_name(env: Any = None) -> str | None:
+    """``slurm-<job>[_<array task>][-step<N>]`` inside a SLURM job (every rank and a requeued job agree), else None."""
+    env = os.environ if env is None else env
+    if not slurm_job(env) or not env.get("SLURM_JOB_ID"):
+        return None
+    job = env["SLURM_JOB_ID"]
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    step = env.get("SLURM_STEP_ID", "")
+    return f"slurm-{job}" + (f"-step{step}" if step.isdigit() and step != "0" else "")
 
 
 def knobs_key(knobs: Any) -> str:
@@ -224,6 +246,12 @@ def check_model_values(cfg: DictConfig) -> None:
             f"data.clip.offsets={list(data_offsets)} differs from model.offsets={list(offsets)}: the clip belongs "
             "to the model; set model.offsets=... (data.clip.offsets follows it)"
         )
+    target = OmegaConf.select(cfg, "model._target_", default=None)
+    if isinstance(target, str) and "." in target:  # the method's own config-time checks (its file, not here)
+        module = importlib.import_module(target.rsplit(".", 1)[0])
+        hook = getattr(module, "check_train_config", None)
+        if callable(hook):
+            hook(cfg)
 
 
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
@@ -257,11 +285,22 @@ def check_wandb_login(cfg: DictConfig) -> None:
     )
 
 
-def check_ddp_multirun(cfg: DictConfig, multirun: bool) -> None:
-    """Plain ``strategy=ddp`` re-launches the script per rank and cannot run inside ``-m``; say what to do."""
+def check_ddp_multirun(cfg: DictConfig, multirun: bool, env: Any = None) -> None:
+    """Plain ``strategy=ddp`` re-launches the script per rank and cannot run inside ``-m``; say what to do.
+
+    A SLURM job (one srun task per device, e.g. ``hydra/launcher=submitit_slurm``) is let through: Lightning starts
+    no ranks there; its task counts must match ``trainer.devices`` / ``trainer.num_nodes``."""
+    env = os.environ if env is None else env
     strategy = str(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
     devices = OmegaConf.select(cfg, "trainer.devices", default=1)
     many = (isinstance(devices, int) and devices > 1) or isinstance(devices, list | str) and devices not in (1, "1")
+    if slurm_job(env):
+        nodes = OmegaConf.select(cfg, "trainer.num_nodes", default=1)
+        pairs = (("trainer.devices", devices, "SLURM_NTASKS_PER_NODE"), ("trainer.num_nodes", nodes, "SLURM_NNODES"))
+        for key, value, var in pairs:
+            if env.get(var) is not None and isinstance(value, int) and str(value) != env[var]:
+                raise ConfigError(f"{key}={value} is invalid: expected {env[var]}, the job's {var}")
+        return
     if multirun and strategy == "ddp" and many:
         raise ConfigError(
             "trainer.strategy=ddp cannot run inside a Hydra multirun (-m): Lightning re-launches the script per "
