@@ -119,3 +119,20 @@ def test_two_training_stages_and_a_pass_run_skip_and_resume(tiny_overrides, cli_
     again = run_pipeline(stages, user, out)
     assert again["fine"]["step"] == 2
     assert "resuming from" in (out / "fine" / "train.log").read_text()
+
+
+def test_every_stage_is_checked_before_the_first_runs(tmp_path: Path) -> None:
+    """A bad value that only a later stage reads (STF's 128-multiple evaluation size) stops the pipeline before
+    stage 1 trains, naming the stage; the products of earlier stages stand in as placeholders."""
+    from fake_video_datasets import write_cityscapes
+    from vss.pipeline import check_stage_configs
+
+    root = write_cityscapes(tmp_path / "cs")
+    good = ["experiment=stf_mar_cityscapes", f"data.root={root}"]
+    stages, _ = compose_stages(good)
+    check_stage_configs(stages, good)
+    assert [s.name for s in stages] == ["pspnet", "stf", "memory", "stf_mar"]
+    assert stages[2].run["data"] == {"scale": [2048, 1024]}  # the pass reads the composed config
+    bad = [*good, "data.size_divisor=32"]
+    with pytest.raises(ConfigError, match=r"^stage stf: data.size_divisor=32 is invalid for STF"):
+        check_stage_configs(compose_stages(bad)[0], bad)

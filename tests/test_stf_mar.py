@@ -18,10 +18,13 @@ from vss.config import ConfigError
 from vss.models.aggregators.stf_mar import (
     STFMAR,
     MemoryAugmentedRefinement,
+    MemorySampler,
     SpatialTemporalFusion,
     auto_block,
+    build_memory,
     check_input_size,
     check_train_config,
+    collect_memory,
     convert_official_state_dict,
     import_official_checkpoint,
     load_memory,
@@ -406,3 +409,127 @@ def test_vss_convert_writes_a_loadable_stf_mar_checkpoint(tmp_path) -> None:
     sd = ckpt["state_dict"]
     key = next(k for k in sd if k.endswith("aggregator.mar.memory_key"))
     torch.testing.assert_close(sd[key], state["mar.memory_key"][0])
+
+
+# -- the memory pass ---------------------------------------------------------------------------------------
+def test_memory_sampler_keeps_the_lowest_as_keys_and_averages_the_highest() -> None:
+    sampler = MemorySampler(num_classes=3, dim=2, keys_per_class=2, values_per_class=2)
+    feats = torch.tensor([[1.0, 0], [2, 0], [3, 0], [4, 0], [5, 0], [6, 0], [0, 7]])
+    scores = torch.tensor([0.9, 0.5, 0.7, 0.5, 0.99, 0.95, 0.6])
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1])
+    uids = torch.tensor([10, 11, 12, 3, 14, 15, 16])
+    sampler.update(feats[:3], scores[:3], labels[:3], uids[:3])
+    sampler.update(feats[3:], scores[3:], labels[3:], uids[3:])
+    memory, notes = sampler.memory()
+    # class 0: lowest scores 0.5 (uid 3: feature 4, then uid 11: feature 2); highest 0.99 and 0.95 (5 and 6)
+    assert memory["key"][:2, 0].tolist() == [4.0, 2.0]
+    assert memory["prototype"][0].tolist() == [5.5, 0.0]
+    # class 1: one pixel, tiled over its 2 key slots and alone in its prototype; class 2: none, zero slots
+    assert memory["key"][2:4].tolist() == [[0.0, 7.0], [0.0, 7.0]] and memory["prototype"][1].tolist() == [0, 7]
+    assert memory["key"][4:].abs().sum() == 0 and memory["count"].tolist() == [6, 1, 0]
+    assert notes == [
+        "class 1: 1 correct pixel(s) < 2 keys; its keys are tiled",
+        "class 2: no correctly predicted pixel; its 2 key slots and prototype are 0",
+    ]
+
+
+def test_memory_sampler_shards_merge_to_one_pass() -> None:
+    g = torch.Generator().manual_seed(0)
+    n = 600
+    feats, labels = torch.randn(n, 4, generator=g), torch.randint(0, 4, (n,), generator=g)
+    scores = torch.randint(0, 5, (n,), generator=g).float() / 4  # many ties: the pixel ids decide
+    uids = torch.randperm(n, generator=g)
+
+    def run(parts: list[torch.Tensor]) -> MemorySampler:
+        sampler = MemorySampler(4, 4, 3, 5)
+        for idx in parts:
+            sampler.update(feats[idx], scores[idx], labels[idx], uids[idx])
+        return sampler
+
+    one = run([torch.arange(n)])
+    perm = torch.randperm(n, generator=g)
+    a, b = run(list(perm[:250].split(7))), run(list(perm[250:].split(50)))
+    a.merge(b)
+    for key in ("key", "prototype", "count"):
+        assert torch.equal(a.memory()[0][key], one.memory()[0][key]), key
+    for c in range(4):  # the keys are the lowest-score correct pixels, ties by id
+        rows = torch.nonzero(labels == c)[:, 0]
+        order = sorted(rows.tolist(), key=lambda i: (scores[i].item(), uids[i].item()))[:3]
+        assert torch.equal(one.memory()[0]["key"][3 * c : 3 * c + 3], feats[order])
+
+
+@pytest.fixture(scope="module")
+def stf_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir) -> str:
+    """A model=stf trained for 2 steps on the tiny synthetic set (its config stored in the checkpoint)."""
+    from conftest import TINY_DATA
+
+    log = tmp_path_factory.mktemp("stf-run")
+    args = [
+        *TINY_DATA,
+        "model=stf",
+        "encoder=resnet18",
+        *SMALL,
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        f"paths.data_dir={tiny_data_dir}",
+        f"paths.log_dir={log}",
+        f"hydra.run.dir={log}/run",
+    ]
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "vss.train", *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return str(log / "run" / "checkpoints" / "last.ckpt")
+
+
+def test_memory_pass_counts_the_correct_pixels_and_shards_merge(stf_checkpoint: str, tmp_path) -> None:
+    import json
+
+    from vss.eval import load_checkpoint
+    from vss.train import build_module
+
+    path = build_memory(stf_checkpoint, str(tmp_path), progress=False)
+    memory = load_memory(path)
+    report = json.loads((tmp_path / "memory.json").read_text())
+    assert memory["key"].shape == (5 * 10, 16) and memory["prototype"].shape == (5, 16)
+    # independently: the clip path's argmax at 1/8 against the labels downsampled to 1/8
+    ckpt = load_checkpoint(stf_checkpoint)
+    cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
+    dm = instantiate(cfg.data)
+    module = build_module(cfg, dm.num_classes, dm.class_names)
+    module.load_state_dict(ckpt["state_dict"])
+    seg = module.segmenter.eval()
+    dm.setup("fit")
+    dm.use_clip_path(seg.references, 1 + len(seg.offsets))
+    dataset = dm.eval_dataset(dm.splits["fit"])
+    counts = torch.zeros(5, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            item = dataset[i]
+            logits = seg.clip_logits(item["images"][None], [item["num_references"]])
+            labels = torch.nn.functional.interpolate(item["labels"][None, None].float(), logits.shape[-2:])[0, 0]
+            hit = logits.argmax(1)[0] == labels.long()
+            counts += torch.bincount(labels.long()[hit], minlength=5)[:5]
+    assert counts.sum() > 0
+    assert memory["count"].tolist() == counts.tolist() == list(report["correct_pixels"].values())
+    assert report["split"] == dm.splits["fit"] and report["clips"] == len(dataset)
+    # two DDP ranks' whole videos, merged, equal the one pass
+    from vss.data.datasets import VideoShardSampler
+
+    shards = []
+    for rank in range(2):
+        sampler = MemorySampler(5, 16, 10, 10)
+        collect_memory(seg, dataset, sampler, VideoShardSampler(dataset, 2, rank).indices)
+        shards.append(sampler)
+    shards[0].merge(shards[1])
+    merged = shards[0].memory()[0]
+    assert all(torch.equal(merged[k], memory[k]) for k in ("key", "prototype", "count"))
+
+
+def test_memory_pass_refuses_a_model_without_stf(tmp_path) -> None:
+    from vss.models.aggregators.stf_mar import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path)])  # neither --ckpt nor --key/--value
+    assert main(["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path)]) == 2

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
@@ -94,6 +95,74 @@ def slurm_run_name(env: Any = None) -> str | None:
         job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
     step = env.get("SLURM_STEP_ID", "")
     return f"slurm-{job}" + (f"-step{step}" if step.isdigit() and step != "0" else "")
+
+
+SLURM_REQUEUE_SIGNAL = "USR1"
+"""The signal SLURM sends before the time limit (``--signal=USR1@90``, ``hydra/launcher=slurm``): vss saves
+``last.ckpt`` and requeues the job; submitit's own handler (USR2) and Lightning's auto-requeue stay unused."""
+
+
+def slurm_restart_count(env: Any = None) -> int:
+    """How often SLURM restarted this job (``SLURM_RESTART_COUNT``: requeue, preemption, node failure); 0 outside."""
+    env = os.environ if env is None else env
+    count = str(env.get("SLURM_RESTART_COUNT", "0")) if slurm_job(env) else "0"
+    return int(count) if count.isdigit() else 0
+
+
+def slurm_requeue_checkpoint(cfg: DictConfig, env: Any = None) -> Path | None:
+    """A requeued SLURM job's own ``paths.output_dir/checkpoints/last.ckpt`` (the run directory is named after the
+    job, or is its submitit sweep job's): what the restarted job resumes from; None on a first start, with an
+    explicit ``ckpt_path`` or without a checkpoint."""
+    if slurm_restart_count(env) == 0 or cfg.get("ckpt_path") is not None:
+        return None
+    last = Path(str(cfg.paths.output_dir)) / "checkpoints" / "last.ckpt"
+    return last if last.is_file() else None
+
+
+def slurm_job_id(env: Any = None) -> str:
+    """The id ``scontrol requeue`` takes: ``<array job>_<task>`` for an array task (submitit sweeps), else the job."""
+    env = os.environ if env is None else env
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        raise ConfigError("SLURM_JOB_ID is not set: requeueing needs a SLURM job")
+    return str(job)
+
+
+def slurm_requeue(env: Any = None) -> str:
+    """``scontrol requeue`` this job (SLURM restarts it; it resumes from its ``last.ckpt``); returns the job id."""
+    import subprocess
+
+    job = slurm_job_id(env)
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"scontrol requeue {job} failed ({result.returncode}): {result.stderr.strip()}")
+    return job
+
+
+def check_slurm_launcher(cfg: DictConfig) -> None:
+    """A submitit launcher's task counts must be the trainer's (Lightning refuses to start otherwise): say so at
+    submission, not in every job; ``hydra/launcher=slurm`` takes both from the trainer."""
+    launcher = OmegaConf.select(cfg, "hydra.launcher", default=None)
+    if launcher is None or "submitit" not in str(launcher.get("_target_", "")):
+        return
+    pairs = (("tasks_per_node", "trainer.devices"), ("nodes", "trainer.num_nodes"))
+    for key, trainer_key in pairs:
+        value, wanted = launcher.get(key), OmegaConf.select(cfg, trainer_key, default=1)
+        if isinstance(wanted, int) and value is not None and int(value) != wanted:
+            raise ConfigError(
+                f"hydra.launcher.{key}={value} is invalid: expected {wanted}, the value of {trainer_key} (one task per "
+                f"device; Lightning refuses other counts): use hydra/launcher=slurm, which takes both from the trainer"
+            )
+
+
+class SlurmLauncherCheck(HydraCallback):
+    """Hydra callback: :func:`check_slurm_launcher` when a ``-m`` sweep starts, before any job is submitted."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Check the launcher's task counts; a clear ``error:`` line and exit status 2 when they differ."""
+        friendly_errors(check_slurm_launcher)(config)
 
 
 def knobs_key(knobs: Any) -> str:
@@ -218,8 +287,9 @@ def check_train_values(cfg: DictConfig) -> None:
     _check(cfg, "optim.optimizer.weight_decay", lambda v: _num(v) and v >= 0, "a non-negative number")
     _check(cfg, "optim.head_lr_mult", lambda v: _num(v) and v > 0, "a positive number")
     _check(cfg, "val_mode", lambda v: v in ("stream", "clip"), "stream or clip")
-    _check(cfg, "optim.scheduler.warmup_steps", lambda v: _int(v) and v >= 0, "a non-negative integer")
-    _check(cfg, "optim.scheduler.power", lambda v: _num(v) and v >= 0, "a non-negative number")
+    if OmegaConf.select(cfg, "optim.scheduler", default=None) is not None:  # null: a constant learning rate
+        _check(cfg, "optim.scheduler.warmup_steps", lambda v: _int(v) and v >= 0, "a non-negative integer")
+        _check(cfg, "optim.scheduler.power", lambda v: _num(v) and v >= 0, "a non-negative number")
     _check(
         cfg,
         "ckpt_path",

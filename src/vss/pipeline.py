@@ -147,7 +147,35 @@ def compose_stages(overrides: Sequence[str]) -> tuple[list[Stage], str]:
         cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
     experiment = cfg.hydra.runtime.choices.get("experiment") or "pipeline"
     GlobalHydra.instance().clear()
-    return parse_stages(OmegaConf.to_container(cfg.get("pipeline"), resolve=False)), str(experiment)
+    # resolved: a pass may read the composed config (e.g. data: {scale: ${data.scale}}); {name} is not OmegaConf
+    return parse_stages(OmegaConf.to_container(cfg.get("pipeline"), resolve=True)), str(experiment)
+
+
+def check_stage_configs(stages: Sequence[Stage], user: Sequence[str]) -> None:
+    """Compose and check every training stage's config before the first one runs (an error in the last stage
+    must not wait for the first to train); the earlier stages' products stand in as ``/pending/<name>``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from vss.config import CONF_DIR, check_model_values, check_train_values, register_resolvers
+
+    pending = {s.name: f"/pending/{s.name}" for s in stages}
+    register_resolvers()
+    for stage in stages:
+        if stage.train is None:
+            continue
+        overrides = [*_fill(stage.train, pending), *user]
+        try:
+            check_command_line("train", overrides)
+            GlobalHydra.instance().clear()
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                cfg = compose(config_name="train", overrides=overrides)
+            check_train_values(cfg)
+            check_model_values(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"stage {stage.name}: {e}") from None
+        finally:
+            GlobalHydra.instance().clear()
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -286,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     overrides, own = friendly_errors(split_arguments)(args)
     stages, experiment = friendly_errors(compose_stages)(overrides)
+    friendly_errors(check_stage_configs)(stages, overrides)
     pipeline_dir = Path(own["pipeline_dir"]) if own.get("pipeline_dir") else default_dir(experiment)
     say(f"{experiment}: {len(stages)} stages ({', '.join(s.name for s in stages)}) in {pipeline_dir}")
     try:

@@ -51,6 +51,9 @@ __all__ = [
     "STFMAR",
     "InterlacedSparseAttention",
     "MemoryAugmentedRefinement",
+    "MemorySampler",
+    "build_memory",
+    "collect_memory",
     "SpatialTemporalFusion",
     "check_input_size",
     "check_train_config",
@@ -452,6 +455,228 @@ def load_official_memory(key_npy: str | Path, value_npy: str | Path, keys_per_cl
     return _check_memory({"key": key, "prototype": prototype, "count": count}, str(key_npy))
 
 
+# -- the memory pass ---------------------------------------------------------------------------------------
+class MemorySampler:
+    """Official ``Memory_Sampler`` (A.5): per class, of the correctly predicted pixels, the K lowest-score ones
+    (the keys: hard samples) and the K highest-score ones (their mean: the prototype), score = max softmax.
+
+    Made order-independent: equal scores are ordered by a global pixel id, so a pass over shards (DDP ranks)
+    merged with :meth:`merge` equals one pass. The official sampler's visit-order quirks (its first K samples
+    always go to the keys; a sample sits in the keys or the values, never both; the random flip of its data) are
+    not reproduced: with at least 2K correct pixels per class the two sets are the same as its intent.
+    """
+
+    def __init__(self, num_classes: int, dim: int, keys_per_class: int = 10, values_per_class: int = 10) -> None:
+        c, kl, kh = int(num_classes), _positive_int("keys_per_class", keys_per_class), int(values_per_class)
+        _positive_int("values_per_class", kh)
+        self.num_classes, self.dim, self.keys_per_class, self.values_per_class = c, int(dim), kl, kh
+        self.count = torch.zeros(c, dtype=torch.long)
+        big = torch.iinfo(torch.long).max
+        self.low = (torch.full((c, kl), float("inf")), torch.full((c, kl), big), torch.zeros(c, kl, self.dim))
+        self.high = (torch.full((c, kh), -float("inf")), torch.full((c, kh), big), torch.zeros(c, kh, self.dim))
+
+    @staticmethod
+    def _keep(
+        kept: tuple[Tensor, Tensor, Tensor], new: tuple[Tensor, Tensor, Tensor], c: int, k: int, lowest: bool
+    ) -> None:
+        """Class ``c``'s K best of the kept and the new (score, uid, feature), ordered by (score, uid)."""
+        score = torch.cat([kept[0][c], new[0]])
+        uid = torch.cat([kept[1][c], new[1]])
+        feat = torch.cat([kept[2][c], new[2]])
+        order = torch.argsort(uid, stable=True)
+        order = order[torch.argsort(score[order], descending=not lowest, stable=True)][:k]
+        kept[0][c], kept[1][c], kept[2][c] = score[order], uid[order], feat[order]
+
+    def update(self, features: Tensor, scores: Tensor, labels: Tensor, uids: Tensor) -> None:
+        """Add correct pixels: features (N,C), scores (N,), class labels (N,), unique pixel ids (N,)."""
+        features, scores = features.detach().float().cpu(), scores.detach().float().cpu()
+        labels, uids = labels.detach().long().cpu(), uids.detach().long().cpu()
+        for c in labels.unique().tolist():
+            pick = labels == c
+            self.count[c] += int(pick.sum())
+            new = (scores[pick], uids[pick], features[pick])
+            self._keep(self.low, new, c, self.keys_per_class, lowest=True)
+            self._keep(self.high, new, c, self.values_per_class, lowest=False)
+
+    def merge(self, other: MemorySampler) -> None:
+        """Fold in another shard's sampler (same sizes): the result equals one pass over both shards."""
+        if (other.num_classes, other.dim, other.keys_per_class, other.values_per_class) != (
+            self.num_classes,
+            self.dim,
+            self.keys_per_class,
+            self.values_per_class,
+        ):
+            raise ValueError("MemorySampler.merge: the samplers differ in classes, channels or K")
+        self.count += other.count
+        for c in range(self.num_classes):
+            self._keep(self.low, tuple(t[c] for t in other.low), c, self.keys_per_class, lowest=True)
+            self._keep(self.high, tuple(t[c] for t in other.high), c, self.values_per_class, lowest=False)
+
+    def memory(self, names: Sequence[str] | None = None) -> tuple[dict[str, Tensor], list[str]]:
+        """The memory dict (:func:`save_memory` layout: class-major keys, prototypes, counts) and notes on the
+        classes (``names``) with fewer than K correct pixels (keys tiled) or none (zero slots)."""
+        kl, kh = self.keys_per_class, self.values_per_class
+        names = [str(n) for n in names] if names is not None else [str(c) for c in range(self.num_classes)]
+        key = torch.zeros(self.num_classes * kl, self.dim)
+        prototype = torch.zeros(self.num_classes, self.dim)
+        notes = []
+        for c in range(self.num_classes):
+            n = int(self.count[c])
+            if n == 0:
+                notes.append(f"class {names[c]}: no correctly predicted pixel; its {kl} key slots and prototype are 0")
+                continue
+            if n < kl:
+                notes.append(f"class {names[c]}: {n} correct pixel(s) < {kl} keys; its keys are tiled")
+            key[c * kl : (c + 1) * kl] = self.low[2][c, torch.arange(kl) % min(n, kl)]
+            prototype[c] = self.high[2][c, : min(n, kh)].mean(0)
+        return {"key": key, "prototype": prototype, "count": self.count.clone()}, notes
+
+    def state(self) -> dict[str, Any]:
+        """Plain tensors (what a DDP all_gather carries)."""
+        return {"count": self.count, "low": self.low, "high": self.high}
+
+    def load_state(self, state: dict[str, Any]) -> MemorySampler:
+        """Set from :meth:`state`; returns self."""
+        self.count, self.low, self.high = state["count"], tuple(state["low"]), tuple(state["high"])
+        return self
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """A dataset whose items also carry their index (the global pixel ids of the memory pass)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.dataset[i], "index": i}
+
+
+@torch.no_grad()
+def collect_memory(
+    segmenter: nn.Module,
+    dataset: Any,
+    sampler: MemorySampler,
+    indices: Sequence[int] | None = None,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: bool = False,
+) -> MemorySampler:
+    """One pass of a trained model=stf over the labelled clips of ``dataset`` (the clip path, ``EvalClips``):
+    the STF output (``features``) and the max softmax of the 1/8 logits at the pixels where the argmax equals
+    the label downsampled to 1/8 (nearest), into ``sampler``."""
+    from tqdm import tqdm
+
+    segmenter.eval()
+    order = list(range(len(dataset))) if indices is None else list(indices)
+    loader = torch.utils.data.DataLoader(_Indexed(dataset), batch_size=1, sampler=order, num_workers=num_workers)
+    for batch in tqdm(loader, desc="memory pass", disable=not progress):
+        clip = batch["images"].to(device)
+        n = int(batch["num_references"][0])
+        out = segmenter(clip[:, clip.shape[1] - 1 - n :])
+        if "features" not in out:
+            raise ConfigError("the memory pass needs a model whose aggregate returns features (model=stf / stf_mar)")
+        logits, feats = out["logits"].float(), out["features"].float()
+        h, w = logits.shape[-2:]
+        labels = F.interpolate(batch["labels"][:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+        labels = labels.to(logits.device)
+        score, pred = torch.softmax(logits, 1).max(1)
+        correct = (pred == labels).flatten()
+        uids = int(batch["index"][0]) * h * w + torch.arange(h * w, device=logits.device)
+        sampler.update(
+            feats.flatten(2)[0].t()[correct], score.flatten()[correct], labels.flatten()[correct], uids[correct]
+        )
+    return sampler
+
+
+def build_memory(
+    checkpoint: str,
+    output_dir: str,
+    split: str | None = None,
+    keys_per_class: int | None = None,
+    values_per_class: int = 10,
+    device: str = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+    data: dict[str, Any] | None = None,
+) -> str:
+    """The memory pass on a vss checkpoint of a trained model=stf: ``output_dir/memory.pt`` (for
+    ``model.memory=``) and ``memory.json`` (per-class counts and notes); returns the memory.pt path.
+
+    ``split``: the data's training split by default (as the official pass over Cityscapes train), with the
+    evaluation transform (no augmentation); ``data``: overrides of the checkpoint's data config (e.g. the
+    official full-resolution ``scale``, another ``root``). Under an initialised torch.distributed group every
+    rank takes its whole videos and the candidates are merged, so the result equals one process; rank 0 writes.
+    """
+    import json
+
+    import torch.distributed as dist
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from vss.data.datasets import VideoShardSampler
+    from vss.eval import load_checkpoint
+    from vss.train import build_module
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
+    own = {"num_workers": num_workers, "persistent_workers": False}
+    datamodule = instantiate(OmegaConf.merge(cfg.data, dict(data or {}), own))
+    module = build_module(cfg, datamodule.num_classes, datamodule.class_names)
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    seg = module.segmenter.to(device).eval()
+    aggregator = seg.aggregator
+    if not isinstance(aggregator, STFMAR):
+        raise ConfigError(
+            f"{checkpoint}: the memory pass reads a model=stf checkpoint, not {type(aggregator).__name__}"
+        )
+    k = int(keys_per_class or aggregator.keys_per_class)
+    datamodule.setup("fit")
+    split = split or datamodule.splits["fit"]
+    datamodule.use_clip_path(seg.references, 1 + len(seg.offsets))
+    dataset = datamodule.eval_dataset(split)
+    distributed = dist.is_available() and dist.is_initialized()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    indices = VideoShardSampler(dataset, world, rank).indices if world > 1 else None
+    sampler = MemorySampler(datamodule.num_classes, aggregator.stf.pe_enc.shape[1], k, values_per_class)
+    collect_memory(seg, dataset, sampler, indices, device, num_workers, progress and rank == 0)
+    if world > 1:
+        states: list[Any] = [None] * world
+        dist.all_gather_object(states, sampler.state())
+        sampler = MemorySampler(datamodule.num_classes, sampler.dim, k, values_per_class)
+        for state in states:
+            sampler.merge(MemorySampler(sampler.num_classes, sampler.dim, k, values_per_class).load_state(state))
+    names = [str(n) for n in (datamodule.class_names or range(datamodule.num_classes))]
+    memory, notes = sampler.memory(names)
+    out = Path(output_dir) / "memory.pt"
+    if rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_memory(out, memory["key"], memory["prototype"], memory["count"])
+        report = {
+            "checkpoint": str(checkpoint),
+            "split": split,
+            "clips": len(dataset),
+            "keys_per_class": k,
+            "values_per_class": values_per_class,
+            "correct_pixels": {str(n): int(c) for n, c in zip(names, memory["count"].tolist(), strict=True)},
+            "notes": notes,
+        }
+        tmp = out.with_name("memory.json.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(out.with_name("memory.json"))
+        counts = ", ".join(f"{n} {c}" for n, c in report["correct_pixels"].items())
+        print(f"[vss] memory pass over {len(dataset)} {split} clips: correct pixels per class: {counts}")
+        for note in notes:
+            print(f"[vss] memory: {note}")
+        print(
+            f"[vss] memory written to {out} (key {tuple(memory['key'].shape)}, prototype "
+            f"{tuple(memory['prototype'].shape)})"
+        )
+    return str(out)
+
+
 # -- the aggregator ----------------------------------------------------------------------------------------
 class STFMAR(Aggregator):
     """PSPNet + STF (+ MAR with ``mar=true``); see the module docstring.
@@ -502,7 +727,7 @@ class STFMAR(Aggregator):
             raise ConfigError(
                 f"model.memory={memory!r} is set but model.mar=false: the memory is MAR's (model=stf_mar)"
             )
-        self.mar_enabled = mar
+        self.mar_enabled, self.keys_per_class = mar, keys_per_class
         # the frames in time order: the references (offsets order) and the target (offset 0) sorted by offset
         self.time_order = sorted(range(len(self.offsets) + 1), key=lambda i: (*self.offsets, 0)[i])
         self.target_index = sum(o < 0 for o in self.offsets)
@@ -666,19 +891,28 @@ def import_official_checkpoint(state_dict: dict[str, Tensor]) -> ImportResult:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vss.models.aggregators.stf_mar --key key.npy --value value.npy --out memory.pt``: the official
-    memory files as a ``model.memory`` file."""
+    """The memory files: ``--ckpt STF.ckpt --out DIR`` runs the memory pass on a trained model=stf (DIR/memory.pt);
+    ``--key key.npy --value value.npy --out memory.pt`` converts the official files."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m vss.models.aggregators.stf_mar", description=main.__doc__)
-    parser.add_argument("--key", required=True, help="official key.npy (num_classes*K, C)")
-    parser.add_argument("--value", required=True, help="official value.npy (num_classes, C)")
-    parser.add_argument("--keys-per-class", type=int, default=10, help="K (official: 10)")
-    parser.add_argument("--out", required=True, help="memory.pt to write")
+    parser.add_argument("--ckpt", help="memory pass: a vss checkpoint of a trained model=stf")
+    parser.add_argument("--split", help="memory pass: the split to read (default: the data's training split)")
+    parser.add_argument("--device", default="cpu", help="memory pass: cpu or cuda")
+    parser.add_argument("--num-workers", type=int, default=0, help="memory pass: DataLoader workers")
+    parser.add_argument("--key", help="official key.npy (num_classes*K, C)")
+    parser.add_argument("--value", help="official value.npy (num_classes, C)")
+    parser.add_argument("--keys-per-class", type=int, default=None, help="K (official: 10)")
+    parser.add_argument("--out", required=True, help="memory pass: the output folder; conversion: memory.pt")
     args = parser.parse_args(argv)
+    if bool(args.ckpt) == bool(args.key or args.value) or (not args.ckpt and not (args.key and args.value)):
+        parser.error("give --ckpt (the memory pass) or both --key and --value (the official files)")
     try:
-        memory = load_official_memory(args.key, args.value, args.keys_per_class)
+        if args.ckpt:
+            build_memory(args.ckpt, args.out, args.split, args.keys_per_class, 10, args.device, args.num_workers)
+            return 0
+        memory = load_official_memory(args.key, args.value, args.keys_per_class or 10)
     except (ConfigError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
