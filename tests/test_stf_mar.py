@@ -460,27 +460,21 @@ def test_memory_sampler_shards_merge_to_one_pass() -> None:
 
 @pytest.fixture(scope="module")
 def stf_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir) -> str:
-    """A model=stf trained for 2 steps on the tiny synthetic set (its config stored in the checkpoint)."""
+    """A vss checkpoint of a small model=stf (random weights: about 1 pixel in 5 is correct) on the tiny synthetic
+    set, its config stored as vss.train stores it."""
     from conftest import TINY_DATA
+    from vss.train import build_module
 
-    log = tmp_path_factory.mktemp("stf-run")
-    args = [
-        *TINY_DATA,
-        "model=stf",
-        "encoder=resnet18",
-        *SMALL,
-        "trainer.max_steps=2",
-        "trainer.val_check_interval=2",
-        f"paths.data_dir={tiny_data_dir}",
-        f"paths.log_dir={log}",
-        f"hydra.run.dir={log}/run",
-    ]
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-m", "vss.train", *args], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return str(log / "run" / "checkpoints" / "last.ckpt")
+    out = tmp_path_factory.mktemp("stf-ckpt")
+    cfg = compose_train(["model=stf", "encoder=resnet18", *SMALL, *TINY_DATA, f"paths.data_dir={tiny_data_dir}"])
+    del cfg.hydra
+    cfg.paths.output_dir = str(out)
+    module = build_module(cfg, 5, None)
+    torch.manual_seed(0)
+    randomize_(module.segmenter, 1)
+    path = out / "stf.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 0}, path)
+    return str(path)
 
 
 def test_memory_pass_counts_the_correct_pixels_and_shards_merge(stf_checkpoint: str, tmp_path) -> None:
@@ -533,3 +527,29 @@ def test_memory_pass_refuses_a_model_without_stf(tmp_path) -> None:
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path)])  # neither --ckpt nor --key/--value
     assert main(["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path)]) == 2
+
+
+def _memory_rank(rank: int, world: int, port: int, checkpoint: str, out: str) -> None:
+    """One DDP rank (gloo) of the memory pass."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # as the in-process pass (conftest): the same rounding, the same bits
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        build_memory(checkpoint, out, progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_memory_pass_under_ddp_equals_one_process(stf_checkpoint: str, tmp_path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_memory_rank, args=(2, port, stf_checkpoint, str(tmp_path / "ddp")), nprocs=2, join=True)
+    one = load_memory(build_memory(stf_checkpoint, str(tmp_path / "one"), progress=False))
+    ddp = load_memory(tmp_path / "ddp" / "memory.pt")
+    assert all(torch.equal(ddp[k], one[k]) for k in ("key", "prototype", "count"))

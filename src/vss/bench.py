@@ -174,11 +174,15 @@ def _time(fn: Callable[[], object], device: torch.device, warmup: int, iters: in
 
 def baseline_of(cfg: DictConfig) -> Callable[..., object] | None:
     """The single-frame baseline aggregator (a partial) of ``cfg.model``; None for a single-frame model."""
+    import importlib
     from functools import partial as _partial
 
     from vss.models.aggregators.segformer import SegFormer
 
     target = str(cfg.model.get("_target_", ""))
+    own = getattr(importlib.import_module(target.rsplit(".", 1)[0]), "single_frame_baseline", None)
+    if callable(own):  # the method's file names its baseline
+        return own(cfg.model)
     if target.endswith(".SegFormer"):
         return None
     if target.endswith(".MSAF"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -132,3 +132,8 @@ def import_official_checkpoint(state_dict: dict[str, Tensor]) -> ImportResult:
         dropped=dropped,
         unknown=unknown,
     )
+
+
+def single_frame_baseline(model_cfg: Any) -> None:
+    """PSPNet is itself single-frame: ``vss.bench`` times no baseline next to it."""
+    return None

@@ -776,6 +776,16 @@ class STFMAR(Aggregator):
         return {"logits": self.decode_head.classify(refined), "features": x}
 
 
+def single_frame_baseline(model_cfg: Any) -> Any:
+    """The single-frame baseline of model=stf / stf_mar (``vss.bench baseline=true``): PSPNet with the same head."""
+    from functools import partial
+
+    from vss.models.aggregators.pspnet import PSPNet
+
+    keys = ("channels", "pool_scales", "dropout")
+    return partial(PSPNet, **{k: model_cfg[k] for k in keys if k in model_cfg})
+
+
 # -- the official checkpoints ------------------------------------------------------------------------------
 # ``python -m vss.convert --model stf|stf_mar`` finds :func:`import_official_checkpoint` by convention. The
 # official ``STF`` / ``MAR`` modules' names below are inferred from the notes (the released refine.py
