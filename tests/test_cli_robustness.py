@@ -3,8 +3,8 @@ files, mistyped keys and bad values (one line, exit 2, before torch), checkpoint
 
 from __future__ import annotations
 
-import json
 import importlib
+import json
 import os
 import re
 import signal

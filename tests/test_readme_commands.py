@@ -14,7 +14,13 @@ from conftest import REPO_ROOT
 from vss.config import ConfigError, check_command_line
 
 README = REPO_ROOT / "README.md"
-HYDRA_APPS = {"vss.train": "train", "vss.eval": "eval", "vss.predict": "predict", "vss.bench": "bench"}
+HYDRA_APPS = {
+    "vss.train": "train",
+    "vss.eval": "eval",
+    "vss.predict": "predict",
+    "vss.bench": "bench",
+    "vss.pipeline": "train",
+}
 ENTRY_POINTS = {f"vss-{name}": f"vss.{name}" for name in ("train", "eval", "predict", "bench")}
 
 

@@ -553,3 +553,14 @@ def test_memory_pass_under_ddp_equals_one_process(stf_checkpoint: str, tmp_path)
     one = load_memory(build_memory(stf_checkpoint, str(tmp_path / "one"), progress=False))
     ddp = load_memory(tmp_path / "ddp" / "memory.pt")
     assert all(torch.equal(ddp[k], one[k]) for k in ("key", "prototype", "count"))
+
+
+def test_mar_runs_under_the_flop_counter() -> None:
+    """vss.bench counts FLOPs with FlopCounterMode (torch's module tracker) under inference mode: MAR's memory,
+    a Parameter, must not be a module input there (torch raised AttributeError on it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mar = MemoryAugmentedRefinement(16, 5, 2, 8).eval()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        mar(torch.randn(1, 16, 4, 4))
+    assert counter.get_total_flops() > 0

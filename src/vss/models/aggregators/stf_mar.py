@@ -346,6 +346,14 @@ def _projection(dim: int, mlp_dim: int) -> nn.Sequential:
     )
 
 
+def _linear_stack(stack: nn.Sequential, x: Tensor) -> Tensor:
+    """``stack(x)`` for a stack of bias-free Linear layers, as functions: the memory (a Parameter) as a module's
+    input breaks torch's module tracker (FlopCounterMode, ``vss.bench``) under inference mode."""
+    for layer in stack:
+        x = F.linear(x, layer.weight, layer.bias)
+    return x
+
+
 class MemoryAugmentedRefinement(nn.Module):
     """MAR (official ``MAR`` / ``TransformerHELayer``): each pixel attends over a static class memory.
 
@@ -391,8 +399,8 @@ class MemoryAugmentedRefinement(nn.Module):
         b, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # B,HW,C
         q = self.to_q(tokens)
-        k = self.to_k(self.memory_key)
-        v = self.to_v(self.memory_value)
+        k = _linear_stack(self.to_k, self.memory_key)
+        v = _linear_stack(self.to_v, self.memory_value)
         attn = torch.softmax(q @ k.t(), dim=-1)  # unscaled, as the official code
         out = self.norm1(tokens + self.dropout(self.proj(attn @ v)))
         out = self.norm2(out + self.dropout(self.ffn(out)))
