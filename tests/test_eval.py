@@ -27,6 +27,9 @@ MODELS = sorted(p.stem for p in (vss.config.CONF_DIR / "model").glob("*.yaml"))
 # per model: an encoder it runs on and small widths (MRCFA needs inputs divisible by 32)
 SETTINGS = {
     "msaf": ["encoder=resnet18", "model.embed_dim=16", "model.num_heads=2"],
+    "pspnet": ["encoder=resnet18", "model.channels=16"],
+    "stf": ["encoder=resnet18", "model.channels=16", "model.mlp_dim=16", "model.pe_size=[4,4]"],
+    "stf_mar": ["encoder=resnet18", "model.channels=16", "model.mlp_dim=16", "model.pe_size=[4,4]"],
 }
 DEFAULT = ["encoder=mit_b0", "model.embed_dim=16"]
 

@@ -136,3 +136,19 @@ def test_every_stage_is_checked_before_the_first_runs(tmp_path: Path) -> None:
     bad = [*good, "data.size_divisor=32"]
     with pytest.raises(ConfigError, match=r"^stage stf: data.size_divisor=32 is invalid for STF"):
         check_stage_configs(compose_stages(bad)[0], bad)
+
+
+def test_vss_train_on_a_pipeline_experiment_says_to_run_vss_pipeline(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "VSS_PIPELINE_STAGE"}
+    cmd = [sys.executable, "-m", "vss.train", "experiment=stf_mar_synthetic", f"paths.log_dir={tmp_path}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: experiment=stf_mar_synthetic is a pipeline of 6 stages (pspnet, stf, memory, stf_mar, pspnet_long, "
+        "stf_long): run them with python -m vss.pipeline experiment=stf_mar_synthetic [overrides]; to train its base "
+        "config alone, add pipeline=[]"
+    )
+    assert not list(tmp_path.rglob("*.ckpt"))

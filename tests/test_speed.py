@@ -189,7 +189,11 @@ def test_stream_keeps_only_what_references_are_read_for(build, kept: set[str], s
 
 # -- bf16 and torch.compile --------------------------------------------------------------------------------------
 
-BF16_AGREEMENT = 0.98  # pixels whose argmax is the same in bf16 autocast as in fp32 (random weights, tiny input)
+BF16_MAX_ERROR = 0.1  # bf16 autocast logits within this fraction of the fp32 logits' largest magnitude
+BF16_MEAN_ERROR = 0.03  # and on average within this fraction of their mean magnitude
+# (measured: max 0.7%, mean 0.3-0.5% on this project's CPUs; CPUs with native bf16 kernels round differently,
+# which flipped 3% of the near-tied pixels of random weights: argmax is compared where the fp32 margin exceeds
+# twice the largest deviation, so a flip there is a real error, and at least half the pixels must qualify)
 
 
 @pytest.mark.parametrize(
@@ -204,8 +208,13 @@ def test_bf16_autocast_gives_the_same_argmax(build) -> None:
         with inference_precision("bf16-mixed", cpu):
             bf16 = model(clip)["logits"]
     assert bf16.dtype == torch.bfloat16
-    agreement = (bf16.float().argmax(1) == fp32.argmax(1)).float().mean().item()
-    assert agreement >= BF16_AGREEMENT, agreement
+    error = (bf16.float() - fp32).abs()
+    assert error.max() <= BF16_MAX_ERROR * fp32.abs().max(), (error.max(), fp32.abs().max())
+    assert error.mean() <= BF16_MEAN_ERROR * fp32.abs().mean(), (error.mean(), fp32.abs().mean())
+    top2 = fp32.topk(2, dim=1).values
+    decided = top2[:, 0] - top2[:, 1] > 2 * error.max()  # no rounding within the deviation can flip these
+    assert decided.float().mean() >= 0.5, decided.float().mean()
+    assert torch.equal(bf16.float().argmax(1)[decided], fp32.argmax(1)[decided])
     with pytest.raises(ConfigError, match=r"trainer.precision='fp8' is invalid"), inference_precision("fp8", cpu):
         pass
     with pytest.raises(ConfigError, match=r"16-mixed needs a GPU"), inference_precision("16-mixed", cpu):

@@ -203,6 +203,24 @@ def validate_train_config(cfg: DictConfig) -> None:
     check_model_values(cfg)
 
 
+PIPELINE_STAGE_ENV = "VSS_PIPELINE_STAGE"
+"""Set by ``vss.pipeline`` for the training runs of its stages."""
+
+
+def check_pipeline_alone(cfg: DictConfig, experiment: str | None = None) -> None:
+    """``vss.train`` on an experiment that lists ``pipeline`` stages would train its base config only: say to run
+    ``vss.pipeline`` (a stage ``vss.pipeline`` runs, or a resume with ``ckpt_path=``, passes)."""
+    stages = OmegaConf.select(cfg, "pipeline", default=None)
+    if not stages or os.environ.get(PIPELINE_STAGE_ENV) or cfg.get("ckpt_path") is not None:
+        return
+    names = ", ".join(str(s.get("name")) for s in stages)
+    name = experiment or "NAME"
+    raise ConfigError(
+        f"experiment={name} is a pipeline of {len(stages)} stages ({names}): run them with python -m vss.pipeline "
+        f"experiment={name} [overrides]; to train its base config alone, add pipeline=[]"
+    )
+
+
 def check_train_values(cfg: DictConfig) -> None:
     """The checks that need neither torch nor the model code (they run before torch is imported)."""
     _check(

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vss.config import ConfigError, check_command_line, friendly_errors, print_error
+from vss.config import PIPELINE_STAGE_ENV, ConfigError, check_command_line, friendly_errors, print_error
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 STAGE_FILE = "stage.json"
@@ -213,7 +213,7 @@ def train_stage(stage: Stage, stage_dir: Path, overrides: Sequence[str], user: S
         args = [*overrides, *user, f"hydra.run.dir={stage_dir}"]
     command = [sys.executable, "-m", "vss.train", *args]
     say(f"{stage.name}: python -m vss.train {' '.join(args)}")
-    code = subprocess.call(command)
+    code = subprocess.call(command, env={**os.environ, PIPELINE_STAGE_ENV: stage.name})
     if code != 0:
         raise StageFailed(f"stage {stage.name} exited with status {code} (its run directory: {stage_dir})", code)
     metrics = read_json(stage_dir / "metrics.json")

@@ -25,6 +25,7 @@ from vss.config import (
     check_command_line,
     check_ddp_multirun,
     check_model_values,
+    check_pipeline_alone,
     check_train_values,
     friendly_errors,
     print_error,
@@ -243,6 +244,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Validate the config, build data/model/trainer, fit, and return the final validation metrics."""
     check_train_values(cfg)  # before torch is imported
     hc = HydraConfig.get() if HydraConfig.initialized() else None
+    check_pipeline_alone(cfg, hc.runtime.choices.get("experiment") if hc is not None else None)
     check_ddp_multirun(cfg, multirun=hc is not None and hc.mode == RunMode.MULTIRUN)
 
     import pytorch_lightning as pl
