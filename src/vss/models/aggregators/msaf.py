@@ -18,7 +18,9 @@ experiments/msaf_table3.md):
 - one MHSA_spa per frame position (t-2, t-1, t), DS = average pooling x4 / x2, US = bilinear;
 - spatial attention has no positional encoding (eq. 3 has none; the conv features carry position);
 - DCN: modulated 3x3 deformable conv (one offset group), offsets and mask from a zero-initialised 3x3 conv
-  on concat(D_PST^{t-k}, D_PST^t): training starts from identity sampling positions;
+  on concat(D_PST^{t-k}, D_PST^t): training starts from identity sampling positions; ``dcn_impl``: on CPU
+  (``auto``) by bilinear sampling and one matmul (vss.models.deform, torchvision's function, several times
+  faster than its CPU kernel), torchvision's kernel elsewhere (or ``torchvision`` / ``sampled`` anywhere);
 - ``dcn=false`` feeds the PST features to MHSA_tem unaligned; ``dcn=conv`` (second reading) a plain 3x3 conv;
 - MHSA_tem / MHSA_sta: per pixel, 3 frame / 4 stage tokens with a learned embedding; MHSA_sta's 4 outputs
   are concatenated and the two convs (3x3 conv-BN-ReLU, 1x1) fuse them into P;
@@ -42,10 +44,10 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
-from torchvision.ops import deform_conv2d
 
 from vss.config import ConfigError
 from vss.models.aggregators.base import Aggregator, FrameFeatures, cross_entropy, resize
+from vss.models.deform import IMPLS, deform_conv2d
 from vss.models.heads import ConvBNReLU
 
 __all__ = [
@@ -154,9 +156,9 @@ class PyramidSpatialTransformer(nn.Module):
 class DeformableAlignment(nn.Module):
     """Eq. 5: Y(p) = sum_k w_k m_k X(p + p_k + dp_k), modulated 3x3 DCN with offsets from the pair with frame t."""
 
-    def __init__(self, dim: int, kernel_size: int = 3) -> None:
+    def __init__(self, dim: int, kernel_size: int = 3, impl: str = "auto") -> None:
         super().__init__()
-        self.kernel_size = int(kernel_size)
+        self.kernel_size, self.impl = int(kernel_size), impl
         kk = self.kernel_size**2
         self.offset = nn.Conv2d(2 * dim, 3 * kk, 3, padding=1)  # (dy, dx) per tap, then the modulation mask
         nn.init.zeros_(self.offset.weight)
@@ -170,16 +172,21 @@ class DeformableAlignment(nn.Module):
         kk = self.kernel_size**2
         out = self.offset(torch.cat([x, target], 1))
         offset, mask = out[:, : 2 * kk], out[:, 2 * kk :].sigmoid()
-        return deform_conv2d(x, offset, self.weight, self.bias, padding=self.kernel_size // 2, mask=mask)
+        pad = self.kernel_size // 2
+        return deform_conv2d(x, offset, self.weight, self.bias, padding=pad, mask=mask, impl=self.impl)
 
 
 class AlignedTemporalTransformer(nn.Module):
     """Eq. 6: D_ATT = MHSA_tem(DCN^{t-2}(D^{t-2}), DCN^{t-1}(D^{t-1}), D^t), attention over frames per pixel."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, num_frames: int, dcn: bool | str = True) -> None:
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: float, num_frames: int, dcn: bool | str = True, dcn_impl: str = "auto"
+    ) -> None:
         super().__init__()
         if dcn is True:
-            self.dcn: nn.ModuleList | None = nn.ModuleList(DeformableAlignment(dim) for _ in range(num_frames - 1))
+            self.dcn: nn.ModuleList | None = nn.ModuleList(
+                DeformableAlignment(dim, impl=dcn_impl) for _ in range(num_frames - 1)
+            )
         elif dcn == "conv":
             self.dcn = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1) for _ in range(num_frames - 1))
         else:
@@ -207,11 +214,17 @@ class DecoupledTransformer(nn.Module):
     """D-Transformer (Fig. 3): pyramid spatial transformer (eq. 2-3) then aligned temporal transformer (eq. 5-6)."""
 
     def __init__(
-        self, dim: int, heads: int, mlp_ratio: float, downsample: Sequence[int], dcn: bool | str = True
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float,
+        downsample: Sequence[int],
+        dcn: bool | str = True,
+        dcn_impl: str = "auto",
     ) -> None:
         super().__init__()
         self.pst = PyramidSpatialTransformer(dim, heads, mlp_ratio, downsample)
-        self.att = AlignedTemporalTransformer(dim, heads, mlp_ratio, len(downsample), dcn)
+        self.att = AlignedTemporalTransformer(dim, heads, mlp_ratio, len(downsample), dcn, dcn_impl)
 
     def forward(self, f5: Sequence[Tensor]) -> Tensor:
         """F5 of t-2, t-1, t -> M^t."""
@@ -277,6 +290,7 @@ class MSAF(Aggregator):
         state: bool = True,
         semantics: bool = True,
         dcn: bool | str = True,
+        dcn_impl: str = "auto",
         pst_downsample: Sequence[int] = (4, 2, 1),
         tr_downsample: int = 1,
         mask_average: str = "logits",
@@ -295,6 +309,8 @@ class MSAF(Aggregator):
             raise ConfigError(f"model.motion_transformer={motion_transformer!r}: expected 'decoupled' or 'vanilla'")
         if dcn not in (True, False, "conv"):
             raise ConfigError(f"model.dcn={dcn!r}: expected true, false or 'conv'")
+        if dcn_impl not in IMPLS:
+            raise ConfigError(f"model.dcn_impl={dcn_impl!r}: expected one of {', '.join(IMPLS)}")
         if mask_average not in ("logits", "probs"):
             raise ConfigError(f"model.mask_average={mask_average!r}: expected 'logits' or 'probs'")
         if not pst_downsample or any(not isinstance(r, int) or r < 1 for r in pst_downsample):
@@ -326,7 +342,7 @@ class MSAF(Aggregator):
         )
         self.motion_alignment: nn.Module | None = None
         if self.motion and motion_transformer == "decoupled":
-            self.motion_alignment = DecoupledTransformer(dim, num_heads, mlp_ratio, pst_downsample, dcn)
+            self.motion_alignment = DecoupledTransformer(dim, num_heads, mlp_ratio, pst_downsample, dcn, dcn_impl)
         elif self.motion:
             self.motion_alignment = VanillaSpatioTemporalTransformer(
                 dim, num_heads, mlp_ratio, self.num_frames, tr_downsample
