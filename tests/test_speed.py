@@ -89,6 +89,33 @@ def test_folded_weights_are_cached_in_eval_and_recomputed_when_the_weights_chang
         torch.testing.assert_close(head.fuse(feats), head.fuse_unfolded(feats))
 
 
+def test_folded_cache_follows_fused_optimizer_steps_and_batchnorm_training() -> None:
+    """Fused AdamW and BatchNorm's running statistics change tensors without bumping their version counters:
+    a validation after training steps must not reuse the previous validation's folded weights."""
+    head = random_head(seed=4)
+    feats = stage_features()
+    opt = torch.optim.AdamW(head.parameters(), lr=0.05, fused=True)
+    for _ in range(2):  # validate, train a step, validate again (as Lightning does)
+        head.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(head.fuse(feats), head.fuse_unfolded(feats))
+        head.train()
+        head.fuse(feats).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    head.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(head.fuse(feats), head.fuse_unfolded(feats))
+        head.fuse(feats)
+        versions = [t._version for t in head._fold_sources()]
+    opt.param_groups[0]["lr"] = 0.5
+    head.fuse(feats).square().mean().backward()  # an optimizer step with the head in eval mode
+    opt.step()
+    assert [t._version for t in head._fold_sources()] == versions  # the case the version key misses
+    with torch.no_grad():
+        torch.testing.assert_close(head.fuse(feats), head.fuse_unfolded(feats))
+
+
 def test_segformer_checkpoint_keys_stay_official() -> None:
     keys = set(random_head().state_dict())
     assert keys == {

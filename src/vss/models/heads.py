@@ -7,8 +7,21 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from vss.config import ConfigError
+
+_optimizer_steps = 0
+"""Optimizer steps taken in this process (any optimizer): a key of the folded-decoder cache, because fused
+optimizers (``AdamW(fused=True)``) update parameters without bumping their version counters."""
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class MLP(nn.Module):
@@ -96,8 +109,9 @@ class SegFormerHead(nn.Module):
 
     def _fold_key(self) -> tuple:
         """What the folded maps depend on: BatchNorm's mode, inference mode (its tensors cannot enter autograd
-        later), and each source tensor's identity, storage, version counter, dtype and device."""
-        key: tuple = (self.linear_fuse.bn.training, torch.is_inference_mode_enabled())
+        later), the process's optimizer-step count, and each source tensor's identity, storage, version counter,
+        dtype and device."""
+        key: tuple = (self.linear_fuse.bn.training, torch.is_inference_mode_enabled(), _optimizer_steps)
         return key + tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in self._fold_sources())
 
     def folded(self) -> tuple[list[Tensor], Tensor, bool]:
@@ -105,8 +119,9 @@ class SegFormerHead(nn.Module):
 
         In training, or whenever autograd records, they are recomputed from the parameters at every call
         (gradients reach the official parameters). Otherwise they are cached and recomputed when any source
-        tensor changes (``load_state_dict``, an optimizer step: both bump the tensors' version counters; ``to()``
-        gives new storage).
+        tensor changes: ``load_state_dict`` and in-place edits bump the tensors' version counters, ``to()`` gives
+        new storage, an optimizer step (fused ones bump no version) changes :data:`_optimizer_steps`, and
+        :meth:`train` drops the cache (BatchNorm updates its running statistics without a version bump).
         """
         sources = self._fold_sources()
         recording = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
@@ -117,6 +132,12 @@ class SegFormerHead(nn.Module):
         if cached is None or cached[0] != key:
             self._folded_cache = (key, self._compute_folded())
         return self._folded_cache[1]
+
+    def train(self, mode: bool = True) -> SegFormerHead:
+        """``nn.Module.train``; training mode also drops the folded-weights cache (see :meth:`folded`)."""
+        if mode:
+            self._folded_cache = None
+        return super().train(mode)
 
     def _compute_folded(self) -> tuple[list[Tensor], Tensor, bool]:
         n, e = len(self.in_channels), self.linear_fuse.conv.out_channels
