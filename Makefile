@@ -44,3 +44,8 @@ clean:  ## remove run outputs and caches (keeps .venv)
 bench: $(STAMP)  ## streaming ms/frame, FLOPs, memory and the ratio to the single-frame baseline (MRCFA-B1, MSAF-R18; CPU-sized)
 	$(PY) -m vss.bench model=mrcfa encoder=mit_b1 height=256 width=448 frames=12 iters=3 hydra.run.dir=outputs/bench/$$(date +%s)-mrcfa 2>&1 | grep '\[vss.bench\]'
 	$(PY) -m vss.bench model=msaf encoder=resnet18 height=256 width=512 frames=8 iters=3 hydra.run.dir=outputs/bench/$$(date +%s)-msaf 2>&1 | grep '\[vss.bench\]'
+
+.PHONY: test-slurm
+test-slurm: $(STAMP)  ## the real-SLURM checks (tests/test_slurm.py; first: scripts/slurm-local.sh start); installs the extra slurm
+	@$(PY) -c "import hydra_plugins.hydra_submitit_launcher" 2>/dev/null || $(PY) -m pip install --quiet -e '.[slurm]'
+	$(PY) -m pytest tests/test_slurm.py -m slow -q -s $(ARGS)

@@ -88,6 +88,42 @@ def find_runs(dirs: Sequence[Path]) -> list[Run]:
     return runs
 
 
+def unfinished_jobs(dirs: Sequence[Path]) -> list[tuple[Path, Path | None]]:
+    """Job directories below ``dirs`` that kept a Hydra config but wrote no metrics.json (still running, failed, or
+    stopped and not resumed), each with its submitit log when its sweep ran through a submitit launcher (on a
+    cluster: ``<sweep>/.submitit/<job id>/<job id>_0_log.err``), else None."""
+    found = []
+    for d in dirs:
+        for cfg_file in sorted(Path(d).rglob(".hydra/config.yaml")):
+            run_dir = cfg_file.parents[1]
+            if not (run_dir / "metrics.json").is_file():
+                found.append((run_dir, _submitit_log(run_dir)))
+    return found
+
+
+def _submitit_log(run_dir: Path) -> Path | None:
+    """The stderr log submitit kept for the job of ``run_dir`` (named by its SLURM job id), if there is one."""
+    hydra_file = run_dir / ".hydra" / "hydra.yaml"
+    try:
+        job_id = OmegaConf.select(
+            OmegaConf.load(hydra_file), "hydra.job.id", default=None, throw_on_resolution_failure=False
+        )
+    except (OSError, ValueError):
+        return None
+    log = run_dir.parent / ".submitit" / str(job_id) / f"{job_id}_0_log.err"
+    return log if job_id is not None and log.is_file() else None
+
+
+def _without_weights(encoder: DictConfig) -> dict[str, Any]:
+    """The run's encoder config with ``pretrained`` cleared: counting parameters or timing needs no weights, and a
+    sweep collected away from where it ran (copied from a cluster) names checkpoint paths that do not exist here."""
+    plain = OmegaConf.to_container(encoder, resolve=True)
+    assert isinstance(plain, dict)
+    if "pretrained" in plain:
+        plain["pretrained"] = None
+    return plain
+
+
 def _offsets(run: Run) -> tuple[int, ...]:
     return tuple(int(o) for o in run.cfg.model.offsets)
 
@@ -202,7 +238,8 @@ def params_millions(run: Run) -> float:
     from vss.models.segmenter import Segmenter
 
     with torch.device("meta"):
-        model = Segmenter(instantiate(run.cfg.encoder), instantiate(run.cfg.model), int(run.cfg.data.num_classes))
+        encoder = instantiate(_without_weights(run.cfg.encoder))
+        model = Segmenter(encoder, instantiate(run.cfg.model), int(run.cfg.data.num_classes))
     return count_parameters(model) / 1e6
 
 
@@ -216,7 +253,7 @@ def bench_ms(run: Run, size: tuple[int, int] | None) -> float:
     cfg = OmegaConf.load(CONF_DIR / "bench.yaml")  # the bench's own defaults (frames, warm-up, ...)
     del cfg["defaults"]
     run_parts = {
-        "encoder": OmegaConf.to_container(run.cfg.encoder, resolve=True),
+        "encoder": _without_weights(run.cfg.encoder),
         "model": OmegaConf.to_container(run.cfg.model, resolve=True),
         "num_classes": int(run.cfg.data.num_classes),
         "height": int(size[0]),
@@ -254,9 +291,9 @@ def write_section(page: Path, section: str, body: str) -> None:
     """Replace the block between ``<!-- {section}:start -->`` and ``<!-- {section}:end -->`` of ``page``."""
     text = page.read_text()
     for name in (section, "ours"):
-        pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(\n<!-- {name}:end -->)", re.S)
+        pattern = re.compile(rf"(<!-- {name}:start -->\n)(?:.*?\n)?(<!-- {name}:end -->)", re.S)  # may be empty
         if pattern.search(text):
-            page.write_text(pattern.sub(lambda m: m[1] + body + m[2], text, count=1))
+            page.write_text(pattern.sub(lambda m: m[1] + body + "\n" + m[2], text, count=1))
             return
     raise SystemExit(f"{page}: no '<!-- {section}:start -->' ... '<!-- {section}:end -->' block to fill")
 
@@ -297,6 +334,11 @@ def collect_table(
         raise SystemExit(f"unknown table {table!r}: expected one of {', '.join(TABLES)}")
     page = page or HERE / (f"{table}.md" if table.startswith("msaf") else f"mrcfa_{table}.md")
     runs = find_runs(dirs)
+    for run_dir, log in unfinished_jobs(dirs):
+        print(
+            f"[collect] not collected: {run_dir} (no metrics.json: unfinished or failed)"
+            + (f"; log: {log}" if log else "")
+        )
     if not runs:
         raise SystemExit(f"no finished runs (metrics.json + .hydra/config.yaml) below {', '.join(map(str, dirs))}")
     all_rows: list[Row] = []

@@ -29,7 +29,7 @@ def readme_commands() -> list[str]:
     text = README.read_text()
     commands = []
     for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.DOTALL):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # continued lines joined
             line = line.split("  #")[0].strip()
             if re.match(r"^(\S+=\S+ )*(python|make|vss-)", line):
                 commands.append(line)

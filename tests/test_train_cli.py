@@ -190,6 +190,21 @@ def test_default_job_outputs(two_runs):
     assert (run_dir / ".hydra" / "config.yaml").is_file()
 
 
+def test_final_validation_equals_vss_eval_of_the_last_checkpoint(two_runs, tmp_path):
+    """The job validates twice (steps 2 and 4): the step-4 figures are those of its last.ckpt evaluated on its own
+    (no state carried over from the first validation, e.g. the folded decoder's cache)."""
+    from vss.eval import evaluate_checkpoint
+
+    run_dir = only_run_dir(two_runs[0][0])
+    trained = read_metrics(run_dir)
+    assert trained["step"] == 4
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "src" / "vss" / "conf" / "eval.yaml")
+    del cfg["defaults"]
+    cfg.merge_with({"ckpt_path": str(run_dir / "checkpoints" / "last.ckpt"), "num_workers": 0, "progress": False})
+    evaluated = evaluate_checkpoint(cfg, tmp_path)
+    assert_same_metrics(trained["val"], {k: v for k, v in evaluated.items() if k != "seconds"})
+
+
 def test_concurrent_runs_get_unique_run_dirs(two_runs):
     procs, log_dir = two_runs
     dirs = [only_run_dir(p) for p in procs]

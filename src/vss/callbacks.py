@@ -294,3 +294,60 @@ class SaveOnSigterm(pl.Callback):
         if not isinstance(exception, SIGTERMException) or not trainer.training or trainer.sanity_checking:
             return
         trainer.save_checkpoint(self.dirpath / "last.ckpt")
+
+
+def slurm_plugins() -> list[Any]:
+    """Inside a SLURM job: Lightning's ``SLURMEnvironment`` without its auto-requeue (vss's requeue is
+    :class:`RequeueOnSignal`, one mechanism: no ``hpc_ckpt_*.ckpt``, no second ``scontrol requeue``); else none."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    from vss.config import slurm_job
+
+    return [SLURMEnvironment(auto_requeue=False)] if slurm_job() else []
+
+
+class RequeueOnSignal(pl.Callback):
+    """Inside a SLURM job, the requeue signal (SIGUSR1: ``--signal=USR1@90`` before the time limit, or
+    ``scancel --signal=USR1``) stops training as SIGTERM does (:class:`SaveOnSigterm` writes ``last.ckpt``), then
+    global rank 0 runs ``scontrol requeue``; the restarted job resumes from that checkpoint (``vss.train``).
+    Outside training (setup, the final validation) the signal is ignored; outside SLURM nothing is installed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requested = False
+        self._training = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        import signal
+
+        from vss.config import SLURM_REQUEUE_SIGNAL, slurm_job
+
+        if stage == "fit" and slurm_job():
+            signal.signal(getattr(signal, f"SIG{SLURM_REQUEUE_SIGNAL}"), self._on_signal)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._training = True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._training = False
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        import os
+        import signal
+
+        if not self._training or self.requested:
+            RUN_LOG.warning("[vss] requeue signal %d outside training: ignored", signum)
+            return
+        self.requested = True
+        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's SIGTERM path: every rank stops after this step
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
+        self._training = False
+        if not self.requested or not isinstance(exception, SIGTERMException) or not trainer.is_global_zero:
+            return
+        from vss.config import slurm_requeue
+
+        job = slurm_requeue()
+        message = f"[vss] requeued SLURM job {job} at step {trainer.global_step}; it resumes from its last.ckpt"
+        print(message, flush=True)
+        RUN_LOG.info(message)

@@ -76,6 +76,27 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("vss_knobs_key", knobs_key)
     if not OmegaConf.has_resolver("vss_run_name"):
         OmegaConf.register_new_resolver("vss_run_name", lambda default: slurm_run_name() or default)
+    if not OmegaConf.has_resolver("vss_or"):  # ${vss_or:${hydra:...},fallback}: the fallback for null or ""
+        OmegaConf.register_new_resolver("vss_or", lambda value, default: default if value in (None, "") else value)
+    if not OmegaConf.has_resolver("vss_override_tags"):
+        OmegaConf.register_new_resolver("vss_override_tags", override_tags)
+
+
+WANDB_TAG_MAX = 64
+"""W&B refuses tags longer than this."""
+
+
+def override_tags(tags: Any, overrides: Any, exclude: Any = ()) -> list[str]:
+    """``${vss_override_tags:${tags},${hydra:overrides.task},[keys]}``: W&B tags of a run, the config's ``tags``
+    then each command-line override of the sweep point (``stm.p=0.5``) whose key is not in ``exclude``, each cut
+    to W&B's 64 characters, without repeats."""
+    skip = {str(k) for k in exclude or ()}
+    out = [str(tag)[:WANDB_TAG_MAX] for tag in tags or ()]
+    for override in map(str, overrides or ()):
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key not in skip:
+            out.append(override[:WANDB_TAG_MAX])
+    return list(dict.fromkeys(out))
 
 
 def slurm_job(env: Any = None) -> bool:
@@ -449,6 +470,25 @@ def _task_overrides(argv: Sequence[str]) -> tuple[list[str], bool] | None:
     return out, bool(args.multirun)
 
 
+SUBMITIT_LAUNCHERS = ("slurm", "slurm_gpu", "submitit_slurm", "submitit_local")
+"""``hydra/launcher=`` options that need the extra ``slurm`` (hydra-submitit-launcher)."""
+
+
+def check_launcher_installed(argv: Sequence[str]) -> None:
+    """A submitit launcher without its plugin is one line saying how to install it (Hydra's own message names
+    neither the package nor the extra)."""
+    import importlib.util
+
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        plugin = "hydra_plugins.hydra_submitit_launcher"
+        if key == "hydra/launcher" and value in SUBMITIT_LAUNCHERS and importlib.util.find_spec(plugin) is None:
+            raise ConfigError(
+                f"hydra/launcher={value} needs hydra-submitit-launcher, which is not installed: "
+                "pip install -e '.[slurm]' (or pip install 'vss[slurm]')"
+            )
+
+
 def check_command_line(config_name: str, argv: Sequence[str]) -> None:
     """Compose ``config_name`` with the command line's overrides as Hydra will, without torch: a key that is not
     in the config is a :class:`ConfigError` suggesting the closest key, a missing group option lists the options."""
@@ -456,6 +496,7 @@ def check_command_line(config_name: str, argv: Sequence[str]) -> None:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
+    check_launcher_installed(argv)
     parsed = _task_overrides(argv)
     if parsed is None or GlobalHydra.instance().is_initialized():
         return

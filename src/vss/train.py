@@ -31,6 +31,9 @@ from vss.config import (
     print_error,
     register_resolvers,
     resume_arguments,
+    slurm_job_id,
+    slurm_requeue_checkpoint,
+    slurm_restart_count,
 )
 
 log = logging.getLogger("vss.train")
@@ -252,16 +255,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from pytorch_lightning.utilities import rank_zero_only
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from vss.callbacks import RunReport, SaveOnSigterm
+    from vss.callbacks import RequeueOnSignal, RunReport, SaveOnSigterm, slurm_plugins
     from vss.checkpoint import AtomicCheckpointIO, remove_stale_temporary_files
     from vss.metrics import write_metrics_json
     from vss.stages import check_resume_model, check_stages, init_weights, prepare_resume
 
     quiet_output()
+    requeued = slurm_requeue_checkpoint(cfg)
+    if requeued is not None:  # a requeued SLURM job: its own last.ckpt, with the config stored there (no overrides)
+        cfg.ckpt_path, cfg.init_from, cfg.init_exclude = str(requeued), None, []
     init_state = check_stages(cfg)  # init_from / ckpt_path errors before anything is built
     resume = None
     if cfg.get("ckpt_path") is not None:
-        resume = prepare_resume(cfg, *_overrides_and_groups())
+        resume = prepare_resume(cfg, *(((), ()) if requeued else _overrides_and_groups()))
         cfg = resume.config
         check_train_values(cfg)
     check_model_values(cfg)
@@ -274,6 +280,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             names = ", ".join(p.name for p in removed[:3]) + (", ..." if len(removed) > 3 else "")
             say(f"[vss] removed {len(removed)} stale temporary file(s) of an interrupted write: {names}")
         say(describe_run(cfg, hc.runtime.choices if hc is not None else {}))
+        if requeued is not None:
+            say(f"[vss] SLURM job {slurm_job_id()} restarted (restart {slurm_restart_count()}): resuming its run")
         if resume is not None:
             say(resume.summary())
         try:
@@ -310,9 +318,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     report = RunReport()
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        callbacks=[*_instantiate_dict(cfg.get("callbacks")), report, SaveOnSigterm(output_dir / "checkpoints")],
+        callbacks=[
+            *_instantiate_dict(cfg.get("callbacks")),
+            report,
+            SaveOnSigterm(output_dir / "checkpoints"),
+            RequeueOnSignal(),  # after SaveOnSigterm: requeue once last.ckpt is written
+        ],
         logger=loggers or False,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *slurm_plugins()],
         sync_batchnorm=False,
     )
     quiet_output()  # again: Lightning's loggers have their handlers now
