@@ -8,7 +8,7 @@ import importlib.util
 import json
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -161,8 +161,18 @@ def test_run_dir_is_the_slurm_job_inside_a_job(monkeypatch: pytest.MonkeyPatch) 
     assert "slurm-" not in local and local.rsplit("/", 1)[0] == str(cfg.hydra.run.dir).rsplit("/", 1)[0]
 
 
-def test_wandb_sweep_point_is_one_run_in_the_experiment_group() -> None:
+@pytest.fixture
+def hydra_config() -> Iterator[type]:
+    """``HydraConfig`` for a test that sets it (as a Hydra job does), cleared afterwards: a config left behind
+    would resolve ``${hydra:...}`` in later tests."""
     from hydra.core.hydra_config import HydraConfig
+
+    yield HydraConfig
+    HydraConfig.instance().cfg = None  # type: ignore[assignment]
+
+
+def test_wandb_sweep_point_is_one_run_in_the_experiment_group(hydra_config: type) -> None:
+    HydraConfig = hydra_config
 
     register_resolvers()
     overrides = ["logger=wandb", "experiment=mrcfa_table2_synthetic", "stm.p=0.5", "seed=3", "paths.log_dir=/x"]

@@ -427,3 +427,23 @@ def test_loaders_under_fake_two_ranks(syn_root: Path) -> None:
     dm.trainer = None
     assert isinstance(dm.train_dataloader().sampler, RandomSampler)
     assert list(dm.val_dataloader().sampler) == list(range(n_val))
+
+
+EXIT_WITH_A_LIVE_WORKER = """
+from types import SimpleNamespace
+from vss.data.datamodule import VSSDataModule
+owner = SimpleNamespace(num_workers=1, pin_memory=False, persistent_workers=False)
+batches = iter(VSSDataModule._loader(owner, list(range(100)), 1))
+next(batches)
+print("exiting", flush=True)  # with the iterator and its worker alive, as a run stopped by SIGTERM or a crash
+"""
+
+
+def test_exit_with_a_live_dataloader_worker_does_not_hang() -> None:
+    """Workers ignore SIGTERM, which multiprocessing's exit handler sends before joining them: the exit must still
+    end (a SIGTERM-stopped run used to hang after printing its resume hint, now and then)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", EXIT_WITH_A_LIVE_WORKER], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "exiting" in proc.stdout, proc.stderr[-2000:]

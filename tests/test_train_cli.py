@@ -275,6 +275,19 @@ def test_resume_continues_from_the_checkpoint(two_runs, run_cli, tmp_path):
     assert "resuming from" in (run_dir / "train.log").read_text()
 
 
+def test_resume_continues_the_wandb_run(two_runs, run_cli, tmp_path):
+    import shutil
+
+    first = tmp_path / "run"
+    shutil.copytree(only_run_dir(two_runs[0][1]), first)  # the job that logged to W&B (offline)
+    started = wandb_run(first)["id"]
+    proc = run_cli("trainer.max_steps=6", f"ckpt_path={first}/checkpoints/last.ckpt")
+    assert proc.returncode == 0, report(proc)
+    assert f"[vss] W&B: continuing run {started}" in proc.stdout, report(proc)
+    runs = sorted((first / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and {r.name.rsplit("-", 1)[-1] for r in runs} == {started}  # one W&B run, two sessions
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(two_runs, compose_cfg, tiny_args, tmp_path) -> None:
     from vss.stages import check_resume_model, prepare_resume
     from vss.train import build_module

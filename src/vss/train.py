@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
 import warnings
 from collections.abc import Mapping
@@ -307,6 +308,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         init = getattr(logger, "_wandb_init", None)
         if isinstance(init, dict) and init.get("anonymous") is None:
             init.pop("anonymous", None)
+    if resume is not None:
+        for logger in loggers:
+            run_id = continue_wandb_run(logger, output_dir)
+            if run_id is not None and rank0:
+                say(f"[vss] W&B: continuing run {run_id}")
     if cfg.trainer.get("sync_batchnorm"):
         if _on_cpu(cfg):
             # torch's DistributedDataParallel rejects SyncBatchNorm on CPU modules (gloo): keep per-process BN there.
@@ -362,6 +368,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if history is not None:
             history.restore()
         _finish_wandb()
+
+
+WANDB_RUN_DIR = re.compile(r"^(?:offline-)?run-\d{8}_\d{6}-(?P<id>[A-Za-z0-9]+)$")
+
+
+def continue_wandb_run(logger: Any, run_dir: Path) -> str | None:
+    """A resumed run (``ckpt_path=``, a SLURM requeue) logs to the W&B run it started, not a new one: the id of
+    the newest ``RUN/wandb/[offline-]run-<time>-<id>`` folder, with ``resume="allow"``. Returns that id, or None
+    (not a W&B logger, or the run never logged to W&B)."""
+    init = getattr(logger, "_wandb_init", None)
+    if not isinstance(init, dict) or getattr(logger, "_experiment", None) is not None:
+        return None
+    runs = [p for p in (run_dir / "wandb").glob("*run-*") if p.is_dir() and WANDB_RUN_DIR.match(p.name)]
+    if not runs:
+        return None
+    newest = max(runs, key=lambda p: p.name.removeprefix("offline-"))  # the names start with the start time
+    run_id = WANDB_RUN_DIR.match(newest.name)["id"]  # type: ignore[index]
+    init.update(id=run_id, resume="allow")
+    logger._id = run_id
+    return run_id
 
 
 def _finish_wandb() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +43,31 @@ def worker_init(worker_id: int) -> None:
         from lightning_fabric.utilities.seed import pl_worker_init_function
 
         pl_worker_init_function(worker_id)
+
+
+def _kill_workers_at_exit() -> None:
+    """At interpreter exit, SIGKILL this process's daemonic children (DataLoader workers) and reap them.
+
+    Workers ignore SIGTERM (:func:`worker_init`), and SIGTERM is what multiprocessing's own exit handler sends its
+    daemonic children before joining them: with a DataLoader iterator still alive at exit (a run stopped by
+    SIGTERM, a crash whose traceback holds the loop), that join would wait forever. Registered after
+    multiprocessing's handler, so it runs first (atexit is last-in, first-out)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=10)
+
+
+_exit_hook: list[bool] = []
+
+
+def kill_workers_at_exit() -> None:
+    """Register :func:`_kill_workers_at_exit` once, in the process that starts DataLoader workers."""
+    if not _exit_hook:
+        import multiprocessing.util  # noqa: F401  (its exit handler is registered on import: ours must come after)
+
+        atexit.register(_kill_workers_at_exit)
+        _exit_hook.append(True)
 
 
 class VSSDataModule(pl.LightningDataModule):
@@ -207,6 +234,8 @@ class VSSDataModule(pl.LightningDataModule):
         return trainer.world_size, trainer.global_rank
 
     def _loader(self, dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        if self.num_workers > 0:
+            kill_workers_at_exit()
         return DataLoader(
             dataset,
             batch_size=batch_size,
