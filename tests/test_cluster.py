@@ -243,3 +243,21 @@ def test_a_submitit_launcher_without_the_extra_says_how_to_install_it(monkeypatc
     with pytest.raises(ConfigError, match=r"hydra/launcher=slurm needs hydra-submitit-launcher.*\.\[slurm\]"):
         check_command_line("train", ["-m", "hydra/launcher=slurm", "seed=1,2"])
     check_command_line("train", ["-m", "hydra/launcher=basic", "seed=1,2"])  # Hydra's own launcher: no extra
+
+
+@pytest.mark.parametrize("in_job", [False, True])
+def test_lightnings_srun_hint_is_quiet_outside_a_slurm_job(in_job: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where SLURM is installed (a login node), Lightning hints at srun on every run; inside a job it may matter."""
+    import warnings
+
+    from vss.callbacks import quiet_warnings
+
+    if in_job:
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    else:
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_warnings()
+        warnings.warn("The `srun` command is available on your system but is not used. HINT: ...", stacklevel=1)
+    assert len(caught) == int(in_job)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,12 @@ def quiet_warnings() -> None:
 
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    if "SLURM_JOB_ID" not in os.environ:  # a login node or a machine with SLURM installed: running here is intended
+        warnings.filterwarnings("ignore", message=SRUN_NOT_USED)
+
+
+SRUN_NOT_USED = r"The `srun` command is available on your system but is not used"
+"""Lightning's hint wherever ``srun`` is on the PATH; kept inside a SLURM job (there it may mean a missing srun)."""
 
 
 def palette(num_classes: int) -> np.ndarray:
