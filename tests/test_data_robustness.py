@@ -39,3 +39,15 @@ def test_validation_headers_are_checked_before_training(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"mask .*b/mask/00002.png is 8x4 but its frame .*00002.jpg is 8x8"):
         VSSDataModule(root=str(root), **kw).setup("fit")
     VSSDataModule(root=str(root), check_val_headers=False, **kw).setup("fit")  # off: found only when read
+
+
+def test_a_bad_training_frame_mid_run_names_the_file_and_the_checker(tmp_path: Path) -> None:
+    root = _vspw(tmp_path / "d", False)
+    frame = root / "data" / "a" / "origin" / "00001.jpg"
+    frame.write_bytes(frame.read_bytes()[:40])  # truncated: found only when read (headers of train are not checked)
+    module = VSSDataModule(root=str(root), num_classes=2, clip={"offsets": [-1]}, num_workers=0)
+    module.setup("fit")
+    clips = module.train_dataset()
+    with pytest.raises(DatasetError, match=r"00001\.jpg.*python -m vss\.data\.check lists every broken file"):
+        for i in range(20):  # the sampled clip covers frame 1 (of 0..2) with a reference at t-1
+            clips[i % len(clips)]
