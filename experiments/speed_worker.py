@@ -10,6 +10,7 @@ tree (``PYTHONPATH=/tmp/today/src`` for the commit before the change) and send c
 
 from __future__ import annotations
 
+import ast
 import statistics
 import sys
 import time
@@ -23,10 +24,18 @@ from vss.models.segmenter import Segmenter
 from vss.models.streamer import Streamer
 
 
+def _value(text: str) -> object:
+    """A ``key=value`` argument's value as a Python literal (``2``, ``1.0``, ``[]``, ``[-2, -1]``), else the text."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def build(model: str, encoder: str, extra: dict[str, str]) -> Segmenter:
     """Random-weight model in eval mode (124 classes, as VSPW)."""
     torch.manual_seed(0)
-    kwargs = {k: float(v) if "." in v else int(v) for k, v in extra.items()}
+    kwargs = {k: _value(v) for k, v in extra.items()}
     if model == "segformer":
         from vss.models.aggregators.segformer import SegFormer
 

@@ -9,6 +9,7 @@ import torch
 from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
 from vss.config import ConfigError
+from vss.models import deform
 from vss.models.aggregators.msaf import MSAF
 from vss.models.deform import deform_conv2d, deform_conv2d_sampled
 from vss.models.encoders import build_encoder
@@ -149,3 +150,23 @@ def test_msaf_gives_the_same_logits_and_gradients_with_either_dcn_impl() -> None
     torch.testing.assert_close(results["sampled"][0], results["torchvision"][0], atol=1e-9, rtol=1e-9)
     for a, b in zip(results["sampled"][1], results["torchvision"][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-9 * max(b.abs().max().item(), 1.0), rtol=1e-8)
+
+
+@pytest.mark.parametrize("offsets", ["random", "integer"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_inference_bands_equal_torchvision(monkeypatch, case: str, dtype: torch.dtype, offsets: str) -> None:
+    """Without autograd one group / one offset group runs a band of output rows at a time into a channels-last
+    output (vss.models.deform._sampled_rows); the bands here are 5 pixels wide, so they cut rows and batches."""
+    monkeypatch.setattr(deform, "ROW_PIXELS", 5)
+    tensors, kwargs = _inputs(case, dtype, offsets)
+    args = (tensors["input"], tensors["offset"], tensors["weight"], tensors["bias"])
+    ref = tv_deform_conv2d(*args, mask=tensors["mask"], **kwargs)
+    with torch.no_grad():
+        out = deform_conv2d_sampled(*args, mask=tensors["mask"], **kwargs)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    _, _, _, _, _, groups, offset_groups, *_ = CASES[case]
+    banded = groups == 1 and offset_groups == 1
+    assert out.is_contiguous(memory_format=torch.channels_last) == banded
+    with torch.inference_mode():  # and the same under inference_mode
+        torch.testing.assert_close(deform_conv2d_sampled(*args, mask=tensors["mask"], **kwargs), ref, **TOL[dtype])

@@ -20,6 +20,7 @@ from vss.config import ConfigError
 __all__ = ["IMPLS", "deform_conv2d", "deform_conv2d_sampled"]
 
 IMPLS = ("auto", "sampled", "torchvision")
+ROW_PIXELS = 2048  # output pixels per band of the inference path (:func:`_sampled_rows`)
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -75,6 +76,8 @@ def deform_conv2d_sampled(
     grid = torch.stack(((2 * px + 1) / wp - 1, (2 * py + 1) / hp - 1), -1)  # B,G,kk,Ho,Wo,2
     grid = grid.reshape(b * offset_groups, kk * ho, wo, 2)
     x = x.reshape(b * offset_groups, cin // offset_groups, hp, wp)
+    if groups == 1 and offset_groups == 1 and not torch.is_grad_enabled():
+        return _sampled_rows(x, grid.view(b, kk, ho, wo, 2), weight, bias, mask)
     cols = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     cols = cols.view(b, offset_groups, cin // offset_groups, kk, ho * wo)
     if mask is not None:
@@ -83,6 +86,36 @@ def deform_conv2d_sampled(
     out = torch.matmul(weight.view(groups, cout // groups, cin_g * kk), cols)  # B,groups,Cout/g,HoWo
     out = out.view(b, cout, ho, wo)
     return out if bias is None else out + bias.view(1, cout, 1, 1)
+
+
+def _sampled_rows(x: Tensor, grid: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None) -> Tensor:
+    """The columns and the matmul of :func:`deform_conv2d_sampled` (one group, one offset group, no autograd) a
+    band of ``ROW_PIXELS`` output pixels (whole rows) at a time, into a channels-last output: the same sampling
+    positions (``grid`` (B, kk, Ho, Wo, 2)), products and sums, but each band's columns are a reused heap buffer
+    instead of one (Cin x kk, Ho x Wo) buffer of the whole map (75 MiB for 256 channels at 64 x 128), mapped,
+    written, masked in a second buffer and read back. Returns (B, Cout, Ho, Wo), channels-last strides."""
+    b, kk, ho, wo = grid.shape[:4]
+    cin, cout = x.shape[1], weight.shape[0]
+    w_t = weight.reshape(cout, cin * kk).t()  # (Cin*kk, Cout): rows ordered (channel, tap), as the columns
+    rows = max(1, ROW_PIXELS // wo)
+    out = None
+    for i in range(b):
+        for r0 in range(0, ho, rows):
+            r1 = min(ho, r0 + rows)
+            n = (r1 - r0) * wo
+            g = grid[i : i + 1, :, r0:r1].reshape(1, kk * (r1 - r0), wo, 2)
+            cols = F.grid_sample(x[i : i + 1], g, mode="bilinear", padding_mode="zeros", align_corners=False)
+            cols = cols.view(cin, kk, n)
+            if mask is not None:
+                m = mask[i, :, r0:r1].reshape(1, kk, n)
+                cols = cols.mul_(m) if torch.result_type(cols, m) == cols.dtype else cols * m
+            band = torch.mm(cols.view(cin * kk, n).t(), w_t).view(r1 - r0, wo, cout)  # (rows, Wo, Cout)
+            if bias is not None:
+                band = band + bias
+            if out is None:
+                out = band.new_empty(b, ho, wo, cout)
+            out[i, r0:r1] = band
+    return out.permute(0, 3, 1, 2)
 
 
 def deform_conv2d(

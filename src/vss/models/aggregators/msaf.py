@@ -124,6 +124,73 @@ def _pixel_tokens(maps: Sequence[Tensor], embed: Tensor) -> Tensor:
     return x.permute(0, 3, 4, 1, 2).reshape(b * h * w, n, c) + embed
 
 
+# Chunk sizes of the inference layouts: the largest intermediate of a chunk (the MLP's 4C activations) stays at
+# 16 MiB for C = 256, below glibc's 32 MiB mmap ceiling (a bigger buffer is mapped and page-faulted afresh at each
+# call), with few chunks: on a shared CPU each op's threads wait for each other, so every extra op costs there
+# (512-pixel chunks were 1.4x faster on a quiet box but 2x slower than one call when another job held the cores).
+PIXEL_TOKENS = 4096  # tokens per chunk of the per-pixel transformers (_per_pixel_chunked): 1024 pixels of 4
+TOKEN_CHUNK = 4096  # tokens per chunk of the spatial blocks' token-wise parts (_spatial_chunked)
+
+
+def _inference_layout() -> bool:
+    """Whether the chunked inference layouts run: autograd records nothing (``no_grad`` / ``inference_mode``) and
+    ``torch.compile`` is not tracing (it fuses the straightforward formulation itself)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _per_pixel_chunked(block: Block, maps: Sequence[Tensor], embed: Tensor, tail: int | None = None) -> Tensor:
+    """:func:`_per_pixel` flattened to (B, L*C, H, W) (``tail`` None) or :func:`_per_pixel_last` (``tail`` = 1),
+    ``PIXEL_TOKENS`` tokens' pixels at a time: every pixel's tokens are independent of the others', so this is
+    the same function, but each chunk's tokens, q/k/v and MLP activations are reused heap buffers (the whole
+    map's are 100+ MiB buffers, freshly mapped and faulted in at every call). The chunks are written into a
+    channels-last output, whose (B, H, W, L*C) storage is the token layout: no permute copies on either side."""
+    b, c, h, w = maps[0].shape
+    flat = [m.flatten(2).transpose(1, 2) for m in maps]  # (B, HW, C) views, whatever the maps' layouts
+    chunk = max(1, PIXEL_TOKENS // len(maps))
+    out = None
+    for i in range(b):
+        for s in range(0, h * w, chunk):
+            x = torch.stack([f[i, s : s + chunk] for f in flat], 1) + embed  # (n, L, C), as _pixel_tokens
+            y = (block(x) if tail is None else _tail_block(block, x, tail)).flatten(1)
+            if out is None:
+                out = y.new_empty(b, h * w, y.shape[1])
+            out[i, s : s + chunk] = y
+    return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _spatial_chunked(block: Block, x: Tensor) -> Tensor:
+    """:func:`_spatial` with the token-wise parts (LayerNorms, q/k/v and output projections, residuals, MLP) run
+    ``TOKEN_CHUNK`` tokens at a time around one attention over all tokens (timm's ``Attention`` spelled out, as
+    :func:`_tail_attention`): the same function, without the whole map's MLP activations and permute copies; the
+    output (B, C, H, W) has channels-last strides."""
+    attn = block.attn
+    if getattr(attn, "gate", None) is not None:
+        raise NotImplementedError("gated attention")
+    b, c, h, w = x.shape
+    n, heads, dim = h * w, attn.num_heads, attn.head_dim
+    tokens = x.flatten(2).transpose(1, 2)  # (B, N, C) view
+    qkv = None
+    for s in range(0, n, TOKEN_CHUNK):
+        part = attn.qkv(block.norm1(tokens[:, s : s + TOKEN_CHUNK]))
+        if qkv is None:
+            qkv = part.new_empty(b, n, part.shape[-1])
+        qkv[:, s : s + TOKEN_CHUNK] = part
+    q, k, v = qkv.view(b, n, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    a = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    a = a.transpose(1, 2)  # (B, N, heads, dim)
+    out = None
+    for s in range(0, n, TOKEN_CHUNK):
+        e = min(n, s + TOKEN_CHUNK)
+        proj = attn.proj_drop(attn.proj(attn.norm(a[:, s:e].reshape(b, e - s, heads * dim))))
+        y = tokens[:, s:e] + block.drop_path1(block.ls1(proj))
+        y = y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
+        if out is None:
+            out = y.new_empty(b, n, c)
+        out[:, s:e] = y
+    return out.view(b, h, w, c).permute(0, 3, 1, 2)
+
+
 def _per_pixel(block: Block, maps: Sequence[Tensor], embed: Tensor) -> Tensor:
     """A transformer block over a short token sequence at each pixel: maps L x (B,C,H,W) -> (B,L,C,H,W)."""
     b, c, h, w = maps[0].shape
@@ -147,8 +214,9 @@ class PyramidSpatialTransformer(nn.Module):
     def forward(self, f5: Sequence[Tensor]) -> list[Tensor]:
         """F5 of each frame, oldest first and target last -> D_PST of each, at the target's size."""
         size = f5[-1].shape[-2:]
+        spatial = _spatial_chunked if _inference_layout() else _spatial
         return [
-            resize(_spatial(blk, _downsample(x, r)), size)
+            resize(spatial(blk, _downsample(x, r)), size)
             for x, blk, r in zip(f5, self.mhsa_spa, self.downsample, strict=True)
         ]
 
@@ -207,6 +275,8 @@ class AlignedTemporalTransformer(nn.Module):
 
     def forward(self, d_pst: Sequence[Tensor]) -> Tensor:
         """M^t: the target's output token of MHSA_tem over the aligned frames (only the target's is computed)."""
+        if _inference_layout():
+            return _per_pixel_chunked(self.mhsa_tem, self.align(d_pst), self.frame_embed, tail=1)
         return _per_pixel_last(self.mhsa_tem, self.align(d_pst), self.frame_embed)
 
 
@@ -260,6 +330,8 @@ class StageTransformer(nn.Module):
 
     def forward(self, stages: Sequence[Tensor]) -> Tensor:
         """(F3, F4, F5, M) of the target -> the 4 output tokens concatenated (B, 4C, H, W)."""
+        if _inference_layout():
+            return _per_pixel_chunked(self.mhsa_sta, stages, self.stage_embed)
         return _per_pixel(self.mhsa_sta, stages, self.stage_embed).flatten(1, 2)
 
 
