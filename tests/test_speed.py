@@ -347,3 +347,36 @@ def test_official_parity_is_unchanged_by_the_folded_decoder() -> None:
         got = model.frame_logits(model.encode(feats))
         expected = model.decode_head.classify(model.decode_head.fuse_unfolded(feats))
     assert got.shape == (2, 5, 16, 16) and (got - expected).abs().max().item() < 1e-5
+
+
+# -- MiT with channels-last conv weights -------------------------------------------------------------------------
+
+
+def test_mit_channels_last_weights_compute_the_nchw_function_and_gradients() -> None:
+    """The MiT body keeps its conv weights channels-last (its token maps are channels-last views): the same
+    outputs and gradients as NCHW weights, the same checkpoint keys, and a loaded checkpoint keeps the layout."""
+    from vss.models.encoders import MiTEncoder
+
+    fast = randomize_(MiTEncoder("mit_b0"), seed=5)
+    plain = copy.deepcopy(fast).to(memory_format=torch.contiguous_format)
+    convs = [m.weight for m in fast.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(
+        m.weight.is_contiguous(memory_format=torch.channels_last) for m in plain.modules() if isinstance(m, nn.Conv2d)
+    )
+    x = torch.randn(2, 3, 64, 96, generator=gen(6))
+    outs = [fast(x), plain(x)]
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    loss = [sum(o.square().mean() for o in out) for out in outs]
+    grads = [torch.autograd.grad(l, list(m.parameters())) for l, m in zip(loss, (fast, plain), strict=True)]
+    for (name, _), a, b in zip(fast.named_parameters(), *grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    reloaded = MiTEncoder("mit_b0")
+    reloaded.load_state_dict(plain.state_dict())  # an NCHW checkpoint
+    assert all(
+        m.weight.is_contiguous(memory_format=torch.channels_last)
+        for m in reloaded.modules()
+        if isinstance(m, nn.Conv2d)
+    )
+    assert set(reloaded.state_dict()) == set(plain.state_dict())
