@@ -7,6 +7,11 @@
 #   scripts/slurm-local.sh status   the daemons this script started and sinfo
 #   scripts/slurm-local.sh stop     stop only the daemons this script started (by their pid files)
 #
+# VSS_SLURM_NODES=2 scripts/slurm-local.sh start: two nodes on this machine for the multi-node tests. Node n2 is a
+# network namespace (vss-n2, veth "vssgl": 10.77.0.1 here, 10.77.0.2 there; n1/n2 in /etc/hosts) with its own
+# slurmd; each node gets half the CPUs. DDP over gloo between them needs GLOO_SOCKET_IFNAME=vssgl (the veth has
+# that name on both sides). `stop` removes the namespace, the veth and the /etc/hosts lines again.
+#
 # Jobs are accounted to a text file (JobCompType=jobcomp/filetxt): `sacct --completion` (alias `sacct -c`) lists
 # them; there is no slurmdbd. State, logs and pid files live in $VSS_SLURM_DIR (default /var/tmp/vss-slurm).
 set -euo pipefail
@@ -16,6 +21,10 @@ CONF=${SLURM_CONF:-/etc/slurm/slurm.conf}
 MARK="# written by vss scripts/slurm-local.sh"
 STARTED=$STATE/started          # "name pidfile" per daemon this script started
 HOST=$(hostname -s)
+NODES=${VSS_SLURM_NODES:-1}
+NETNS=vss-n2
+HOSTS_MARK="# vss slurm-local two-node test"
+[ "$NODES" = 1 ] || [ "$NODES" = 2 ] || { echo "[slurm-local] error: VSS_SLURM_NODES=$NODES: expected 1 or 2" >&2; exit 2; }
 
 say() { echo "[slurm-local] $*"; }
 die() { echo "[slurm-local] error: $*" >&2; exit 1; }
@@ -48,20 +57,30 @@ write_conf() {
     local cpus mem
     cpus=$(nproc)
     mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512 ))
-    as_root mkdir -p "$(dirname "$CONF")" "$STATE/ctld" "$STATE/d"
+    if [ "$NODES" = 1 ]; then
+        CTLD_ADDR=127.0.0.1
+        NODE_LINES="NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+    else
+        [ "$cpus" -ge 2 ] || die "two nodes need at least 2 CPUs (nproc: $cpus)"
+        CTLD_ADDR=10.77.0.1
+        cpus=$((cpus / 2)); mem=$((mem / 2))
+        NODE_LINES="NodeName=n1 NodeAddr=10.77.0.1 NodeHostname=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=n2 NodeAddr=10.77.0.2 NodeHostname=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+    fi
+    as_root mkdir -p "$(dirname "$CONF")" "$STATE/ctld"
     as_root tee "$CONF" >/dev/null <<EOF
 $MARK: one node ($HOST, $cpus CPUs, ${mem} MB), for tests
 ClusterName=vss-local
-SlurmctldHost=$HOST(127.0.0.1)
+SlurmctldHost=$HOST($CTLD_ADDR)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/d
+SlurmdSpoolDir=$STATE/d-%n
 SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
+SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmctldLogFile=$STATE/slurmctld.log
-SlurmdLogFile=$STATE/slurmd.log
+SlurmdLogFile=$STATE/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -79,10 +98,10 @@ JobCompLoc=$STATE/jobcomp.txt
 SlurmctldTimeout=30
 SlurmdTimeout=30
 MinJobAge=600
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
+$NODE_LINES
 PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
-    say "wrote $CONF ($cpus CPUs, ${mem} MB)"
+    say "wrote $CONF ($NODES node(s), $cpus CPUs and ${mem} MB each)"
 }
 
 munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
@@ -108,36 +127,71 @@ start_munge() {
     say "started munged (pid $(cat /run/munge/munged.pid))"
 }
 
-start_daemon() {  # name: slurmctld | slurmd
-    local name=$1 pidfile=$STATE/$1.pid
+start_daemon() {  # slurmctld | slurmd NODE [NETNS]
+    local name=$1 node=${2:-} netns=${3:-} pidfile label
+    pidfile=$STATE/$name${node:+-$node}.pid
+    label=$name${node:+ ($node)}
     if [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-        say "$name is already running (pid $(cat "$pidfile")): using it"
+        say "$label is already running (pid $(cat "$pidfile")): using it"
         return
     fi
-    as_root env SLURM_CONF="$CONF" "$name" || die "$name did not start (see $STATE/$name.log)"
+    local cmd=(env SLURM_CONF="$CONF" "$name")
+    [ -n "$node" ] && cmd+=(-N "$node")
+    [ -n "$netns" ] && cmd=(nsenter --net=/run/netns/"$netns" "${cmd[@]}")  # not ip netns exec: it remounts /sys (no cgroup fs)
+    as_root "${cmd[@]}" || die "$label did not start (see $STATE/$name${node:+-$node}.log)"
     for _ in $(seq 40); do [ -s "$pidfile" ] && break; sleep 0.25; done
-    [ -s "$pidfile" ] || die "$name wrote no pid file (see $STATE/$name.log)"
+    [ -s "$pidfile" ] || die "$label wrote no pid file (see $STATE/$name${node:+-$node}.log)"
     echo "$name $pidfile" >>"$STARTED"
-    say "started $name (pid $(cat "$pidfile"))"
+    say "started $label (pid $(cat "$pidfile"))"
+}
+
+add_netns() {  # node n2: a network namespace joined to this one by the veth pair "vssgl"
+    ip netns list | grep -qw "$NETNS" || as_root ip netns add "$NETNS"
+    if ! ip link show vssgl >/dev/null 2>&1; then
+        as_root ip link add vssgl type veth peer name vssgl-n2
+        as_root ip link set vssgl-n2 netns "$NETNS"
+        as_root ip netns exec "$NETNS" ip link set vssgl-n2 name vssgl
+        as_root ip addr add 10.77.0.1/24 dev vssgl
+        as_root ip link set vssgl up
+        as_root ip netns exec "$NETNS" ip addr add 10.77.0.2/24 dev vssgl
+        as_root ip netns exec "$NETNS" ip link set vssgl up
+        as_root ip netns exec "$NETNS" ip link set lo up
+    fi
+    grep -qF "$HOSTS_MARK" /etc/hosts || printf '10.77.0.1 n1 %s\n10.77.0.2 n2 %s\n' "$HOSTS_MARK" "$HOSTS_MARK" \
+        | as_root tee -a /etc/hosts >/dev/null
+    grep -qs "^netns " "$STARTED" || echo "netns $NETNS" >>"$STARTED"
+    say "node n2: network namespace $NETNS (10.77.0.2), node n1: 10.77.0.1"
+}
+
+remove_netns() {
+    ip link show vssgl >/dev/null 2>&1 && as_root ip link del vssgl
+    ip netns list | grep -qw "$NETNS" && as_root ip netns del "$NETNS"
+    if grep -qF "$HOSTS_MARK" /etc/hosts; then  # in place: /etc/hosts may be a bind mount
+        grep -vF "$HOSTS_MARK" /etc/hosts >"$STATE/hosts.tmp" && cat "$STATE/hosts.tmp" | as_root tee /etc/hosts >/dev/null
+    fi
+    say "removed the network namespace $NETNS, the veth vssgl and the n1/n2 host names"
 }
 
 wait_idle() {
-    local state=""
+    local names states="" i
+    names=$([ "$NODES" = 1 ] && echo "$HOST" || echo "n1,n2")
     for i in $(seq 120); do
-        state=$(SLURM_CONF=$CONF sinfo -h -N -n "$HOST" -o %T 2>/dev/null | head -1 || true)
-        case "$state" in
-            idle*) SLURM_CONF=$CONF sinfo; say "node $HOST is idle: ready"; return ;;
-            down*|drain*|unknown*) [ $((i % 10)) = 0 ] && as_root env SLURM_CONF="$CONF" scontrol update \
-                nodename="$HOST" state=resume 2>/dev/null || true ;;
-        esac
+        states=$(SLURM_CONF=$CONF sinfo -h -N -n "$names" -o %T 2>/dev/null | sort -u | tr '\n' ' ' || true)
+        if [ "$states" = "idle " ]; then
+            SLURM_CONF=$CONF sinfo; say "node(s) $names idle: ready"; return
+        fi
+        if [ $((i % 10)) = 0 ] && [[ "$states" =~ down|drain|unknown ]]; then
+            as_root env SLURM_CONF="$CONF" scontrol update nodename="$names" state=resume 2>/dev/null || true
+        fi
         sleep 0.5
     done
-    die "node $HOST is not idle after 60 s (state: ${state:-none}); see $STATE/slurmctld.log and $STATE/slurmd.log"
+    die "node(s) $names not idle after 60 s (states: ${states:-none}); see $STATE/slurmctld.log and $STATE/slurmd-*.log"
 }
 
 stop_all() {
     if [ ! -s "$STARTED" ]; then say "no daemon started by this script is recorded in $STARTED"; return; fi
     tac "$STARTED" | while read -r name pidfile; do
+        if [ "$name" = netns ]; then remove_netns; continue; fi
         local pid
         pid=$(cat "$pidfile" 2>/dev/null || true)
         if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
@@ -158,8 +212,14 @@ case "${1:-}" in
         install_packages
         write_conf
         start_munge
+        [ "$NODES" = 2 ] && add_netns
         start_daemon slurmctld
-        start_daemon slurmd
+        if [ "$NODES" = 1 ]; then
+            start_daemon slurmd "$HOST"
+        else
+            start_daemon slurmd n1
+            start_daemon slurmd n2 "$NETNS"
+        fi
         wait_idle
         ;;
     stop) stop_all ;;

@@ -239,7 +239,13 @@ def test_a_submitit_launcher_without_the_extra_says_how_to_install_it(monkeypatc
     from vss.config import check_command_line
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if "submitit" in name else real(name, *a))
+
+    def no_plugins(name: str, *args: object) -> object:
+        if name.startswith("hydra_plugins"):  # as where no Hydra plugin is installed: the parent package is missing
+            raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_plugins)
     with pytest.raises(ConfigError, match=r"hydra/launcher=slurm needs hydra-submitit-launcher.*\.\[slurm\]"):
         check_command_line("train", ["-m", "hydra/launcher=slurm", "seed=1,2"])
     check_command_line("train", ["-m", "hydra/launcher=basic", "seed=1,2"])  # Hydra's own launcher: no extra

@@ -1,7 +1,9 @@
 """On a real SLURM cluster (``scripts/slurm-local.sh start`` makes a one-node one here; skipped when none answers):
 a submitit sweep (one job per point, collected), a 2-task CPU DDP job through sbatch/srun (one run directory, the
 same validation as one process), and requeued jobs (plain sbatch, and a 2-rank submitit job) that resume from
-their own ``last.ckpt`` exactly once and finish with the step count intact. ``make test-slurm`` runs them."""
+their own ``last.ckpt`` exactly once and finish with the step count intact; on two nodes
+(``VSS_SLURM_NODES=2 scripts/slurm-local.sh start``), a DDP job over both. ``make test-slurm`` runs them: on the
+one-node cluster all but the two-node test, on the two-node cluster those that fit one CPU per node."""
 
 from __future__ import annotations
 
@@ -163,29 +165,61 @@ def test_submitit_sweep_runs_one_job_per_point_and_collects(
 DDP_DATA = ("data.synthetic.val_videos=3", "++data.synthetic.min_frames=17", "++data.synthetic.max_frames=17")
 
 
+def slurm_nodes() -> dict[str, int]:
+    """CPUs of each idle node of the cluster."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-t", "idle", "-o", "%N %c"], capture_output=True, text=True, timeout=60)
+    return {name: int(cpus) for name, cpus in (line.split() for line in out.stdout.splitlines())}
+
+
+@pytest.mark.parametrize(
+    ("nodes", "tasks_per_node"),
+    [pytest.param(1, 2, id="1-node-2-tasks"), pytest.param(2, 1, id="2-nodes-1-task-each")],
+)
 def test_ddp_job_through_srun_writes_one_run_and_validates_as_one_process(
-    slurm: None, cli_env: dict[str, str], tiny_args: Callable, make_data_dir: Callable, tmp_path: Path
+    nodes: int,
+    tasks_per_node: int,
+    slurm: None,
+    cli_env: dict[str, str],
+    tiny_args: Callable,
+    make_data_dir: Callable,
+    tmp_path: Path,
 ) -> None:
+    """DDP over gloo on CPU through sbatch/srun: one node with two tasks, or two nodes (``VSS_SLURM_NODES=2
+    scripts/slurm-local.sh start``: the second node is a network namespace, reached over the veth ``vssgl``)."""
+    fitting = [n for n, cpus in slurm_nodes().items() if cpus >= tasks_per_node]
+    if len(fitting) < nodes:
+        setup = "VSS_SLURM_NODES=2 scripts/slurm-local.sh start" if nodes > 1 else START
+        pytest.skip(f"needs {nodes} idle node(s) with {tasks_per_node} CPU(s) (have {slurm_nodes()}): {setup}")
     logs = tmp_path / "logs"
     knobs = [a for a in tiny_args(logs) if a.startswith(("data.synthetic.", "++data.synthetic."))]
     knobs = [k for k in knobs if k.split("=")[0] not in {d.split("=")[0] for d in DDP_DATA}] + list(DDP_DATA)
     data = [*tiny_args(logs), *DDP_DATA, f"paths.data_dir={make_data_dir(*knobs)}", "data.val_batch_size=1"]
-    args = " ".join(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *data])
+    trainer = [
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        f"trainer.devices={tasks_per_node}",
+        f"trainer.num_nodes={nodes}",
+    ]
+    gloo = "export GLOO_SOCKET_IFNAME=vssgl" if Path("/sys/class/net/vssgl").exists() else ""  # the two-node setup
     script = f"""#!/bin/bash
 #SBATCH --job-name=vss-ddp
-#SBATCH --nodes=1
-#SBATCH --ntasks-per-node=2
+#SBATCH --nodes={nodes}
+#SBATCH --ntasks-per-node={tasks_per_node}
 #SBATCH --cpus-per-task=1
 #SBATCH --output={tmp_path}/%j.out
-srun {sys.executable} -m vss.train {args}
+{gloo}
+srun {sys.executable} -m vss.train {" ".join([*trainer, *data])}
 """
     job = sbatch(script, tmp_path / "ddp.sh", cli_env)
     wait_gone(job)
     text = (tmp_path / f"{job}.out").read_text(errors="replace")
-    assert job_info(job).get("JobState") == "COMPLETED", text[-4000:]
+    info = job_info(job)
+    assert info.get("JobState") == "COMPLETED", text[-4000:]
+    assert (info.get("NumNodes"), info.get("NumTasks")) == (str(nodes), str(nodes * tasks_per_node))
     runs = list((logs / "train" / "runs").iterdir())
-    assert [r.name for r in runs] == [f"slurm-{job}"]  # both ranks, one run directory
+    assert [r.name for r in runs] == [f"slurm-{job}"]  # every rank on every node, one run directory
     assert "distributed_backend=gloo" in text and "All distributed processes registered" in text
+    assert "MEMBER: 2/2" in text
     run = runs[0]
     result = json.loads((run / "metrics.json").read_text())
     evaluated = tmp_path / "eval"
@@ -202,7 +236,10 @@ srun {sys.executable} -m vss.train {args}
     assert result["step"] == 4
     for key in ("mIoU", "fwIoU", "mVC8", "mVC16"):
         assert single[key] == pytest.approx(result["val"][key], abs=1e-6), key
-    print(f"[test] DDP job {job}: {run}; val {result['val']['mIoU']:.6f} = one process {single['mIoU']:.6f}")
+    print(
+        f"[test] DDP job {job} ({nodes} node(s) x {tasks_per_node} task(s), nodes {info.get('NodeList')}): {run}; "
+        f"val {result['val']['mIoU']:.6f} = one process {single['mIoU']:.6f}"
+    )
 
 
 def test_requeued_sbatch_job_resumes_from_its_checkpoint(
@@ -238,6 +275,8 @@ srun {sys.executable} -m vss.train {run}
 def test_requeued_submitit_ddp_job_resumes_in_its_sweep_directory(
     submitit: None, start_cli: Callable, tiny_args: Callable, tmp_path: Path
 ) -> None:
+    if not any(cpus >= 2 for cpus in slurm_nodes().values()):
+        pytest.skip(f"needs an idle node with 2 CPUs (have {slurm_nodes()}): {START}")
     logs, total = tmp_path / "logs", 200
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "hydra/launcher=slurm"]
     more = [f"trainer.max_steps={total}", f"trainer.val_check_interval={total // 2}"]

@@ -474,15 +474,21 @@ SUBMITIT_LAUNCHERS = ("slurm", "slurm_gpu", "submitit_slurm", "submitit_local")
 """``hydra/launcher=`` options that need the extra ``slurm`` (hydra-submitit-launcher)."""
 
 
+def _submitit_plugin_installed() -> bool:
+    import importlib.util
+
+    try:  # find_spec imports the parent package: no hydra_plugins at all raises
+        return importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def check_launcher_installed(argv: Sequence[str]) -> None:
     """A submitit launcher without its plugin is one line saying how to install it (Hydra's own message names
     neither the package nor the extra)."""
-    import importlib.util
-
     for arg in argv:
         key, _, value = arg.lstrip("+").partition("=")
-        plugin = "hydra_plugins.hydra_submitit_launcher"
-        if key == "hydra/launcher" and value in SUBMITIT_LAUNCHERS and importlib.util.find_spec(plugin) is None:
+        if key == "hydra/launcher" and value in SUBMITIT_LAUNCHERS and not _submitit_plugin_installed():
             raise ConfigError(
                 f"hydra/launcher={value} needs hydra-submitit-launcher, which is not installed: "
                 "pip install -e '.[slurm]' (or pip install 'vss[slurm]')"
