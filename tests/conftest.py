@@ -3,11 +3,13 @@ in-process Hydra composition of ``conf/train.yaml``."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -170,3 +172,14 @@ def start_cli(cli_env: dict[str, str]) -> Iterator[Callable[..., subprocess.Pope
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def collect() -> ModuleType:
+    """``experiments/collect.py`` imported as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("collect", REPO_ROOT / "experiments" / "collect.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["collect"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import signal
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -196,16 +195,6 @@ def test_override_tags_skip_excluded_keys_and_fit_wandb() -> None:
     assert override_tags([], [], []) == []
 
 
-@pytest.fixture(scope="module")
-def collect() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("collect", Path(__file__).parents[1] / "experiments" / "collect.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["collect"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_collect_reads_a_sweep_copied_from_a_cluster(
     collect: ModuleType, compose_cfg: Callable, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -234,7 +223,6 @@ def test_collect_reads_a_sweep_copied_from_a_cluster(
 
 
 def test_a_submitit_launcher_without_the_extra_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.util
 
     from vss.config import check_command_line
 

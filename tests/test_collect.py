@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-import pytest
 from omegaconf import DictConfig, OmegaConf
-
-
-@pytest.fixture(scope="module")
-def collect() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("collect", Path(__file__).parents[1] / "experiments" / "collect.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["collect"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def _fake_run(run_dir: Path, cfg: DictConfig, miou: float, mvc8: float = 0.9) -> None:

@@ -7,7 +7,6 @@ one-node cluster all but the two-node test, on the two-node cluster those that f
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -55,16 +54,6 @@ def slurm() -> None:
 def submitit(slurm: None) -> None:
     """The optional extra ``slurm`` (hydra-submitit-launcher)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the extra: pip install -e '.[slurm]'")
-
-
-@pytest.fixture(scope="module")
-def collect() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("collect", REPO_ROOT / "experiments" / "collect.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["collect"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def sbatch(script: str, path: Path, env: dict[str, str]) -> str:
