@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -325,8 +326,6 @@ class RequeueOnSignal(pl.Callback):
         self._training = False
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
-        import signal
-
         from vss.config import SLURM_REQUEUE_SIGNAL, slurm_job
 
         if stage == "fit" and slurm_job():
@@ -339,9 +338,6 @@ class RequeueOnSignal(pl.Callback):
         self._training = False
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        import os
-        import signal
-
         if not self._training or self.requested:
             RUN_LOG.warning("[vss] requeue signal %d outside training: ignored", signum)
             return
