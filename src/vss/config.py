@@ -111,11 +111,8 @@ def slurm_run_name(env: Any = None) -> str | None:
     env = os.environ if env is None else env
     if not slurm_job(env) or not env.get("SLURM_JOB_ID"):
         return None
-    job = env["SLURM_JOB_ID"]
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
     step = env.get("SLURM_STEP_ID", "")
-    return f"slurm-{job}" + (f"-step{step}" if step.isdigit() and step != "0" else "")
+    return f"slurm-{slurm_job_id(env)}" + (f"-step{step}" if step.isdigit() and step != "0" else "")
 
 
 SLURM_REQUEUE_SIGNAL = "USR1"
