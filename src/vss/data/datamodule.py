@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
 import os
 import signal
@@ -58,16 +59,12 @@ def _kill_workers_at_exit() -> None:
             child.join(timeout=10)
 
 
-_exit_hook: list[bool] = []
-
-
+@functools.cache
 def kill_workers_at_exit() -> None:
     """Register :func:`_kill_workers_at_exit` once, in the process that starts DataLoader workers."""
-    if not _exit_hook:
-        import multiprocessing.util  # noqa: F401  (its exit handler is registered on import: ours must come after)
+    import multiprocessing.util  # noqa: F401  (its exit handler is registered on import: ours must come after)
 
-        atexit.register(_kill_workers_at_exit)
-        _exit_hook.append(True)
+    atexit.register(_kill_workers_at_exit)
 
 
 class VSSDataModule(pl.LightningDataModule):
