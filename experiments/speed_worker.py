@@ -5,7 +5,9 @@
 their median ms; ``official N`` (MRCFA only) times the official clip path (tests/reference_mrcfa.py head on the
 reference MiT, T = 4 frames encoded per target) and prints its median ms; ``quit`` ends. Run one worker per code
 tree (``PYTHONPATH=/tmp/today/src`` for the commit before the change) and send commands to them in turn
-(experiments/speed_compare.py), so that both trees see the same machine load.
+(experiments/speed_compare.py), so that both trees see the same machine load. Both trees run with the glibc
+allocator settings of ``vss.runtime.tune_host_allocator`` (set here, so a tree without that module gets them
+too); ``VSS_MALLOC=default`` keeps glibc's defaults for both.
 """
 
 from __future__ import annotations
@@ -22,6 +24,17 @@ import torch
 from vss.models.encoders import build_encoder
 from vss.models.segmenter import Segmenter
 from vss.models.streamer import Streamer
+
+
+def _tune_host_allocator() -> None:
+    """The mallopt calls of ``vss.runtime.tune_host_allocator`` (the older tree has no such module)."""
+    import ctypes
+    import os
+
+    if os.environ.get("VSS_MALLOC", "").lower() != "default":
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD
 
 
 def _value(text: str) -> object:
@@ -55,6 +68,7 @@ def build(model: str, encoder: str, extra: dict[str, str]) -> Segmenter:
 
 def main() -> None:
     """Serve timing commands on stdin."""
+    _tune_host_allocator()
     model_name, encoder, h, w, *rest = sys.argv[1:]
     extra = dict(a.split("=", 1) for a in rest)
     model = build(model_name, encoder, extra)

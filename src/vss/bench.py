@@ -79,6 +79,7 @@ from omegaconf import DictConfig
 
 from vss.config import CONF_DIR, ConfigError, _get, check_command_line, friendly_errors, register_resolvers
 from vss.models.precision import PRECISIONS, inference_precision
+from vss.runtime import tune_host_allocator
 
 register_resolvers()
 
@@ -369,6 +370,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``python -m vss.bench`` / ``vss-bench``: a mistyped key or a missing option is one line first."""
+    tune_host_allocator()
     friendly_errors(check_command_line)("bench", sys.argv[1:])
     _hydra_main()
 

@@ -34,6 +34,7 @@ from vss.config import (
     register_resolvers,
     resolve_device,
 )
+from vss.runtime import tune_host_allocator
 
 log = logging.getLogger("vss.eval")
 register_resolvers()
@@ -175,6 +176,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``python -m vss.eval`` / ``vss-eval``: a mistyped key or a missing option is one line first."""
+    tune_host_allocator()
     friendly_errors(check_command_line)("eval", sys.argv[1:])
     _hydra_main()
 

@@ -54,6 +54,7 @@ from vss.config import (
     register_resolvers,
     resolve_device,
 )
+from vss.runtime import tune_host_allocator
 
 log = logging.getLogger("vss.predict")
 register_resolvers()
@@ -480,6 +481,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``python -m vss.predict`` / ``vss-predict``: a mistyped key or a missing option is one line first."""
+    tune_host_allocator()
     friendly_errors(check_command_line)("predict", sys.argv[1:])
     _hydra_main()
 

@@ -36,6 +36,7 @@ from vss.config import (
     slurm_requeue_checkpoint,
     slurm_restart_count,
 )
+from vss.runtime import tune_host_allocator
 
 log = logging.getLogger("vss.train")
 RUN_LOG = logging.getLogger("vss.report")
@@ -474,6 +475,7 @@ def main() -> float | None:
     """``python -m vss.train`` / ``vss-train``: check the command line (no torch yet), pick a resume's run
     directory, then run Hydra."""
     args = sys.argv[1:]
+    tune_host_allocator()
     friendly_errors(check_command_line)("train", args)
     _ARGV[:] = sys.argv
     sys.argv[1:] = resume_arguments(args)

@@ -24,6 +24,19 @@ def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: object, kwargs
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+def pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 convolution as one matmul over the pixels: (B,C,H,W) in either memory layout -> contiguous (B,O,H,W).
+
+    The channels-last input (what :meth:`SegFormerHead.fuse` gives) is read as a transposed operand, so no copy is
+    made and the logits come out in the plain NCHW layout the resize to the label size wants.
+    """
+    b, _, h, w = x.shape
+    weight = conv.weight.flatten(1).expand(b, -1, -1)
+    if conv.bias is None:
+        return torch.bmm(weight, x.flatten(2)).view(b, -1, h, w)
+    return torch.baddbmm(conv.bias.view(1, -1, 1).expand(b, -1, h * w), weight, x.flatten(2)).view(b, -1, h, w)
+
+
 class MLP(nn.Module):
     """Channel-wise linear embedding of a feature map (official ``MLP``: ``proj``)."""
 
@@ -73,6 +86,8 @@ class SegFormerHead(nn.Module):
         W_fuse,i b_i``. The maps are applied at each stage's own resolution, before the upsampling, instead of
         a (4E -> E) conv at 1/4 (the same function; see :meth:`fuse_unfolded`). In eval mode BatchNorm is
         folded in too. The parameters stay the official ones; :meth:`folded` derives the maps from them.
+        Each map is applied token-major, so the maps, their upsampling and the result are channels-last (torch's
+        CPU bilinear and pooling kernels are several times faster on that layout than on NCHW for E = 256).
         """
         weights, bias, bn_folded = self.folded()
         size = feats[0].shape[2:]
@@ -80,7 +95,8 @@ class SegFormerHead(nn.Module):
         for i in reversed(range(len(feats))):  # c4, c3, c2, c1, as the official concat order
             x = feats[i]
             b, _, h, w = x.shape
-            y = torch.matmul(weights[i], x.flatten(2)).view(b, -1, h, w)  # NCHW, whatever x's layout
+            y = torch.matmul(x.flatten(2).transpose(1, 2), weights[i].t())  # (B,hw,E) whatever x's layout
+            y = y.view(b, h, w, -1).permute(0, 3, 1, 2)  # a channels-last (B,E,h,w) view
             if y.shape[2:] != size:
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
             out = y if out is None else out.add_(y)
@@ -160,8 +176,8 @@ class SegFormerHead(nn.Module):
         return [w * scale[:, None] for w in weights], bias, True
 
     def classify(self, fused: Tensor) -> Tensor:
-        """Per-pixel class logits from the fused feature."""
-        return self.linear_pred(self.dropout(fused))
+        """Per-pixel class logits (NCHW) from the fused feature."""
+        return pointwise(self.linear_pred, self.dropout(fused))
 
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
         """Logits at the resolution of the first feature map."""

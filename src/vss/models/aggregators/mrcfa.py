@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from vss.config import ConfigError
 from vss.models.aggregators.base import Aggregator, FrameFeatures, cross_entropy, resize
-from vss.models.heads import SegFormerHead
+from vss.models.heads import SegFormerHead, pointwise
 
 SCALES: tuple[str, ...] = ("s8", "s16", "s32")
 """Affinity scales, shallow to deep: stages c2 (1/8), c3 (1/16), c4 (1/32)."""
@@ -89,12 +89,19 @@ def official_sar_layout(encoder_name: str | None) -> str:
 
 
 def cross_frame_affinity(queries: Tensor, keys: Tensor) -> Tensor:
-    """Cross-frame affinities, eq. 3: A = Q K^T, raw dot products (no scaling, no softmax), token-major.
+    """Cross-frame affinities, eq. 3: A = Q K^T, raw dot products (no scaling, no softmax), pixel-major.
 
-    ``queries`` (B,HW_t,C) of the target, ``keys`` (B,R,S,C) of R references -> (B,R,S,HW_t): one affinity
-    map over the target grid per reference token (one bmm over the R*S key rows of each batch item).
+    ``queries`` (B,HW_t,C) of the target, ``keys`` (B,R,S,C) of R references -> (B,HW_t,R,S): one bmm of each
+    batch item's target pixels against all R*S key rows. Pixel-major, the affinity maps over the target grid are
+    channels-last views (:func:`affinity_maps`), the layout the SAR/MAA units run fastest in.
     """
-    return torch.bmm(keys.flatten(1, 2), queries.transpose(1, 2)).unflatten(1, keys.shape[1:3])
+    return torch.bmm(queries, keys.flatten(1, 2).transpose(1, 2)).unflatten(2, keys.shape[1:3])
+
+
+def affinity_maps(affinity: Tensor, grid: Sequence[int]) -> Tensor:
+    """Pixel-major affinities (B,HW,R,S) -> (B,R*S,H,W): one map per (reference, token), a channels-last view."""
+    b, _, r, s = affinity.shape
+    return affinity.reshape(b, *grid, r * s).permute(0, 3, 1, 2)
 
 
 def select_tokens(tokens: Tensor, index: Tensor | None) -> Tensor:
@@ -102,6 +109,34 @@ def select_tokens(tokens: Tensor, index: Tensor | None) -> Tensor:
     if index is None:
         return tokens
     return torch.gather(tokens, 2, index.unsqueeze(-1).expand(-1, -1, -1, tokens.shape[-1]))
+
+
+def select_affinities(affinity: Tensor, index: Tensor | None) -> Tensor:
+    """Affinities (B,HW,R,N) to the selected reference tokens ``index`` (B,R,S) -> (B,HW,R,S)."""
+    if index is None:
+        return affinity
+    return torch.gather(affinity, 3, index.unsqueeze(1).expand(-1, affinity.shape[1], -1, -1))
+
+
+def retrieve(attention: Tensor, values: Tensor, per_reference: bool = True) -> Tensor:
+    """Feature retrieval, eq. 7: attention (B,HW,R,S) over each reference's S value tokens (B,R,S,C) -> (B,R,HW,C);
+    ``per_reference=False``: their mean over the references (B,HW,C), one matmul over all R*S tokens."""
+    if per_reference:
+        return torch.matmul(attention.transpose(1, 2), values)
+    return torch.matmul(attention.flatten(2), values.flatten(1, 2)) / values.shape[1]
+
+
+def _as_map(x: Tensor, grid: Sequence[int]) -> Tensor:
+    """Pixel-major features (N,HW,C) -> (N,C,H,W), a channels-last view."""
+    return x.unflatten(1, tuple(grid)).permute(0, 3, 1, 2)
+
+
+def _upsample(x: Tensor, size: Sequence[int]) -> Tensor:
+    """MAA's Γ: bilinear, align_corners=True, keeping the maps' channels-last layout (torch's CPU kernel for it is
+    about 7x faster than for NCHW at a few hundred maps); the map itself when it already has that size."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 class SelectiveTokenMasking(nn.Module):
@@ -143,15 +178,81 @@ class SelectiveTokenMasking(nn.Module):
         return f"p={self.token_ratio}, top_n={self.top_n}"
 
 
+def _shared(weight: Tensor, groups: int) -> Tensor:
+    """A per-map parameter repeated for ``groups`` maps side by side on the channel axis (``repeat`` on dim 0)."""
+    return weight.expand(groups, *weight.shape).flatten(0, 1)
+
+
+def _channels(x: Tensor, per_token: int) -> Tensor:
+    """(N, T*C, H, W) token-major -> a (N, H, W, T, C) view (channel ``t*C + c`` at [..., t, c])."""
+    return x.permute(0, 2, 3, 1).unflatten(3, (-1, per_token))
+
+
+def shared_token_conv(x: Tensor, conv: nn.Conv2d, tokens: int) -> Tensor:
+    """``conv`` (C_in -> C_out, stride 1) applied to each of ``tokens`` maps (N, T*C_in, H, W) token-major -> (N,
+    T*C_out, H, W): the grouped convolution ``groups=T`` with the kernel repeated per group, as depthwise ones.
+
+    CPU kernels pad a group of 2 channels to 16 (the 2-channel units ran at a few GFLOP/s); depthwise
+    convolutions (one channel per group) have fast kernels on CPU and GPU. out[t, o] = sum_i w[o, i] * x[t, i]:
+    C_in = 1 -> the input repeated C_out times, one depthwise conv; C_out = 1 -> one depthwise conv with kernel
+    w[0, i] on channel (t, i), then the C_in channels of a token summed; C_in = C_out = C -> one depthwise conv
+    per diagonal k (kernel w[(i + k) % C, i] on channel (t, i)), added to output channel (i + k) % C. The bias
+    rides on the channels that land on their own output (i = o). Other shapes use the grouped convolution.
+    """
+    c_out, c_in = conv.weight.shape[:2]
+    weight, bias, padding = conv.weight, conv.bias, conv.padding
+    if c_in == 1:
+        if c_out > 1:
+            x = x.permute(0, 2, 3, 1).unsqueeze(-1).expand(*x.shape[:1], *x.shape[2:], x.shape[1], c_out)
+            x = x.flatten(3).permute(0, 3, 1, 2)  # (N, T*C_out, H, W), channel (t, o) = x[t]
+        b = None if bias is None else _shared(bias, tokens)
+        return F.conv2d(x, _shared(weight, tokens), b, padding=padding, groups=tokens * c_out)
+    if c_out != 1 and c_out != c_in:
+        b = None if bias is None else _shared(bias, tokens)
+        return F.conv2d(x, _shared(weight, tokens), b, padding=padding, groups=tokens)
+    groups = tokens * c_in
+    i = torch.arange(c_in, device=weight.device)
+    diagonals = c_in if c_out == c_in else 1
+    out: Tensor | None = None
+    for k in range(diagonals):
+        o = (i + k) % c_out
+        kernels = _shared(weight[o, i].unsqueeze(1), tokens)  # channel (t, i): w[o(i), i]
+        b = None
+        if bias is not None and k == 0:  # the bias of output o, once: on channel (t, o) of the first diagonal
+            b = _shared(bias if c_out == c_in else torch.cat([bias, bias.new_zeros(c_in - 1)]), tokens)
+        y = F.conv2d(x, kernels, b, padding=padding, groups=groups)
+        if c_out == 1:
+            v = _channels(y, c_in)
+            return sum(v[..., j] for j in range(1, c_in))(v[..., 0]) if False else _sum_last(v).permute(0, 3, 1, 2)
+        if out is None:
+            out = y
+            continue
+        v, u = _channels(out, c_in), _channels(y, c_in)
+        for j in range(c_in):  # channel (t, j) of y lands on output (t, (j + k) % C)
+            v[..., (j + k) % c_in].add_(u[..., j])
+    assert out is not None
+    return out
+
+
+def _sum_last(v: Tensor) -> Tensor:
+    """Sum over the last (small) axis of v (..., C) as C - 1 strided adds (a reduction kernel over 2 is slow)."""
+    out = v[..., 0] + v[..., 1]
+    for j in range(2, v.shape[-1]):
+        out = out.add_(v[..., j])
+    return out
+
+
 class AffinityRefinement(nn.Sequential):
     """Single-scale Affinity Refinement units (eq. 5): [2D conv over the target grid + GroupNorm(1) + ReLU] x n.
 
     Each selected reference token's affinity map over the target grid is refined by the same units (the
-    weights are shared by tokens and references). Input (N, S*C, H, W): the S token maps of each of N
-    (batch x reference) items side by side on the channel axis, token-major (channel ``s*C + c``). Each
-    unit runs as one grouped convolution (``groups=S``, the shared kernel repeated per group) and a
-    GroupNorm with S groups (GroupNorm(1) of each token's map), which is the official per-map computation
-    (the maps folded into the batch, (N*S, C, H, W)) in a layout CPU and GPU kernels handle far better.
+    weights are shared by tokens and references). Input (N, S*C, H, W): S token maps side by side on the
+    channel axis, token-major (channel ``s*C + c``); MRCFA passes the R*S maps of each batch item as one
+    channels-last image (N = B). Each unit runs as the grouped convolution ``groups=S`` with the shared kernel
+    (:func:`shared_token_conv`, as depthwise convolutions) and a GroupNorm with S groups (GroupNorm(1) of each
+    token's map): the official per-map computation (the maps folded into the batch, (N*S, C, H, W)) in a layout
+    CPU and GPU kernels handle far better (channels-last depthwise: a 1-channel 5x5 unit 14x, the 2-channel
+    units 2-4x faster than the official layout).
     Parameter indices follow the official ``make_building_block`` (conv at 0, 3, ...; GroupNorm at 1, 4, ...).
     """
 
@@ -173,14 +274,11 @@ class AffinityRefinement(nn.Sequential):
         tokens = x.shape[1] // self.in_channels
         for i in range(0, len(self), 3):
             conv, norm = self[i], self[i + 1]
-            x = F.conv2d(
-                x,
-                conv.weight.repeat(tokens, 1, 1, 1),
-                conv.bias.repeat(tokens),
-                padding=conv.padding,
-                groups=tokens,
-            )
-            x = F.relu(F.group_norm(x, tokens, norm.weight.repeat(tokens), norm.bias.repeat(tokens), norm.eps), True)
+            x = shared_token_conv(x, conv, tokens)
+            # torch.group_norm: F.group_norm refuses one value per group (a 1x1 map at N = 1), which is GroupNorm's
+            # defined case (the output is the bias), as in the official per-map layout
+            weight, bias = _shared(norm.weight, tokens), _shared(norm.bias, tokens)
+            x = F.relu(torch.group_norm(x, tokens, weight, bias, norm.eps, torch.backends.cudnn.enabled), True)
         return x
 
 
@@ -222,19 +320,19 @@ class AffinityDecoder(nn.Module):
             raise AssertionError(f"affinity decoder ends with {channels} channels, expected 1")
 
     def forward(self, affinities: dict[str, Tensor], size: Sequence[int]) -> Tensor:
-        """Affinity maps per scale (B*R, S, H_l, W_l) (token s of item n at channel s) -> refined affinity
-        (B*R, S, H, W) at ``size`` (1/8); see :class:`AffinityRefinement` for the layout."""
+        """Affinity maps per scale (N, T, H_l, W_l) (T token maps, channels-last from MRCFA) -> refined affinity
+        (N, T, H, W) at ``size`` (1/8); see :class:`AffinityRefinement` for the layout."""
         out: Tensor | None = None
         for s in reversed(self.scales):
             a = self.refine[s](affinities[s]) if self.sar else affinities[s]
             if out is None:
                 out = a
                 continue
-            out = resize(out, a.shape[-2:], align_corners=True) + a
+            out = _upsample(out, a.shape[-2:]) + a
             if self.maa:
                 out = self.aggregate[s](out)
         assert out is not None
-        return resize(out, size, align_corners=True)
+        return _upsample(out, size)
 
     def extra_repr(self) -> str:
         return f"scales={self.scales}, layout={self.layout!r}, sar={self.sar}, maa={self.maa}"
@@ -243,6 +341,11 @@ class AffinityDecoder(nn.Module):
 def _classifier(embed_dim: int, num_classes: int, dropout: float) -> nn.Sequential:
     """Dropout2d + 1x1 conv (official ``small_decoder2.smalldecoder``)."""
     return nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(embed_dim, num_classes, 1))
+
+
+def _classify(classifier: nn.Sequential, x: Tensor) -> Tensor:
+    """A :func:`_classifier` on a feature map of either layout -> NCHW logits (the 1x1 conv as one matmul)."""
+    return pointwise(classifier[1], classifier[0](x))
 
 
 class MRCFA(Aggregator):
@@ -355,7 +458,8 @@ class MRCFA(Aggregator):
             raise ValueError(f"MRCFA expects the 4 MiT stage outputs, got {len(feats)} feature maps")
         fused = self.decode_head.fuse(feats)  # official _c (1/4)
         h4, w4 = fused.shape[-2:]
-        feat8 = F.interpolate(fused, size=(h4 // 2, w4 // 2), mode="bilinear", align_corners=False)  # _c2
+        # official _c2 = bilinear resize to half size (align_corners=False), which for an even size is the 2x2 mean
+        feat8 = F.avg_pool2d(fused, 2)
         value = self.value_reduction(feat8)
         grids = [tuple(f.shape[-2:]) for f in feats]
         if grids[1:] != [(h4 >> i, w4 >> i) for i in (1, 2, 3)] or tuple(value.shape[-2:]) != grids[3]:
@@ -403,28 +507,31 @@ class MRCFA(Aggregator):
             return torch.stack([f[key] for f in references], dim=1)
 
         deep = self.scales[-1]
-        b = target["feat8"].shape[0]
         grids = {s: tuple(target[f"query_{s}"].shape[1:3]) for s in self.scales}
 
         def affinity(scale: str, keys: Tensor) -> Tensor:
             return cross_frame_affinity(target[f"query_{scale}"].flatten(1, 2), keys)
 
-        full = affinity(deep, stacked(f"key_{deep}"))  # (B,R,N,HW_32)
-        index = self.token_masking(full.transpose(2, 3))  # STM (sec. 3.4): the same tokens at every scale
+        full = affinity(deep, stacked(f"key_{deep}"))  # (B,HW_32,R,N)
+        index = self.token_masking(full.transpose(1, 2))  # STM (sec. 3.4): the same tokens at every scale
         affinities: dict[str, Tensor] = {}
         for s in self.scales:
             if s == deep:
-                affinities[s] = select_tokens(full, index)
+                affinities[s] = select_affinities(full, index)
             else:
                 affinities[s] = affinity(s, select_tokens(stacked(f"key_{s}"), index))
         values = select_tokens(stacked("value"), index)  # (B,R,S,C)
         size8 = tuple(target["feat8"].shape[-2:])
-        maps = {k: a.reshape(b * r, a.shape[2], *grids[k]) for k, a in affinities.items()}  # views
+        maps = {k: affinity_maps(a, grids[k]) for k, a in affinities.items()}  # (B,R*S,H_l,W_l) views
+        # each reference's retrieved feature is read only by the auxiliary classifiers (training loss); inference
+        # retrieves the mean over references (eq. 8's first term) directly, one matmul over the R*S tokens
+        per_reference = self.wants_training_outputs()
         if self.fusion == "affinity":
-            retrieved = self._retrieve(maps, values, size8)
+            retrieved = self._retrieve(maps, values, size8, per_reference)
         else:
-            retrieved = self._retrieve_feature_pyramid(maps, values, size8)
-        outputs = {"logits": self._merge(retrieved, target)}
+            retrieved = self._retrieve_feature_pyramid(maps, values, size8, per_reference)
+        mean = retrieved.sum(1) / r if per_reference else retrieved
+        outputs = {"logits": self._merge(_as_map(mean, size8), target)}
         if r != len(self.aux_classifiers) and self.training:
             raise ConfigError(
                 f"model.offsets has {len(self.aux_classifiers)} reference frames but the clip has {r}: "
@@ -434,38 +541,45 @@ class MRCFA(Aggregator):
             return outputs
         size4 = target["fused"].shape[-2:]
         if r == len(self.aux_classifiers):
-            aux = [resize(cls(retrieved[:, i]), size4) for i, cls in enumerate(self.aux_classifiers)]
+            aux = [
+                resize(_classify(cls, _as_map(retrieved[:, i], size8)), size4)
+                for i, cls in enumerate(self.aux_classifiers)
+            ]
             outputs["aux_logits"] = torch.stack(aux, dim=1)
         outputs["frame_logits"] = torch.stack([self.frame_logits(f) for f in [*references, target]], dim=1)
         return outputs
 
-    def _retrieve(self, maps: dict[str, Tensor], values: Tensor, size8: tuple[int, int]) -> Tensor:
-        """Affinity decoder (eqs. 5-6), softmax over S per reference, feature retrieval (eq. 7) -> (B,R,C,H8,W8)."""
-        b, r, s, c = values.shape
+    def _retrieve(self, maps: dict[str, Tensor], values: Tensor, size8: tuple[int, int], per_reference: bool) -> Tensor:
+        """Affinity decoder (eqs. 5-6), softmax over S per reference, retrieval (eq. 7): (B,R,HW8,C), or with
+        ``per_reference=False`` the mean over the references (B,HW8,C)."""
+        b, r, s, _ = values.shape
         assert self.affinity_decoder is not None
-        refined = self.affinity_decoder(maps, size8).reshape(b, r, s, -1)  # (B,R,S,HW8)
-        attention = F.softmax(refined, dim=2)
-        return torch.matmul(values.transpose(2, 3), attention).reshape(b, r, c, *size8)
+        refined = self.affinity_decoder(maps, size8)  # (B,R*S,H8,W8), channels-last
+        attention = F.softmax(refined.permute(0, 2, 3, 1).reshape(b, -1, r, s), dim=3)  # (B,HW8,R,S)
+        return retrieve(attention, values, per_reference)
 
-    def _retrieve_feature_pyramid(self, maps: dict[str, Tensor], values: Tensor, size8: tuple[int, int]) -> Tensor:
+    def _retrieve_feature_pyramid(
+        self, maps: dict[str, Tensor], values: Tensor, size8: tuple[int, int], per_reference: bool
+    ) -> Tensor:
         """Table 4 "Feature Pyramid": retrieval (eq. 7) at each scale, the retrieved features merged deep to shallow."""
         b, r, s, c = values.shape
         out: Tensor | None = None
         for k in reversed(self.scales):
             grid = maps[k].shape[-2:]
-            attention = F.softmax(maps[k].reshape(b, r, s, -1), dim=2)
-            o = torch.matmul(values.transpose(2, 3), attention).reshape(b * r, c, *grid)  # (B*R,C,H_l,W_l)
-            out = o if out is None else resize(out, grid, align_corners=True) + o
+            attention = F.softmax(maps[k].permute(0, 2, 3, 1).reshape(b, -1, r, s), dim=3)  # (B,HW_l,R,S)
+            o = _as_map(retrieve(attention, values).flatten(0, 1), grid)  # (B*R,C,H_l,W_l)
+            out = o if out is None else _upsample(out, grid) + o
         assert out is not None
-        return (resize(out, size8, align_corners=True) / len(self.scales)).reshape(b, r, c, *size8)
+        retrieved = (_upsample(out, size8) / len(self.scales)).permute(0, 2, 3, 1).reshape(b, r, -1, c)
+        return retrieved if per_reference else retrieved.sum(1) / r
 
-    def _merge(self, retrieved: Tensor, target: FrameFeatures) -> Tensor:
-        """Eq. 8: mean over references + the target's own feature, then the classifier; logits at 1/4."""
+    def _merge(self, mean: Tensor, target: FrameFeatures) -> Tensor:
+        """Eq. 8: the references' mean (B,C,H8,W8) + the target's own feature, then the classifier; logits at 1/4."""
         size4 = target["fused"].shape[-2:]
-        mean = retrieved.sum(1) / retrieved.shape[1]
         if self.merge == "official":
-            return resize(self.classifier(mean + target["feat8"]), size4)
-        return self.classifier(F.interpolate(mean, size=size4, mode="bilinear", align_corners=False) + target["fused"])
+            return resize(_classify(self.classifier, mean + target["feat8"]), size4)
+        merged = F.interpolate(mean, size=size4, mode="bilinear", align_corners=False) + target["fused"]
+        return _classify(self.classifier, merged)
 
     # -- training ----------------------------------------------------------------------------------
     def losses(self, outputs: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
