@@ -41,8 +41,10 @@ def main() -> None:
                 streamer.push(frames[i])
             if device.type == "cuda":
                 torch.cuda.synchronize()
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = prof.key_averages()
+    key = "self_cpu_time_total"
+    if device.type == "cuda":  # torch >= 2.4 names it self_device_time_total
+        key = next(k for k in ("self_device_time_total", "self_cuda_time_total") if hasattr(events[0], k))
     total = sum(getattr(e, key) for e in events)
     name = f"{a.model} {a.encoder} {a.height}x{a.width} {' '.join(a.extra)}"
     print(f"{name}: {total / 1e3 / a.steps:.0f} ms self time per step")

@@ -1,6 +1,7 @@
 """The fast paths compute the same function as the official layouts: the folded SegFormer decoder (and its weight
-cache), SAR/MAA as grouped convolutions, MSAF's target-only temporal block, the reference cache that keeps only
-what ``aggregate`` reads, training-only outputs skipped at inference, and the bf16 / ``torch.compile`` options."""
+cache), the 1x1 classifiers as one matmul, SAR/MAA as grouped (depthwise) convolutions, MSAF's target-only temporal
+block, the reference cache that keeps only what ``aggregate`` reads, training-only outputs skipped at inference
+(and the references' mean retrieved in one matmul), and the bf16 / ``torch.compile`` options."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from random_weights import randomize_
 from test_mrcfa import TinyEncoder
 from vss.config import ConfigError
+from vss.models.aggregators import mrcfa as mrcfa_module
 from vss.models.aggregators import msaf as msaf_module
-from vss.models.aggregators.mrcfa import MRCFA, SAR_LAYOUTS, AffinityRefinement
+from vss.models.aggregators.mrcfa import MRCFA, SAR_LAYOUTS, AffinityRefinement, shared_token_conv
 from vss.models.aggregators.msaf import (
     MSAF,
     _block,
@@ -28,7 +31,7 @@ from vss.models.aggregators.msaf import (
     _tail_block,
 )
 from vss.models.aggregators.segformer import SegFormer
-from vss.models.heads import SegFormerHead
+from vss.models.heads import SegFormerHead, pointwise
 from vss.models.precision import inference_precision
 from vss.models.segmenter import Segmenter
 from vss.models.streamer import Streamer
@@ -64,6 +67,7 @@ def test_folded_decoder_is_the_official_fuse_with_the_same_gradients(training: b
     official = head.fuse_unfolded(feats)
     grads_official = torch.autograd.grad(official.square().sum(), list(head.parameters()), allow_unused=True)
     assert (folded - official).abs().max().item() < 1e-5
+    assert folded.is_contiguous(memory_format=torch.channels_last)  # BN in training keeps the layout too
     scale = max(g.abs().max() for g in grads_official if g is not None)  # (BN makes some gradients ~0 in training)
     for (name, _), a, b in zip(head.named_parameters(), grads_folded, grads_official, strict=True):
         if b is None:  # linear_pred is not in the fuse
@@ -127,6 +131,41 @@ def test_folded_cache_follows_fused_optimizer_steps_and_batchnorm_training() -> 
         torch.testing.assert_close(head.fuse(feats), head.fuse_unfolded(feats))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_pointwise_is_the_1x1_conv_with_nchw_output_and_the_same_gradients(bias: bool, layout: str) -> None:
+    conv = randomize_(nn.Conv2d(16, 5, 1, bias=bias), seed=7)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 16, 6, 9, generator=gen(11)).contiguous(memory_format=fmt).requires_grad_()
+    got, expected = pointwise(conv, x), conv(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert got.shape == (2, 5, 6, 9) and got.is_contiguous()  # plain NCHW whatever the input's layout
+    upstream = torch.randn(got.shape, generator=gen(12))
+    inputs = [x, *conv.parameters()]
+    grads = torch.autograd.grad(got, inputs, upstream)
+    for a, b in zip(grads, torch.autograd.grad(expected, inputs, upstream), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["strided", "contiguous"])
+def test_fuse_is_channels_last_and_classify_gives_contiguous_nchw_logits(layout: str) -> None:
+    """``fuse`` keeps its maps channels-last (whatever the stage maps' layout); ``classify`` reads that and gives
+    the logits as plain NCHW, equal to the official 1x1 ``linear_pred`` on the official fused feature."""
+    head = random_head(seed=5)
+    feats = stage_features(seed=3)
+    if layout == "contiguous":
+        feats = [f.contiguous() for f in feats]
+    with torch.no_grad():
+        fused = head.fuse(feats)
+        official = head.fuse_unfolded(feats)
+        logits = head.classify(fused)
+        expected = head.linear_pred(official)
+    assert fused.is_contiguous(memory_format=torch.channels_last) and not fused.is_contiguous()
+    torch.testing.assert_close(fused, official, rtol=1e-5, atol=1e-5)
+    assert logits.shape == (2, 5, 16, 24) and logits.is_contiguous()
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_segformer_checkpoint_keys_stay_official() -> None:
     keys = set(random_head().state_dict())
     assert keys == {
@@ -158,6 +197,57 @@ def test_grouped_affinity_refinement_equals_the_per_map_units(units: tuple[tuple
     got = block(x)
     assert got.shape == (3, 7 * block.out_channels, 12, 20)
     torch.testing.assert_close(got, per_map(block, x), rtol=1e-5, atol=1e-5)
+
+
+CONV_SHAPES = [(1, 1, 5), (1, 2, 3), (2, 2, 3), (2, 1, 3), (3, 3, 3), (2, 3, 3)]
+"""(C_in, C_out, kernel): the SAR/MAA units' shapes, the general diagonal case (3, 3) and (2, 3), which has no
+depthwise form (the grouped convolution)."""
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_shared_token_conv_is_the_grouped_conv_with_the_same_gradients(
+    shape: tuple[int, int, int], layout: str, bias: bool
+) -> None:
+    c_in, c_out, kernel = shape
+    tokens = 5
+    conv = randomize_(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=bias), seed=sum(shape))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, tokens * c_in, 6, 9, generator=gen(13)).contiguous(memory_format=fmt).requires_grad_()
+    got = shared_token_conv(x, conv, tokens)
+    b = conv.bias.repeat(tokens) if bias else None
+    expected = F.conv2d(x, conv.weight.repeat(tokens, 1, 1, 1), b, padding=conv.padding, groups=tokens)
+    assert got.shape == (2, tokens * c_out, 6, 9)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if layout == "channels_last":  # what MRCFA passes: the units keep the layout they run fastest in
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(got.shape, generator=gen(14))
+    inputs = [x, *conv.parameters()]
+    grads = torch.autograd.grad(got, inputs, upstream)
+    names = ["x", "weight", "bias"][: len(inputs)]
+    for name, a, e in zip(names, grads, torch.autograd.grad(expected, inputs, upstream), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"d/d{n}: {m}")
+
+
+@pytest.mark.parametrize("units", [((1, 3),), SAR_LAYOUTS["b1"]["refine"]["s32"]])
+def test_affinity_refinement_of_a_1x1_map_at_batch_1_is_groupnorms_defined_output(
+    units: tuple[tuple[int, int], ...],
+) -> None:
+    """One value per token map and N = 1 (a 1/32 grid of 1x1, one batch item: how MRCFA passes its maps): each
+    GroupNorm(1) of a 1-channel map normalises its single value to 0, so the unit gives relu(its bias), as the
+    per-map official layout does (F.group_norm refused this input)."""
+    block = randomize_(AffinityRefinement(1, units), seed=8)
+    x = torch.randn(1, 3, 1, 1, generator=gen(15))
+    got = block(x)
+    torch.testing.assert_close(got, per_map(block, x), rtol=1e-5, atol=1e-5)
+    if len(units) == 1:
+        assert got.shape == (1, 3, 1, 1)
+        torch.testing.assert_close(got, F.relu(block[1].bias).expand(1, 3, 1, 1), rtol=1e-5, atol=1e-5)
+    model = tiny_mrcfa(**({"sar_layout": "b1"} if len(units) > 1 else {}))
+    with torch.no_grad():  # the whole model at 32x32: its 1/32 maps are 1x1
+        logits = model(torch.randn(1, 4, 3, 32, 32, generator=gen(16)))["logits"]
+    assert logits.shape == (1, 5, 8, 8) and torch.isfinite(logits).all()
 
 
 # -- MSAF's target-only temporal block ------------------------------------------------------------------------
@@ -265,6 +355,47 @@ def test_training_outputs_are_computed_only_when_a_loss_can_read_them() -> None:
         assert set(msaf(clip)) == {"logits", "soft_mask"}
         assert set(tiny_msaf(semantics=False)(clip)) == {"logits", "soft_mask", "pixel_logits"}  # logits read it
     assert set(msaf(clip)) == {"logits", "soft_mask", "pixel_logits"}
+
+
+@pytest.mark.parametrize("references", [3, 2])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"sar_layout": "b1"}, {"fusion": "feature_pyramid"}, {"merge": "paper"}],
+    ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "default",
+)
+def test_inference_retrieves_the_references_mean_as_the_per_reference_path(
+    monkeypatch, kwargs: dict[str, str], references: int
+) -> None:
+    """In eval mode, ``aggregate`` without autograd (inference: the mean over the references retrieved at once, no
+    auxiliary outputs) and with autograd (a loss may follow: each reference's retrieved feature, then their mean)
+    give the same logits."""
+    model = tiny_mrcfa(**kwargs)
+    assert not model.training
+    frames = torch.randn(references + 1, 2, 3, 64, 96, generator=gen(17))
+    with torch.no_grad():
+        feats = [model.encode(f) for f in frames]
+    calls: list[bool] = []
+    retrieve = mrcfa_module.retrieve
+    monkeypatch.setattr(
+        mrcfa_module,
+        "retrieve",
+        lambda a, v, per_reference=True: calls.append(per_reference) or retrieve(a, v, per_reference),
+    )
+    with torch.no_grad():
+        inference = model.aggregator.aggregate(feats[-1], feats[:-1])
+    inference_calls, calls[:] = calls[:], []
+    with torch.enable_grad():
+        training = model.aggregator.aggregate(feats[-1], feats[:-1])
+    assert set(inference) == {"logits"}
+    assert set(training) == (
+        {"logits", "aux_logits", "frame_logits"} if references == 3 else {"logits", "frame_logits"}
+    )
+    if references == 3:
+        assert training["aux_logits"].shape == (2, 3, 5, 16, 24)
+    if kwargs.get("fusion") != "feature_pyramid":  # the one-matmul mean at inference, per reference otherwise
+        assert inference_calls == [False] and calls == [True]
+    assert inference["logits"].shape == (2, 5, 16, 24)
+    torch.testing.assert_close(inference["logits"], training["logits"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -222,8 +222,7 @@ def shared_token_conv(x: Tensor, conv: nn.Conv2d, tokens: int) -> Tensor:
             b = _shared(bias if c_out == c_in else torch.cat([bias, bias.new_zeros(c_in - 1)]), tokens)
         y = F.conv2d(x, kernels, b, padding=padding, groups=groups)
         if c_out == 1:
-            v = _channels(y, c_in)
-            return sum(v[..., j] for j in range(1, c_in))(v[..., 0]) if False else _sum_last(v).permute(0, 3, 1, 2)
+            return _sum_last(_channels(y, c_in)).permute(0, 3, 1, 2)
         if out is None:
             out = y
             continue
