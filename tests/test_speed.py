@@ -511,3 +511,14 @@ def test_mit_channels_last_weights_compute_the_nchw_function_and_gradients() -> 
         if isinstance(m, nn.Conv2d)
     )
     assert set(reloaded.state_dict()) == set(plain.state_dict())
+
+
+def test_shared_token_conv_refuses_a_strided_or_dilated_conv() -> None:
+    x = torch.randn(1, 6, 8, 8)
+    for conv in (
+        nn.Conv2d(2, 2, 3, stride=2),
+        nn.Conv2d(2, 2, 3, dilation=2),
+        nn.Conv2d(2, 2, 3, padding_mode="reflect"),
+    ):
+        with pytest.raises(ValueError, match="plain stride-1 convolution"):
+            shared_token_conv(x, conv, 3)

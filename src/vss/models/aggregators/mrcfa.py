@@ -201,6 +201,8 @@ def shared_token_conv(x: Tensor, conv: nn.Conv2d, tokens: int) -> Tensor:
     """
     c_out, c_in = conv.weight.shape[:2]
     weight, bias, padding = conv.weight, conv.bias, conv.padding
+    if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros":
+        raise ValueError(f"shared_token_conv needs a plain stride-1 convolution, got {conv}")
     if c_in == 1:
         if c_out > 1:
             x = x.permute(0, 2, 3, 1).unsqueeze(-1).expand(*x.shape[:1], *x.shape[2:], x.shape[1], c_out)
