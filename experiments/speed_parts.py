@@ -17,7 +17,6 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from speed_worker import _tune_host_allocator, build
 
 import vss.models.aggregators.mrcfa as mrcfa
@@ -76,8 +75,7 @@ def aggregate_by_step(agg: mrcfa.MRCFA, target: dict, refs: list[dict], spent: d
     mark("SAR 1/8")
     out = d.aggregate["s8"](mrcfa._upsample(out, a8.shape[-2:]) + a8)
     mark("MAA 1/8 (with upsample + add)")
-    b, _, s, _ = values.shape
-    attention = F.softmax(out.permute(0, 2, 3, 1).reshape(b, -1, r, s), dim=3)
+    attention = mrcfa.attention_over_tokens(out, r)
     mark("softmax")
     mean = mrcfa.retrieve(attention, values, per_reference=False)
     mark("retrieval (mean over references)")

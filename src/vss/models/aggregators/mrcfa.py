@@ -98,10 +98,19 @@ def cross_frame_affinity(queries: Tensor, keys: Tensor) -> Tensor:
     return torch.bmm(queries, keys.flatten(1, 2).transpose(1, 2)).unflatten(2, keys.shape[1:3])
 
 
+def _as_map(x: Tensor, grid: Sequence[int]) -> Tensor:
+    """Pixel-major features (N,HW,C) -> (N,C,H,W), a channels-last view."""
+    return x.unflatten(1, tuple(grid)).permute(0, 3, 1, 2)
+
+
 def affinity_maps(affinity: Tensor, grid: Sequence[int]) -> Tensor:
     """Pixel-major affinities (B,HW,R,S) -> (B,R*S,H,W): one map per (reference, token), a channels-last view."""
-    b, _, r, s = affinity.shape
-    return affinity.reshape(b, *grid, r * s).permute(0, 3, 1, 2)
+    return _as_map(affinity.flatten(2), grid)
+
+
+def attention_over_tokens(maps: Tensor, references: int) -> Tensor:
+    """Softmax over each reference's S tokens of affinity maps (B,R*S,H,W) -> attention (B,HW,R,S), pixel-major."""
+    return F.softmax(maps.permute(0, 2, 3, 1).flatten(1, 2).unflatten(2, (references, -1)), dim=3)
 
 
 def select_tokens(tokens: Tensor, index: Tensor | None) -> Tensor:
@@ -124,11 +133,6 @@ def retrieve(attention: Tensor, values: Tensor, per_reference: bool = True) -> T
     if per_reference:
         return torch.matmul(attention.transpose(1, 2), values)
     return torch.matmul(attention.flatten(2), values.flatten(1, 2)) / values.shape[1]
-
-
-def _as_map(x: Tensor, grid: Sequence[int]) -> Tensor:
-    """Pixel-major features (N,HW,C) -> (N,C,H,W), a channels-last view."""
-    return x.unflatten(1, tuple(grid)).permute(0, 3, 1, 2)
 
 
 def _upsample(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -538,7 +542,7 @@ class MRCFA(Aggregator):
                 f"model.offsets has {len(self.aux_classifiers)} reference frames but the clip has {r}: "
                 "data.clip.offsets must follow model.offsets"
             )
-        if not self.wants_training_outputs():
+        if not per_reference:
             return outputs
         size4 = target["fused"].shape[-2:]
         if r == len(self.aux_classifiers):
@@ -553,22 +557,19 @@ class MRCFA(Aggregator):
     def _retrieve(self, maps: dict[str, Tensor], values: Tensor, size8: tuple[int, int], per_reference: bool) -> Tensor:
         """Affinity decoder (eqs. 5-6), softmax over S per reference, retrieval (eq. 7): (B,R,HW8,C), or with
         ``per_reference=False`` the mean over the references (B,HW8,C)."""
-        b, r, s, _ = values.shape
         assert self.affinity_decoder is not None
         refined = self.affinity_decoder(maps, size8)  # (B,R*S,H8,W8), channels-last
-        attention = F.softmax(refined.permute(0, 2, 3, 1).reshape(b, -1, r, s), dim=3)  # (B,HW8,R,S)
-        return retrieve(attention, values, per_reference)
+        return retrieve(attention_over_tokens(refined, values.shape[1]), values, per_reference)
 
     def _retrieve_feature_pyramid(
         self, maps: dict[str, Tensor], values: Tensor, size8: tuple[int, int], per_reference: bool
     ) -> Tensor:
         """Table 4 "Feature Pyramid": retrieval (eq. 7) at each scale, the retrieved features merged deep to shallow."""
-        b, r, s, c = values.shape
+        b, r, _, c = values.shape
         out: Tensor | None = None
         for k in reversed(self.scales):
             grid = maps[k].shape[-2:]
-            attention = F.softmax(maps[k].permute(0, 2, 3, 1).reshape(b, -1, r, s), dim=3)  # (B,HW_l,R,S)
-            o = _as_map(retrieve(attention, values).flatten(0, 1), grid)  # (B*R,C,H_l,W_l)
+            o = _as_map(retrieve(attention_over_tokens(maps[k], r), values).flatten(0, 1), grid)  # (B*R,C,H_l,W_l)
             out = o if out is None else _upsample(out, grid) + o
         assert out is not None
         retrieved = (_upsample(out, size8) / len(self.scales)).permute(0, 2, 3, 1).reshape(b, r, -1, c)
