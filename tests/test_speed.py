@@ -230,6 +230,17 @@ def test_shared_token_conv_is_the_grouped_conv_with_the_same_gradients(
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"d/d{n}: {m}")
 
 
+def test_shared_token_conv_refuses_a_strided_or_dilated_conv() -> None:
+    x = torch.randn(1, 6, 8, 8)
+    for conv in (
+        nn.Conv2d(2, 2, 3, stride=2),
+        nn.Conv2d(2, 2, 3, dilation=2),
+        nn.Conv2d(2, 2, 3, padding_mode="reflect"),
+    ):
+        with pytest.raises(ValueError, match="plain stride-1 convolution"):
+            shared_token_conv(x, conv, 3)
+
+
 @pytest.mark.parametrize("units", [((1, 3),), SAR_LAYOUTS["b1"]["refine"]["s32"]])
 def test_affinity_refinement_of_a_1x1_map_at_batch_1_is_groupnorms_defined_output(
     units: tuple[tuple[int, int], ...],
@@ -511,14 +522,3 @@ def test_mit_channels_last_weights_compute_the_nchw_function_and_gradients() -> 
         if isinstance(m, nn.Conv2d)
     )
     assert set(reloaded.state_dict()) == set(plain.state_dict())
-
-
-def test_shared_token_conv_refuses_a_strided_or_dilated_conv() -> None:
-    x = torch.randn(1, 6, 8, 8)
-    for conv in (
-        nn.Conv2d(2, 2, 3, stride=2),
-        nn.Conv2d(2, 2, 3, dilation=2),
-        nn.Conv2d(2, 2, 3, padding_mode="reflect"),
-    ):
-        with pytest.raises(ValueError, match="plain stride-1 convolution"):
-            shared_token_conv(x, conv, 3)
