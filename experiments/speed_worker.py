@@ -27,14 +27,16 @@ from vss.models.streamer import Streamer
 
 
 def _tune_host_allocator() -> None:
-    """The mallopt calls of ``vss.runtime.tune_host_allocator`` (the older tree has no such module)."""
-    import ctypes
-    import os
+    """``vss.runtime.tune_host_allocator`` of this checkout, loaded by path: the ``vss`` on the path may be an older
+    tree without that module, and both trees must run with the same allocator."""
+    import importlib.util
 
-    if os.environ.get("VSS_MALLOC", "").lower() != "default":
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD
+    path = Path(__file__).resolve().parents[1] / "src" / "vss" / "runtime.py"
+    spec = importlib.util.spec_from_file_location("_vss_runtime_of_this_checkout", path)
+    assert spec is not None and spec.loader is not None
+    runtime = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtime)
+    runtime.tune_host_allocator()
 
 
 def _value(text: str) -> object:
