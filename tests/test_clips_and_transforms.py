@@ -282,14 +282,14 @@ def test_eval_transform_identical_frames_stay_identical() -> None:
 
 
 def test_train_transform_identical_frames_stay_identical() -> None:
-    """Geometric and photometric parameters are drawn once: a clip of T equal frames stays equal."""
+    """Geometric and (per_clip) photometric parameters are drawn once: a clip of T equal frames stays equal."""
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
     mask = rng.integers(0, 6, (40, 60), dtype=np.uint8)
     frames, masks = np.stack([frame] * 4), np.stack([mask] * 4)
     results = []
     for seed in range(25):
-        tf = build_train_transform((96, 64), (48, 48), ratio_range=(0.5, 2.0), photometric=True, seed=seed)
+        tf = build_train_transform((96, 64), (48, 48), ratio_range=(0.5, 2.0), photometric="per_clip", seed=seed)
         out = tf(images=frames, masks=masks)
         imgs, ms = out["images"], out["masks"]
         assert imgs.shape == (4, 3, 48, 48) and ms.shape == (4, 48, 48)
@@ -310,7 +310,7 @@ def test_train_transform_same_crop_and_flip_for_distinct_frames() -> None:
     flips = set()
     windows = set()
     for seed in range(30):
-        tf = build_train_transform((96, 64), (48, 48), ratio_range=(0.5, 2.0), photometric=False, seed=seed)
+        tf = build_train_transform((96, 64), (48, 48), ratio_range=(0.5, 2.0), photometric="none", seed=seed)
         out = tf(images=frames, masks=masks)
         imgs, ms = out["images"], out["masks"]
         for k in range(1, t):
@@ -342,7 +342,7 @@ def test_train_transform_padding_bottom_right(flip: float) -> None:
     rng = np.random.default_rng(4)
     frames = rng.integers(1, 256, (t, h, w, 3), dtype=np.uint8)
     masks = rng.integers(0, 5, (t, h, w), dtype=np.uint8)
-    tf = build_train_transform((30, 20), (48, 40), ratio_range=(1.0, 1.0), flip_prob=flip, photometric=False, seed=0)
+    tf = build_train_transform((30, 20), (48, 40), ratio_range=(1.0, 1.0), flip_prob=flip, photometric="none", seed=0)
     out = tf(images=frames, masks=masks)
     imgs, ms = out["images"], out["masks"]
     assert imgs.shape == (t, 3, 48, 40) and ms.shape == (t, 48, 40)

@@ -32,6 +32,8 @@ INVALID = [
     (["model.embed_dim=0"], "model.embed_dim"),
     (["data.train_repeat=0"], "data.train_repeat"),
     (["data.iou_mean=mean"], "data.iou_mean"),
+    (["data.photometric=true"], "data.photometric"),
+    (["data.photometric=per-frame"], "data.photometric"),
     (["data.synthetic.label_every=0"], "data.synthetic.label_every"),
     (["data=cityscapes_video", "data.root=/tmp", "data.missing_frames=maybe"], "data.missing_frames"),
     (["data=cityscapes_video", "data.root=/tmp", "data.label_file=ids"], "data.label_file"),

@@ -288,6 +288,7 @@ def check_train_values(cfg: DictConfig) -> None:
     _check(cfg, "data.train_repeat", lambda v: _int(v) and v > 0, "a positive integer (clips per video per epoch)")
     for key, choices in (
         ("data.iou_mean", ("gt_present", "union")),
+        ("data.photometric", ("per_frame", "per_clip", "none")),  # vss.data.transforms.PHOTOMETRIC_MODES
         ("data.missing_frames", ("error", "clamp")),  # Cityscapes video
         ("data.label_file", ("auto", "labelIds", "labelTrainIds")),
         ("data.label_form", ("index", "colour")),  # CamVid video

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from vss.data.clips import ClipSampler
 from vss.data.datasets import EvalClips, EvalFrames, TrainClips, VideoShardSampler
-from vss.data.transforms import build_eval_transform, build_train_transform
+from vss.data.transforms import build_eval_transform, build_train_transform, check_photometric
 
 if TYPE_CHECKING:
     from vss.data.check import CheckReport
@@ -38,12 +38,16 @@ def _check_palette(palette: Sequence[Sequence[int]] | None, num_classes: int) ->
 
 def worker_init(worker_id: int) -> None:
     """DataLoader worker start: ignore SIGTERM (the main process saves and stops the run; SLURM and ``kill -- -PGID``
-    signal every process, and a worker killed first would crash the run instead), then Lightning's worker seeding."""
+    signal every process, and a worker killed first would crash the run instead), then Lightning's worker seeding,
+    then the training set's own stream (albumentations' RNG does not follow the global seeds)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if os.environ.get("PL_SEED_WORKERS") == "1":  # seed_everything(workers=True): what Lightning would have added
         from lightning_fabric.utilities.seed import pl_worker_init_function
 
         pl_worker_init_function(worker_id)
+    info = torch.utils.data.get_worker_info()
+    if info is not None and isinstance(info.dataset, TrainClips):  # its own stream per (seed, rank, worker)
+        info.dataset.seed_stream(worker=info.id, base_seed=info.seed - info.id)
 
 
 def _kill_workers_at_exit() -> None:
@@ -86,7 +90,7 @@ class VSSDataModule(pl.LightningDataModule):
         ratio_range: Sequence[float] = (0.5, 2.0),
         cat_max_ratio: float = 0.75,
         flip_prob: float = 0.5,
-        photometric: bool = True,
+        photometric: str = "per_frame",
         size_divisor: int = 32,
         train_repeat: int = 50,
         batch_size: int = 2,
@@ -124,7 +128,7 @@ class VSSDataModule(pl.LightningDataModule):
             ratio_range=tuple(ratio_range),
             cat_max_ratio=cat_max_ratio,
             flip_prob=flip_prob,
-            photometric=photometric,
+            photometric=check_photometric(photometric),
         )
         self.size_divisor = int(size_divisor)
         self.train_repeat = int(train_repeat)
@@ -141,7 +145,7 @@ class VSSDataModule(pl.LightningDataModule):
             self.iou_mean = check_iou_mean(iou_mean)  # the dataset's mIoU convention (VSPW: GT-present classes)
         except ValueError as e:
             raise ValueError(f"data.{e}") from e
-        self.seed = seed  # albumentations' own RNG (it does not follow the global seed)
+        self.seed = seed  # the training streams' root: one per (seed, rank, worker), see TrainClips
         self._videos: dict[str, list[Video]] = {}
 
     # -- data ---------------------------------------------------------------------------------
@@ -199,11 +203,13 @@ class VSSDataModule(pl.LightningDataModule):
         if stage in ("test", "predict"):
             self.videos(self.splits["test"])
 
-    def train_dataset(self) -> TrainClips:
-        """Random training clips."""
-        tf = build_train_transform(self.scale, self.crop_size, **self.aug, seed=self.seed)
+    def train_dataset(self, rank: int = 0) -> TrainClips:
+        """Random training clips of process ``rank`` (its workers each draw their own stream)."""
+        tf = build_train_transform(self.scale, self.crop_size, **self.aug)
         videos = self.videos(self.splits["fit"])
-        return TrainClips(videos, self.clip_sampler, self.label_map, tf, self.train_repeat, self.read_label)
+        return TrainClips(
+            videos, self.clip_sampler, self.label_map, tf, self.train_repeat, self.read_label, self.seed, rank
+        )
 
     def use_clip_path(self, references: Callable[[int, int], Sequence[int]] | None, num_frames: int = 1) -> None:
         """Evaluate on clips: ``references(t, length)`` (the model's policy), padded to ``num_frames``; None: frames."""
@@ -244,8 +250,8 @@ class VSSDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self.train_dataset()
         world, rank = self._distributed()
+        dataset = self.train_dataset(rank)
         if len(dataset) < self.batch_size * world:  # drop_last would leave an epoch of no steps
             raise DatasetError(
                 f"{len(dataset)} training clips per epoch ({len(dataset.videos)} videos x data.train_repeat="

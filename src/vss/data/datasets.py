@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from vss.data.clips import ClipSampler
+from vss.data.transforms import seed_transform
 from vss.data.vspw import IGNORE_INDEX, DatasetError, LabelMap, Video, read_image, read_mask
 
 LabelReader = Callable[[Path], np.ndarray]
@@ -52,8 +53,24 @@ def _load_clip(
     return np.stack(frames), np.stack(labels), np.stack(raws)
 
 
+def stream_seed(seed: int | None, rank: int, worker: int, base_seed: int = 0) -> int | None:
+    """The random stream of one data worker of one process: a function of (seed, rank, worker, base seed).
+
+    ``base_seed`` is the DataLoader's seed for this epoch's workers (drawn from the seeded torch RNG of the
+    main process), so workers restarted each epoch (``persistent_workers=false``) do not replay the last
+    epoch's draws. None (no ``data.seed``): fresh entropy.
+    """
+    if seed is None:
+        return None
+    return int(np.random.SeedSequence([int(seed), int(rank), int(worker), int(base_seed)]).generate_state(1)[0])
+
+
 class TrainClips(Dataset):
-    """Random training clips: item i draws a clip from video ``i % num_videos`` (``repeat`` passes per epoch)."""
+    """Random training clips: item i draws a clip from video ``i % num_videos`` (``repeat`` passes per epoch).
+
+    The clip draw (target, direction) and the augmentation share one random stream per (seed, rank, worker):
+    :meth:`seed_stream` sets it, in the main process at construction and in each DataLoader worker at start.
+    """
 
     def __init__(
         self,
@@ -63,10 +80,20 @@ class TrainClips(Dataset):
         transform: A.Compose,
         repeat: int = 1,
         read_label: LabelReader = read_mask,
+        seed: int | None = None,
+        rank: int = 0,
     ) -> None:
         self.videos, self.sampler, self.label_map, self.transform = videos, sampler, label_map, transform
         self.repeat, self.read_label = int(repeat), read_label
         self.targets = [None if v.dense else v.labelled for v in videos]  # sparse labels: targets are labelled
+        self.seed, self.rank = seed, int(rank)
+        self.seed_stream(worker=0)
+
+    def seed_stream(self, worker: int, base_seed: int = 0) -> None:
+        """Seed the clip draw and the augmentation for ``worker`` of this rank (:func:`stream_seed`)."""
+        s = stream_seed(self.seed, self.rank, worker, base_seed)
+        self.rng = random.Random(s)
+        seed_transform(self.transform, s)
 
     def __len__(self) -> int:
         return len(self.videos) * self.repeat
@@ -74,7 +101,7 @@ class TrainClips(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         v = i % len(self.videos)
         video = self.videos[v]
-        indices = self.sampler.train_indices(len(video), random, self.targets[v])
+        indices = self.sampler.train_indices(len(video), self.rng, self.targets[v])
         try:
             frames, labels, _ = _load_clip(video, indices, self.label_map, self.read_label)
         except DatasetError as e:

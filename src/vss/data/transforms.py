@@ -1,14 +1,16 @@
-"""Clip augmentation with albumentations 2.x: one set of random parameters for every frame and mask of a clip.
+"""Clip augmentation with albumentations 2.x: one set of geometric parameters for every frame and mask of a clip.
 
 The clip goes through ``Compose(images=..., masks=...)`` (albumentations' plural targets), so the
-rescale, crop, flip and photometric distortion drawn once apply to all T frames and masks alike.
+rescale, crop and flip drawn once apply to all T frames and masks alike. mmseg's photometric distortion
+is drawn per frame (MRCFA's ``PhotoMetricDistortion_clips``) or once per clip (``data.photometric``).
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import albumentations as A
 import cv2
@@ -115,13 +117,127 @@ class CatMaxRatioCrop(A.DualTransform):
         return ("height", "width", "cat_max_ratio")
 
 
+Photometric = Literal["per_frame", "per_clip", "none"]
+PHOTOMETRIC_MODES: tuple[str, ...] = ("per_frame", "per_clip", "none")
+
+
+def _affine_lut(alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """mmseg's ``convert`` on every uint8 value: ``float32(x) * alpha + beta``, clipped to 0..255, truncated."""
+    values = np.arange(256, dtype=np.float32) * np.float32(alpha) + np.float32(beta)
+    return np.clip(values, 0, 255).astype(np.uint8)
+
+
+class PhotoMetricDistortion(A.ImageOnlyTransform):
+    """mmseg's ``PhotoMetricDistortion`` on uint8 RGB frames, drawn per frame (MRCFA's ``_clips``) or per clip.
+
+    Each step fires with p = 0.5 on its own, in mmseg's order: brightness ``x + U(-32, 32)``; contrast
+    ``x * U(0.5, 1.5)`` either now or last (mode drawn 50/50); saturation ``S * U(0.5, 1.5)`` on HSV; hue
+    ``(H + randint(-18, 18)) % 180`` in OpenCV's 0..180 units (numpy's randint: -18..17). Every step clips
+    to 0..255 and truncates to uint8, and saturation and hue each convert to HSV and back, as mmseg does.
+    """
+
+    def __init__(
+        self,
+        per_frame: bool = True,
+        brightness_delta: int = 32,
+        contrast_range: Sequence[float] = (0.5, 1.5),
+        saturation_range: Sequence[float] = (0.5, 1.5),
+        hue_delta: int = 18,
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(p=p)
+        self.per_frame = bool(per_frame)
+        self.brightness_delta = brightness_delta
+        self.contrast_range = (float(contrast_range[0]), float(contrast_range[1]))
+        self.saturation_range = (float(saturation_range[0]), float(saturation_range[1]))
+        self.hue_delta = int(hue_delta)
+
+    def draw(self) -> dict[str, Any]:
+        """One frame's parameters, drawn in mmseg's call order (None: the step does not fire)."""
+        rng = self.random_generator  # numpy Generator: integers/uniform as mmseg's numpy.random randint/uniform
+        params: dict[str, Any] = {"brightness": None, "contrast": None, "saturation": None, "hue": None}
+        if rng.integers(2):
+            params["brightness"] = float(rng.uniform(-self.brightness_delta, self.brightness_delta))
+        params["contrast_first"] = bool(rng.integers(2))  # mmseg's mode == 1
+        if params["contrast_first"] and rng.integers(2):
+            params["contrast"] = float(rng.uniform(*self.contrast_range))
+        if rng.integers(2):
+            params["saturation"] = float(rng.uniform(*self.saturation_range))
+        if rng.integers(2):
+            params["hue"] = int(rng.integers(-self.hue_delta, self.hue_delta))
+        if not params["contrast_first"] and rng.integers(2):
+            params["contrast"] = float(rng.uniform(*self.contrast_range))
+        return params
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        """One parameter set per frame of the clip (per_frame), or one for all of them."""
+        images = data.get("images")
+        n = len(images) if images is not None else 1
+        frames = [self.draw() for _ in range(n)] if self.per_frame else [self.draw()] * n
+        return {"frames": frames}
+
+    def apply(self, img: np.ndarray, frames: Sequence[dict[str, Any]] = (), **params: Any) -> np.ndarray:
+        """Distort one frame with the first parameter set."""
+        return self.distort(img, frames[0])
+
+    def apply_to_images(self, images: np.ndarray, frames: Sequence[dict[str, Any]] = (), **params: Any) -> np.ndarray:
+        """Distort frame t with parameter set t."""
+        out = np.stack([self.distort(img, f) for img, f in zip(images, frames, strict=True)])
+        return np.require(out, requirements=["C_CONTIGUOUS"])
+
+    @staticmethod
+    def distort(img: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+        """mmseg's steps on a uint8 RGB frame (each a lookup table of its exact float32 formula)."""
+        if img.dtype != np.uint8:
+            raise TypeError(f"PhotoMetricDistortion expects uint8 frames (before Normalize), got {img.dtype}")
+        if params["brightness"] is not None:
+            img = cv2.LUT(img, _affine_lut(beta=params["brightness"]))
+        if params["contrast_first"] and params["contrast"] is not None:
+            img = cv2.LUT(img, _affine_lut(alpha=params["contrast"]))
+        if params["saturation"] is not None:
+            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+            hsv[..., 1] = cv2.LUT(hsv[..., 1], _affine_lut(alpha=params["saturation"]))
+            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if params["hue"] is not None:
+            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+            hsv[..., 0] = cv2.LUT(hsv[..., 0], ((np.arange(256) + params["hue"]) % 180).astype(np.uint8))
+            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if not params["contrast_first"] and params["contrast"] is not None:
+            img = cv2.LUT(img, _affine_lut(alpha=params["contrast"]))
+        return img
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("per_frame", "brightness_delta", "contrast_range", "saturation_range", "hue_delta")
+
+
+def check_photometric(value: Any) -> str:
+    """``data.photometric``: per_frame, per_clip or none; anything else (a bool included) is an error."""
+    if not isinstance(value, str) or value not in PHOTOMETRIC_MODES:
+        raise ValueError(
+            f"data.photometric={value!r}: expected one of {', '.join(PHOTOMETRIC_MODES)} (mmseg's photometric "
+            "distortion drawn for every frame, once for the clip, or not at all)"
+        )
+    return value
+
+
+def seed_transform(transform: A.Compose, seed: int | None) -> A.Compose:
+    """Give ``transform`` and all its steps one shared random stream from ``seed`` (None: fresh entropy).
+
+    albumentations' ``Compose(seed=s)`` gives every step its own generator seeded with the same ``s``, so the
+    k-th draw of each step is the same number (the flip decision then follows the rescale ratio); one
+    shared stream keeps the steps' draws independent.
+    """
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    return transform
+
+
 def build_train_transform(
     scale: Sequence[int],
     crop_size: Sequence[int],
     ratio_range: Sequence[float] = (0.5, 2.0),
     cat_max_ratio: float = 0.75,
     flip_prob: float = 0.5,
-    photometric: bool = True,
+    photometric: Photometric = "per_frame",
     seed: int | None = None,
 ) -> A.Compose:
     """Training pipeline: rescale x[0.5, 2], crop (cat_max_ratio), flip, photometric distortion, normalise, pad."""
@@ -131,18 +247,14 @@ def build_train_transform(
         CatMaxRatioCrop(ch, cw, cat_max_ratio),
         A.HorizontalFlip(p=flip_prob),
     ]
-    if photometric:
-        # mmseg PhotoMetricDistortion: brightness +-32, contrast x[0.5,1.5], saturation x[0.5,1.5], hue +-18/180.
-        steps += [
-            A.RandomBrightnessContrast(brightness_limit=32 / 255, contrast_limit=0.5, p=0.5),
-            A.ColorJitter(brightness=0.0, contrast=0.0, saturation=(0.5, 1.5), hue=0.05, p=0.5),
-        ]
+    if check_photometric(photometric) != "none":
+        steps.append(PhotoMetricDistortion(per_frame=photometric == "per_frame"))
     steps += [
         A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
         A.PadIfNeeded(ch, cw, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX),
         ToTensorV2(),
     ]
-    return A.Compose(steps, strict=True, seed=seed)
+    return seed_transform(A.Compose(steps, strict=True), seed)
 
 
 def build_eval_transform(scale: Sequence[int], size_divisor: int = 32) -> A.Compose:
