@@ -11,6 +11,8 @@ Each annotated frame ``k`` is frame 19 (0-based) of its snippet ``k-19 .. k+10``
 too when training clips may be played backwards), with the mask on ``k`` only. Labels are read as the 19
 train ids (255 ignore): a ``_labelTrainIds.png`` where present (``label_file=auto``), else the
 ``_labelIds.png`` mapped by :data:`LABEL_ID_TO_TRAIN_ID` (the cityscapesScripts ``labels.py`` table).
+Saved predictions are label ids named as cityscapesScripts' evaluator looks for them
+(:class:`LabelIdPredictions`), or train ids under names it does not take (:class:`TrainIdPredictions`).
 """
 
 from __future__ import annotations
