@@ -97,6 +97,7 @@ def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     ckpt = load_checkpoint(cfg.ckpt_path)
     train_cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
     datamodule = instantiate(eval_data_config(cfg, train_cfg))
+    fmt = prediction_format(datamodule, cfg.prediction_format)
     if datamodule.num_classes != train_cfg.data.num_classes:
         raise ConfigError(
             f"data.num_classes={datamodule.num_classes} differs from the checkpoint's {train_cfg.data.num_classes}"
@@ -111,7 +112,6 @@ def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     use_eval_path(module, datamodule)
     loader = datamodule._eval_loader(cfg.split)
     pred_dir = output_dir / "predictions"
-    fmt = prediction_format(datamodule, cfg.prediction_format)
 
     def consume(items: list[dict[str, Any]], preds: list[torch.Tensor]) -> None:
         preds = [p.cpu() for p in preds]
@@ -155,8 +155,8 @@ def score_folder(cfg: DictConfig) -> dict[str, Any]:
     data = OmegaConf.merge(cfg.data, fixed)
     datamodule = instantiate(data)
     datamodule.prepare_data()  # the synthetic set: generated if not cached
-    videos = datamodule.videos(cfg.split)
     fmt = prediction_format(datamodule, cfg.prediction_format)
+    videos = datamodule.videos(cfg.split)
     metrics = score_predictions(
         cfg.pred_root,
         videos,
