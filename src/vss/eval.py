@@ -4,11 +4,14 @@ Two modes, both writing ``metrics.json`` (mIoU, fwIoU, mVC8, mVC16, per_class_io
 
 - ``ckpt_path=RUN/checkpoints/last.ckpt [mode=stream|clip] [data=vspw data.root=...] [split=val]
   [save_predictions=true]`` evaluates a checkpoint (its training config rebuilds the model and its clip;
-  ``data`` overrides its data) and can save the predictions as ``predictions/<video>/<frame>.png`` (class
-  ids 0..C-1). ``mode=stream`` (default) runs the :class:`~vss.models.streamer.Streamer`: each frame is
+  ``data`` overrides its data) and can save the predictions under ``predictions/`` in the dataset's
+  ``prediction_format`` (``auto``: VSPW, CamVid, synthetic: ``<video>/<frame>.png``, class ids 0..C-1;
+  Cityscapes: ``<city>/<city>_<seq>_<frame>_pred_labelIds.png``, label ids, as cityscapesScripts' evaluator
+  reads them). ``mode=stream`` (default) runs the :class:`~vss.models.streamer.Streamer`: each frame is
   encoded once and the references come from a cache; ``mode=clip`` is the official path (every target
   re-encodes its whole clip). Both give the same predictions up to float rounding.
-- ``pred_root=DIR data=vspw data.root=GT [split=val]`` scores saved predictions against the ground truth.
+- ``pred_root=DIR data=vspw data.root=GT [split=val] [prediction_format=auto]`` scores saved predictions
+  (written in that format) against the ground truth.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -35,6 +39,9 @@ from vss.config import (
     resolve_device,
 )
 from vss.runtime import tune_host_allocator
+
+if TYPE_CHECKING:
+    from vss.data.predictions import PredictionFormat
 
 log = logging.getLogger("vss.eval")
 register_resolvers()
@@ -54,10 +61,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def save_prediction(pred: torch.Tensor, path: Path) -> None:
-    """Write one class-id map as an 8-bit PNG (the VSPW submission layout)."""
+def save_prediction(pred: np.ndarray, path: Path) -> None:
+    """Write one stored-value map (H,W) uint8 as an 8-bit grayscale PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pred.to(torch.uint8).cpu().numpy(), mode="L").save(path)
+    Image.fromarray(pred.astype(np.uint8, copy=False), mode="L").save(path)
+
+
+def prediction_format(datamodule: Any, name: str) -> PredictionFormat:
+    """The data module's format for ``prediction_format=name``, a ConfigError listing its formats."""
+    try:
+        return datamodule.prediction_format(str(name))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def eval_data_config(cfg: DictConfig, train_cfg: DictConfig) -> DictConfig:
@@ -82,6 +97,7 @@ def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     ckpt = load_checkpoint(cfg.ckpt_path)
     train_cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
     datamodule = instantiate(eval_data_config(cfg, train_cfg))
+    fmt = prediction_format(datamodule, cfg.prediction_format)
     if datamodule.num_classes != train_cfg.data.num_classes:
         raise ConfigError(
             f"data.num_classes={datamodule.num_classes} differs from the checkpoint's {train_cfg.data.num_classes}"
@@ -103,7 +119,8 @@ def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         if cfg.save_predictions:  # the scored (labelled) frames, under their whole video's name
             for item, p in zip(items, preds, strict=True):
                 if bool(item.get("labelled", True)):
-                    save_prediction(p, pred_dir / item.get("source_video", item["video"]) / item["frame_name"])
+                    rel = fmt.relative_path(item.get("source_video", item["video"]), item["frame_name"])
+                    save_prediction(fmt.encode(p.to(torch.uint8).numpy()), pred_dir / rel)
 
     from vss.models.precision import inference_precision
 
@@ -118,10 +135,10 @@ def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     metrics |= {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, "global_step": ckpt.get("global_step")}
     metrics |= {"mode": cfg.mode, "seconds": seconds, "frames": frames}
     if cfg.save_predictions:
-        metrics["pred_root"] = str(pred_dir)
+        metrics |= {"pred_root": str(pred_dir), "prediction_format": fmt.name}
     print(f"[vss] {cfg.mode} mode: {frames} frames in {seconds:.1f} s ({frames / max(seconds, 1e-9):.2f} fps)")
     if cfg.save_predictions:
-        print(f"[vss] predictions written to {pred_dir}/<video>/<frame>.png")
+        print(f"[vss] predictions written to {pred_dir}/ ({fmt.layout})")
     return metrics
 
 
@@ -138,6 +155,7 @@ def score_folder(cfg: DictConfig) -> dict[str, Any]:
     data = OmegaConf.merge(cfg.data, fixed)
     datamodule = instantiate(data)
     datamodule.prepare_data()  # the synthetic set: generated if not cached
+    fmt = prediction_format(datamodule, cfg.prediction_format)
     videos = datamodule.videos(cfg.split)
     metrics = score_predictions(
         cfg.pred_root,
@@ -146,8 +164,9 @@ def score_folder(cfg: DictConfig) -> dict[str, Any]:
         datamodule.class_names,
         iou_mean=datamodule.iou_mean,
         read_label=datamodule.read_label,
+        prediction_format=fmt,
     )
-    return metrics | {"pred_root": str(cfg.pred_root), "split": cfg.split}
+    return metrics | {"pred_root": str(cfg.pred_root), "split": cfg.split, "prediction_format": fmt.name}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:

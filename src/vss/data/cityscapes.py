@@ -11,6 +11,8 @@ Each annotated frame ``k`` is frame 19 (0-based) of its snippet ``k-19 .. k+10``
 too when training clips may be played backwards), with the mask on ``k`` only. Labels are read as the 19
 train ids (255 ignore): a ``_labelTrainIds.png`` where present (``label_file=auto``), else the
 ``_labelIds.png`` mapped by :data:`LABEL_ID_TO_TRAIN_ID` (the cityscapesScripts ``labels.py`` table).
+Saved predictions are label ids named as cityscapesScripts' evaluator looks for them
+(:class:`LabelIdPredictions`), or train ids under names it does not take (:class:`TrainIdPredictions`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from vss.data.datamodule import VSSDataModule
+from vss.data.predictions import PredictionFormat
 from vss.data.vspw import IGNORE_INDEX, DatasetError, Video, check_choice, fail, read_mask
 
 log = logging.getLogger("vss.data")
@@ -77,6 +80,59 @@ def train_ids_to_label_ids(train_ids: np.ndarray) -> np.ndarray:
     for lid, tid in LABEL_ID_TO_TRAIN_ID.items():
         lut[tid] = lid
     return lut[train_ids]
+
+
+def _frame_id(label_name: str) -> tuple[str, str, str]:
+    """(city, seq, frame) of a gtFine label file name."""
+    m = _GT_NAME.match(label_name)
+    if m is None:
+        raise DatasetError(f"{label_name!r} is not a Cityscapes label name (<city>_<seq>_<frame>_gtFine_labelIds.png)")
+    return m["city"], m["seq"], m["frame"]
+
+
+class LabelIdPredictions(PredictionFormat):
+    """cityscapesScripts' result format: labelIds at ``<city>/<city>_<seq>_<frame>_pred_labelIds.png``.
+
+    ``csEvalPixelLevelSemanticLabeling`` takes, for each ground truth, the one file under
+    ``CITYSCAPES_RESULTS`` (searched recursively) named ``<city>_<seq>_<frame>*.png``, and reads its values as
+    label ids; the names do not end like the ground truth's (``_gtFine_labelIds.png``).
+    """
+
+    name = "cityscapes"
+    layout = "<city>/<city>_<seq>_<frame>_pred_labelIds.png, label ids as cityscapesScripts reads them"
+
+    def relative_path(self, video: str, label_name: str) -> Path:
+        city, seq, frame = _frame_id(label_name)
+        return Path(city) / f"{city}_{seq}_{frame}_pred_labelIds.png"
+
+    def encode(self, train_ids: np.ndarray) -> np.ndarray:
+        return train_ids_to_label_ids(train_ids)
+
+    def decode(self, stored: np.ndarray, path: Path) -> np.ndarray:
+        train_ids = _LABEL_ID_LUT[stored]
+        bad = (train_ids < 0) | (train_ids == IGNORE_INDEX)
+        if bad.any():
+            values = np.unique(stored[bad])[:10].tolist()
+            raise DatasetError(
+                f"prediction {path}: values {values} are not label ids of the 19 evaluation classes "
+                f"{sorted(LABEL_ID_TO_TRAIN_ID)} (prediction_format=cityscapes reads label ids; prediction_format="
+                "train_ids reads train ids)"
+            )
+        return train_ids.astype(np.uint8)
+
+
+class TrainIdPredictions(PredictionFormat):
+    """Train ids 0..18 at ``<city>/trainIds_<city>_<seq>_<frame>.png``.
+
+    The name does not start with ``<city>_``, so cityscapesScripts' evaluator, which would read the values as
+    label ids, finds no prediction and says so instead of scoring them.
+    """
+
+    layout = "<city>/trainIds_<city>_<seq>_<frame>.png, train ids 0..18 (not for cityscapesScripts)"
+
+    def relative_path(self, video: str, label_name: str) -> Path:
+        city, seq, frame = _frame_id(label_name)
+        return Path(city) / f"trainIds_{city}_{seq}_{frame}.png"
 
 
 def frame_path(root: Path, sequence_dir: str, split: str, city: str, seq: str, frame: int) -> Path:
@@ -228,6 +284,10 @@ class CityscapesVideoDataModule(VSSDataModule):
 
     def read_label(self, path: Path) -> np.ndarray:
         return read_label(path)
+
+    def prediction_formats(self) -> dict[str, PredictionFormat]:
+        """Label ids for cityscapesScripts' evaluator (the default), or train ids."""
+        return {"cityscapes": LabelIdPredictions(), "train_ids": TrainIdPredictions()}
 
     def scan(self, root: Path, split: str, problems: list[str]) -> list[Video]:
         """For the check: every annotated frame with its whole 30-frame snippet."""

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from vss.data.clips import ClipSampler
 from vss.data.datasets import EvalClips, EvalFrames, TrainClips, VideoShardSampler
+from vss.data.predictions import PredictionFormat
 from vss.data.transforms import build_eval_transform, build_train_transform, check_photometric
 
 if TYPE_CHECKING:
@@ -156,6 +157,21 @@ class VSSDataModule(pl.LightningDataModule):
     def read_label(self, path: Path) -> np.ndarray:
         """A mask file's raw values (H,W) uint8, before the label map (here the stored 8-bit values)."""
         return read_mask(path)
+
+    def prediction_formats(self) -> dict[str, PredictionFormat]:
+        """The formats saved predictions may take here, by name; the first is ``prediction_format=auto``."""
+        return {"train_ids": PredictionFormat()}
+
+    def prediction_format(self, name: str) -> PredictionFormat:
+        """The format ``prediction_format=name`` selects; a ValueError lists this dataset's formats."""
+        formats = self.prediction_formats()
+        if name == "auto":
+            return next(iter(formats.values()))
+        if name not in formats:
+            raise ValueError(
+                f"prediction_format={name!r} is invalid for {type(self).__name__}: expected one of {['auto', *formats]}"
+            )
+        return formats[name]
 
     def scan(self, root: Path, split: str, problems: list[str]) -> list[Video]:
         """The videos of ``split`` for a check, every structural problem collected (here: the VSPW layout)."""

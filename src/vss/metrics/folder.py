@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vss.data.predictions import PredictionFormat
 from vss.data.vspw import DatasetError, LabelMap, Video, read_mask
 from vss.metrics.consistency import VideoConsistency, not_applicable_vc
 from vss.metrics.iou import SegmentationIoU
@@ -46,15 +47,19 @@ def score_predictions(
     vc_windows: Sequence[int] = (8, 16),
     iou_mean: str = "gt_present",
     read_label: Callable[[Path], np.ndarray] = read_mask,
+    prediction_format: PredictionFormat | None = None,
 ) -> dict[str, Any]:
-    """mIoU/fwIoU (official Evaluator) and mVC_n of ``pred_root/<video>/<mask name>`` over ``videos``.
+    """mIoU/fwIoU (official Evaluator) and mVC_n of the predictions under ``pred_root`` over ``videos``.
 
-    Only labelled frames are scored (sparse labels: the annotated frames). The GT is mapped with
-    ``label_map`` for the IoU metrics and used raw for VC (as VSPW_code does); a prediction value outside
-    ``0..C-1`` is refused. ``per_class_iou`` is keyed by class name (None: absent from GT and prediction);
-    an mVC_n without any window is left out and explained under ``not_applicable``.
+    ``prediction_format`` names each labelled frame's file and decodes its values to train ids (default:
+    ``<video>/<mask name>``, class ids). Only labelled frames are scored (sparse labels: the annotated
+    frames). The GT is mapped with ``label_map`` for the IoU metrics and used raw for VC (as VSPW_code
+    does); a prediction value outside ``0..C-1`` is refused. ``per_class_iou`` is keyed by class name (None:
+    absent from GT and prediction); an mVC_n without any window is left out and explained under
+    ``not_applicable``.
     """
     pred_root = Path(pred_root)
+    fmt = prediction_format or PredictionFormat()
     num_classes = label_map.num_classes
     names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
     if len(names) != num_classes:
@@ -66,13 +71,14 @@ def score_predictions(
         for index in video.labelled:
             mask_path = video.masks[index]
             assert mask_path is not None
-            pred_path = pred_root / video.name / mask_path.name
+            pred_path = pred_root / fmt.relative_path(video.name, mask_path.name)
             if not pred_path.is_file():
                 raise DatasetError(
-                    f"video {video.name!r}: prediction for {mask_path} is missing (expected {pred_path})"
+                    f"video {video.name!r}: prediction for {mask_path} is missing (expected {pred_path}: "
+                    f"prediction_format={fmt.name}, {fmt.layout})"
                 )
             gt_raw = read_label(mask_path)
-            pred = read_prediction(pred_path)
+            pred = fmt.decode(read_prediction(pred_path), pred_path)
             if pred.shape != gt_raw.shape:
                 raise DatasetError(
                     f"prediction {pred_path} is {pred.shape[1]}x{pred.shape[0]} but its mask {mask_path} is "
