@@ -216,6 +216,16 @@ def test_no_rule_is_one_group_and_frozen_parameters_are_left_out() -> None:
     assert {id(p) for p in groups[0]["params"]} == {id(p) for p in toy.head.parameters()}
 
 
+def test_a_shared_parameter_is_grouped_once_by_its_first_name() -> None:
+    toy = Toy()
+    toy.head.fc.weight = toy.backbone.fc.weight  # tied: torch refuses a parameter in two groups
+    groups = param_groups(toy, {"head": {"lr_mult": 10.0}}, lr=0.1, weight_decay=0.5)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == 7
+    first = next(g for g in groups if any(p is toy.backbone.fc.weight for p in g["params"]))
+    assert first["lr"] == 0.1  # backbone.fc.weight comes first in module order
+
+
 def test_module_builds_the_optimizer_from_the_groups() -> None:
     seg = Segmenter(build_encoder("mit_b0"), partial(SegFormer, embed_dim=16), 5)
     adamw = partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.01)

@@ -80,25 +80,27 @@ def norm_layers() -> tuple[type, ...]:
     return (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 
 
-def parameter_multipliers(module: nn.Module, rules: Rules) -> dict[str, tuple[float, float]]:
-    """Every trainable parameter of ``module`` (by name) -> its (lr multiplier, weight-decay multiplier)."""
+def parameter_multipliers(module: nn.Module, rules: Rules) -> dict[str, tuple[Any, float, float]]:
+    """Every trainable parameter of ``module`` by its name (a shared one by its first) -> (the parameter, its lr
+    multiplier, its weight-decay multiplier)."""
     norms, order = norm_layers(), key_order(rules)
-    out: dict[str, tuple[float, float]] = {}
+    out: dict[str, tuple[Any, float, float]] = {}
+    seen: set[int] = set()
     for mod_name, mod in module.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
-            if p.requires_grad:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
                 name = f"{mod_name}.{p_name}" if mod_name else p_name
-                out[name] = multipliers(name, rules, isinstance(mod, norms), order)
+                out[name] = (p, *multipliers(name, rules, isinstance(mod, norms), order))
     return out
 
 
 def param_groups(module: nn.Module, rules: Rules, lr: float, weight_decay: float) -> list[dict[str, Any]]:
     """Optimizer parameter groups of ``module``'s trainable parameters, one per (lr, weight-decay) multiplier pair,
     each with its ``lr``, ``weight_decay`` and a ``name`` (the lr monitor's label), frozen parameters left out."""
-    params = dict(module.named_parameters())
     groups: dict[tuple[float, float], list[Any]] = {}
-    for name, mults in parameter_multipliers(module, rules).items():
-        groups.setdefault(mults, []).append(params[name])
+    for p, lr_mult, decay_mult in parameter_multipliers(module, rules).values():
+        groups.setdefault((lr_mult, decay_mult), []).append(p)
     return [
         {
             "params": ps,
