@@ -17,7 +17,8 @@ INVALID = [
     (["data.clip.offsets=[-3]"], "data.clip.offsets"),  # the clip follows the model (segformer: [])
     (["model=mrcfa", "data.clip.offsets=[-6,-3]"], "model.offsets"),
     (["val_mode=fast"], "val_mode"),
-    (["optim.head_lr_mult=0"], "optim.head_lr_mult"),
+    (["+optim.head_lr_mult=10"], "optim.head_lr_mult"),
+    (["optim.paramwise.norm.decay_mult=-1"], "optim.paramwise.norm.decay_mult"),
     (["encoder.name=mit_b9"], "encoder.name"),
     (["data=vspw", "data.root=/nonexistent"], "data.root"),
     (["data=vspw"], "data.root"),  # root: ??? (mandatory)

@@ -72,20 +72,24 @@ def test_poly_warmup_schedule_values() -> None:
     assert f(100) == 0.0
 
 
-def test_param_groups_head_lr_and_no_decay_on_norms(segformer: Segmenter) -> None:
+def test_param_groups_follow_the_paramwise_rule(segformer: Segmenter) -> None:
     adamw = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01)
-    module = VSSModule(segformer, num_classes=5, optimizer=adamw, head_lr_mult=10)
+    rule = {"aggregator": {"lr_mult": 10.0}, "pos_block": {"decay_mult": 0.0}, "norm": {"decay_mult": 0.0}}
+    module = VSSModule(segformer, num_classes=5, optimizer=adamw, paramwise=rule)
     groups = {g["name"]: g for g in module.param_groups()}
-    assert set(groups) == {"encoder", "encoder_no_decay", "head", "head_no_decay"}
-    assert groups["encoder"]["lr"] == pytest.approx(1e-4) and groups["head"]["lr"] == pytest.approx(1e-3)
-    assert groups["encoder_no_decay"]["weight_decay"] == 0.0 and groups["head"]["weight_decay"] == 0.01
+    assert set(groups) == {"lr_x1_decay_x0", "lr_x1_decay_x1", "lr_x10_decay_x1"}
+    assert groups["lr_x1_decay_x1"]["lr"] == pytest.approx(1e-4) and groups["lr_x10_decay_x1"]["lr"] == pytest.approx(
+        1e-3
+    )
+    assert groups["lr_x1_decay_x0"]["weight_decay"] == 0.0 and groups["lr_x10_decay_x1"]["weight_decay"] == 0.01
     ids = {n: id(p) for n, p in segformer.named_parameters()}
     grouped = {id(p): name for name, g in groups.items() for p in g["params"]}
     assert len(grouped) == len(ids)  # every parameter exactly once
-    assert grouped[ids["aggregator.decode_head.linear_fuse.bn.weight"]] == "head_no_decay"
-    assert grouped[ids["aggregator.decode_head.linear_pred.weight"]] == "head"
+    # 'aggregator' is tried first (longest key, as mmcv): the head's BatchNorm decays, as the official 'head' rule
+    assert grouped[ids["aggregator.decode_head.linear_fuse.bn.weight"]] == "lr_x10_decay_x1"
+    assert grouped[ids["aggregator.decode_head.linear_pred.weight"]] == "lr_x10_decay_x1"
     norm_name = next(n for n in ids if n.startswith("encoder.") and ".norm" in n and n.endswith("weight"))
-    assert grouped[ids[norm_name]] == "encoder_no_decay"
+    assert grouped[ids[norm_name]] == "lr_x1_decay_x0"
 
 
 def test_param_groups_leave_out_frozen_parameters() -> None:
@@ -93,7 +97,7 @@ def test_param_groups_leave_out_frozen_parameters() -> None:
     seg = Segmenter(build_encoder("mit_b0"), partial(SegFormer, embed_dim=16), 5, freeze=["encoder"])
     module = VSSModule(seg, num_classes=5, optimizer=partial(torch.optim.AdamW, lr=1e-4))
     groups = module.param_groups()
-    assert {g["name"] for g in groups} == {"head", "head_no_decay"}
+    assert {g["name"] for g in groups} == {"lr_x1_decay_x1"}  # no rule: one group
     assert sum(len(g["params"]) for g in groups) == len(list(seg.aggregator.parameters()))
 
 

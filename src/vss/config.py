@@ -239,6 +239,23 @@ def check_pipeline_alone(cfg: DictConfig, experiment: str | None = None) -> None
     )
 
 
+#: Keys the config no longer reads -> what replaced them (an error, never silently ignored).
+RETIRED_KEYS = {
+    "optim.head_lr_mult": (
+        "the per-parameter rules are optim.paramwise now (mmcv custom_keys: longest key first, the first that is a "
+        "substring of the parameter name wins), e.g. optim.paramwise.aggregator.lr_mult=10, or a preset: "
+        "optim/paramwise=segformer|msaf|none (conf/optim/paramwise)"
+    ),
+}
+
+
+def check_retired_keys(cfg: DictConfig) -> None:
+    """A :class:`ConfigError` for a key of :data:`RETIRED_KEYS` (a config written before it was replaced)."""
+    for key, replacement in RETIRED_KEYS.items():
+        if OmegaConf.select(cfg, key, default=None) is not None:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r} is no longer read: {replacement}")
+
+
 def check_train_values(cfg: DictConfig) -> None:
     """The checks that need neither torch nor the model code (they run before torch is imported)."""
     _check(
@@ -322,7 +339,10 @@ def check_train_values(cfg: DictConfig) -> None:
     )
     _check(cfg, "optim.optimizer.lr", lambda v: _num(v) and v > 0, "a positive number")
     _check(cfg, "optim.optimizer.weight_decay", lambda v: _num(v) and v >= 0, "a non-negative number")
-    _check(cfg, "optim.head_lr_mult", lambda v: _num(v) and v > 0, "a positive number")
+    check_retired_keys(cfg)
+    from vss.optim import check_paramwise
+
+    check_paramwise(OmegaConf.select(cfg, "optim.paramwise", default=None), "optim.paramwise")
     _check(cfg, "val_mode", lambda v: v in ("stream", "clip"), "stream or clip")
     if OmegaConf.select(cfg, "optim.scheduler", default=None) is not None:  # null: a constant learning rate
         _check(cfg, "optim.scheduler.warmup_steps", lambda v: _int(v) and v >= 0, "a non-negative integer")
@@ -505,6 +525,10 @@ def check_command_line(config_name: str, argv: Sequence[str]) -> None:
     if parsed is None or GlobalHydra.instance().is_initialized():
         return
     overrides, _ = parsed
+    for o in overrides:
+        key = o.lstrip("+~").split("=", 1)[0]
+        if key in RETIRED_KEYS:
+            raise ConfigError(f"{o} is no longer read: {RETIRED_KEYS[key]}")
     register_resolvers()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

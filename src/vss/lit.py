@@ -18,17 +18,10 @@ from vss.metrics.consistency import not_applicable_vc
 from vss.models.aggregators.base import class_map, resize
 from vss.models.segmenter import Segmenter
 from vss.models.streamer import Streamer, StreamOutput, unbatch
+from vss.optim import check_paramwise, param_groups
 
 VAL_MODES = ("stream", "clip")
 log = logging.getLogger("vss")
-
-
-NORM_LAYERS = (
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-)
 
 
 def poly_warmup_factor(step: int, max_steps: int, warmup_steps: int, warmup_ratio: float, power: float) -> float:
@@ -64,7 +57,7 @@ class VSSModule(pl.LightningModule):
         num_classes: int,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
-        head_lr_mult: float = 1.0,
+        paramwise: Mapping[str, Mapping[str, float]] | None = None,
         class_names: Sequence[str] | None = None,
         vc_windows: Sequence[int] = (8, 16),
         val_mode: str = "stream",
@@ -80,7 +73,7 @@ class VSSModule(pl.LightningModule):
         self.num_classes = int(num_classes)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.head_lr_mult = float(head_lr_mult)
+        self.paramwise = check_paramwise(paramwise)
         self.vc_windows = tuple(int(n) for n in vc_windows)
         self.val_mode = val_mode
         self.streamer = Streamer(segmenter, stream_batch_size)
@@ -223,33 +216,11 @@ class VSSModule(pl.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
-        """Groups: the aggregator at ``head_lr_mult`` x the base lr; no weight decay on normalisation layers.
-
-        The base lr and weight decay are the optimizer's (conf/optim); each group scales or zeroes them.
-        """
+        """The segmenter's trainable parameters grouped by the rules ``paramwise`` (conf/optim/paramwise, mmcv's
+        matching on the Segmenter's names: :mod:`vss.optim`); the base lr and weight decay are the optimizer's."""
         defaults = self.optimizer_factory.keywords if isinstance(self.optimizer_factory, partial) else {}
         lr, wd = float(defaults.get("lr", 1e-3)), float(defaults.get("weight_decay", 0.0))
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        no_decay_names = set()
-        if hasattr(self.segmenter.encoder, "no_weight_decay_names"):
-            no_decay_names = {f"encoder.{n}" for n in self.segmenter.encoder.no_weight_decay_names()}
-        for mod_name, module in self.segmenter.named_modules():
-            for p_name, p in module.named_parameters(recurse=False):
-                if not p.requires_grad:
-                    continue
-                full = f"{mod_name}.{p_name}" if mod_name else p_name
-                is_head = full.startswith("aggregator.")
-                no_decay = isinstance(module, NORM_LAYERS) or full in no_decay_names
-                groups.setdefault((is_head, no_decay), []).append(p)
-        return [
-            {
-                "params": ps,
-                "lr": lr * (self.head_lr_mult if head else 1.0),
-                "weight_decay": 0.0 if nd else wd,
-                "name": f"{'head' if head else 'encoder'}{'_no_decay' if nd else ''}",
-            }
-            for (head, nd), ps in sorted(groups.items())
-        ]
+        return param_groups(self.segmenter, self.paramwise, lr, wd)
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt = self.optimizer_factory(self.param_groups())

@@ -68,7 +68,7 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str]) -> A
         num_classes=num_classes,
         optimizer=instantiate(cfg.optim.optimizer, _convert_="all"),
         scheduler=instantiate(cfg.optim.scheduler, _convert_="all") if cfg.optim.get("scheduler") else None,
-        head_lr_mult=float(cfg.optim.get("head_lr_mult", 1.0)),
+        paramwise=OmegaConf.to_container(cfg.optim.paramwise, resolve=True) if cfg.optim.get("paramwise") else None,
         class_names=class_names,
         val_mode=str(cfg.get("val_mode", "stream")),
         iou_mean=str(cfg.data.get("iou_mean", "gt_present")),
@@ -260,6 +260,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from vss.callbacks import RequeueOnSignal, RunReport, SaveOnSigterm, slurm_plugins
     from vss.checkpoint import AtomicCheckpointIO, remove_stale_temporary_files
     from vss.metrics import write_metrics_json
+    from vss.optim import describe_groups
     from vss.stages import check_resume_model, check_stages, init_weights, prepare_resume
 
     quiet_output()
@@ -303,6 +304,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         total = sum(p.numel() for p in module.segmenter.parameters())
         trainable = sum(p.numel() for p in module.segmenter.parameters() if p.requires_grad)
         say(f"[vss] model: {total / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trainable)")
+        say(describe_groups(module.param_groups()))
     use_eval_path(module, datamodule)
     loggers = _instantiate_dict(cfg.get("logger"))
     for logger in loggers:  # Lightning always passes wandb.init(anonymous=None); wandb >= 0.19 warns it has no effect

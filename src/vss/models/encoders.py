@@ -54,10 +54,6 @@ class Encoder(nn.Module):
         """Return the 4 feature maps of a batch of images."""
         raise NotImplementedError
 
-    def no_weight_decay_names(self) -> set[str]:
-        """Parameter names (beyond norms and biases) that should get no weight decay."""
-        return set()
-
     def load_pretrained(self, path: str | Path) -> None:
         """Load a local checkpoint strictly into the backbone."""
         raise NotImplementedError
