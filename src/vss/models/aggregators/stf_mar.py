@@ -830,7 +830,7 @@ def _ffn_norm_names(official: str, ours: str, norms: int) -> dict[str, str]:
 
 def official_names(depth: int = 1, mar: bool = True) -> dict[str, str]:
     """Every official ``STF.*`` (and, with ``mar``, ``MAR.*``) tensor name of a ``depth``-layer STF -> ours (under
-    ``aggregator.``), in the official modules' order."""
+    ``aggregator.``); ``STF.pe_enc`` first."""
     names = {"STF.pe_enc": "stf.pe_enc", "STF.pe_dec": "stf.pe_dec"}
     for i in range(depth):
         enc, dec = f"STF.encoder.layers.{i}", f"STF.decoder.layers.{i}"
