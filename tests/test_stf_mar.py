@@ -4,6 +4,8 @@ The contract battery (tests/test_contract.py) covers streaming == clip, gradient
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,6 @@ from contract import assert_stream_equals_clip
 from random_weights import randomize_
 from vss.config import ConfigError
 from vss.models.aggregators.stf_mar import (
-    STFMAR,
     MemoryAugmentedRefinement,
     MemorySampler,
     SpatialTemporalFusion,
@@ -29,12 +30,11 @@ from vss.models.aggregators.stf_mar import (
     import_official_checkpoint,
     load_memory,
     load_official_memory,
+    official_names,
     save_memory,
 )
-from vss.models.heads import PSPHead
 from vss.models.segmenter import Segmenter
 
-pytestmark = pytest.mark.filterwarnings("ignore:model.mar=true without model.memory")
 TOL = 1e-4
 SMALL = ["model.channels=16", "model.mlp_dim=16", "model.block_size=[4,4]", "model.pe_size=[4,4]"]
 
@@ -42,18 +42,33 @@ SMALL = ["model.channels=16", "model.mlp_dim=16", "model.block_size=[4,4]", "mod
 def _official_stf(dim: int, mlp: int, pe: tuple[int, int], block: tuple[int, int], seed: int = 0) -> ref.STF:
     """A reference STF with random weights and well-scaled (not near-zero) positional tables."""
     torch.manual_seed(seed)
-    stf = randomize_(ref.STF(dim, 1, 2, mlp, pe, block=block), seed)
+    stf = randomize_(ref.STF(dim, 1, 2, mlp, pe, block), seed)
     with torch.no_grad():
         stf.pe_enc.normal_()
         stf.pe_dec.normal_()
     return stf
 
 
-def _ours(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Official ``stf.*`` / ``mar.*`` tensors through the importer, as keys of our module."""
-    converted, _, _, unknown = convert_official_state_dict(state)
-    assert not unknown, unknown
+def _ours(official: torch.nn.Module, attr: str) -> dict[str, torch.Tensor]:
+    """An official ``STF`` / ``MAR`` module's tensors (under ``attr.``) through the importer, as keys of our module."""
+    converted, _, _, missing, unexpected = convert_official_state_dict(
+        {f"{attr}.{k}": v for k, v in official.state_dict().items()}
+    )
+    assert not unexpected and all(k.startswith(("pspnet.", "STF.")) for k in missing), (unexpected, missing)
+    prefix = f"aggregator.{attr.lower()}."
     return {k.removeprefix(prefix): v for k, v in converted.items()}
+
+
+def _official_stf_output(stf: ref.STF, x: torch.Tensor, target: int) -> torch.Tensor:
+    """x (n,T,c,h,w) in time order -> the official STF's output: ``STF(x0, x1, x2)`` for the target at index 1; for
+    another target (the causal variant, not an official configuration) the same official encoder and decoder with
+    that frame as the query."""
+    frames = x.transpose(1, 2)
+    if target == 1:
+        return stf(*frames.split(1, 2))
+    pe_enc, pe_dec = stf.positions(x.shape[0], *x.shape[-2:])
+    memory = stf.encoder(frames, pos=pe_enc)
+    return stf.decoder(frames[:, :, target : target + 1], memory, pos=pe_enc, query_pos=pe_dec).squeeze(2)
 
 
 @pytest.mark.parametrize(
@@ -66,10 +81,10 @@ def test_stf_equals_the_official_module(dim: int, pe: tuple[int, int], target: i
     mlp = 256 if dim == 512 else 16
     official = _official_stf(dim, mlp, pe, (16, 16))
     ours = SpatialTemporalFusion(dim, 3, 1, 2, mlp, (16, 16), pe, 0.1, target).eval()
-    ours.load_state_dict(_ours({f"stf.{k}": v for k, v in official.state_dict().items()}, "aggregator.stf."))
+    ours.load_state_dict(_ours(official, "STF"))
     x = torch.randn(2, 3, dim, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = official(x.transpose(1, 2), x[:, target].unsqueeze(2))
+        expected = _official_stf_output(official, x, target)
         got = ours(x, target)
     assert got.shape == (2, dim, 32, 32)
     err = (got - expected).abs().max().item()
@@ -81,25 +96,25 @@ def test_stf_groups_matter() -> None:
     """The parity test can fail: the same weights with other ISA groups (8x8 blocks) give another output."""
     official = _official_stf(32, 16, (32, 32), (16, 16))
     ours = SpatialTemporalFusion(32, 3, 1, 2, 16, (16, 16), (32, 32), 0.1, 1).eval()
-    ours.load_state_dict(_ours({f"stf.{k}": v for k, v in official.state_dict().items()}, "aggregator.stf."))
+    ours.load_state_dict(_ours(official, "STF"))
     ours.block_size = (8, 8)  # other groups, same weights
     for layer in [*ours.encoder_layers, *ours.decoder_layers]:
         for attn in [getattr(layer, n) for n in ("attn", "self_attn", "cross_attn") if hasattr(layer, n)]:
             attn.block_size = (8, 8)
     x = torch.randn(1, 3, 32, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        diff = (ours(x, 1) - official(x.transpose(1, 2), x[:, 1].unsqueeze(2))).abs().max().item()
+        diff = (ours(x, 1) - _official_stf_output(official, x, 1)).abs().max().item()
     assert diff > 1e-2
 
 
 def test_mar_equals_the_official_module() -> None:
     torch.manual_seed(0)
-    official = randomize_(ref.MAR(32, 16, 10, 10, 5))
+    official = randomize_(ref.MAR(32, 16, 10, 10, 5))  # the official layer width: dim // 2 = 16
     with torch.no_grad():
         official.memory_key.normal_()
         official.memory_value.normal_()
     ours = MemoryAugmentedRefinement(32, 5, 10, 16).eval()
-    ours.load_state_dict(_ours({f"mar.{k}": v for k, v in official.state_dict().items()}, "aggregator.mar."))
+    ours.load_state_dict(_ours(official, "MAR"))
     x = 3 * torch.randn(2, 32, 8, 12, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected, got = official(x), ours(x)
@@ -108,21 +123,23 @@ def test_mar_equals_the_official_module() -> None:
 
 
 def test_official_parameter_counts_and_names() -> None:
-    """STF(512, depth 1, 2 heads, mlp 256, pe (128,256)) and MAR(512, 256, KL=KH=10, 19 classes), on meta."""
+    """STF(512, depth 1, 2 heads, mlp 256, pe (128,256)) and MAR(512, 256, KL=KH=10, 19 classes), on meta: every
+    official STF.* / MAR.* tensor of the MAR stage's SegRefine maps onto ours with its shape."""
     with torch.device("meta"):
         stf = SpatialTemporalFusion(512, 3, 1, 2, 256, (16, 16), (128, 256))
         mar = MemoryAugmentedRefinement(512, 19, 10, 256)
-        official = {f"stf.{k}": v for k, v in ref.STF(512, 1, 2, 256, (128, 256)).state_dict().items()}
-        official |= {f"mar.{k}": v for k, v in ref.MAR(512, 256, 10, 10, 19).state_dict().items()}
+        official = ref.SegRefine(19, mar=True).state_dict()
     assert sum(p.numel() for p in stf.parameters()) == 73_943_552
     assert stf.pe_enc.numel() + stf.pe_dec.numel() == 67_108_864
     assert sum(p.numel() for p in mar.parameters()) == 1_967_360
     assert mar.memory_key.numel() + mar.memory_value.numel() == 194_560
-    converted, _, _, unknown = convert_official_state_dict(official)
-    assert not unknown
+    converted, _, dropped, missing, unexpected = convert_official_state_dict(official)
+    assert not missing and not unexpected and len(dropped) == 8  # pspnet.auxiliary_head.*
+    assert set(official_names(1, mar=True)) == {k for k in official if k.startswith(("STF.", "MAR."))}
     ours = {f"aggregator.stf.{k}": v for k, v in stf.state_dict().items()}
     ours |= {f"aggregator.mar.{k}": v for k, v in mar.state_dict().items()}
-    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in ours.items()}
+    got = {k: tuple(v.shape) for k, v in converted.items() if k.startswith(("aggregator.stf.", "aggregator.mar."))}
+    assert got == {k: tuple(v.shape) for k, v in ours.items()}
 
 
 def test_positional_tables_start_like_the_official_weight_init() -> None:
@@ -130,53 +147,6 @@ def test_positional_tables_start_like_the_official_weight_init() -> None:
     stf = SpatialTemporalFusion(32, 3, 1, 2, 16, (16, 16), (16, 16))
     bound = (6 / (32 * 3 * 256 + 3 * 256)) ** 0.5
     assert stf.pe_enc.abs().max() <= bound and stf.pe_enc.abs().max() > 0.9 * bound
-
-
-def _psp_official(seed: int = 0) -> tuple[PSPHead, ref.STF, ref.MAR, dict[str, torch.Tensor]]:
-    """A tiny official-layout STF+MAR checkpoint: PSP head (mmseg names), ``stf.*``, ``mar.*``."""
-    torch.manual_seed(seed)
-    head = randomize_(PSPHead(512, 5, 32, (1, 2, 3, 6), 0.1), seed)
-    stf = _official_stf(32, 16, (4, 4), (4, 4), seed)
-    mar = randomize_(ref.MAR(32, 16, 10, 10, 5), seed)
-    state = {f"decode_head.{k}": v for k, v in head.state_dict().items() if "num_batches_tracked" not in k}
-    state |= {f"stf.{k}": v for k, v in stf.state_dict().items()}
-    state |= {f"mar.{k}": v for k, v in mar.state_dict().items()}
-    state["auxiliary_head.conv_seg.weight"] = torch.zeros(5, 256, 1, 1)
-    return head, stf, mar, state
-
-
-def test_import_official_checkpoint_gives_the_official_outputs() -> None:
-    head, stf, mar, state = _psp_official()
-    result = import_official_checkpoint(state)
-    assert result.overrides[:3] == ["model=stf_mar", "encoder=resnet50c", "data.num_classes=5"]
-    assert {"model.channels=32", "model.pe_size=[4,4]", "model.mlp_dim=16", "model.depth=1"} <= set(result.overrides)
-    assert result.dropped == ["auxiliary_head.conv_seg.weight"] and not result.unknown
-    with pytest.warns(UserWarning, match="memory"):
-        ours = STFMAR([64, 128, 256, 512], 5, mar=True, channels=32, mlp_dim=16, block_size=(4, 4), pe_size=(4, 4))
-    agg = {k.removeprefix("aggregator."): v for k, v in result.state_dict.items() if k.startswith("aggregator.")}
-    ours.load_state_dict(agg, strict=True)
-    ours.eval()
-    feats = [torch.randn(1, 512, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    with torch.no_grad():
-        per_frame = [ours.encode([f]) for f in feats]  # frames t-1, t, t+1
-        out = ours.aggregate(per_frame[1], [per_frame[0], per_frame[2]])
-        x = torch.stack([head.bottleneck_features(f) for f in feats], 2)
-        fused = stf(x, x[:, :, 1:2])
-        expected = head.classify(mar(fused))
-    assert (out["features"] - fused).abs().max() < TOL
-    assert (out["logits"] - expected).abs().max() < TOL
-
-
-def test_import_refuses_a_checkpoint_without_stf() -> None:
-    with pytest.raises(ConfigError, match="stf"):
-        import_official_checkpoint({"decode_head.conv_seg.weight": torch.zeros(19, 512, 1, 1)})
-
-
-def test_an_stf_checkpoint_without_mar_imports_as_model_stf() -> None:
-    _, _, _, state = _psp_official()
-    result = import_official_checkpoint({k: v for k, v in state.items() if not k.startswith("mar.")})
-    assert result.overrides[0] == "model=stf"
-    assert not [k for k in result.state_dict if k.startswith("aggregator.mar.")]
 
 
 def test_memory_file_roundtrip_and_layout(tmp_path) -> None:
@@ -319,6 +289,17 @@ def test_input_size_checks() -> None:
         check_train_config(OmegaConf.create({"model": {"block_size": [16, 16]}, "data": {"crop_size": [769, 769]}}))
 
 
+def test_training_mar_from_a_random_memory_warns_and_building_does_not(recwarn) -> None:
+    """The memory may come from a checkpoint (vss.eval, vss.convert, init_from): only training without one warns."""
+    cfg = {"model": {"mar": True, "memory": None, "block_size": "auto"}, "init_from": None}
+    with pytest.warns(UserWarning, match="model.mar=true without model.memory"):
+        check_train_config(OmegaConf.create(cfg))
+    check_train_config(OmegaConf.create(cfg | {"init_from": "stf_mar.ckpt"}))
+    check_train_config(OmegaConf.create({**cfg, "model": {**cfg["model"], "memory": "memory.pt"}}))
+    _build("stf_mar")
+    assert not [w for w in recwarn if "memory" in str(w.message)]
+
+
 def test_auto_block_is_the_official_block_where_it_fits() -> None:
     assert auto_block(128, 256) == (16, 16) and auto_block(96, 192) == (16, 16)  # 1024x2048, 768x1536
     assert auto_block(8, 8) == (8, 8) and auto_block(60, 108) == (15, 12) and auto_block(13, 32) == (13, 16)
@@ -373,42 +354,134 @@ def test_a_mit_encoder_is_refused() -> None:
         _build("stf", encoder="mit_b0")
 
 
-def _mmseg_backbone(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A resnet50c state dict under mmseg ResNetV1c names (``backbone.stem.*``), random weights."""
-    import timm
-
-    torch.manual_seed(seed)
-    body = timm.create_model("resnet50c", pretrained=False, num_classes=0)
-    stem = {"conv1.0": "stem.0", "conv1.1": "stem.1", "conv1.3": "stem.3", "conv1.4": "stem.4", "conv1.6": "stem.6"}
-    out = {}
-    for k, v in body.state_dict().items():
-        head, _, rest = k.partition(".")
-        name = k
-        if k.startswith("conv1."):
-            name = stem[".".join(k.split(".")[:2])] + "." + k.split(".", 2)[2]
-        elif head == "bn1":
-            name = "stem.7." + rest
-        out[f"backbone.{name}"] = v
-    return out
+# -- official checkpoints (python -m vss.convert --model stf / stf_mar) -------------------------------------
+#: A small official SegRefine: the official module tree (ResNetV1c-50, PSPHead, FCNHead, STF, MAR) at narrow widths.
+TINY = {"channels": 32, "mlp_dim": 16, "pe_dim": (6, 10), "block_size": (8, 8), "aux_channels": 8}
 
 
-def test_vss_convert_writes_a_loadable_stf_mar_checkpoint(tmp_path) -> None:
-    """``python -m vss.convert --model stf_mar``: the whole official layout loads strictly into the model."""
-    from vss.convert import convert
+def _segrefine(mar: bool, seed: int = 0, device: str = "cpu", **sizes: Any) -> ref.SegRefine:
+    """The official network of the STF (``mar=False``) or MAR stage, random weights, tables and memory ~N(0, 1)."""
+    with torch.device(device):
+        net = ref.SegRefine(19, mar=mar, **(TINY | sizes))
+    if device == "meta":
+        return net
+    randomize_(net, seed)
+    with torch.no_grad():
+        for p in (net.STF.pe_enc, net.STF.pe_dec, *((net.MAR.memory_key, net.MAR.memory_value) if mar else ())):
+            p.normal_()
+    return net
 
-    _, _, _, state = _psp_official()
-    state = {k: v for k, v in state.items() if not k.startswith("decode_head.")}
-    head = randomize_(PSPHead(2048, 5, 32, (1, 2, 3, 6), 0.1))
-    state |= {f"decode_head.{k}": v for k, v in head.state_dict().items()}
-    state |= _mmseg_backbone()
-    src = tmp_path / "official.pth"
-    torch.save({"state_dict": state}, src)
-    report = convert(src, tmp_path / "stf_mar.ckpt", "stf_mar", ["model.block_size=[4,4]"], verbose=False)
-    assert "encoder=resnet50c" in report["overrides"] and report["dropped"] == ["auxiliary_head.conv_seg.weight"]
-    ckpt = torch.load(tmp_path / "stf_mar.ckpt", weights_only=False)
-    sd = ckpt["state_dict"]
-    key = next(k for k in sd if k.endswith("aggregator.mar.memory_key"))
-    torch.testing.assert_close(sd[key], state["mar.memory_key"][0])
+
+@pytest.mark.parametrize(("mar", "prefix"), [(False, ""), (True, "module.")], ids=["stf", "stf_mar-module."])
+def test_an_official_checkpoint_converts_and_gives_the_official_logits(tmp_path, mar: bool, prefix: str) -> None:
+    """What STF/python/train.py saves (``net.module.state_dict()``; ``module.`` as a wrapped net would save it)
+    -> ``python -m vss.convert`` -> the checkpoint vss.eval reads -> the official network's logits (1/8)."""
+    from vss.convert import main as convert_main
+    from vss.eval import load_checkpoint
+    from vss.train import build_module
+
+    official = _segrefine(mar)
+    src, dst = tmp_path / "best.pth", tmp_path / "converted.ckpt"
+    torch.save({prefix + k: v for k, v in official.state_dict().items()}, src)
+    model = "stf_mar" if mar else "stf"
+    assert convert_main(["--model", model, "--src", str(src), "--dst", str(dst), "model.block_size=[8,8]"]) == 0
+    ckpt = load_checkpoint(dst)
+    report = ckpt["vss_converted_from"]
+    assert report["dropped"] == sorted(k for k in official.state_dict() if k.startswith("pspnet.auxiliary_head."))
+    assert {f"model={model}", "data.num_classes=19", "model.channels=32", "model.pe_size=[6,10]"} <= set(
+        report["overrides"]
+    )
+    cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
+    module = build_module(cfg, 19, [str(i) for i in range(19)])
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    frames = [torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]  # t-1, t, t+1
+    clip = torch.stack([frames[0], frames[2], frames[1]], 1)  # vss: the references in offsets order, target last
+    with torch.no_grad():
+        expected = official.logits(frames)
+        got = module.segmenter.eval()(clip)["logits"]
+    assert got.shape == expected.shape == (1, 19, 8, 8)
+    err = (got - expected).abs().max().item()
+    assert err < TOL, f"max |vss - official| = {err:.3g}"
+    assert expected.std() > 0.3 and torch.equal(got.argmax(1), expected.argmax(1))
+
+
+@pytest.mark.parametrize("mar", [False, True], ids=["stf", "stf_mar"])
+def test_the_module_prefix_imports_the_same_tensors(mar: bool) -> None:
+    state = _segrefine(mar, device="meta").state_dict()
+    plain = import_official_checkpoint(state)
+    wrapped = import_official_checkpoint({f"module.{k}": v for k, v in state.items()})
+    assert plain.overrides == wrapped.overrides and plain.overrides[0] == f"model={'stf_mar' if mar else 'stf'}"
+    assert {k: v.shape for k, v in plain.state_dict.items()} == {k: v.shape for k, v in wrapped.state_dict.items()}
+    assert plain.origin == wrapped.origin and plain.dropped == wrapped.dropped  # each tensor from the same name
+
+
+def test_the_official_memory_shapes_and_sizes_are_read_from_the_file() -> None:
+    """MAR's (1, K*num_class, C) memory imports as (K*num_class, C); K, widths and the table grid become overrides."""
+    state = _segrefine(True, device="meta").state_dict()
+    result = import_official_checkpoint(state)
+    assert result.overrides == [
+        "model=stf_mar",
+        "encoder=resnet50c",
+        "data.num_classes=19",
+        "model.channels=32",
+        "model.pe_size=[6,10]",
+        "model.depth=1",
+        "model.mlp_dim=16",
+        "model.keys_per_class=10",
+    ]
+    assert result.defaults == ["data=cityscapes_video"]
+    assert result.state_dict["aggregator.mar.memory_key"].shape == (190, 32)
+    assert result.origin["aggregator.mar.proj.weight"] == "MAR.HEdecoder.attn.to_out.0.weight"
+    assert result.origin["aggregator.stf.decoder_layers.0.cross_attn.long_range.in_proj_weight"] == (
+        "STF.decoder.layers.0.multihead_attn.self_attn_long.in_proj_weight"
+    )
+    assert result.origin["encoder.body.conv1.0.weight"] == "pspnet.backbone.stem.0.weight"
+
+
+def test_a_file_of_another_layout_names_the_missing_and_unexpected_keys(tmp_path, capsys) -> None:
+    from vss.convert import main as convert_main
+
+    state = _segrefine(True, device="meta").state_dict()
+    n_stf = sum(k.startswith("STF.") for k in state)
+    n_mar = sum(k.startswith("MAR.") for k in state)
+    # the names this suite used to guess (lower-case stf.* / mar.*): every STF key missing, all of them unexpected
+    guessed = {k.replace("STF.", "stf.", 1).replace("MAR.", "mar.", 1): v for k, v in state.items()}
+    with pytest.raises(ConfigError) as info:
+        import_official_checkpoint(guessed)
+    msg = str(info.value)
+    assert f"{n_stf} expected keys missing (STF.pe_enc, STF.pe_dec, " in msg
+    assert f"{n_stf + n_mar} unexpected keys found (stf.pe_enc, stf.pe_dec, " in msg
+    assert "more)" in msg and "\n" not in msg
+    # one key renamed: exactly that one missing and its new name unexpected, through the command line
+    real = _segrefine(True)
+    broken = dict(real.state_dict())
+    broken["STF.decoder.layers.0.multihead_attn.long.in_proj_weight"] = broken.pop(
+        "STF.decoder.layers.0.multihead_attn.self_attn_long.in_proj_weight"
+    )
+    src = tmp_path / "broken.pth"
+    torch.save(broken, src)
+    assert convert_main(["--model", "stf_mar", "--src", str(src), "--dst", str(tmp_path / "x.ckpt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: {src}: not an official ST_Memory checkpoint (the state_dict of SegRefine: pspnet.*, STF.*, MAR.* "
+        "in the MAR stage): 1 expected keys missing (STF.decoder.layers.0.multihead_attn.self_attn_long."
+        "in_proj_weight); 1 unexpected keys found (STF.decoder.layers.0.multihead_attn.long.in_proj_weight)"
+    )
+    assert not (tmp_path / "x.ckpt").exists()
+    # an mmseg PSPNet file: the STF keys are missing and the hint names the right importer
+    psp = {k.removeprefix("pspnet."): v for k, v in state.items() if k.startswith("pspnet.")}
+    with pytest.raises(ConfigError, match=r"STF\.pe_enc.*unexpected keys found \(backbone\.stem\..*--model pspnet$"):
+        import_official_checkpoint(psp)
+
+
+def test_a_mar_the_model_cannot_build_is_a_config_error() -> None:
+    """vss builds MAR with model.mlp_dim (official: 512 // 2 = STF's 256) and as many keys as values per class."""
+    with pytest.raises(ConfigError, match=r"MAR's width 16 .* differs from STF's 8"):
+        import_official_checkpoint(_segrefine(True, device="meta", mlp_dim=8).state_dict())
+    state = dict(_segrefine(True, device="meta").state_dict())
+    state["MAR.memory_value"] = torch.empty(1, 95, 32, device="meta")
+    with pytest.raises(ConfigError, match="190 slots and MAR.memory_value 95 for 19 classes"):
+        import_official_checkpoint(state)
 
 
 # -- the memory pass ---------------------------------------------------------------------------------------
