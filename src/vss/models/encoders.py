@@ -23,6 +23,7 @@ __all__ = [
     "build_encoder",
     "convert_mit_checkpoint",
     "convert_resnet_v1c_checkpoint",
+    "load_checkpoint_and_meta",
     "load_checkpoint_state_dict",
 ]
 
@@ -186,6 +187,12 @@ def _timm_mit_key(key: str) -> str:
 
 def load_checkpoint_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read a local checkpoint and return its state dict (plain, or under `state_dict` / `model`)."""
+    return load_checkpoint_and_meta(path)[0]
+
+
+def load_checkpoint_and_meta(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a local checkpoint: its state dict (see :func:`load_checkpoint_state_dict`) and its ``meta`` dict
+    (mmcv / mmengine runners store the data set's class names there; ``{}`` when absent)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
@@ -202,6 +209,7 @@ def load_checkpoint_state_dict(path: str | Path) -> dict[str, Tensor]:
             stacklevel=2,
         )
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    meta = checkpoint.get("meta") if isinstance(checkpoint, dict) else None
     if isinstance(checkpoint, dict):
         for wrapper in ("state_dict", "model"):
             if isinstance(checkpoint.get(wrapper), dict):
@@ -212,7 +220,8 @@ def load_checkpoint_state_dict(path: str | Path) -> dict[str, Tensor]:
             f"{path}: expected a state dict of tensors (plain, or under a 'state_dict' or 'model' key), "
             f"got {type(checkpoint).__name__}"
         )
-    return _strip_prefix(dict(checkpoint), "module.", keep_only=False)
+    state_dict = _strip_prefix(dict(checkpoint), "module.", keep_only=False)
+    return state_dict, dict(meta) if isinstance(meta, dict) else {}
 
 
 def _strip_prefix(state_dict: dict[str, Tensor], prefix: str, keep_only: bool) -> dict[str, Tensor]:

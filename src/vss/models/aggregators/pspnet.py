@@ -108,8 +108,9 @@ def check_resnet50_v1c(state_dict: dict[str, Tensor]) -> None:
 def import_official_checkpoint(state_dict: dict[str, Tensor]) -> ImportResult:
     """An mmseg PSPNet R50-D8 (or ST_Memory ``psp50_trained.pth``) ``state_dict`` -> Segmenter tensors + config.
 
-    Read from the tensors: the number of classes (``conv_seg``) and the head width (``bottleneck``). A 19-class
-    checkpoint starts from ``data=cityscapes_video`` unless another data set is given.
+    Read from the tensors: the number of classes (``conv_seg``; any count, e.g. 150 for ADE20K) and the head
+    width (``bottleneck``). vss.convert picks the data set and class names from the count and the ``meta``
+    (19: ``data=cityscapes_video``).
     """
     from vss.convert import ImportResult
 
@@ -127,7 +128,6 @@ def import_official_checkpoint(state_dict: dict[str, Tensor]) -> ImportResult:
             f"data.num_classes={num_classes}",
             f"model.channels={channels}",
         ],
-        defaults=["data=cityscapes_video"] if num_classes == 19 else [],
         origin=origin,
         dropped=dropped,
         unknown=unknown,
