@@ -391,12 +391,14 @@ def test_config_stm_p_is_top_level_and_defaults_follow_the_encoder() -> None:
 # -- checkpoint import -----------------------------------------------------------------------------
 
 
-def _official_checkpoint(path: Path, backbone: str, num_classes: int = 7) -> tuple[nn.Module, nn.Module]:
+def _official_checkpoint(
+    path: Path, backbone: str, num_classes: int = 7, meta: dict | None = None
+) -> tuple[nn.Module, nn.Module]:
     mit = randomize_(build_reference_mit("mit_b0"), seed=1)
     head = randomize_(OfficialMRCFAHead(B0_CHANNELS, num_classes, backbone=backbone), seed=2)
     state = {"backbone." + k: v for k, v in mit.state_dict().items()}  # includes the ImageNet head.*
     state |= {"decode_head." + k: v for k, v in head.state_dict().items()}
-    torch.save({"meta": {"iter": 160000}, "state_dict": state}, path)
+    torch.save({"meta": meta or {"iter": 160000}, "state_dict": state}, path)
     return mit, head
 
 
@@ -425,6 +427,29 @@ def test_checkpoint_import_round_trip(tmp_path: Path, backbone: str, capsys: pyt
     assert got.shape == expected.shape == (2, 7, 16, 24)
     assert (got - expected).abs().max().item() < 1e-4
     assert (own - single).abs().max().item() < 1e-4
+
+
+def test_checkpoint_import_of_any_class_count(tmp_path: Path) -> None:
+    """The shared vss.convert rule: 19 classes -> data=cityscapes_video (over the preset's VSPW); 150 with
+    mmseg 0.x meta names -> the VSPW-layout reader with those names and colours; 7 and no names -> class_i."""
+    src, dst = tmp_path / "official.pth", tmp_path / "converted.ckpt"
+    cases = {
+        19: ({"iter": 1}, "data=cityscapes_video", None),
+        150: ({"CLASSES": [f"c {i}" for i in range(150)], "PALETTE": [[i, i, i] for i in range(150)]}, None, None),
+        7: ({"iter": 1}, None, [f"class_{i}" for i in range(7)]),
+    }
+    for num_classes, (meta, data, names) in cases.items():
+        _official_checkpoint(src, "b0", num_classes, meta)
+        report = convert(src, dst, "mrcfa", ["stm.p=0.5"], verbose=False)
+        assert report["overrides"][0] == (data or "experiment=mrcfa_vspw"), num_classes
+        cfg = OmegaConf.create(load_checkpoint(dst)["hyper_parameters"]["config"])
+        assert cfg.data.num_classes == num_classes and cfg.model._target_.endswith("MRCFA")
+        if num_classes == 19:
+            assert cfg.data._target_.endswith("CityscapesVideoDataModule") and cfg.data.class_names is None
+        elif num_classes == 150:
+            assert list(cfg.data.class_names) == meta["CLASSES"] and cfg.data.palette[149] == [149] * 3
+        else:
+            assert list(cfg.data.class_names) == names and cfg.data.palette is None
 
 
 def test_checkpoint_import_lists_unknown_and_missing_keys(tmp_path: Path) -> None:

@@ -8,22 +8,29 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from conftest import compose_train
 from random_weights import randomize_
-from vss.config import ConfigError
+from vss.config import CONF_DIR, ConfigError
 from vss.convert import convert
-from vss.eval import load_checkpoint
+from vss.convert import main as convert_main
+from vss.data.transforms import build_eval_transform
+from vss.eval import evaluate_checkpoint, load_checkpoint
 from vss.models.aggregators.pspnet import PSPNet, import_official_checkpoint, pspnet_keys
 from vss.models.encoders import build_encoder
 from vss.models.heads import PSPHead
 from vss.models.segmenter import Segmenter
+from vss.predict import predict
 from vss.train import build_module
 
 RESNET50C_PARAMS = 23_527_264
@@ -195,12 +202,15 @@ def test_pspnet_refuses_offsets() -> None:
 
 
 # -- vss.convert --model pspnet ------------------------------------------------------------------------
-def _official_checkpoint(path: Path, num_classes: int = 19, channels: int = 16) -> tuple[nn.Module, PSPHead]:
-    """A fake mmseg PSPNet R50-D8 checkpoint: random weights under mmseg names, an aux head and ``meta``.
+def _official_checkpoint(
+    path: Path, num_classes: int = 19, channels: int = 16, meta: dict | None = None, backbone: nn.Module | None = None
+) -> tuple[nn.Module, PSPHead]:
+    """A fake mmseg PSPNet R50-D8 checkpoint: random weights under mmseg names, an aux head and ``meta``
+    (default: mmseg 0.x's, with ``CLASSES``).
 
     The head is narrow (``channels``, read back by the importer) to keep the file small.
     """
-    backbone = randomize_(build_encoder("resnet50c"), seed=1)
+    backbone = backbone or randomize_(build_encoder("resnet50c"), seed=1)
     head = randomize_(PSPHead(2048, num_classes, channels=channels), seed=2)
     state = {"backbone." + k: v for k, v in to_mmseg_resnet(backbone.body.state_dict()).items()}
     state |= {"decode_head." + k: v for k, v in head.state_dict().items()}
@@ -211,7 +221,8 @@ def _official_checkpoint(path: Path, num_classes: int = 19, channels: int = 16) 
         "auxiliary_head.conv_seg.weight": torch.randn(num_classes, 4, 1, 1, generator=g),
         "auxiliary_head.conv_seg.bias": torch.zeros(num_classes),
     }
-    torch.save({"meta": {"iter": 80000, "CLASSES": ("road",) * num_classes}, "state_dict": state}, path)
+    meta = {"iter": 80000, "CLASSES": ("road",) * num_classes} if meta is None else meta
+    torch.save({"meta": meta, "state_dict": state}, path)
     return backbone, head
 
 
@@ -300,3 +311,130 @@ def test_unknown_and_missing_keys_are_reported(tmp_path: Path) -> None:
     msg = str(info.value)
     assert "decode_head.psp_modules.4.1.conv.weight" in msg and "aggregator.decode_head.bottleneck.bn.bias" in msg
     assert not dst.exists()
+
+
+# -- any class count: a 150-class (ADE20K) mmseg checkpoint ------------------------------------------------
+ADE_CLASSES = 150
+#: mmseg 0.x's meta as tools/train.py saves it: the data set's CLASSES and PALETTE (names with spaces, as ADE's)
+ADE_NAMES = ("wall", "building", "sky", "floor", "tree", *(f"thing no. {i}" for i in range(5, ADE_CLASSES)))
+ADE_PALETTE = [[(37 * i) % 256, (91 * i) % 256, (151 * i) % 256] for i in range(ADE_CLASSES)]
+ADE_META = {"mmseg_version": "0.20.2", "config": "...", "CLASSES": ADE_NAMES, "PALETTE": ADE_PALETTE, "iter": 160000}
+
+
+@pytest.fixture(scope="module")
+def ade(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A fake 150-class mmseg PSPNet R50-D8 (official names and shapes; head 16 wide) with and without ``meta``
+    class names, and a tiny VSPW-layout data set with raw mask values 0..150 (0: ignore)."""
+    root = tmp_path_factory.mktemp("ade")
+    backbone, head = _official_checkpoint(root / "meta.pth", ADE_CLASSES, meta=ADE_META)
+    _official_checkpoint(root / "no_meta.pth", ADE_CLASSES, meta={"iter": 160000}, backbone=backbone)
+    data = root / "data"
+    rng = np.random.default_rng(0)
+    for video in ("v0", "v1"):
+        for kind in ("origin", "mask"):
+            (data / "data" / video / kind).mkdir(parents=True)
+        for i in range(2):
+            cv2.imwrite(str(data / "data" / video / "origin" / f"{i:03d}.png"), rng.integers(0, 256, (32, 48, 3)))
+            mask = rng.integers(0, ADE_CLASSES + 1, (32, 48)).astype(np.uint8)
+            cv2.imwrite(str(data / "data" / video / "mask" / f"{i:03d}.png"), mask)
+    (data / "val.txt").write_text("v0\nv1\n")
+    return {"root": root, "backbone": backbone, "head": head, "data": data}
+
+
+def _stored(ckpt_path: Path) -> tuple[DictConfig, dict]:
+    ckpt = load_checkpoint(ckpt_path)
+    return OmegaConf.create(ckpt["hyper_parameters"]["config"]), ckpt
+
+
+def test_150_class_checkpoint_converts_with_its_meta_names(ade: dict, tmp_path: Path) -> None:
+    """No data set has 150 classes: the VSPW-layout reader, the names and colours mmseg saved; the same logits."""
+    dst = tmp_path / "ade.ckpt"
+    report = convert(ade["root"] / "meta.pth", dst, "pspnet", verbose=False)
+    assert report["overrides"][:2] == ["data=vspw", "model=pspnet"] and "data.num_classes=150" in report["overrides"]
+    assert (
+        report["classes"] == "150, names from the checkpoint's meta['CLASSES'], its palette (data=vspw reads the data)"
+    )
+    cfg, ckpt = _stored(dst)
+    assert cfg.data.num_classes == 150 and cfg.data._target_ == "vss.data.datamodule.VSSDataModule"
+    assert list(cfg.data.class_names) == list(ADE_NAMES) and OmegaConf.to_container(cfg.data.palette) == ADE_PALETTE
+    assert ckpt["hyper_parameters"]["class_names"] == list(ADE_NAMES)
+    module = build_module(cfg, 150, list(cfg.data.class_names))
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    x = torch.randn(1, 1, 3, 32, 48, generator=gen(9))
+    with torch.no_grad():
+        got = module.segmenter.eval()(x)["logits"]
+        by_hand = ade["head"](ade["backbone"](x[:, 0])[-1])
+    assert got.shape == (1, 150, 4, 6)
+    torch.testing.assert_close(got, by_hand, atol=0, rtol=0)
+
+
+def test_150_class_checkpoint_without_meta_names_is_numbered(ade: dict, tmp_path: Path) -> None:
+    dst = tmp_path / "ade.ckpt"
+    report = convert(ade["root"] / "no_meta.pth", dst, "pspnet", verbose=False)
+    assert report["classes"].startswith("150, numbered names class_0...class_149 (no class names in the meta)")
+    cfg, ckpt = _stored(dst)
+    assert list(cfg.data.class_names) == [f"class_{i}" for i in range(150)] and cfg.data.palette is None
+    build_module(cfg, 150, list(cfg.data.class_names)).load_state_dict(ckpt["state_dict"], strict=True)
+
+
+def test_150_class_checkpoint_data_of_another_count_is_a_clear_error(ade: dict, tmp_path: Path) -> None:
+    src, dst = ade["root"] / "meta.pth", tmp_path / "ade.ckpt"
+    with pytest.raises(ConfigError, match=r"data=cityscapes_video has 19 classes but the checkpoint has 150: "):
+        convert(src, dst, "pspnet", ["data=cityscapes_video"], verbose=False)
+    with pytest.raises(ConfigError, match=r"data=synthetic \(experiment=synthetic\) has 5 classes but .* has 150"):
+        convert(src, dst, "pspnet", ["experiment=synthetic"], verbose=False)
+    assert convert_main(["--model", "pspnet", "--src", str(src), "--dst", str(dst), "data=camvid_video"]) == 2
+    assert not dst.exists()
+
+
+def test_150_class_checkpoint_evaluates(ade: dict, tmp_path: Path) -> None:
+    """vss.eval on a 150-class VSPW-layout set: per-class IoU under the meta names; mIoU recomputed by hand."""
+    dst = tmp_path / "ade.ckpt"
+    convert(ade["root"] / "meta.pth", dst, "pspnet", [f"data.root={ade['data']}", "data.scale=[64,64]"], verbose=False)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "eval",
+            [f"ckpt_path={dst}", "save_predictions=true", "progress=false", "num_workers=0", "device=cpu"]
+            + [f"paths.output_dir={tmp_path / 'eval'}"],
+        )
+    GlobalHydra.instance().clear()
+    metrics = evaluate_checkpoint(cfg, tmp_path / "eval")
+    assert list(metrics["per_class_iou"]) == list(ADE_NAMES) and metrics["frames"] == 4
+    confmat, top = np.zeros((150, 150), np.int64), 0
+    for video in ("v0", "v1"):
+        for i in range(2):
+            pred = cv2.imread(str(tmp_path / "eval" / "predictions" / video / f"{i:03d}.png"), cv2.IMREAD_UNCHANGED)
+            raw = cv2.imread(str(ade["data"] / "data" / video / "mask" / f"{i:03d}.png"), cv2.IMREAD_UNCHANGED)
+            keep = raw > 0  # VSPW label map: raw 0 is ignored, raw k is class k-1
+            np.add.at(confmat, ((raw[keep] - 1).astype(int), pred[keep].astype(int)), 1)
+            top = max(top, int(pred.max()))
+    assert top > 18  # classes past Cityscapes' 19 are predicted
+    tp, gt, predicted = np.diag(confmat), confmat.sum(1), confmat.sum(0)
+    iou = tp[gt > 0] / (gt + predicted - tp)[gt > 0]
+    assert metrics["mIoU"] == pytest.approx(iou.mean(), abs=1e-6)
+
+
+def test_150_class_checkpoint_predicts_with_its_names_and_colours(ade: dict, tmp_path: Path) -> None:
+    """vss.predict on three frames: masks = the mmseg model by hand; predict.json lists the 150 meta classes."""
+    dst, frames_dir, out = tmp_path / "ade.ckpt", tmp_path / "frames", tmp_path / "out"
+    convert(ade["root"] / "meta.pth", dst, "pspnet", ["data.scale=[64,64]"], verbose=False)
+    frames_dir.mkdir()
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for _ in range(3)]
+    for i, f in enumerate(frames):
+        cv2.imwrite(str(frames_dir / f"{i}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("predict", [f"ckpt_path={dst}", f"source={frames_dir}", f"output={out}", "progress=false"])
+    GlobalHydra.instance().clear()
+    summary = predict(cfg)
+    assert [c["name"] for c in summary["classes"]] == list(ADE_NAMES)
+    assert [c["color"] for c in summary["classes"]] == ADE_PALETTE  # the checkpoint's palette, not a generated one
+    x = build_eval_transform([64, 64], 32)(images=np.stack(frames))["images"]
+    with torch.no_grad():
+        logits = ade["head"](ade["backbone"](x)[-1])
+        expected = F.interpolate(logits, size=(40, 56), mode="bilinear", align_corners=False).argmax(1).numpy()
+    for i in range(3):
+        np.testing.assert_array_equal(cv2.imread(str(out / "masks" / f"{i}.png"), cv2.IMREAD_UNCHANGED), expected[i])
+    assert expected.max() > 18

@@ -238,7 +238,8 @@ def test_converted_checkpoint_is_weights_only_and_starts_a_run(tiny_data_dir: Pa
     src, dst = tmp_path / "official.pth", tmp_path / "converted.ckpt"
     torch.save({"meta": {"iter": 160000}, "state_dict": state}, src)
     report = convert(src, dst, "mrcfa", ["stm.p=0.5"], verbose=False)
-    assert report["overrides"][:3] == ["experiment=mrcfa_vspw", "model=mrcfa", "encoder=mit_b0"]
+    # 5 classes, no names in the meta: the one data set with 5 classes (the synthetic set) is stored
+    assert report["overrides"][:3] == ["data=synthetic", "experiment=mrcfa_vspw", "model=mrcfa"]
 
     ckpt = load_checkpoint(dst)  # vss.eval accepts it
     assert set(ckpt) == {"state_dict", "hyper_parameters", "vss_converted_from"}

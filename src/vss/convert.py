@@ -231,9 +231,9 @@ def choose_data(chosen: Sequence[str], user: Sequence[str], num_classes: int, ta
             return DataChoice([], group, True)
         if "data.num_classes" in given:
             return DataChoice([], group, False)
-        shown = " ".join(o for o in user if _key(o) in picked)
+        via = "" if picked == ["data"] else f" ({' '.join(o for o in user if _key(o) in picked)})"
         raise ConfigError(
-            f"data={group} ({shown}) has {count} classes but the checkpoint has {num_classes}: pass a data set "
+            f"data={group}{via} has {count} classes but the checkpoint has {num_classes}: pass a data set "
             f"with {num_classes} classes, leave {' and '.join(k + '=' for k in picked)} out (then data="
             f"{GENERIC_DATA}, the VSPW-layout reader, with the checkpoint's classes), or add "
             f"data.num_classes={num_classes} to read data={group}'s layout with {num_classes} classes"
@@ -356,7 +356,14 @@ def convert(
         print(f"[vss.convert] {src} -> {dst}: {' '.join(report['overrides'])}; {len(converted)} tensors, weights only")
         print(f"[vss.convert] dropped (unused by the model): {', '.join(report['dropped']) or 'none'}")
         print(f"[vss.convert] classes: {report['classes']}")
-        print(f"[vss.convert] evaluate: python -m vss.eval ckpt_path={dst}; fine-tune: vss.train init_from={dst}")
+        if OmegaConf.is_missing(cfg.data, "root"):
+            print(
+                f"[vss.convert] evaluate: add data.root=DIR to this command (data={choice.group if choice else '...'}"
+                f" layout), then python -m vss.eval ckpt_path={dst}; predict: python -m vss.predict "
+                f"ckpt_path={dst} source=VIDEO; fine-tune: vss.train init_from={dst}"
+            )
+        else:
+            print(f"[vss.convert] evaluate: python -m vss.eval ckpt_path={dst}; fine-tune: vss.train init_from={dst}")
     return report
 
 

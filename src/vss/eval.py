@@ -96,7 +96,14 @@ def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"mode={cfg.mode!r} is invalid: expected stream (cached features) or clip (official path)")
     ckpt = load_checkpoint(cfg.ckpt_path)
     train_cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
-    datamodule = instantiate(eval_data_config(cfg, train_cfg))
+    data_cfg = eval_data_config(cfg, train_cfg)
+    if OmegaConf.is_missing(data_cfg, "root"):  # e.g. a vss.convert checkpoint converted without data.root
+        where = "pass data.root=DIR with data=..." if cfg.get("data") is not None else "its config has none"
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: data.root is not set ({where}): convert with data.root=DIR, or pass "
+            f"data=GROUP data.root=DIR data.num_classes={train_cfg.data.num_classes}"
+        )
+    datamodule = instantiate(data_cfg)
     fmt = prediction_format(datamodule, cfg.prediction_format)
     if datamodule.num_classes != train_cfg.data.num_classes:
         raise ConfigError(

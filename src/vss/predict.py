@@ -13,7 +13,8 @@ through the checkpoint's evaluation transform (its ``data.scale`` and ``data.siz
 the original frame size and argmax'ed. Written into ``output`` (default: the run directory):
 
 - ``masks/<frame>.png``: class ids 0..C-1, 8-bit (``%06d.png`` for a video, the frame's stem for a folder);
-- ``overlay.mp4`` (``save_overlay=true``): the frames blended with the class palette (``opacity``, ``palette``);
+- ``overlay.mp4`` (``save_overlay=true``): the frames blended with the class colours (``opacity``, ``palette``;
+  by default the checkpoint's ``data.palette`` where it has one);
 - ``side_by_side.mp4`` (``side_by_side=true``): frame | overlay;
 - ``predict.json``, last: frame count, speed and the classes with their colours.
 
@@ -32,7 +33,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +189,7 @@ class Model:
     class_names: list[str]
     scale: list[int]
     size_divisor: int
+    palette: list[list[int]] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -226,11 +228,26 @@ def load_model(ckpt_path: str | Path, device: torch.device) -> Model:
     if scale is None:
         raise ConfigError(f"ckpt_path={str(path)!r}: its config has no data.scale (the evaluation size)")
     size_divisor = int(OmegaConf.select(cfg, "data.size_divisor", default=32) or 1)
-    return Model(module.segmenter.to(device).eval(), class_names, [int(s) for s in scale], size_divisor)
+    palette = OmegaConf.select(cfg, "data.palette")
+    palette = OmegaConf.to_container(palette) if palette is not None else None
+    segmenter = module.segmenter.to(device).eval()
+    return Model(segmenter, class_names, [int(s) for s in scale], size_divisor, palette)
 
 
-def load_palette(path: str | Path | None, num_classes: int) -> np.ndarray:
-    """Class colours (C,3) uint8: the file's list of [r, g, b] triples, or the default palette when None."""
+def _triples(colours: Any, num_classes: int) -> bool:
+    """Whether ``colours`` is a list of at least ``num_classes`` [r, g, b] triples of integers in 0..255."""
+
+    def triple(c: Any) -> bool:
+        return isinstance(c, list | tuple) and len(c) == 3 and all(type(v) is int and 0 <= v <= 255 for v in c)
+
+    return isinstance(colours, list) and len(colours) >= num_classes and all(triple(c) for c in colours)
+
+
+def load_palette(path: str | Path | None, num_classes: int, own: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """Class colours (C,3) uint8: the file's list of [r, g, b] triples; when None, ``own`` (the checkpoint's
+    ``data.palette``) if it is one triple per class, else the default palette."""
+    if path is None and own is not None and _triples(own, num_classes):
+        return np.asarray([list(c) for c in own][:num_classes], dtype=np.uint8)
     if path is None:
         from vss.callbacks import palette
 
@@ -246,10 +263,7 @@ def load_palette(path: str | Path | None, num_classes: int) -> np.ndarray:
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise ConfigError(f"palette={str(p)!r} cannot be parsed as JSON/YAML ({_one_line(e)})") from None
 
-    def triple(c: Any) -> bool:
-        return isinstance(c, list | tuple) and len(c) == 3 and all(type(v) is int and 0 <= v <= 255 for v in c)
-
-    if not isinstance(colours, list) or len(colours) < num_classes or not all(triple(c) for c in colours):
+    if not _triples(colours, num_classes):
         raise ConfigError(
             f"palette={str(p)!r} is invalid: expected a list of at least {num_classes} [r, g, b] triples "
             "(integers 0..255), one per class"
@@ -395,7 +409,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     source = open_source(source_arg)  # before the model: a bad source fails in a second
     device = resolve_device(cfg.device)
     model = load_model(ckpt_path, device)
-    colours = load_palette(cfg.get("palette"), model.num_classes)
+    colours = load_palette(cfg.get("palette"), model.num_classes, model.palette)
     mask_dir = prepare_output(output, bool(cfg.get("overwrite", False)))
     transform = build_eval_transform(model.scale, model.size_divisor)
     fps = float(fps_arg) if fps_arg is not None else source.fps or DEFAULT_FPS
