@@ -341,6 +341,16 @@ def ade(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "backbone": backbone, "head": head, "data": data}
 
 
+def _eval_cfg(ckpt_path: Path, out: Path) -> DictConfig:
+    """``conf/eval.yaml`` for ``vss.eval ckpt_path=... save_predictions=true`` on the CPU, in-process."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        overrides = ["save_predictions=true", "progress=false", "num_workers=0", "device=cpu"]
+        cfg = compose("eval", [f"ckpt_path={ckpt_path}", *overrides, f"paths.output_dir={out}"])
+    GlobalHydra.instance().clear()
+    return cfg
+
+
 def _stored(ckpt_path: Path) -> tuple[DictConfig, dict]:
     ckpt = load_checkpoint(ckpt_path)
     return OmegaConf.create(ckpt["hyper_parameters"]["config"]), ckpt
@@ -366,6 +376,9 @@ def test_150_class_checkpoint_converts_with_its_meta_names(ade: dict, tmp_path: 
         by_hand = ade["head"](ade["backbone"](x[:, 0])[-1])
     assert got.shape == (1, 150, 4, 6)
     torch.testing.assert_close(got, by_hand, atol=0, rtol=0)
+    # converted without data.root: vss.eval says what to pass (one line, no traceback)
+    with pytest.raises(ConfigError, match=r"data.root is not set .*data=GROUP data.root=DIR data.num_classes=150$"):
+        evaluate_checkpoint(_eval_cfg(dst, tmp_path / "eval"), tmp_path / "eval")
 
 
 def test_150_class_checkpoint_without_meta_names_is_numbered(ade: dict, tmp_path: Path) -> None:
@@ -391,15 +404,7 @@ def test_150_class_checkpoint_evaluates(ade: dict, tmp_path: Path) -> None:
     """vss.eval on a 150-class VSPW-layout set: per-class IoU under the meta names; mIoU recomputed by hand."""
     dst = tmp_path / "ade.ckpt"
     convert(ade["root"] / "meta.pth", dst, "pspnet", [f"data.root={ade['data']}", "data.scale=[64,64]"], verbose=False)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "eval",
-            [f"ckpt_path={dst}", "save_predictions=true", "progress=false", "num_workers=0", "device=cpu"]
-            + [f"paths.output_dir={tmp_path / 'eval'}"],
-        )
-    GlobalHydra.instance().clear()
-    metrics = evaluate_checkpoint(cfg, tmp_path / "eval")
+    metrics = evaluate_checkpoint(_eval_cfg(dst, tmp_path / "eval"), tmp_path / "eval")
     assert list(metrics["per_class_iou"]) == list(ADE_NAMES) and metrics["frames"] == 4
     confmat, top = np.zeros((150, 150), np.int64), 0
     for video in ("v0", "v1"):
