@@ -904,8 +904,8 @@ def import_official_checkpoint(state_dict: dict[str, Tensor]) -> ImportResult:
     """An official ST_Memory ``SegRefine`` state_dict (STF stage: ``pspnet.*``, ``STF.*``; MAR stage: also ``MAR.*``;
     with or without ``module.``) -> Segmenter tensors + the config they imply: ``model=stf_mar`` when ``MAR.*`` is
     present (else ``model=stf``), ``encoder=resnet50c``, the number of classes (``conv_seg``), the widths, the
-    positional tables' grid and the memory's keys per class. A 19-class checkpoint starts from
-    ``data=cityscapes_video``. A file of another layout is a ConfigError naming the missing and unexpected keys."""
+    positional tables' grid and the memory's keys per class (vss.convert picks the data set and class names from the
+    count). A file of another layout is a ConfigError naming the missing and unexpected keys."""
     from vss.convert import ImportResult
     from vss.models.aggregators.pspnet import check_resnet50_v1c
 
@@ -932,7 +932,7 @@ def import_official_checkpoint(state_dict: dict[str, Tensor]) -> ImportResult:
     return ImportResult(
         state_dict=converted,
         overrides=overrides,
-        defaults=["data=cityscapes_video"] if num_classes == 19 else [],
+        defaults=[],
         origin=origin,
         dropped=dropped,
         unknown=[],
