@@ -1,17 +1,27 @@
-"""Collect ablation runs into the experiment pages: ``python experiments/collect.py TABLE DIR [DIR ...]``.
+"""Collect ablation runs into a results table: ``python experiments/collect.py TABLE DIR [DIR ...] [--page PAGE]``.
 
 TABLE is ``table1`` .. ``table4`` (MRCFA's Tables 1-4, pages ``mrcfa_TABLE.md``) or ``msaf_table3`` (MSAF's
 Table 3, page ``msaf_table3.md``). Every ``metrics.json`` below the DIRs (written by
 ``vss.train`` into each run directory; a multirun has one job directory each, with ``.hydra/config.yaml``)
 becomes a row, keyed by what the table varies (offsets, ``stm.p``, ``model.num_scales``, SAR/MAA/fusion);
-runs with the same key are averaged. The rows replace the block between ``<!-- ours-synthetic:start -->``
-and ``<!-- ours-synthetic:end -->`` (runs on the synthetic set) or ``<!-- ours-vspw:... -->`` (other data)
-of ``experiments/mrcfa_TABLE.md`` (``--page``), or ``<!-- ours:start/end -->`` when the page has only that.
+runs with the same key are averaged.
+
+The runs of a table may differ only in what the table varies (:data:`SWEPT`; rows of different methods, e.g.
+SegFormer beside MRCFA, in their model) and in the seed: any other difference of their stored configs
+(``optim.optimizer.lr``, ``data.*``, ...) is refused, naming the keys and values (``--allow KEY`` accepts one).
+Bookkeeping keys (:data:`IGNORED`: paths, loggers, callbacks, tags, ...) are not compared.
+
+Output: the table (one section per dataset) on stdout and in ``collect_TABLE.md`` in the first DIR. Only with
+``--page PAGE`` are the rows written into a page: they replace its block between
+``<!-- ours-synthetic:start -->`` and ``<!-- ours-synthetic:end -->`` (runs on the synthetic set) or
+``<!-- ours-vspw:... -->`` (other data), or ``<!-- ours:start/end -->`` when the page has only that. A sweep
+without a row of the table is an error (exit 1, one line).
 
 Parameter counts come from the runs' configs (model built on the meta device); speed (``--bench``, on by
 default) is ``vss.bench``'s streaming time per frame of each row's model on this machine (random weights,
 batch 1, the run's crop size for the synthetic set, 480x864 for VSPW; ``--bench-size HxW`` to change it).
-``table2`` also writes a plot of mIoU and speed against p next to the page (``mrcfa_table2[_synthetic].png``).
+``table2`` also plots mIoU and speed against p: ``collect_table2[_synthetic].png`` in the first DIR (with
+``--page``: ``<page stem>[_synthetic].png`` next to the page; ``--plot`` to choose).
 """
 
 from __future__ import annotations
@@ -20,8 +30,10 @@ import argparse
 import json
 import math
 import re
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,6 +229,119 @@ HEADERS = {
 }
 
 
+SWEPT: dict[str, tuple[str, ...]] = {
+    "table1": ("model.offsets",),
+    "table2": ("stm.p", "model.token_ratio"),
+    "table3": ("model.num_scales",),
+    "table4": ("model.fusion", "model.sar", "model.maa"),
+    "msaf_table3": (
+        "model.motion",
+        "model.motion_transformer",
+        "model.state",
+        "model.semantics",
+        "model.dcn",
+        "model.offsets",
+        "model.pst_downsample",
+    ),
+}
+"""The config keys each table varies between its rows (besides the method of a SegFormer row)."""
+WHAT = {
+    "table1": "SegFormer runs and MRCFA runs with model.fusion=affinity",
+    "table2": "MRCFA runs with model.fusion=affinity",
+    "table3": "MRCFA runs with model.fusion=affinity",
+    "table4": "SegFormer and MRCFA runs",
+    "msaf_table3": "MSAF runs",
+}
+"""The runs each table collects (for the message when a sweep has none)."""
+IGNORED = (
+    "seed",
+    "paths",
+    "hydra",
+    "tags",
+    "task_name",
+    "ckpt_path",
+    "logger",
+    "callbacks",
+    "optimized_metric",
+    "test",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.persistent_workers",
+    "data.verify",
+    "data.check_val_headers",
+    "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps",
+)
+"""Config keys (and prefixes) that do not change a run's numbers: never compared. The seed is what repeats vary."""
+
+
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The stored config as ``dotted.key -> value`` (lists are values), interpolations unresolved: a key that
+    follows another (``model.token_ratio: ${stm.p}``) differs only where that one does."""
+
+    def walk(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                yield from walk(v, f"{prefix}{k}.")
+        else:
+            yield prefix[:-1], node
+
+    return dict(walk(OmegaConf.to_container(cfg, resolve=False), ""))
+
+
+def _covered(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+MISSING = object()
+
+
+def _show(value: Any) -> str:
+    return "(not set)" if value is MISSING else json.dumps(value, default=str)
+
+
+def config_differences(table: str, runs: Sequence[Run], allow: Sequence[str] = ()) -> list[str]:
+    """Each config key on which ``runs`` differ beyond the table's varied keys (:data:`SWEPT`), the seed, the
+    bookkeeping keys (:data:`IGNORED`) and ``allow``, as ``key: value in DIR vs value in DIR``.
+
+    A run is compared key by key with the first run of its method; the first run of another method (a SegFormer
+    row beside MRCFA rows) with the very first run, outside ``model.*`` and on the keys both have (MRCFA's own
+    ``stm`` node is not a difference).
+    """
+    skip = (*IGNORED, *SWEPT[table], *allow)
+    flats = [flat_config(r.cfg) for r in runs]
+    first_of: dict[str, int] = {}
+    for i, run in enumerate(runs):
+        first_of.setdefault(run.method, i)
+    found: dict[str, str] = {}
+    for i, run in enumerate(runs):
+        ref = first_of[run.method]
+        if i != ref:
+            keys = set(flats[ref]) | set(flats[i])
+        elif i != 0:
+            ref, keys = 0, {k for k in set(flats[0]) & set(flats[i]) if not k.startswith("model.")}
+        else:
+            continue
+        for key in sorted(keys):
+            a, b = flats[ref].get(key, MISSING), flats[i].get(key, MISSING)
+            if a != b and key not in found and not _covered(key, skip):
+                found[key] = f"{key}: {_show(a)} in {runs[ref].path} vs {_show(b)} in {run.path}"
+    return list(found.values())
+
+
+def check_comparable(table: str, runs: Sequence[Run], allow: Sequence[str] = ()) -> None:
+    """Refuse (one line, exit 1) to put ``runs`` into one table when they differ in more than what it varies."""
+    differences = config_differences(table, runs, allow)
+    if differences:
+        shown = "; ".join(differences[:3]) + (
+            f"; and {len(differences) - 3} more key(s)" if len(differences) > 3 else ""
+        )
+        raise SystemExit(
+            f"collect.py {table}: refusing to mix runs that differ in more than the table's "
+            f"{', '.join(SWEPT[table])} and the seed: {shown} (collect them separately, or --allow KEY)"
+        )
+
+
 def build_rows(table: str, runs: Sequence[Run]) -> list[Row]:
     """Group runs by the table's key, sorted as the paper orders its rows."""
     rows: dict[tuple, Row] = {}
@@ -321,6 +446,81 @@ def plot_table2(rows: Sequence[Row], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+@dataclass
+class Section:
+    """The rows of one dataset (the synthetic set, or other data) and their markdown."""
+
+    marker: str  # the page block they fill: ours-synthetic | ours-vspw
+    title: str
+    rows: list[Row]
+    text: str
+
+
+@dataclass
+class Collected:
+    """What ``collect_table`` made: the sections and the files it wrote."""
+
+    sections: list[Section]
+    written: list[Path] = field(default_factory=list)
+
+    @property
+    def rows(self) -> list[Row]:
+        return [row for s in self.sections for row in s.rows]
+
+    def markdown(self) -> str:
+        return "\n\n".join(f"## {s.title}\n\n{s.text}" for s in self.sections) + "\n"
+
+
+def say(message: str) -> None:
+    """A ``[collect]`` status line on stderr (stdout carries the table)."""
+    print(f"[collect] {message}", file=sys.stderr, flush=True)
+
+
+def collect_sections(
+    table: str,
+    dirs: Sequence[Path],
+    bench: bool = True,
+    bench_size: tuple[int, int] | None = None,
+    allow: Sequence[str] = (),
+) -> list[Section]:
+    """The runs of ``dirs`` as ``table``'s rows, one section per dataset; exits (one line) when the runs may not
+    be mixed or none of them is a row of the table."""
+    if table not in TABLES:
+        raise SystemExit(f"unknown table {table!r}: expected one of {', '.join(TABLES)}")
+    runs = find_runs(dirs)
+    for run_dir, log in unfinished_jobs(dirs):
+        say(f"not collected: {run_dir} (no metrics.json: unfinished or failed)" + (f"; log: {log}" if log else ""))
+    where = ", ".join(map(str, dirs))
+    if not runs:
+        raise SystemExit(f"collect.py {table}: no finished runs (metrics.json + .hydra/config.yaml) below {where}")
+    used = [r for r in runs if KEYS[table](r) is not None]
+    if not used:
+        found = ", ".join(f"{m} x{n}" for m, n in sorted(Counter(r.method for r in runs).items()))
+        raise SystemExit(
+            f"collect.py {table}: none of the {len(runs)} finished run(s) below {where} is a {table} row "
+            f"({table} collects {WHAT[table]}; found: {found})"
+        )
+    for run in runs:
+        if KEYS[table](run) is None:
+            say(f"left out of {table}: {run.path} ({run.method}: {table} collects {WHAT[table]})")
+    sections = []
+    for synthetic in (True, False):
+        part = [r for r in used if r.synthetic == synthetic]
+        if not part:
+            continue
+        check_comparable(table, part, allow)
+        rows = build_rows(table, part)
+        for row in rows:
+            row.params_m = params_millions(row.runs[0])
+            if bench:
+                row.speed_ms = bench_ms(row.runs[0], bench_size)
+        size = bench_size or (tuple(rows[0].runs[0].cfg.data.crop_size) if synthetic else (480, 864))
+        note = f"Speed: `vss.bench` streaming path at {size[0]}x{size[1]}, batch 1, on this machine." if bench else ""
+        marker, title = ("ours-synthetic", "Ours: synthetic set") if synthetic else ("ours-vspw", "Ours: other data")
+        sections.append(Section(marker, title, rows, render(table, rows, dirs, note)))
+    return sections
+
+
 def collect_table(
     table: str,
     dirs: Sequence[Path],
@@ -328,53 +528,63 @@ def collect_table(
     bench: bool = True,
     bench_size: tuple[int, int] | None = None,
     plot: Path | None = None,
-) -> list[Row]:
-    """Collect the runs of ``dirs`` into ``table``'s page (one section per dataset); return the rows."""
-    if table not in TABLES:
-        raise SystemExit(f"unknown table {table!r}: expected one of {', '.join(TABLES)}")
-    page = page or HERE / (f"{table}.md" if table.startswith("msaf") else f"mrcfa_{table}.md")
-    runs = find_runs(dirs)
-    for run_dir, log in unfinished_jobs(dirs):
-        print(
-            f"[collect] not collected: {run_dir} (no metrics.json: unfinished or failed)"
-            + (f"; log: {log}" if log else "")
-        )
-    if not runs:
-        raise SystemExit(f"no finished runs (metrics.json + .hydra/config.yaml) below {', '.join(map(str, dirs))}")
-    all_rows: list[Row] = []
-    for synthetic in (True, False):
-        rows = build_rows(table, [r for r in runs if r.synthetic == synthetic])
-        if not rows:
-            continue
-        for row in rows:
-            row.params_m = params_millions(row.runs[0])
-            if bench:
-                row.speed_ms = bench_ms(row.runs[0], bench_size)
-        size = bench_size or (tuple(rows[0].runs[0].cfg.data.crop_size) if synthetic else (480, 864))
-        note = f"Speed: `vss.bench` streaming path at {size[0]}x{size[1]}, batch 1, on this machine." if bench else ""
-        section = "ours-synthetic" if synthetic else "ours-vspw"
-        write_section(page, section, render(table, rows, dirs, note))
-        if table == "table2":
-            target = plot or page.with_name(f"{page.stem}{'_synthetic' if synthetic else ''}.png")
-            plot_table2(rows, target, f"MRCFA, {'synthetic' if synthetic else 'VSPW'}: token ratio p")
-        all_rows += rows
-    return all_rows
+    out: Path | None = None,
+    allow: Sequence[str] = (),
+) -> Collected:
+    """Collect the runs of ``dirs`` into ``table``: the markdown into ``out`` (if given) and, only when ``page``
+    is given, into that page's blocks; ``table2`` also plots (``plot``, else next to ``out`` / ``page``)."""
+    collected = Collected(collect_sections(table, dirs, bench, bench_size, allow))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(collected.markdown())
+        collected.written.append(out)
+    for section in collected.sections:
+        if page is not None:
+            write_section(page, section.marker, section.text)
+            if page not in collected.written:
+                collected.written.append(page)
+        base = page or out
+        if table == "table2" and (plot is not None or base is not None):
+            synthetic = section.marker == "ours-synthetic"
+            target = plot or base.with_name(f"{base.stem}{'_synthetic' if synthetic else ''}.png")  # type: ignore[union-attr]
+            plot_table2(section.rows, target, f"MRCFA, {'synthetic' if synthetic else 'VSPW'}: token ratio p")
+            collected.written.append(target)
+    return collected
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("table", choices=TABLES)
     parser.add_argument("dirs", nargs="+", type=Path, help="run or multirun directories (searched recursively)")
-    parser.add_argument("--page", type=Path, help="page to fill (default experiments/mrcfa_TABLE.md, msaf_table3.md)")
+    parser.add_argument(
+        "--page", type=Path, help="fill this page's ours-* blocks (e.g. experiments/mrcfa_table2.md); default: none"
+    )
+    parser.add_argument("--out", type=Path, help="where to write the table (default: FIRST_DIR/collect_TABLE.md)")
+    parser.add_argument(
+        "--allow", action="append", default=[], metavar="KEY", help="accept runs that differ in KEY (repeatable)"
+    )
     parser.add_argument("--no-bench", action="store_true", help="skip the speed measurement")
     parser.add_argument("--bench-size", help="HxW of the speed measurement (default: crop size / 480x864)")
     parser.add_argument("--plot", type=Path, help="table2: where to write the plot")
     args = parser.parse_args(argv)
     size = tuple(int(v) for v in args.bench_size.lower().split("x")) if args.bench_size else None
-    rows = collect_table(args.table, args.dirs, args.page, not args.no_bench, size, args.plot)  # type: ignore[arg-type]
-    for row in rows:
+    first = args.dirs[0] if args.dirs[0].is_dir() else args.dirs[0].parent
+    out = args.out or first / f"collect_{args.table}.md"
+    collected = collect_table(
+        args.table,
+        args.dirs,
+        args.page,
+        not args.no_bench,
+        size,
+        args.plot,
+        out,
+        args.allow,  # type: ignore[arg-type]
+    )
+    print(collected.markdown(), end="", flush=True)
+    for row in collected.rows:
         metrics = " ".join(f"{m} {_pct(row.mean(m))}" for m in METRICS)
-        print(f"[collect] {args.table} {' '.join(row.cells)}: {metrics} ({len(row.runs)} run(s))")
+        say(f"{args.table} {' '.join(row.cells)}: {metrics} ({len(row.runs)} run(s))")
+    say(f"wrote {', '.join(map(str, collected.written))}" + ("" if args.page else " (no page: --page PAGE fills one)"))
     return 0
 
 
