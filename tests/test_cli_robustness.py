@@ -117,6 +117,49 @@ def test_resume_config_reuses_the_checkpoint_and_reports_overrides(compose_cfg) 
         resume_config(current, stored, ["experiment=vspw"], groups={"experiment"})
 
 
+def test_a_resume_announces_the_checkpoints_model_not_the_default_groups(
+    compose_cfg, monkeypatch, capsys, tmp_path: Path
+) -> None:
+    """``ckpt_path=`` alone leaves Hydra's group choices at their defaults (model=segformer encoder=mit_b0): the
+    run line names the resumed run's own model (here a PSPNet stage), read from the checkpoint's config."""
+    import pytorch_lightning as pl
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from vss.train import build_module, train
+
+    run = tmp_path / "run"
+    stored = compose_cfg("model=pspnet", "encoder=resnet18", "model.channels=16", f"paths.output_dir={run}")
+    with open_dict(stored):
+        del stored["hydra"]
+    module = build_module(stored, 5, list("abcde"))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    config = OmegaConf.to_container(stored, resolve=True)
+    torch.save({"state_dict": module.state_dict(), "optimizer_states": [{}], "global_step": 2,
+                "hyper_parameters": {"config": config}}, ckpt)  # fmt: skip
+    current = compose_cfg(f"ckpt_path={ckpt}", f"paths.output_dir={run}")  # as `vss.train ckpt_path=...` composes
+    assert current.hydra.runtime.choices.model == "segformer"
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # restored after the test: no Hydra run leaks out
+    HydraConfig.instance().set_config(current)
+    with open_dict(current):
+        del current["hydra"]
+
+    class Announced(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Announced
+
+    monkeypatch.setattr(pl, "seed_everything", stop)  # the first thing train() does after the announcement
+    with pytest.raises(Announced):
+        train(current)
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("[vss] train "))
+    assert line.startswith("[vss] train model=PSPNet encoder=resnet18: "), line
+    assert "segformer" not in out.lower() and "mit_b0" not in out
+
+
 def test_resume_continues_in_the_checkpoints_run_directory(tmp_path: Path) -> None:
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)

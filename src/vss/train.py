@@ -282,7 +282,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if removed:
             names = ", ".join(p.name for p in removed[:3]) + (", ..." if len(removed) > 3 else "")
             say(f"[vss] removed {len(removed)} stale temporary file(s) of an interrupted write: {names}")
-        say(describe_run(cfg, hc.runtime.choices if hc is not None else {}))
+        stored = resume is not None and resume.stored  # the checkpoint's config: Hydra's choices are mere defaults
+        say(describe_run(cfg, hc.runtime.choices if hc is not None and not stored else {}))
         if requeued is not None:
             say(f"[vss] SLURM job {slurm_job_id()} restarted (restart {slurm_restart_count()}): resuming its run")
         if resume is not None:
