@@ -147,3 +147,76 @@ def test_eval_cli_prints_mode_and_time(data_dir: Path, tmp_path: Path, cli_env: 
     (metrics_file,) = (tmp_path / "logs").rglob("metrics.json")
     metrics = json.loads(metrics_file.read_text())
     assert metrics["mode"] == "stream" and metrics["frames"] == 36 and 0 <= metrics["mIoU"] <= 1
+
+
+# -- pred_root: ground truth and predictions of another class count are refused, not scored --------------------
+def _score_cfg(out: Path, *overrides: str) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(vss.config.CONF_DIR), version_base="1.3"):
+        cfg = compose("eval", ["progress=false", "num_workers=0", f"paths.output_dir={out}", *overrides])
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def _perfect_predictions(root: Path, pred_root: Path) -> int:
+    """The ground truth of the synthetic val split as train-id PNGs (ignore as 0); returns the frame count."""
+    from vss.data.vspw import LabelMap, read_mask, read_split
+
+    frames = 0
+    for video in read_split(root, "val"):
+        for mask in video.masks:
+            assert mask is not None
+            ids = LabelMap(5)(read_mask(mask))
+            ids[ids == 255] = 0
+            (pred_root / video.name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(ids, mode="L").save(pred_root / video.name / mask.name)
+            frames += 1
+    return frames
+
+
+def test_a_synthetic_root_scored_as_vspw_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    """data=vspw reads the synthetic set (the same layout and mask encoding) but would score 124 classes."""
+    from vss.eval import evaluate
+
+    (root,) = {p.parent for p in data_dir.glob("*/meta.json")}
+    preds = tmp_path / "eval" / "predictions"
+    frames = _perfect_predictions(root, preds)
+    with pytest.raises(ConfigError) as info:
+        evaluate(_score_cfg(tmp_path / "s1", f"pred_root={preds}", "data=vspw", f"data.root={root}"))
+    message = str(info.value)
+    assert "\n" not in message and not (tmp_path / "s1" / "metrics.json").exists()
+    assert message == (
+        f"data.root={root} is a vss synthetic set of 5 classes (its meta.json), but the data config scores 124: "
+        "pass data=vspw data.num_classes=5 'data.class_names=[background,red,green,blue,yellow]'"
+    )
+    # the advised command scores the 5 classes (the predictions are the ground truth: 1.0)
+    advised = (
+        "data=vspw",
+        f"data.root={root}",
+        "data.num_classes=5",
+        "data.class_names=[background,red,green,blue,yellow]",
+    )
+    scored = evaluate(_score_cfg(tmp_path / "s2", f"pred_root={preds}", *advised))
+    assert scored["num_frames"] == frames and scored["mIoU"] == pytest.approx(1.0)
+    assert list(scored["per_class_iou"]) == ["background", "red", "green", "blue", "yellow"]
+
+    # predictions vss.eval wrote for a 19-class model (the metrics.json beside them) are refused too
+    (tmp_path / "eval" / "metrics.json").write_text(
+        json.dumps({"pred_root": str(preds), "per_class_iou": {str(c): 0.5 for c in range(19)}})
+    )
+    with pytest.raises(ConfigError, match=r"holds the predictions of a 19-class model .* scores 5 classes"):
+        evaluate(_score_cfg(tmp_path / "s3", f"pred_root={preds}", *advised))
+
+
+def test_a_cityscapes_root_scored_with_the_vspw_reader_is_refused(tmp_path: Path) -> None:
+    from fake_video_datasets import write_cityscapes
+    from vss.eval import evaluate
+
+    root = write_cityscapes(tmp_path / "cs", size=(16, 32))
+    (tmp_path / "preds").mkdir()
+    with pytest.raises(ConfigError) as info:
+        evaluate(_score_cfg(tmp_path / "s", f"pred_root={tmp_path / 'preds'}", "data=vspw", f"data.root={root}"))
+    assert str(info.value) == (
+        f"data.root={root} holds a cityscapes_video tree, but the data config reads the VSPW layout "
+        f"(ROOT/<split>.txt, ROOT/data/<video>/origin|mask): pass data=cityscapes_video data.root={root}"
+    )

@@ -16,6 +16,7 @@ Two modes, both writing ``metrics.json`` (mIoU, fwIoU, mVC8, mVC16, per_class_io
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -149,6 +150,51 @@ def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     return metrics
 
 
+def check_scoring_pair(datamodule: Any, pred_root: Path) -> None:
+    """Refuse ground truth and predictions that would score, silently, with the wrong classes.
+
+    A prediction value of C or more is refused per file (:func:`~vss.metrics.folder.score_predictions`); a value
+    below C cannot tell a 124-class VSPW map from a 5-class synthetic one. What can is where the files come from:
+    a root in another data set's layout (Cityscapes ``gtFine/``, CamVid ``frames/`` + ``labels/``) given to a data
+    config that reads the VSPW layout; a synthetic set (its ``meta.json``) whose class count is not the data
+    config's (its masks share VSPW's encoding, so the VSPW reader takes them); predictions written by
+    ``vss.eval save_predictions=true`` (the ``metrics.json`` beside them names the folder and holds the model's
+    per-class IoU) for another class count.
+    """
+    from vss.data.check import detect_layout
+    from vss.data.datamodule import VSSDataModule
+    from vss.data.synthetic import load_config
+
+    root, num_classes = Path(datamodule.root), int(datamodule.num_classes)
+    layout = detect_layout(root) if root.is_dir() else "vspw"
+    if layout != "vspw" and type(datamodule).read_videos is VSSDataModule.read_videos:
+        raise ConfigError(
+            f"data.root={root} holds a {layout} tree, but the data config reads the VSPW layout "
+            f"(ROOT/<split>.txt, ROOT/data/<video>/origin|mask): pass data={layout} data.root={root}"
+        )
+    synthetic = load_config(root) if root.is_dir() else None
+    if synthetic is not None and synthetic.num_classes != num_classes:
+        names = ",".join(synthetic.class_names)
+        sparse = " data.sparse_labels=true" if synthetic.label_every > 1 else ""
+        raise ConfigError(
+            f"data.root={root} is a vss synthetic set of {synthetic.num_classes} classes (its meta.json), but the "
+            f"data config scores {num_classes}: pass data=vspw data.num_classes={synthetic.num_classes} "
+            f"'data.class_names=[{names}]'{sparse}"
+        )
+    written = pred_root.parent / "metrics.json"
+    try:
+        meta = json.loads(written.read_text())
+    except (OSError, ValueError):
+        return
+    per_class = meta.get("per_class_iou") if isinstance(meta, dict) else None
+    same = isinstance(meta, dict) and Path(str(meta.get("pred_root", ""))).resolve() == pred_root.resolve()
+    if same and isinstance(per_class, dict) and len(per_class) != num_classes:
+        raise ConfigError(
+            f"pred_root={pred_root} holds the predictions of a {len(per_class)}-class model ({written}), but the "
+            f"data config scores {num_classes} classes: pass the data group and data.root the model was evaluated on"
+        )
+
+
 def score_folder(cfg: DictConfig) -> dict[str, Any]:
     """Score ``cfg.pred_root`` against the ground truth of ``cfg.data`` (its reader, classes and mIoU rule)."""
     from vss.metrics import score_predictions
@@ -163,6 +209,7 @@ def score_folder(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(data)
     datamodule.prepare_data()  # the synthetic set: generated if not cached
     fmt = prediction_format(datamodule, cfg.prediction_format)
+    check_scoring_pair(datamodule, Path(cfg.pred_root))
     videos = datamodule.videos(cfg.split)
     metrics = score_predictions(
         cfg.pred_root,
