@@ -295,7 +295,8 @@ def test_overlay_frames_spread_over_videos_and_hidden_frames(tmp_path: Path) -> 
     from vss.callbacks import pick_overlay_frames
     from vss.data.vspw import Video
 
-    videos = [Video(f"v{i}", tuple(Path(f"{t}.jpg") for t in range(20)), (None,) * 20) for i in range(8)]
+    frames, masks = tuple(Path(f"{t}.jpg") for t in range(20)), tuple(Path(f"{t}.png") for t in range(20))
+    videos = [Video(f"v{i}", frames, masks) for i in range(8)]
     for i, hidden in ((0, [5, 6, 7]), (7, [12, 13])):
         (tmp_path / "data" / f"v{i}").mkdir(parents=True)
         info = {"storm": [], "objects": [{"hidden": hidden}]}
@@ -306,6 +307,37 @@ def test_overlay_frames_spread_over_videos_and_hidden_frames(tmp_path: Path) -> 
     assert dict(picks)["v2"] == 10  # no hidden.json: the middle of the video
     two = pick_overlay_frames(videos[:2], 4, tmp_path)  # fewer videos than images: frames spread inside them
     assert sorted(two) == [("v0", 5), ("v0", 6), ("v1", 6), ("v1", 13)]
+
+
+def test_overlays_of_sparse_labels_show_labelled_frames(make_data_dir, compose_cfg) -> None:
+    """Masks on every 5th frame (as Cityscapes' one in 30): the overlays are of labelled frames, found in the
+    pieces the stream runs (numbered from the piece's start), never a frame whose truth is all ignore."""
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+
+    from conftest import TINY_DATA
+    from vss.callbacks import ValidationImages, pick_overlay_frames
+    from vss.data.vspw import Video
+
+    knobs = (*TINY_DATA, "data.synthetic.label_every=5")
+    cfg = compose_cfg(*knobs, f"paths.data_dir={make_data_dir(*knobs)}", "model=mrcfa", "data.num_workers=0")
+    dm = instantiate(cfg.data)  # MRCFA reads t-9, t-6, t-3: the stream runs frames 0..15 of each video
+    videos = dm.videos("val")
+    assert all(v.labelled == (0, 5, 10, 15) for v in videos)
+    picks = pick_overlay_frames(videos, 4)
+    assert picks == [(videos[0].name, 5), (videos[0].name, 10), (videos[1].name, 5), (videos[1].name, 10)]
+    odd = [Video("w", tuple(Path(f"{t}.jpg") for t in range(30)), (None,) * 19 + (Path("19.png"),) + (None,) * 10)]
+    assert pick_overlay_frames(odd, 4) == [("w", 19)]  # one labelled frame in 30: that one, once
+
+    callback = ValidationImages(num_images=4)
+    trainer = SimpleNamespace(datamodule=dm, sanity_checking=False, is_global_zero=True)
+    callback.on_validation_epoch_start(trainer, None)
+    for item in dm.eval_dataset("val"):
+        callback.on_validation_batch_end(trainer, None, {"items": [item], "preds": [item["labels"]]}, None, 0)
+    kept = callback._kept
+    assert [o["name"] for o in kept] == [f"{v}_{t:05d}" for v, t in picks]
+    assert all((o["gt"] != 255).any() for o in kept)
 
 
 # -- sweeps -------------------------------------------------------------------------------------------------

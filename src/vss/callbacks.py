@@ -104,14 +104,16 @@ def overlay_panel(
 
 
 def pick_overlay_frames(videos: Sequence[Any], count: int, root: Path | None = None) -> list[tuple[str, int]]:
-    """``count`` (video, frame) pairs spread over the videos; in each, a frame where the synthetic set hid an
-    object's colour (``hidden.json``) when there is one, else frames spread over the video."""
+    """``count`` (video, frame) pairs spread over the videos, labelled frames only (sparse labels: a frame without
+    a mask has an all-ignore truth); in each, a frame where the synthetic set hid an object's colour
+    (``hidden.json``) when there is one, else frames spread over the video's labelled frames."""
     if not videos or count <= 0:
         return []
     picks: list[tuple[str, int]] = []
     order = [videos[i] for i in np.linspace(0, len(videos) - 1, min(count, len(videos))).round().astype(int)]
     rounds = math.ceil(count / len(order))
     for video in order:
+        labelled = list(video.labelled)
         hidden: list[int] = []
         info = None if root is None else Path(root) / "data" / video.name / "hidden.json"
         if info is not None and info.is_file():
@@ -119,10 +121,11 @@ def pick_overlay_frames(videos: Sequence[Any], count: int, root: Path | None = N
             hidden = sorted(
                 {t for o in data.get("objects", []) for t in o.get("hidden", [])} | set(data.get("storm", []))
             )
-        n = len(video)
-        spread = [int(round((j + 1) * (n - 1) / (rounds + 1))) for j in range(rounds)]
+            hidden = [t for t in hidden if t in set(labelled)]
+        n = len(labelled)
+        spread = [labelled[int(round((j + 1) * (n - 1) / (rounds + 1)))] for j in range(rounds)] if n else []
         chosen = [hidden[int(j * len(hidden) / rounds)] for j in range(min(rounds, len(hidden)))] if hidden else []
-        chosen += [t for t in spread if t not in chosen][: rounds - len(chosen)]
+        chosen += [t for t in dict.fromkeys(spread) if t not in chosen][: rounds - len(chosen)]
         picks += [(video.name, t) for t in chosen]
     return picks[:count]
 
@@ -160,15 +163,17 @@ class ValidationImages(pl.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero or not isinstance(outputs, dict):
             return
         for item, pred in zip(outputs.get("items", []), outputs.get("preds", []), strict=True):
-            key = (item["video"], int(item["frame"]))
-            if self._wanted and key not in self._wanted or len(self._kept) >= self.num_images:
+            # a piece of a sparsely labelled video (Video.segments) numbers its frames from its start
+            key = (item.get("source_video", item["video"]), int(item.get("source_frame", item["frame"])))
+            unlabelled = not item.get("labelled", True)  # its truth is all ignore
+            if unlabelled or self._wanted and key not in self._wanted or len(self._kept) >= self.num_images:
                 continue
             img = item["images"][-1] if item["images"].ndim == 4 else item["images"]
             mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
             img = ((img.float().cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
             self._kept.append(
                 {
-                    "name": f"{item['video']}_{int(item['frame']):05d}",
+                    "name": f"{key[0]}_{key[1]:05d}",
                     "image": img,
                     "pred": pred.cpu().numpy().astype(np.uint8),
                     "gt": item["labels"].cpu().numpy().astype(np.uint8),
