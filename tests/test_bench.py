@@ -167,6 +167,41 @@ def test_bench_warms_up_on_short_videos_and_pushes_stream_batches(
     assert lengths == [10, 10, 4, 4, 12, 12, 12, 12, 12]
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_bench_progress_is_a_counted_line_per_step_on_stderr(
+    compose_bench: Callable[..., DictConfig], capsys: pytest.CaptureFixture
+) -> None:
+    """A slow bench (the README's MRCFA-B1 at 480x864 on CPU) says what it is doing; stdout keeps the row only."""
+    overrides = (*MODELS["mrcfa"][0], *TINY, "warmup=1", "iters=2")
+    result = bench.bench(compose_bench(*overrides))
+    out, err = capsys.readouterr()
+    assert out == "" and result.line().startswith("[vss.bench] MRCFA mit_b0 (64x64, clip 4, lookahead 0, cpu): ")
+    head = "[vss.bench] progress MRCFA mit_b0: "
+    lines = err.splitlines()
+    assert all(x.startswith(head) and re.search(r" \(\d+ s so far\)$", x) for x in lines), err
+    assert lines[0].startswith(head + "64x64 on cpu: 1 warm-up + 2 timed clip forward(s); per model (MRCFA, SegFormer")
+    steps = [re.match(rf"{re.escape(head)}(.*): [\d.]+ s \(", x)[1] for x in lines[1:]]  # type: ignore[index]
+    model, base = "MRCFA, 6 frames", "SegFormer (baseline), 6 frames"
+    assert steps == [
+        "clip forward 1/3 (warm-up)",
+        "clip forward 2/3",
+        "clip forward 3/3",
+        "streaming warm-up 1/1 (MRCFA, 6 frames)",
+        "streaming warm-up 1/1 (SegFormer (baseline), 1 frames)",
+        f"streaming video 1/4 ({model})",
+        f"streaming video 2/4 ({base})",
+        f"streaming video 3/4 ({model})",
+        f"streaming video 4/4 ({base})",
+        f"instrumented video 1/1 ({model})",
+        "FLOPs 1/2 (MRCFA)",
+        "FLOPs 2/2 (SegFormer (baseline))",
+    ]
+    bench.bench(compose_bench(*overrides, "progress=false"))
+    assert capsys.readouterr() == ("", "")
+    with pytest.raises(ConfigError, match=r"progress='yes' is invalid: expected true or false"):
+        bench.check_bench_config(compose_bench("progress=yes"))
+
+
 def test_stream_video_predicts_every_frame_once() -> None:
     model = Segmenter(build_encoder("mit_b0"), partial(MRCFA, embed_dim=16, encoder_name="mit_b0"), 5).eval()
     with torch.no_grad():
@@ -238,7 +273,9 @@ def test_bench_cli_prints_the_row(cli_env: dict[str, str], tmp_path: Path) -> No
     cmd += ["model.embed_dim=16", "model.num_heads=2", *TINY, f"hydra.run.dir={tmp_path}"]
     proc = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("[vss.bench]"))
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("[vss.bench]")]  # the row alone on stdout
+    progress = [x for x in proc.stderr.splitlines() if x.startswith("[vss.bench] progress MSAF resnet18: ")]
+    assert any(": streaming video 2/2 (MSAF (baseline), 6 frames): " in x for x in progress), proc.stderr[-3000:]
     head = "[vss.bench] MSAF resnet18 [+msaf_table3=baseline model.embed_dim=16 model.num_heads=2] "
     assert line.startswith(head + "(64x64, clip 1, lookahead 0, cpu): params_total_M ")
     numbers = dict(re.findall(r"(\w+) ([\d.]+)", line.split(": ", 1)[1]))

@@ -52,6 +52,10 @@ per-frame part) and ``model.aggregate`` (temporal part); aggregator = the last t
 remainder (the Streamer's cache, eviction, stacking, grouping and the loop). On GPU each timed call is
 synchronised, so this pass is not the one that gives ``stream_ms_per_frame``.
 
+**Progress** (``progress``, on by default): a ``[vss.bench] progress <Model> <encoder>: ...`` line on stderr
+for the plan and after every forward and every streaming video, with its count (``streaming video 3/6``), its
+time and the time so far; the result row alone goes to stdout (``2>&1 | grep '[vss.bench]'`` shows both).
+
 Time is wall clock (``time.perf_counter``), with ``torch.cuda.synchronize`` on GPU before a timer stops;
 fp32, no_grad, eval mode, random weights (as the papers' ``tools/benchmark.py``). Parameters are trainable
 parameters in millions. On GPU, ``clip_peak_MiB`` / ``stream_peak_MiB`` are ``torch.cuda.max_memory_allocated``
@@ -96,6 +100,7 @@ BENCH_KEYS = {
     "device",
     "baseline",
     "precision",
+    "progress",
 }
 """Overrides that set the measurement, not the model; any other override names the row's variant."""
 POSITIVE = ("num_classes", "height", "width", "batch_size", "iters", "frames", "stream_batch_size")
@@ -138,8 +143,9 @@ def check_bench_config(cfg: DictConfig) -> torch.device:
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             what = "a non-negative integer" if low == 0 else "a positive integer"
             raise ConfigError(f"{key}={value!r} is invalid: expected {what}")
-    if not isinstance(_get(cfg, "baseline"), bool):
-        raise ConfigError(f"baseline={_get(cfg, 'baseline')!r} is invalid: expected true or false")
+    for key in ("baseline", "progress"):
+        if not isinstance(_get(cfg, key), bool):
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is invalid: expected true or false")
     if str(_get(cfg, "precision")) not in PRECISIONS:
         raise ConfigError(f"precision={_get(cfg, 'precision')!r} is invalid: expected one of {list(PRECISIONS)}")
     name = str(_get(cfg, "device"))
@@ -158,19 +164,42 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
-def _time(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds per call."""
+def _time(
+    fn: Callable[[], object],
+    device: torch.device,
+    warmup: int,
+    iters: int,
+    tick: Callable[[int, float], None] = lambda i, seconds: None,
+) -> float:
+    """Median seconds per call of the ``iters`` calls after ``warmup`` untimed ones; ``tick(i, seconds)`` after
+    each call (``i`` counts the warm-up calls too)."""
     sync = _sync(device)
-    for _ in range(warmup):
-        fn()
     times = []
-    for _ in range(iters):
+    for i in range(warmup + iters):
         sync()
         start = time.perf_counter()
         fn()
         sync()
-        times.append(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        if i >= warmup:
+            times.append(seconds)
+        tick(i, seconds)
     return statistics.median(times)
+
+
+class Progress:
+    """``[vss.bench] progress <label>: <message>`` lines on stderr (none when ``enabled`` is false), each with
+    the seconds its step took and the time since the bench started."""
+
+    def __init__(self, label: str, enabled: bool = True) -> None:
+        self.label, self.enabled, self.start = label, enabled, time.perf_counter()
+
+    def __call__(self, message: str, seconds: float | None = None) -> None:
+        if not self.enabled:
+            return
+        took = "" if seconds is None else f": {seconds:.1f} s"
+        total = time.perf_counter() - self.start
+        print(f"[vss.bench] progress {self.label}: {message}{took} ({total:.0f} s so far)", file=sys.stderr, flush=True)
 
 
 def baseline_of(cfg: DictConfig) -> Callable[..., object] | None:
@@ -265,16 +294,30 @@ def bench(cfg: DictConfig) -> BenchResult:
     baseline = None
     if base_agg is not None:
         baseline = Segmenter(instantiate(cfg.encoder), base_agg, int(cfg.num_classes)).to(device).eval()
+    label = f"{type(model.aggregator).__name__} {cfg.encoder.get('name', type(model.encoder).__name__)}"
+    progress = Progress(label, bool(cfg.get("progress", True)))
     with torch.inference_mode(), inference_precision(cfg.precision, device, key="precision"):
-        return _bench(cfg, device, model, baseline)
+        return _bench(cfg, device, model, baseline, progress)
 
 
 def _bench(
-    cfg: DictConfig, device: torch.device, model: torch.nn.Module, baseline: torch.nn.Module | None
+    cfg: DictConfig,
+    device: torch.device,
+    model: torch.nn.Module,
+    baseline: torch.nn.Module | None,
+    progress: Progress | None = None,
 ) -> BenchResult:
     h, w, b, t = int(cfg.height), int(cfg.width), int(cfg.batch_size), 1 + len(model.offsets)
     warmup, iters, frames, sb = int(cfg.warmup), int(cfg.iters), int(cfg.frames), int(cfg.stream_batch_size)
     cuda, sync = device.type == "cuda", _sync(device)
+    note = progress or Progress("", enabled=False)
+    runs = [m for m in (model, baseline) if m is not None]
+    names = {id(m): type(m.aggregator).__name__ + (" (baseline)" if m is baseline else "") for m in runs}
+    note(
+        f"{h}x{w} on {device.type}: {warmup} warm-up + {iters} timed clip forward(s); per model "
+        f"({', '.join(names.values())}) {warmup} warm-up + {iters} timed streaming video(s) of {frames} frames; "
+        "1 instrumented video; FLOPs"
+    )
     figures = {
         "params_total_M": count_parameters(model) / 1e6,
         "params_encoder_M": count_parameters(model.encoder) / 1e6,
@@ -285,7 +328,11 @@ def _bench(
     clip = torch.randn(b, t, 3, h, w, device=device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    clip_ms = 1e3 * _time(partial(model, clip), device, warmup, iters) / b
+
+    def clip_tick(i: int, seconds: float) -> None:
+        note(f"clip forward {i + 1}/{warmup + iters}" + (" (warm-up)" if i < warmup else ""), seconds)
+
+    clip_ms = 1e3 * _time(partial(model, clip), device, warmup, iters, clip_tick) / b
     figures.update(clip_ms_per_frame=clip_ms, clip_fps=1e3 / clip_ms)
     clip_peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else 0.0
     del clip
@@ -293,22 +340,27 @@ def _bench(
     # streaming path, interleaved with the baseline's
     video = torch.randn(frames, 3, h, w, device=device)
     span = max(0, -min(model.offsets, default=0))
-    runs = [m for m in (model, baseline) if m is not None]
     for m in runs:
         m_span = max(0, -min(m.offsets, default=0))
-        for _ in range(warmup):
-            stream_video(m, video[: min(frames, max(sb, 1 + m_span + m.lookahead))], sb)
+        length = min(frames, max(sb, 1 + m_span + m.lookahead))
+        for k in range(warmup):
+            start = time.perf_counter()
+            stream_video(m, video[:length], sb)
+            sync()
+            note(f"streaming warm-up {k + 1}/{warmup} ({names[id(m)]}, {length} frames)", time.perf_counter() - start)
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     seconds: dict[int, list[float]] = {id(m): [] for m in runs}
     stream_peak = 0.0
-    for _ in range(iters):
-        for m in runs:
+    for k in range(iters):
+        for j, m in enumerate(runs):
             start = time.perf_counter()
             stream_video(m, video, sb)
             sync()
             seconds[id(m)].append(time.perf_counter() - start)
+            count = f"{k * len(runs) + j + 1}/{iters * len(runs)}"
+            note(f"streaming video {count} ({names[id(m)]}, {frames} frames)", seconds[id(m)][-1])
             if cuda and m is model:
                 stream_peak = max(stream_peak, torch.cuda.max_memory_allocated(device))
                 torch.cuda.reset_peak_memory_stats(device)
@@ -325,6 +377,7 @@ def _bench(
         stream_video(model, video, sb)
         sync()
         total = time.perf_counter() - start
+    note(f"instrumented video 1/1 ({names[id(model)]}, {frames} frames)", total)
     aggregator = spent["aggregator_encode"] + spent["aggregate"]
     figures.update(
         encoder_pct=100 * spent["encoder"] / total,
@@ -333,10 +386,14 @@ def _bench(
     )
 
     # FLOPs of one streaming step
+    start = time.perf_counter()
     flops, encoder_flops = step_flops(model, video[: min(frames, 2 + span + model.lookahead)])
+    note(f"FLOPs 1/{len(runs)} ({names[id(model)]})", time.perf_counter() - start)
     figures.update(gflops_per_frame=flops / 1e9, aggregator_gflops_pct=100 * (flops - encoder_flops) / max(flops, 1))
     if baseline is not None:
+        start = time.perf_counter()
         base_flops, _ = step_flops(baseline, video[: min(frames, 2)])
+        note(f"FLOPs 2/2 ({names[id(baseline)]})", time.perf_counter() - start)
         figures.update(baseline_gflops_per_frame=base_flops / 1e9, flop_ratio=flops / max(base_flops, 1))
     figures["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     if cuda:
