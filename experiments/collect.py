@@ -406,8 +406,10 @@ def render(table: str, rows: Sequence[Row], dirs: Sequence[Path], size_note: str
     where = ", ".join(f"`{d}`" for d in dirs)
     lines += [
         "",
-        f"Collected by `python experiments/collect.py {table}` on {time.strftime('%Y-%m-%d')} from {where}. "
-        f"Metrics are the final validation of each run (in %, mean over runs with the same setting). {size_note}",
+        (
+            f"Collected by `python experiments/collect.py {table}` on {time.strftime('%Y-%m-%d')} from {where}. "
+            f"Metrics are the final validation of each run (in %, mean over runs with the same setting). {size_note}"
+        ).rstrip(),
     ]
     return "\n".join(lines)
 
