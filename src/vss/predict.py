@@ -12,11 +12,21 @@ through the checkpoint's evaluation transform (its ``data.scale`` and ``data.siz
 ``batch_size`` frames so a long video never sits in memory. Each frame's logits are upsampled (bilinear) to
 the original frame size and argmax'ed. Written into ``output`` (default: the run directory):
 
-- ``masks/<frame>.png``: class ids 0..C-1, 8-bit (``%06d.png`` for a video, the frame's stem for a folder);
-- ``overlay.mp4`` (``save_overlay=true``): the frames blended with the class colours (``opacity``, ``palette``;
-  by default the checkpoint's ``data.palette`` where it has one);
-- ``side_by_side.mp4`` (``side_by_side=true``): frame | overlay;
-- ``predict.json``, last: frame count, speed and the classes with their colours.
+- ``masks/<frame>.png``: class ids 0..C-1, 8-bit (``%06d.png`` for a video: the frame's index in it, also after
+  skipped frames; the frame's stem for a folder);
+- ``overlay.mp4`` (``save_overlay=true``): the frames blended with the class colours (``opacity``), frame for frame
+  the size of the source (it lines up with the masks and the source);
+- ``side_by_side.mp4`` (``side_by_side=true``): frame | overlay, a legend of the frame's classes under them;
+- ``legend.png``: swatch, id, name and pixel share of every class predicted;
+- ``predict.json``, last: frame count, frames skipped, speed and the classes with their colours.
+
+Class names and colours are those of the checkpoint's data (the data module its config builds, as its training
+overlays: e.g. the Cityscapes table where ``data.class_names``/``data.palette`` are null; no data file is read);
+``palette=FILE`` replaces the colours. A frame FFmpeg cannot decode, or a video that ends before the frame
+count its container declares (OpenCV's ``CAP_PROP_FRAME_COUNT``), is an error naming the frame and the source
+(exit 2); with ``on_error=skip`` it is a warning, the frames are counted in the summary line and predict.json
+(``read``). FFmpeg's and OpenCV's own messages while the source is read (and the videos are opened) do not
+reach the terminal: they go into predict.json and the error text.
 
 Every file is written under a temporary name and renamed once complete, so an interrupted run never leaves
 a truncated video under a final name. Videos use fourcc mp4v at the source video's frame rate (``fps`` sets
@@ -69,7 +79,7 @@ ON_ERROR = ("error", "skip")
 RETRIES = 64
 """Reads tried after a failed one when the container declares no frames beyond it but FFmpeg reported an error."""
 MESSAGES_KEPT = 20
-"""FFmpeg/OpenCV messages kept for predict.json."""
+"""Distinct FFmpeg/OpenCV messages kept for predict.json."""
 NATIVE_PREFIX = re.compile(r"^\[[^]]*\]\s*")
 """``[mpeg4 @ 0x55d0...] `` (FFmpeg's av_log) or ``[ WARN:0@1.2] `` (OpenCV's logger) before a message."""
 
@@ -117,8 +127,8 @@ class ReadReport:
             "skipped": self.skipped,
             "skipped_frames": [dataclasses.asdict(g) for g in self.gaps],
             "decoded_with_errors": self.damaged,
-            "native_messages": self.message_count,
-            "native_messages_first": self.messages[:MESSAGES_KEPT],
+            "ffmpeg_messages": self.message_count,
+            "ffmpeg_messages_distinct": self.messages[:MESSAGES_KEPT],
         }
 
 
@@ -152,7 +162,7 @@ class NativeLog:
 
     def __init__(self) -> None:
         self._file = tempfile.TemporaryFile()  # noqa: SIM115 (kept across reads; closed by close())
-        self.messages: list[str] = []  # the first MESSAGES_KEPT, "[mpeg4 @ 0x...]" prefixes removed
+        self.messages: list[str] = []  # the first MESSAGES_KEPT distinct ones, "[mpeg4 @ 0x...]" prefixes removed
         self.count = 0
 
     @contextmanager
@@ -177,7 +187,9 @@ class NativeLog:
             self._file.truncate()
             new.extend(m for m in (NATIVE_PREFIX.sub("", line).strip() for line in text.splitlines()) if m)
             self.count += len(new)
-            self.messages.extend(new[: max(0, MESSAGES_KEPT - len(self.messages))])
+            for m in new:
+                if len(self.messages) < MESSAGES_KEPT and m not in self.messages:
+                    self.messages.append(m)
 
     def close(self) -> None:
         """Drop the file."""
@@ -202,11 +214,11 @@ class SkipOrRaise:
     def __init__(self, source: Path, on_error: str, report: ReadReport) -> None:
         self.source, self.on_error, self.report = source, on_error, report
 
-    def __call__(self, gap: Gap, detail: str = "") -> None:
+    def __call__(self, gap: Gap) -> None:
         """Raise a :class:`ConfigError` for ``gap``, or record it with a warning."""
         what = f"source={str(self.source)!r}: {gap.describe()} {gap.reason}"
         if self.on_error == "error":
-            raise ConfigError(f"{what}{detail}; pass on_error=skip to predict the readable frames and count the rest")
+            raise ConfigError(f"{what}; pass on_error=skip to predict the readable frames and count the rest")
         self.report.gaps.append(gap)
         unknown = " (and an unknown number at the end)" if any(g.count is None for g in self.report.gaps) else ""
         log.warning("%s: skipped (on_error=skip); %d frames skipped so far%s", what, self.report.skipped, unknown)
@@ -238,27 +250,20 @@ def _video_frames(cap: Any, native: NativeLog, source: Source, fail: SkipOrRaise
                 because = f" (FFmpeg: {why})" if why else ""
                 if not ok:  # nothing after it
                     if count is not None and index < count:
-                        gap = Gap(f"{index:06d}", f"{count - 1:06d}", count - index, "cannot be read")
-                        fail(
-                            gap,
-                            f": the video ends there, before the {count} frames its container declares"
-                            f" (a truncated or damaged file){because}",
-                        )
+                        ends = f"the video ends there, before the {count} frames its container declares"
+                        reason = f"cannot be read: {ends} (a truncated or damaged file){because}"
+                        fail(Gap(f"{index:06d}", f"{count - 1:06d}", count - index, reason))
                     elif messages and count is None:
-                        fail(
-                            Gap(f"{index:06d}", None, None, "cannot be decoded"),
-                            f"{because}; nothing after them could be",
-                        )
+                        reason = f"cannot be decoded{because}; nothing after them could be"
+                        fail(Gap(f"{index:06d}", None, None, reason))
                     return
                 # a later frame decoded: the frames in between are lost (its timestamp says how many, where known)
                 resumed = index + failed
                 if fps and start_ms is not None:
                     at = round((cap.get(cv2.CAP_PROP_POS_MSEC) - start_ms) * fps / 1000.0)
-                    resumed = max(resumed, at)
-                fail(
-                    Gap(f"{index:06d}", f"{resumed - 1:06d}", resumed - index, "cannot be decoded"),
-                    f"{because}; the video goes on from frame {resumed:06d}",
-                )
+                    resumed = max(resumed, at) if count is None or at < count else resumed
+                reason = f"cannot be decoded{because}; the video goes on from frame {resumed:06d}"
+                fail(Gap(f"{index:06d}", f"{resumed - 1:06d}", resumed - index, reason))
                 index = resumed
             elif messages:
                 report.damaged.append(f"{index:06d}")
@@ -310,7 +315,7 @@ def _folder_frames(files: list[Path], fail: SkipOrRaise) -> Iterator[Frame]:
         try:
             rgb = read_image(f)
         except ConfigError as e:
-            fail(Gap(f.stem, f.stem, 1, "cannot be read"), f": {e}")
+            fail(Gap(f.stem, f.stem, 1, f"cannot be read: {e}"))
             continue
         yield f.stem, rgb
 
@@ -539,10 +544,14 @@ class AtomicVideoWriter:
         if self.writer is None:
             self.size = (h, w)
             frame_size = (w + w % 2, h + h % 2)  # mp4v wants even sides
-            self.writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*FOURCC), self.fps, frame_size)
+            native = NativeLog()
+            with native.capture() as messages:  # FFmpeg's complaints go into the error, not onto the terminal
+                self.writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*FOURCC), self.fps, frame_size)
+            native.close()
             if not self.writer.isOpened():
+                why = f" ({messages[0]})" if messages else ""
                 raise ConfigError(
-                    f"cannot write {str(self.path)!r}: OpenCV's VideoWriter (fourcc {FOURCC}) did not open"
+                    f"cannot write {str(self.path)!r}: OpenCV's VideoWriter (fourcc {FOURCC}) did not open{why}"
                 )
         sh, sw = self.size
         if (h, w) != self.size:
