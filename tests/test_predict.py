@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -19,12 +20,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from conftest import REPO_ROOT, TINY_DATA, compose_train
 from random_weights import randomize_
 from vss.config import CONF_DIR, ConfigError, friendly_errors, register_resolvers
+from vss.data import cityscapes
+from vss.data.synthetic import OBJECT_PALETTE
 from vss.data.transforms import build_eval_transform
-from vss.predict import load_palette, predict
+from vss.predict import load_palette, open_source, predict
 from vss.train import build_module
 
 VIDEO_FRAMES, VIDEO_HW = 12, (48, 80)
 FOLDER_HW = (50, 66)
+SYNTHETIC_COLOURS = np.array([(128, 128, 128), *list(OBJECT_PALETTE.values())[:4]], np.uint8)
+"""The synthetic set's class colours: background grey, then red, green, blue, yellow (vss.data.synthetic)."""
 
 
 def moving_shapes(n: int, hw: tuple[int, int], seed: int = 0) -> list[np.ndarray]:
@@ -157,11 +162,12 @@ def test_video_masks_equal_the_model(model: str, ckpts: dict[str, Path], video: 
 
     overlay, fps = read_video(out / "overlay.mp4")
     assert len(overlay) == VIDEO_FRAMES and overlay[0].shape == (*VIDEO_HW, 3) and fps == pytest.approx(10)
-    colours = load_palette(None, 5)
+    colours = SYNTHETIC_COLOURS  # the data's palette, as the training overlays draw it
     blended = cv2.addWeighted(frames[5], 0.5, colours[masks[5]], 0.5, 0.0)
     assert np.abs(overlay[5].astype(int) - blended).mean() < 12  # mp4v is lossy
-    side, _ = read_video(out / "side_by_side.mp4")
-    assert len(side) == VIDEO_FRAMES and side[0].shape == (VIDEO_HW[0], 2 * VIDEO_HW[1], 3)
+    side, _ = read_video(out / "side_by_side.mp4")  # frame | overlay, a legend strip under them
+    assert len(side) == VIDEO_FRAMES and side[0].shape[1:] == (2 * VIDEO_HW[1], 3) and side[0].shape[0] > VIDEO_HW[0]
+    assert np.abs(side[5][: VIDEO_HW[0], VIDEO_HW[1] :].astype(int) - blended).mean() < 12
 
     assert summary["frames"] == VIDEO_FRAMES and summary["overlay"] == str(out / "overlay.mp4")
     assert json.loads((out / "predict.json").read_text())["classes"][1]["name"] == "red"
@@ -314,3 +320,219 @@ def test_load_palette_default_and_file(tmp_path: Path) -> None:
 def test_output_null_needs_the_entry_point(video: Path) -> None:
     with pytest.raises(ConfigError, match="output=null means the run directory"):
         run_predict("ckpt_path=any.ckpt", f"source={video}")
+
+
+# -- class names and colours: the data's, with a legend ------------------------------------------------
+def swatch_pixels(image: np.ndarray, colour: Sequence[int]) -> int:
+    """How many pixels of ``image`` (RGB) have exactly ``colour``."""
+    return int(np.all(image == np.asarray(colour, np.uint8), axis=-1).sum())
+
+
+def test_synthetic_red_is_drawn_red(ckpts: dict[str, Path], video: Path, tmp_path: Path) -> None:
+    """The synthetic checkpoint's config leaves data.palette null: its data module's colours are used (class
+    ``red`` in red, not the generated palette's green), and legend.png shows the classes predicted."""
+    out = tmp_path / "out"
+    summary = run_predict(f"ckpt_path={ckpts['segformer']}", f"source={video}", f"output={out}", "opacity=1.0")
+    classes = json.loads((out / "predict.json").read_text())["classes"]
+    assert [c["name"] for c in classes] == ["background", "red", "green", "blue", "yellow"]
+    assert [c["color"] for c in classes] == SYNTHETIC_COLOURS.tolist()
+    assert classes[1]["color"] == [220, 45, 45]
+
+    masks = np.stack([read_mask(p) for p in sorted((out / "masks").glob("*.png"))])
+    overlay, _ = read_video(out / "overlay.mp4")
+    red = masks == 1
+    assert red.sum() > 200, "the test model predicts too little of class red: the check is void"
+    drawn = np.stack(overlay)[red].astype(int)  # opacity 1: the class colour only (mp4v is lossy)
+    assert np.abs(drawn - [220, 45, 45]).mean() < 20 and (drawn[:, 0] > drawn[:, 1] + 100).mean() > 0.95
+
+    counts = np.bincount(masks.ravel(), minlength=5)
+    assert [c["pixels"] for c in classes] == counts.tolist()
+    legend = cv2.cvtColor(cv2.imread(str(out / "legend.png")), cv2.COLOR_BGR2RGB)
+    assert summary["legend"] == str(out / "legend.png")
+    for c in range(5):  # a 15x15 swatch per class predicted, none for the others
+        assert (swatch_pixels(legend, SYNTHETIC_COLOURS[c]) >= 15 * 15) == (counts[c] > 0), c
+
+
+def test_cityscapes_checkpoint_names_its_classes(tmp_path: Path) -> None:
+    """A Cityscapes checkpoint (data.class_names and data.palette null, no data.root, as vss.convert writes
+    one): predict.json names road, sidewalk, ... in the Cityscapes colours; no data file is read."""
+    cfg = compose_train(
+        [
+            "data=cityscapes_video",
+            "model=segformer",
+            "encoder=mit_b0",
+            "model.embed_dim=16",
+            "data.scale=[64,32]",
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        del cfg["hydra"]
+    assert OmegaConf.is_missing(cfg.data, "root") and cfg.data.class_names is None and cfg.data.palette is None
+    module = build_module(cfg, 19, [str(i) for i in range(19)])
+    ckpt = tmp_path / "cityscapes.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": OmegaConf.to_container(cfg)}}, ckpt)
+    image = tmp_path / "street.png"
+    cv2.imwrite(str(image), moving_shapes(1, (32, 64))[0])
+    run_predict(f"ckpt_path={ckpt}", f"source={image}", f"output={tmp_path / 'out'}")
+    classes = json.loads((tmp_path / "out" / "predict.json").read_text())["classes"]
+    assert [c["name"] for c in classes][:3] == ["road", "sidewalk", "building"]
+    assert [c["name"] for c in classes] == list(cityscapes.CLASSES)
+    assert [c["color"] for c in classes] == [list(c) for c in cityscapes.PALETTE]
+
+
+# -- damaged videos --------------------------------------------------------------------------------------
+DAMAGED_FRAMES = 24
+
+
+def write_video(path: Path, fourcc: str, frames: list[np.ndarray]) -> Path:
+    """``frames`` (RGB) as a 10 fps video."""
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 10, (w, h))
+    for f in frames:
+        writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+def plain_read(path: Path) -> tuple[list[bool], list[np.ndarray]]:
+    """OpenCV's own reading: ok/failed for each of ``2 x DAMAGED_FRAMES`` reads, and the frames read."""
+    cap = cv2.VideoCapture(str(path), cv2.CAP_ANY, [cv2.CAP_PROP_N_THREADS, 1])
+    oks, frames = [], []
+    for _ in range(2 * DAMAGED_FRAMES):
+        ok, bgr = cap.read()
+        oks.append(ok)
+        if ok:
+            frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    cap.release()
+    return oks, frames
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``middle``: an mp4 (mp4v) whose bytes 30-60% are zeroed (some frames decode, then decoding fails, then
+    it goes on); ``truncated``: an MJPG avi cut at half its size (it ends before its declared frame count)."""
+    root = tmp_path_factory.mktemp("damaged")
+    frames = moving_shapes(DAMAGED_FRAMES, VIDEO_HW, seed=5)
+    good_mp4 = write_video(root / "good.mp4", "mp4v", frames)
+    data = bytearray(good_mp4.read_bytes())
+    a, b = int(0.3 * len(data)), int(0.6 * len(data))
+    data[a:b] = bytes(b - a)
+    (root / "middle.mp4").write_bytes(bytes(data))
+    good_avi = write_video(root / "good.avi", "MJPG", frames)
+    (root / "truncated.avi").write_bytes(good_avi.read_bytes()[: good_avi.stat().st_size // 2])
+    return {"middle": root / "middle.mp4", "truncated": root / "truncated.avi", "frames": root / "good.mp4"}
+
+
+def original_index(frame: np.ndarray, originals: list[np.ndarray]) -> int:
+    """The index of the undamaged frame ``frame`` shows (the nearest one)."""
+    return int(np.argmin([np.abs(frame.astype(int) - o).mean() for o in originals]))
+
+
+def test_damaged_video_is_one_line_naming_the_frame(
+    ckpts: dict[str, Path], damaged: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """A read failure mid-video: exit 2, one line naming the source and the first frame lost, no FFmpeg lines."""
+    oks, _ = plain_read(damaged["middle"])
+    first_bad = oks.index(False)
+    assert first_bad > 0 and any(oks[first_bad:]), "the damaged file does not fail mid-video: the check is void"
+    cfg = compose_predict(f"ckpt_path={ckpts['segformer']}", f"source={damaged['middle']}", f"output={tmp_path}")
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        friendly_errors(predict)(cfg)
+    assert exit_info.value.code == 2
+    out, err = capfd.readouterr()
+    assert len(err.strip().splitlines()) == 1, f"expected one line, got:\n{err}"
+    assert err.startswith(f"error: source={str(damaged['middle'])!r}: frames {first_bad:06d}-")
+    assert "cannot be decoded" in err and "on_error=skip" in err
+    assert "@ 0x" not in out + err and "Traceback" not in err
+    assert not (tmp_path / "predict.json").exists() and not (tmp_path / "overlay.mp4").exists()
+
+
+def test_damaged_video_skipped_and_counted(
+    ckpts: dict[str, Path],
+    damaged: dict[str, Path],
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``on_error=skip``: the frames after the damage are predicted under their own index in the video (their
+    content says which), the lost ones counted in predict.json and the summary line; FFmpeg says nothing."""
+    oks, read = plain_read(damaged["middle"])
+    originals = plain_read(damaged["frames"])[1]
+    lost = DAMAGED_FRAMES - len(read)
+    assert 0 < lost < DAMAGED_FRAMES - 4
+    out = tmp_path / "out"
+    capfd.readouterr()
+    summary = run_predict(
+        f"ckpt_path={ckpts['mrcfa']}", f"source={damaged['middle']}", f"output={out}", "on_error=skip"
+    )
+    stdout, err = capfd.readouterr()
+    names = sorted(int(p.stem) for p in (out / "masks").glob("*.png"))
+    assert len(names) == len(read) == summary["frames"] and names[-1] == DAMAGED_FRAMES - 1
+    concealed = [int(n) for n in summary["read"]["decoded_with_errors"]]
+    for name, frame in zip(names, read, strict=True):  # decode order; a clean frame shows the original it names
+        diffs = [np.abs(frame.astype(int) - o).mean() for o in originals]
+        if name not in concealed:
+            assert int(np.argmin(diffs)) == name and min(diffs) < 5, (name, min(diffs))
+    missing = sorted(set(range(DAMAGED_FRAMES)) - set(names))
+    assert missing == list(range(missing[0], missing[0] + lost)) and missing[0] > 0
+
+    assert summary["skipped"] == lost and summary["read"]["declared_frames"] == DAMAGED_FRAMES
+    (gap,) = summary["read"]["skipped_frames"]
+    assert (gap["first"], gap["last"], gap["count"]) == (f"{missing[0]:06d}", f"{missing[-1]:06d}", lost)
+    assert json.loads((out / "predict.json").read_text())["skipped"] == lost
+    assert f"{len(read)} frames in " in stdout and f", {lost} skipped (unreadable: frames {missing[0]:06d}-" in stdout
+    assert f"{lost} frames skipped so far" in caplog.text  # the warning, counted
+    assert "@ 0x" not in stdout + err and "marker" not in err, f"FFmpeg's own lines reached the terminal:\n{err}"
+    assert len(read_video(out / "overlay.mp4")[0]) == len(read)
+
+
+def test_truncated_video_ends_before_its_frame_count(
+    ckpts: dict[str, Path], damaged: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """An avi cut short: its header still declares every frame; the run says where it ends and how many are
+    missing (an error by default, counted with on_error=skip)."""
+    oks, read = plain_read(damaged["truncated"])
+    assert 0 < len(read) < DAMAGED_FRAMES and not any(oks[len(read) :]), "not a truncated file: the check is void"
+    args = (f"ckpt_path={ckpts['segformer']}", f"source={damaged['truncated']}", f"output={tmp_path / 'out'}")
+    capfd.readouterr()
+    with pytest.raises(ConfigError) as error:
+        run_predict(*args)
+    assert f"frames {len(read):06d}-{DAMAGED_FRAMES - 1:06d} ({DAMAGED_FRAMES - len(read)}) cannot be read" in str(
+        error.value
+    )
+    assert f"before the {DAMAGED_FRAMES} frames its container declares" in str(error.value)
+    summary = run_predict(*args, "on_error=skip", "overwrite=true")
+    assert summary["frames"] == len(read) and summary["skipped"] == DAMAGED_FRAMES - len(read)
+    assert "@ 0x" not in "".join(capfd.readouterr()), "FFmpeg's own lines reached the terminal"
+
+
+def test_folder_frame_skipped(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """``on_error=skip`` on a folder: an unreadable frame file is skipped and counted."""
+    src = tmp_path / "frames"
+    src.mkdir()
+    for i, f in enumerate(moving_shapes(4, FOLDER_HW)):
+        cv2.imwrite(str(src / f"{i:03d}.png"), f)
+    (src / "002.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    summary = run_predict(f"ckpt_path={ckpts['segformer']}", f"source={src}", f"output={out}", "on_error=skip")
+    assert sorted(p.stem for p in (out / "masks").glob("*.png")) == ["000", "001", "003"]
+    assert summary["skipped"] == 1 and summary["read"]["skipped_frames"][0]["first"] == "002"
+
+
+def test_ffmpeg_messages_stay_off_the_terminal(damaged: dict[str, Path], capfd: pytest.CaptureFixture) -> None:
+    """Reading the damaged video over and over (no model): every FFmpeg message is kept, none reaches fd 2.
+    (FFmpeg's decoding threads log after a read has returned: with more than one, some lines escape, about
+    one read in ten of this file.)"""
+    counts = []
+    capfd.readouterr()
+    for _ in range(30):
+        source = open_source(damaged["middle"], on_error="skip")
+        frames = [name for name, _ in source.frames]
+        assert len(frames) == DAMAGED_FRAMES - source.report.skipped
+        counts.append(source.report.message_count)
+    out, err = capfd.readouterr()
+    assert err == "" and "@ 0x" not in out, f"FFmpeg's own lines reached the terminal:\n{err}"
+    assert counts[0] > 0 and len(set(counts)) == 1, counts  # every message captured, every time

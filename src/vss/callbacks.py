@@ -68,12 +68,16 @@ def class_palette(num_classes: int, colours: Sequence[Sequence[int]] | None = No
     return pal
 
 
-def draw_legend(width: int, names: Sequence[str], colours: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-    """Rows of colour swatch + class name for ``classes`` (and ignore), ``width`` pixels wide (RGB uint8)."""
+def draw_legend(
+    width: int, names: Sequence[str], colours: np.ndarray, classes: Sequence[int], ignore: bool = True
+) -> np.ndarray:
+    """Rows of colour swatch + class name for ``classes`` (and ignore, unless ``ignore=False``), ``width`` pixels
+    wide (RGB uint8)."""
     import cv2
 
     entries = [(names[c], tuple(int(v) for v in colours[c])) for c in classes]
-    entries.append(("ignore", (0, 0, 0)))
+    if ignore:
+        entries.append(("ignore", (0, 0, 0)))
     font, scale, thick, line = cv2.FONT_HERSHEY_SIMPLEX, 0.35, 1, 12
     widths = [12 + cv2.getTextSize(n, font, scale, thick)[0][0] + 8 for n, _ in entries]
     rows, x = [[]], 0

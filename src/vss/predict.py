@@ -12,11 +12,21 @@ through the checkpoint's evaluation transform (its ``data.scale`` and ``data.siz
 ``batch_size`` frames so a long video never sits in memory. Each frame's logits are upsampled (bilinear) to
 the original frame size and argmax'ed. Written into ``output`` (default: the run directory):
 
-- ``masks/<frame>.png``: class ids 0..C-1, 8-bit (``%06d.png`` for a video, the frame's stem for a folder);
-- ``overlay.mp4`` (``save_overlay=true``): the frames blended with the class colours (``opacity``, ``palette``;
-  by default the checkpoint's ``data.palette`` where it has one);
-- ``side_by_side.mp4`` (``side_by_side=true``): frame | overlay;
-- ``predict.json``, last: frame count, speed and the classes with their colours.
+- ``masks/<frame>.png``: class ids 0..C-1, 8-bit (``%06d.png`` for a video: the frame's index in it, also after
+  skipped frames; the frame's stem for a folder);
+- ``overlay.mp4`` (``save_overlay=true``): the frames blended with the class colours (``opacity``), frame for frame
+  the size of the source (it lines up with the masks and the source);
+- ``side_by_side.mp4`` (``side_by_side=true``): frame | overlay, a legend of the frame's classes under them;
+- ``legend.png``: swatch, id, name and pixel share of every class predicted;
+- ``predict.json``, last: frame count, frames skipped, speed and the classes with their colours.
+
+Class names and colours are those of the checkpoint's data (the data module its config builds, as its training
+overlays: e.g. the Cityscapes table where ``data.class_names``/``data.palette`` are null; no data file is read);
+``palette=FILE`` replaces the colours. A frame FFmpeg cannot decode, or a video that ends before the frame
+count its container declares (OpenCV's ``CAP_PROP_FRAME_COUNT``), is an error naming the frame and the source
+(exit 2); with ``on_error=skip`` it is a warning, the frames are counted in the summary line and predict.json
+(``read``). FFmpeg's and OpenCV's own messages while the source is read (and the videos are opened) do not
+reach the terminal: they go into predict.json and the error text.
 
 Every file is written under a temporary name and renamed once complete, so an interrupted run never leaves
 a truncated video under a final name. Videos use fourcc mp4v at the source video's frame rate (``fps`` sets
@@ -25,6 +35,7 @@ it; 15 for frames); odd frame sides are padded by one pixel for the codec.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -35,7 +46,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +74,64 @@ register_resolvers()
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 DEFAULT_FPS = 15.0
 FOURCC = "mp4v"
-RESULT_FILES = ("predict.json", "overlay.mp4", "side_by_side.mp4")
+RESULT_FILES = ("predict.json", "overlay.mp4", "side_by_side.mp4", "legend.png")
+ON_ERROR = ("error", "skip")
+RETRIES = 64
+"""Reads tried after a failed one when the container declares no frames beyond it but FFmpeg reported an error."""
+MESSAGES_KEPT = 20
+"""Distinct FFmpeg/OpenCV messages kept for predict.json."""
+NATIVE_PREFIX = re.compile(r"^\[[^]]*\]\s*")
+"""``[mpeg4 @ 0x55d0...] `` (FFmpeg's av_log) or ``[ WARN:0@1.2] `` (OpenCV's logger) before a message."""
 
 Frame = tuple[str, np.ndarray]
 """A frame's output name (no suffix) and its pixels, RGB uint8 (H,W,3)."""
 
 
 # -- reading the source --------------------------------------------------------------------------------
+@dataclass
+class Gap:
+    """Source frames that were not predicted: ``first``..``last`` (mask names), ``count`` of them (None: unknown)."""
+
+    first: str
+    last: str | None
+    count: int | None
+    reason: str
+
+    def describe(self) -> str:
+        """``frame 000006`` / ``frames 000006-000026 (21)`` / ``the frames from 000013 on``."""
+        if self.count is None or self.last is None:
+            return f"the frames from {self.first} on"
+        return f"frame {self.first}" if self.count == 1 else f"frames {self.first}-{self.last} ({self.count})"
+
+
+@dataclass
+class ReadReport:
+    """What reading the source went through: frames skipped (``on_error=skip``), frames decoded while FFmpeg
+    reported errors (concealed by the decoder), FFmpeg's and OpenCV's own messages, the declared frame count."""
+
+    gaps: list[Gap] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    message_count: int = 0
+    declared: int | None = None
+
+    @property
+    def skipped(self) -> int:
+        """Frames skipped, where known (a gap of unknown length counts none)."""
+        return sum(g.count or 0 for g in self.gaps)
+
+    def as_dict(self) -> dict[str, Any]:
+        """For predict.json."""
+        return {
+            "declared_frames": self.declared,
+            "skipped": self.skipped,
+            "skipped_frames": [dataclasses.asdict(g) for g in self.gaps],
+            "decoded_with_errors": self.damaged,
+            "ffmpeg_messages": self.message_count,
+            "ffmpeg_messages_distinct": self.messages[:MESSAGES_KEPT],
+        }
+
+
 @dataclass
 class Source:
     """An opened source: its frames in order, their count (None when unknown) and frame rate (video only)."""
@@ -79,6 +141,7 @@ class Source:
     frames: Iterator[Frame]
     count: int | None = None
     fps: float | None = None
+    report: ReadReport = field(default_factory=ReadReport)
 
 
 def _one_line(e: BaseException | str) -> str:
@@ -92,27 +155,45 @@ def natural_key(path: Path) -> list[Any]:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
 
 
-@contextmanager
-def captured_stderr() -> Iterator[list[str]]:
-    """Collect what native code (FFmpeg's log) writes to file descriptor 2 instead of showing it."""
-    lines: list[str] = []
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no file descriptor 2 to redirect
-        saved = -1
-    if saved < 0:
-        yield lines
-        return
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
+class NativeLog:
+    """File descriptor 2 pointed at a private file while native code runs: FFmpeg's ``av_log`` and OpenCV's
+    logger write there (not through Python), so their lines never reach the terminal; they are kept for the
+    error texts and predict.json instead."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile()  # noqa: SIM115 (kept across reads; closed by close())
+        self.messages: list[str] = []  # the first MESSAGES_KEPT distinct ones, "[mpeg4 @ 0x...]" prefixes removed
+        self.count = 0
+
+    @contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        """Run the body with fd 2 redirected; the list yielded receives the body's messages when it ends."""
+        new: list[str] = []
+        sys.stderr.flush()
         try:
-            yield lines
+            saved = os.dup(2)
+        except OSError:  # no file descriptor 2 to redirect
+            yield new
+            return
+        os.dup2(self._file.fileno(), 2)
+        try:
+            yield new
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-            tmp.seek(0)
-            lines.extend(tmp.read().decode(errors="replace").splitlines())
+            self._file.seek(0)
+            text = self._file.read().decode(errors="replace")
+            self._file.seek(0)
+            self._file.truncate()
+            new.extend(m for m in (NATIVE_PREFIX.sub("", line).strip() for line in text.splitlines()) if m)
+            self.count += len(new)
+            for m in new:
+                if len(self.messages) < MESSAGES_KEPT and m not in self.messages:
+                    self.messages.append(m)
+
+    def close(self) -> None:
+        """Drop the file."""
+        self._file.close()
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -127,37 +208,119 @@ def read_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def open_video(path: Path) -> Source:
-    """A video file read frame by frame with OpenCV; its first frame is read here to check the file."""
-    with captured_stderr() as ffmpeg_log:
-        cap = cv2.VideoCapture(str(path))
+class SkipOrRaise:
+    """``on_error``: a frame that cannot be read stops the run (``error``) or is counted and skipped (``skip``)."""
+
+    def __init__(self, source: Path, on_error: str, report: ReadReport) -> None:
+        self.source, self.on_error, self.report = source, on_error, report
+
+    def __call__(self, gap: Gap) -> None:
+        """Raise a :class:`ConfigError` for ``gap``, or record it with a warning."""
+        what = f"source={str(self.source)!r}: {gap.describe()} {gap.reason}"
+        if self.on_error == "error":
+            raise ConfigError(f"{what}; pass on_error=skip to predict the readable frames and count the rest")
+        self.report.gaps.append(gap)
+        unknown = " (and an unknown number at the end)" if any(g.count is None for g in self.report.gaps) else ""
+        log.warning("%s: skipped (on_error=skip); %d frames skipped so far%s", what, self.report.skipped, unknown)
+
+
+def _video_frames(cap: Any, native: NativeLog, source: Source, fail: SkipOrRaise) -> Iterator[Frame]:
+    """The decoded frames, named by their index in the video; a frame FFmpeg cannot decode and a video that
+    ends before its container's frame count go to ``fail``."""
+    report, count, fps = source.report, source.count, source.fps
+    index, start_ms = 0, None
+
+    def read() -> tuple[bool, Any, list[str]]:
+        with native.capture() as messages:
+            ok, bgr = cap.read()
+        return ok, bgr, messages
+
+    try:
+        while True:
+            ok, bgr, messages = read()
+            if not ok:
+                # the end, or frames FFmpeg cannot decode: OpenCV gives up one packet per failed read and goes on
+                # with the next on the following read, so read on as far as the container says frames remain
+                why = messages[-1] if messages else ""
+                failed, budget = 1, max((count or 0) - index, RETRIES if messages else 0)
+                while not ok and failed <= budget:
+                    ok, bgr, more = read()
+                    failed += 0 if ok else 1
+                    why = more[-1] if more else why
+                because = f" (FFmpeg: {why})" if why else ""
+                if not ok:  # nothing after it
+                    if count is not None and index < count:
+                        ends = f"the video ends there, before the {count} frames its container declares"
+                        reason = f"cannot be read: {ends} (a truncated or damaged file){because}"
+                        fail(Gap(f"{index:06d}", f"{count - 1:06d}", count - index, reason))
+                    elif messages and count is None:
+                        reason = f"cannot be decoded{because}; nothing after them could be"
+                        fail(Gap(f"{index:06d}", None, None, reason))
+                    return
+                # a later frame decoded: the frames in between are lost (its timestamp says how many, where known)
+                resumed = index + failed
+                if fps and start_ms is not None:
+                    at = round((cap.get(cv2.CAP_PROP_POS_MSEC) - start_ms) * fps / 1000.0)
+                    resumed = max(resumed, at) if count is None or at < count else resumed
+                reason = f"cannot be decoded{because}; the video goes on from frame {resumed:06d}"
+                fail(Gap(f"{index:06d}", f"{resumed - 1:06d}", resumed - index, reason))
+                index = resumed
+            elif messages:
+                report.damaged.append(f"{index:06d}")
+            if start_ms is None:
+                start_ms = cap.get(cv2.CAP_PROP_POS_MSEC)
+            yield f"{index:06d}", cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            index += 1
+    finally:
+        with native.capture():
+            cap.release()
+        report.messages, report.message_count = native.messages, native.count
+        native.close()
+
+
+def open_video(path: Path, on_error: str = "error") -> Source:
+    """A video file read frame by frame with OpenCV (FFmpeg's messages kept out of the terminal); the container
+    is checked here: a :class:`ConfigError` if OpenCV cannot open it."""
+    native = NativeLog()
+    with native.capture() as messages:
+        # one decoding thread: FFmpeg's worker threads would log after a read returns, onto the terminal
+        cap = cv2.VideoCapture(str(path), cv2.CAP_ANY, [cv2.CAP_PROP_N_THREADS, 1])
+        if not cap.isOpened():
+            cap = cv2.VideoCapture(str(path))
         opened = cap.isOpened()
-        ok, first = cap.read() if opened else (False, None)
-    if not ok:
+    if not opened:
         cap.release()
-        reasons = [re.sub(r"^\[[^]]*\]\s*", "", line).strip() for line in ffmpeg_log]
-        reasons = [r for r in reasons if r]
-        why = "OpenCV could not open it" if not opened else "no frame could be read from it"
-        hint = f" (FFmpeg: {reasons[-1]})" if reasons else ""
-        raise ConfigError(f"source={str(path)!r} is not a readable video: {why}{hint}")
+        native.close()
+        reasons = [m for m in messages if "VIDEOIO" not in m and "global " not in m] or messages
+        hint = f" (FFmpeg: {reasons[0]})" if reasons else ""
+        raise ConfigError(f"source={str(path)!r} is not a readable video: OpenCV could not open it{hint}")
     fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
     count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    source = Source(path, "video", iter(()), count if count > 0 else None, fps if 0 < fps < 1000 else None)
+    source.report.declared = source.count
+    frames = _video_frames(cap, native, source, SkipOrRaise(path, on_error, source.report))
+    first = next(frames, None)  # here, before the model is loaded: a video without a readable frame fails now
+    if first is None:
+        raise ConfigError(
+            f"source={str(path)!r} is not a readable video: no frame could be read from it"
+            + (f" ({source.report.skipped} skipped)" if source.report.gaps else "")
+        )
+    source.frames = itertools.chain([first], frames)
+    return source
 
-    def frames() -> Iterator[Frame]:
+
+def _folder_frames(files: list[Path], fail: SkipOrRaise) -> Iterator[Frame]:
+    """The folder's frames in order; one that cannot be decoded goes to ``fail``."""
+    for f in files:
         try:
-            yield f"{0:06d}", cv2.cvtColor(first, cv2.COLOR_BGR2RGB)
-            for i in itertools.count(1):
-                ok, bgr = cap.read()
-                if not ok:
-                    return
-                yield f"{i:06d}", cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        finally:
-            cap.release()
-
-    return Source(path, "video", frames(), count if count > 0 else None, fps if 0 < fps < 1000 else None)
+            rgb = read_image(f)
+        except ConfigError as e:
+            fail(Gap(f.stem, f.stem, 1, f"cannot be read: {e}"))
+            continue
+        yield f.stem, rgb
 
 
-def open_source(source: str | Path) -> Source:
+def open_source(source: str | Path, on_error: str = "error") -> Source:
     """A video file, a folder of frames or one image; a :class:`ConfigError` naming what cannot be read."""
     path = Path(str(source)).expanduser()
     if not path.exists():
@@ -174,10 +337,13 @@ def open_source(source: str | Path) -> Source:
             if f.stem in stems:
                 raise ConfigError(f"source={str(path)!r}: {stems[f.stem].name} and {f.name} would share one mask name")
             stems[f.stem] = f
-        return Source(path, "folder", ((f.stem, read_image(f)) for f in files), len(files))
+        folder = Source(path, "folder", iter(()), len(files))
+        folder.report.declared = len(files)
+        folder.frames = _folder_frames(files, SkipOrRaise(path, on_error, folder.report))
+        return folder
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return Source(path, "image", iter([(path.stem, read_image(path))]), 1)
-    return open_video(path)
+    return open_video(path, on_error)
 
 
 # -- the model and its colours -------------------------------------------------------------------------
@@ -197,6 +363,30 @@ class Model:
         return len(self.class_names)
 
 
+def data_classes(cfg: DictConfig, num_classes: int) -> tuple[list[str], list[list[int]] | None] | None:
+    """The class names and colours of the data module the checkpoint's config builds: those its training
+    overlays used (a data set's own table where the config leaves them null). Built without reading any data;
+    None, with a warning, when that config does not build it."""
+    from hydra.utils import instantiate
+
+    data = cfg.data
+    if OmegaConf.is_missing(data, "root") or data.get("root") is None:  # (a converted checkpoint) not read here
+        data = OmegaConf.merge(cfg, {"data": {"root": "."}}).data
+    try:
+        module = instantiate(data)
+        names, colours = [str(n) for n in module.class_names], module.palette
+    except Exception as e:  # a config of another vss version, a data module this install lacks, ...
+        log.warning(
+            "the checkpoint's data config does not build its data module (%s): class names and colours from "
+            "its data.class_names / data.palette",
+            _one_line(e),
+        )
+        return None
+    if len(names) != num_classes:
+        return None
+    return names, [[int(v) for v in c] for c in colours] if colours is not None else None
+
+
 def load_model(ckpt_path: str | Path, device: torch.device) -> Model:
     """Rebuild a vss checkpoint's model from its training config and load its weights."""
     from vss.eval import load_checkpoint
@@ -213,9 +403,14 @@ def load_model(ckpt_path: str | Path, device: torch.device) -> Model:
     if OmegaConf.select(cfg, "encoder.pretrained") is not None:
         cfg.encoder.pretrained = None  # ImageNet weights are replaced by the checkpoint's (and may not exist here)
     num_classes = int(cfg.data.num_classes)
-    names = OmegaConf.select(cfg, "data.class_names")
-    names = [str(n) for n in names] if names else []
-    class_names = [names[i] if i < len(names) else str(i) for i in range(num_classes)]
+    table = data_classes(cfg, num_classes)
+    if table is not None:
+        class_names, palette = table
+    else:  # the config's own names (else those the module was trained with), and its palette
+        names = OmegaConf.select(cfg, "data.class_names") or ckpt["hyper_parameters"].get("class_names") or []
+        class_names = [str(names[i]) if i < len(names) else str(i) for i in range(num_classes)]
+        own = OmegaConf.select(cfg, "data.palette")
+        palette = OmegaConf.to_container(own) if own is not None else None
     module = build_module(cfg, num_classes, class_names)
     try:
         module.load_state_dict(ckpt["state_dict"], strict=True)
@@ -228,8 +423,6 @@ def load_model(ckpt_path: str | Path, device: torch.device) -> Model:
     if scale is None:
         raise ConfigError(f"ckpt_path={str(path)!r}: its config has no data.scale (the evaluation size)")
     size_divisor = int(OmegaConf.select(cfg, "data.size_divisor", default=32) or 1)
-    palette = OmegaConf.select(cfg, "data.palette")
-    palette = OmegaConf.to_container(palette) if palette is not None else None
     segmenter = module.segmenter.to(device).eval()
     return Model(segmenter, class_names, [int(s) for s in scale], size_divisor, palette)
 
@@ -244,8 +437,8 @@ def _triples(colours: Any, num_classes: int) -> bool:
 
 
 def load_palette(path: str | Path | None, num_classes: int, own: Sequence[Sequence[int]] | None = None) -> np.ndarray:
-    """Class colours (C,3) uint8: the file's list of [r, g, b] triples; when None, ``own`` (the checkpoint's
-    ``data.palette``) if it is one triple per class, else the default palette."""
+    """Class colours (C,3) uint8: the file's list of [r, g, b] triples; when None, ``own`` (the data's palette)
+    if it is one triple per class, else the generated palette the training overlays use without one."""
     if path is None and own is not None and _triples(own, num_classes):
         return np.asarray([list(c) for c in own][:num_classes], dtype=np.uint8)
     if path is None:
@@ -276,6 +469,43 @@ def blend(rgb: np.ndarray, mask: np.ndarray, colours: np.ndarray, opacity: float
     return cv2.addWeighted(rgb, 1.0 - opacity, colours[mask], opacity, 0.0)
 
 
+def legend_image(names: Sequence[str], colours: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """legend.png: one row per class present (``pixels`` > 0), in id order: colour swatch, id, name and share of
+    the predicted pixels (RGB uint8, white background)."""
+    font, scale, thick, line = cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1, 22
+    total = max(int(pixels.sum()), 1)
+    rows = [(c, f"{c:>3}  {names[c]}  {100.0 * pixels[c] / total:.1f}%") for c in range(len(names)) if pixels[c] > 0]
+    width = 28 + max(cv2.getTextSize(text, font, scale, thick)[0][0] for _, text in rows) + 8
+    legend = np.full((line * len(rows) + 6, width, 3), 255, np.uint8)
+    for r, (c, text) in enumerate(rows):
+        y = 3 + r * line
+        colour = tuple(int(v) for v in colours[c])
+        cv2.rectangle(legend, (4, y + 3), (20, y + 19), colour, -1)
+        cv2.rectangle(legend, (4, y + 3), (20, y + 19), (90, 90, 90), 1)
+        cv2.putText(legend, text, (28, y + 16), font, scale, (0, 0, 0), thick, cv2.LINE_AA)
+    return legend
+
+
+class LegendStrip:
+    """The strip under side_by_side.mp4's frames: swatch + name of the classes in that frame (the layout of the
+    training overlays' legend), of one height for the whole video (that of all classes)."""
+
+    def __init__(self, width: int, names: Sequence[str], colours: np.ndarray) -> None:
+        from vss.callbacks import draw_legend
+
+        self.draw, self.names, self.colours = draw_legend, names, colours
+        self.factor = max(1, round(width / 960))  # drawn at <= ~960 px, then enlarged: legible on large frames
+        self.width = width
+        self.height = draw_legend(width // self.factor, names, colours, range(len(names)), ignore=False).shape[0]
+
+    def __call__(self, mask: np.ndarray) -> np.ndarray:
+        """The strip for one frame's mask."""
+        shown = np.flatnonzero(np.bincount(mask.ravel(), minlength=len(self.names)))
+        strip = self.draw(self.width // self.factor, self.names, self.colours, shown.tolist(), ignore=False)
+        strip = np.concatenate([strip, np.full((self.height - strip.shape[0], *strip.shape[1:]), 255, np.uint8)])
+        return cv2.resize(strip, (self.width, self.height * self.factor), interpolation=cv2.INTER_LINEAR)
+
+
 # -- writing -------------------------------------------------------------------------------------------
 def write_png(mask: np.ndarray, path: Path) -> None:
     """Write a class-id map as an 8-bit PNG, under a temporary name first."""
@@ -285,6 +515,11 @@ def write_png(mask: np.ndarray, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_bytes(buf.tobytes())
     os.replace(tmp, path)
+
+
+def write_png_rgb(rgb: np.ndarray, path: Path) -> None:
+    """Write an RGB image as PNG, under a temporary name first."""
+    write_png(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), path)
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
@@ -309,10 +544,14 @@ class AtomicVideoWriter:
         if self.writer is None:
             self.size = (h, w)
             frame_size = (w + w % 2, h + h % 2)  # mp4v wants even sides
-            self.writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*FOURCC), self.fps, frame_size)
+            native = NativeLog()
+            with native.capture() as messages:  # FFmpeg's complaints go into the error, not onto the terminal
+                self.writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*FOURCC), self.fps, frame_size)
+            native.close()
             if not self.writer.isOpened():
+                why = f" ({messages[0]})" if messages else ""
                 raise ConfigError(
-                    f"cannot write {str(self.path)!r}: OpenCV's VideoWriter (fourcc {FOURCC}) did not open"
+                    f"cannot write {str(self.path)!r}: OpenCV's VideoWriter (fourcc {FOURCC}) did not open{why}"
                 )
         sh, sw = self.size
         if (h, w) != self.size:
@@ -404,9 +643,10 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     opacity = float(_checked(cfg, "opacity", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"))
     batch_size = _checked(cfg, "batch_size", lambda v: type(v) is int and v > 0, "a positive integer")
     fps_arg = _checked(cfg, "fps", lambda v: v is None or (_number(v) and v > 0), "a positive number or null")
+    on_error = _checked(cfg, "on_error", lambda v: v in ON_ERROR, f"one of {list(ON_ERROR)}")
     output = output_dir(cfg)
 
-    source = open_source(source_arg)  # before the model: a bad source fails in a second
+    source = open_source(source_arg, on_error)  # before the model: a bad source fails in a second
     device = resolve_device(cfg.device)
     model = load_model(ckpt_path, device)
     colours = load_palette(cfg.get("palette"), model.num_classes, model.palette)
@@ -421,22 +661,29 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
     streamer = Streamer(model.segmenter, batch_size)  # frames encoded in batches, targets aggregated one by one
     first_size: tuple[int, int] | None = None
+    pixels = np.zeros(model.num_classes, np.int64)  # predicted pixels per class: the legend's classes
+    strip: LegendStrip | None = None
     done = 0
     bar = tqdm(total=source.count, desc="predict", unit="frame", disable=not cfg.get("progress", True))
 
     def emit(outputs: list[Any]) -> None:
-        nonlocal done
+        nonlocal done, strip
         for out in outputs:
             name, rgb = out.item
             logits = out.logits[None].float()
             mask = class_map(resize(logits, rgb.shape[:2]))[0].to(torch.uint8).cpu().numpy()
             write_png(mask, mask_dir / f"{name}.png")
+            pixels[:] += np.bincount(mask.ravel(), minlength=model.num_classes)[: model.num_classes]
             if writers:
                 overlay = blend(rgb, mask, colours, opacity)
                 if "overlay" in writers:
                     writers["overlay"].write(overlay)
                 if "side_by_side" in writers:
-                    writers["side_by_side"].write(np.concatenate([rgb, overlay], axis=1))
+                    pair = np.concatenate([rgb, overlay], axis=1)
+                    if first_size is not None and rgb.shape[:2] != first_size:  # the video keeps its first size
+                        pair = cv2.resize(pair, (2 * first_size[1], first_size[0]), interpolation=cv2.INTER_LINEAR)
+                    strip = strip or LegendStrip(pair.shape[1], model.class_names, colours)
+                    writers["side_by_side"].write(np.concatenate([pair, strip(mask)], axis=0))
             done += 1
             bar.update(1)
 
@@ -454,6 +701,10 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             images = transform(images=np.stack([fit(rgb) for _, rgb in chunk]))["images"].to(device)
             emit(streamer.push(images, chunk))
         emit(streamer.end())
+        if done == 0:
+            raise ConfigError(
+                f"source={str(source.path)!r}: no frame could be read from it ({source.report.skipped} skipped)"
+            )
         videos = {key: str(w.commit()) for key, w in writers.items()}
     except BaseException:
         for w in writers.values():
@@ -462,9 +713,20 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     finally:
         bar.close()
     seconds = time.perf_counter() - start
+    write_png_rgb(legend_image(model.class_names, colours, pixels), output / "legend.png")
 
+    report = source.report
+    if report.damaged:
+        log.warning(
+            "FFmpeg reported errors while decoding %d frame(s) (%s%s): the decoder concealed them, their masks may "
+            "be wrong (predict.json: read.decoded_with_errors)",
+            len(report.damaged),
+            ", ".join(report.damaged[:5]),
+            ", ..." if len(report.damaged) > 5 else "",
+        )
     summary: dict[str, Any] = {
         "frames": done,
+        "skipped": report.skipped,
         "seconds": round(seconds, 3),
         "fps": round(done / seconds, 2) if seconds > 0 else None,
         "source": str(source.path),
@@ -474,15 +736,23 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         "masks": str(mask_dir),
         "overlay": videos.get("overlay"),
         "side_by_side": videos.get("side_by_side"),
+        "legend": str(output / "legend.png"),
         "video_fps": fps,
         "device": str(device),
+        "on_error": on_error,
+        "read": report.as_dict(),
         "classes": [
-            {"id": i, "name": n, "color": [int(c) for c in colours[i]]} for i, n in enumerate(model.class_names)
+            {"id": i, "name": n, "color": [int(c) for c in colours[i]], "pixels": int(pixels[i])}
+            for i, n in enumerate(model.class_names)
         ],
     }
     write_json(summary, output / "predict.json")
     rate = f"{done / seconds:.1f}" if seconds > 0 else "inf"
-    print(f"[vss.predict] {done} frames in {seconds:.1f} s ({rate} fps) -> {output}")
+    skipped = ""
+    if report.gaps:
+        unknown = " and an unknown number at the end" if any(g.count is None for g in report.gaps) else ""
+        skipped = f", {report.skipped} skipped{unknown} (unreadable: {', '.join(g.describe() for g in report.gaps)})"
+    print(f"[vss.predict] {done} frames in {seconds:.1f} s ({rate} fps){skipped} -> {output}")
     return summary
 
 
