@@ -43,6 +43,7 @@ RUN_LOG = logging.getLogger("vss.report")
 """Lines for the run's ``train.log`` only (conf/hydra/default.yaml gives it the file handler, not the console)."""
 SUMMARY_KEYS = ("mIoU", "fwIoU", "mVC8", "mVC16")
 EXIT_SIGTERM = 128 + 15
+LIGHTNING_CSV_LOGGER = "pytorch_lightning.loggers.CSVLogger"
 
 register_resolvers()
 _ARGV: list[str] = []
@@ -164,8 +165,11 @@ def _overrides_and_groups() -> tuple[list[str], set[str]]:
     return list(hc.overrides.task), set(hc.runtime.choices.keys())
 
 
-def _report_best(trainer: Any, history: Mapping[int, Mapping[str, Any]], final_step: int) -> dict[str, Any] | None:
-    """The best checkpoint (by the monitored metric) and its metrics; printed, returned for metrics.json."""
+def _report_best(
+    trainer: Any, history: Mapping[int, Mapping[str, Any]], final: Mapping[str, Any], final_step: int
+) -> dict[str, Any] | None:
+    """The best checkpoint (by the monitored metric) and its metrics, compared with the final weights' validation
+    ``final``; printed, returned for metrics.json."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     best = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
@@ -178,55 +182,25 @@ def _report_best(trainer: Any, history: Mapping[int, Mapping[str, Any]], final_s
     score = float(best.best_model_score) if best.best_model_score is not None else None
     key = best.monitor.split("/", 1)[-1]
     metrics.setdefault(key, score)
-    verdict = "the final weights" if step == final_step else f"beats the final weights (step {final_step})"
     line = format_summary(metrics) or (f"{best.monitor} {score:.4f}" if score is not None else "")
-    say(f"[vss] best checkpoint: {best.best_model_path} (step {step}{': ' + line if line else ''}); {verdict}")
+    say(
+        f"[vss] best checkpoint: {best.best_model_path} (step {step}{': ' + line if line else ''}); "
+        f"{compare_best(score, final.get(key), step, final_step, key, best.mode)}"
+    )
     return {"step": step, "ckpt_path": best.best_model_path, "val": metrics}
 
 
-class CsvHistory:
-    """A resumed run in its own directory: Lightning's CSVLogger would start ``metrics.csv`` afresh; keep the rows
-    before the resumed step and put them back in front of the new ones when the run ends (or stops)."""
-
-    def __init__(self, loggers: list[Any], step: int) -> None:
-        import csv
-
-        from pytorch_lightning.loggers import CSVLogger
-
-        self.kept: list[tuple[Path, list[dict[str, str]]]] = []
-        for logger in loggers:
-            if isinstance(logger, CSVLogger):
-                path = Path(logger.log_dir) / "metrics.csv"
-                if path.is_file():
-                    with path.open(newline="") as f:
-                        rows = [r for r in csv.DictReader(f) if r.get("step") and self._before(r, step)]
-                    path.unlink()
-                    self.kept.append((path, rows))
-
-    @staticmethod
-    def _before(row: Mapping[str, str], step: int) -> bool:
-        """Rows logged before the checkpoint: earlier steps, and the validation of the checkpoint's own step (the
-        training rows at that step come again from the resumed run)."""
-        s = int(row["step"])
-        return s < step or (s == step and any(v and k.startswith(("val/", "test/")) for k, v in row.items()))
-
-    def restore(self) -> None:
-        """Write the kept rows, then the resumed run's, under one header."""
-        import csv
-
-        for path, old in self.kept:
-            new = []
-            if path.is_file():
-                with path.open(newline="") as f:
-                    new = list(csv.DictReader(f))
-            rows = old + new
-            keys = list(dict.fromkeys(k for r in rows for k in r))
-            tmp = path.with_suffix(".csv.tmp")
-            with tmp.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=keys)
-                writer.writeheader()
-                writer.writerows(rows)
-            tmp.replace(path)
+def compare_best(best: float | None, final: float | None, step: int, final_step: int, key: str, mode: str) -> str:
+    """How the best checkpoint's score stands against the final weights' (``last.ckpt``), by their printed values."""
+    if step == final_step:
+        return "the final weights"
+    if best is None or final is None:
+        return f"the final weights (step {final_step}) are in last.ckpt"
+    shown = f"(step {final_step}, last.ckpt: {key} {final:.4f})"
+    if f"{best:.4f}" == f"{final:.4f}":
+        return f"ties with the final weights {shown}"
+    better = best > final if mode == "max" else best < final
+    return f"beats the final weights {shown}" if better else f"the final weights do better {shown}"
 
 
 def terminated(output_dir: Path, step: int, command: str) -> SystemExit:
@@ -257,8 +231,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from pytorch_lightning.utilities import rank_zero_only
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from vss.callbacks import RequeueOnSignal, RunReport, SaveOnSigterm, slurm_plugins
+    from vss.callbacks import RequeueOnSignal, RunReport, SaveOnSigterm, ValidateFinalStep, slurm_plugins
     from vss.checkpoint import AtomicCheckpointIO, remove_stale_temporary_files
+    from vss.loggers import CSVLogger
     from vss.metrics import write_metrics_json
     from vss.optim import describe_groups
     from vss.stages import check_resume_model, check_stages, init_weights, prepare_resume
@@ -307,6 +282,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         say(f"[vss] model: {total / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trainable)")
         say(describe_groups(module.param_groups()))
     use_eval_path(module, datamodule)
+    if resume is not None:  # a run started before vss.loggers.CSVLogger: Lightning's would delete its metrics.csv
+        for name, logger_cfg in (cfg.get("logger") or {}).items():
+            if isinstance(logger_cfg, DictConfig) and logger_cfg.get("_target_") == LIGHTNING_CSV_LOGGER:
+                cfg.logger[name]._target_ = "vss.loggers.CSVLogger"
     loggers = _instantiate_dict(cfg.get("logger"))
     for logger in loggers:  # Lightning always passes wandb.init(anonymous=None); wandb >= 0.19 warns it has no effect
         init = getattr(logger, "_wandb_init", None)
@@ -331,6 +310,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks=[
             *_instantiate_dict(cfg.get("callbacks")),
             report,
+            ValidateFinalStep(),  # the final step validated in fit: the checkpoint callbacks save it (last, best)
             SaveOnSigterm(output_dir / "checkpoints"),
             RequeueOnSignal(),  # after SaveOnSigterm: requeue once last.ckpt is written
         ],
@@ -339,12 +319,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         sync_batchnorm=False,
     )
     quiet_output()  # again: Lightning's loggers have their handlers now
-    history = None
     if resume is not None and rank0:
-        history = CsvHistory(loggers, resume.step)
+        for logger in loggers:  # metrics.csv goes on from the rows logged before the checkpoint
+            if isinstance(logger, CSVLogger):
+                report.history.update(logger.resume_at(resume.step))
         # the run directory is this run's own; training clips are drawn at random, so a mid-epoch restart is sound
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-        warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
         warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
     try:
         try:
@@ -352,8 +332,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         except SIGTERMException:
             raise terminated(output_dir, trainer.global_step, "python -m vss.train") from None
         step = trainer.global_step or int(trainer.callback_metrics.get("vss/step", 0))  # ddp_spawn: from rank 0
-        validated = bool(module.last_metrics) or "val/mIoU" in trainer.callback_metrics
-        if step % int(cfg.trainer.val_check_interval) != 0 or not validated:
+        validated = trainer.callback_metrics.get("vss/val_step")
+        if validated is None or int(validated) != step:  # e.g. validation disabled: no checkpoint saw these metrics
             trainer.validate(module, datamodule=datamodule, verbose=False)  # metrics of the final weights
         metrics = _stage_results(module, trainer, "val")
         result: dict[str, Any] = {"step": step, "val": metrics}
@@ -362,15 +342,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             result["test"] = _stage_results(module, trainer, "test")
         if trainer.is_global_zero:
             say(f"[vss] step {step}: {format_summary(metrics)}")
-            best = _report_best(trainer, report.history, step)
+            best = _report_best(trainer, report.history, metrics, step)
             if best is not None:
                 result["best"] = best
             write_metrics_json(result, output_dir / "metrics.json")
             say(f"[vss] run directory: {output_dir}")
         return result
     finally:
-        if history is not None:
-            history.restore()
         _finish_wandb()
 
 
