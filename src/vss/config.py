@@ -310,8 +310,10 @@ def check_train_values(cfg: DictConfig) -> None:
         ("data.label_file", ("auto", "labelIds", "labelTrainIds")),
         ("data.label_form", ("index", "colour")),  # CamVid video
         ("data.colour_convention", ("grouped", "exact")),
+        ("data.check_val", ("auto", "full", "headers", "off")),  # vss.data.datamodule.VAL_CHECKS
     ):
         _check(cfg, key, lambda v, c=choices: v in c, f"one of {list(choices)}", optional=True)
+    _check(cfg, "data.check_val_max_mb", lambda v: _num(v) and v > 0, "a positive number of megabytes", optional=True)
     _check(cfg, "data.synthetic.label_every", lambda v: _int(v) and v > 0, "a positive integer", optional=True)
     _check(
         cfg,
