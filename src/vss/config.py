@@ -51,11 +51,20 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as e:
             vspw = sys.modules.get("vss.data.vspw")  # imported by whoever raised a DatasetError
             if isinstance(e, ConfigError) or (vspw is not None and isinstance(e, vspw.DatasetError)):
-                print_error(str(e))
+                print_error(worker_error_message(str(e)))
                 raise SystemExit(2) from None
             raise
 
     return wrapper
+
+
+def worker_error_message(text: str) -> str:
+    """The error's own message when it was raised in a DataLoader worker (torch re-raises it with the worker's
+    traceback in the text: ``Caught DatasetError in DataLoader worker process 0. Original Traceback ...``)."""
+    if not re.match(r"Caught \w+ in DataLoader worker process \d+\.", text):
+        return text
+    name = text.split(" ", 2)[1]
+    return text.rsplit(f"{name}: ", 1)[-1].strip()
 
 
 def resolve_device(name: str) -> Any:

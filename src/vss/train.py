@@ -257,7 +257,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from pytorch_lightning.utilities import rank_zero_only
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from vss.callbacks import RequeueOnSignal, RunReport, SaveOnSigterm, slurm_plugins
+    from vss.callbacks import RequeueOnSignal, RunReport, SaveOnSigterm, SaveOnValidationError, slurm_plugins
     from vss.checkpoint import AtomicCheckpointIO, remove_stale_temporary_files
     from vss.metrics import write_metrics_json
     from vss.optim import describe_groups
@@ -331,6 +331,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             *_instantiate_dict(cfg.get("callbacks")),
             report,
             SaveOnSigterm(output_dir / "checkpoints"),
+            SaveOnValidationError(output_dir / "checkpoints"),
             RequeueOnSignal(),  # after SaveOnSigterm: requeue once last.ckpt is written
         ],
         logger=loggers or False,
