@@ -209,9 +209,8 @@ class VSSDataModule(pl.LightningDataModule):
             if self.verify:
                 problems = self.check([split])
                 if problems:
-                    raise DatasetError(
-                        f"{len(problems)} problem(s) in {self.root} split {split!r}:\n" + "\n".join(problems[:20])
-                    )
+                    found_by = f"data.verify=true (every file of split {split!r} read before training)"
+                    raise DatasetError(_problems_error(problems, self.root, found_by))
         return self._videos[split]
 
     def check_validation(self) -> None:
@@ -250,7 +249,8 @@ class VSSDataModule(pl.LightningDataModule):
             problems = _gather([p for found in pool.map(check, mine) for p in found], world)
         if problems:
             setting = self.check_val if self.check_val == mode else f"{self.check_val}, {mode}"
-            raise DatasetError(_val_problems(problems, self.root, split, setting))
+            found_by = f"the check of validation split {split!r} before training (data.check_val={setting})"
+            raise DatasetError(_problems_error(problems, self.root, found_by))
         if full:
             self._say(
                 f"[vss] validation split {split!r}: {len(files)} files read and checked in "
@@ -359,14 +359,14 @@ def _gather(problems: list[str], world: int) -> list[str]:
     return [p for part in parts for p in part or []]
 
 
-def _val_problems(problems: Sequence[str], root: Path, split: str, setting: str, shown: int = 20) -> str:
-    """The error for broken validation files: one line for one file, else a line per file (``shown`` at most)."""
-    where = f"the check of validation split {split!r} before training (data.check_val={setting})"
+def _problems_error(problems: Sequence[str], root: Path, found_by: str, shown: int = 20) -> str:
+    """The error for broken files found before training: one line for one file, else a line per file (``shown``
+    at most)."""
     if len(problems) == 1:
-        return f"{problems[0]}; found by {where}"
+        return f"{problems[0]}; found by {found_by}"
     more = f"\n... and {len(problems) - shown} more (python -m vss.data.check {root} lists every one)"
     return (
-        f"{len(problems)} problems found by {where} in {root}:\n"
+        f"{len(problems)} problems in {root}, found by {found_by}:\n"
         + "\n".join(problems[:shown])
         + (more if len(problems) > shown else "")
     )
