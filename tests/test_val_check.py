@@ -92,7 +92,7 @@ def test_above_the_bound_only_headers_are_read_and_a_line_says_so(tmp_path: Path
     VSSDataModule(root=str(root), check_val_max_mb=size * 0.99, **KW).setup("fit")  # the bad label is not seen
     note = capsys.readouterr().out.strip()
     assert note == (
-        f"[vss] validation split 'val': 12 files, {size:.0f} MB ({size:.0f} MB per process) exceed "
+        f"[vss] validation split 'val': 12 files, {size:.1f} MB ({size:.1f} MB per process) exceed "
         f"data.check_val_max_mb={size * 0.99:g}: headers checked only; data.check_val=full reads every pixel before "
         "training"
     )

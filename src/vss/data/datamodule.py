@@ -232,7 +232,7 @@ class VSSDataModule(pl.LightningDataModule):
             if self.check_val_max_mb is not None and mb / world > self.check_val_max_mb:
                 mode = "headers"
                 self._say(
-                    f"[vss] validation split {split!r}: {len(files)} files, {mb:.0f} MB ({mb / world:.0f} MB per "
+                    f"[vss] validation split {split!r}: {len(files)} files, {mb:.1f} MB ({mb / world:.1f} MB per "
                     f"process) exceed data.check_val_max_mb={self.check_val_max_mb:g}: headers checked only; "
                     "data.check_val=full reads every pixel before training"
                 )
