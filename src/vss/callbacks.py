@@ -346,6 +346,31 @@ class SaveOnSigterm(pl.Callback):
         trainer.save_checkpoint(self.dirpath / "last.ckpt")
 
 
+class SaveOnValidationError(pl.Callback):
+    """When a validation inside training fails (e.g. a broken validation file the check before training did not
+    read: ``data.check_val``), write ``dirpath/last.ckpt`` at the current step first, so the training is kept. The
+    failing process writes it itself (DDP weights are the same on every rank), without the barrier of
+    ``trainer.save_checkpoint`` that the other processes, still validating, would never reach."""
+
+    def __init__(self, dirpath: str | Path) -> None:
+        super().__init__()
+        self.dirpath = Path(dirpath)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
+        if not isinstance(exception, Exception) or trainer.state.fn != "fit" or not trainer.validating:
+            return  # SIGTERM, Ctrl+C (BaseException) and errors outside validation are not this callback's
+        if trainer.sanity_checking or trainer.global_step == 0:
+            return  # nothing trained yet
+        path = self.dirpath / "last.ckpt"
+        trainer.strategy.checkpoint_io.save_checkpoint(trainer._checkpoint_connector.dump_checkpoint(), path)
+        message = (
+            f"[vss] the validation at step {trainer.global_step} failed; the weights of step {trainer.global_step} "
+            f"are saved first: {path} (resume with ckpt_path={path} once the error is fixed)"
+        )
+        print(message, flush=True)
+        RUN_LOG.error(message)
+
+
 def slurm_plugins() -> list[Any]:
     """Inside a SLURM job: Lightning's ``SLURMEnvironment`` without its auto-requeue (vss's requeue is
     :class:`RequeueOnSignal`, one mechanism: no ``hpc_ckpt_*.ckpt``, no second ``scontrol requeue``); else none."""

@@ -51,11 +51,20 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as e:
             vspw = sys.modules.get("vss.data.vspw")  # imported by whoever raised a DatasetError
             if isinstance(e, ConfigError) or (vspw is not None and isinstance(e, vspw.DatasetError)):
-                print_error(str(e))
+                print_error(worker_error_message(str(e)))
                 raise SystemExit(2) from None
             raise
 
     return wrapper
+
+
+def worker_error_message(text: str) -> str:
+    """The error's own message when it was raised in a DataLoader worker (torch re-raises it with the worker's
+    traceback in the text: ``Caught DatasetError in DataLoader worker process 0. Original Traceback ...``)."""
+    if not re.match(r"Caught \w+ in DataLoader worker process \d+\.", text):
+        return text
+    name = text.split(" ", 2)[1]
+    return text.rsplit(f"{name}: ", 1)[-1].strip()
 
 
 def resolve_device(name: str) -> Any:
@@ -310,8 +319,10 @@ def check_train_values(cfg: DictConfig) -> None:
         ("data.label_file", ("auto", "labelIds", "labelTrainIds")),
         ("data.label_form", ("index", "colour")),  # CamVid video
         ("data.colour_convention", ("grouped", "exact")),
+        ("data.check_val", ("auto", "full", "headers", "off")),  # vss.data.datamodule.VAL_CHECKS
     ):
         _check(cfg, key, lambda v, c=choices: v in c, f"one of {list(choices)}", optional=True)
+    _check(cfg, "data.check_val_max_mb", lambda v: _num(v) and v > 0, "a positive number of megabytes", optional=True)
     _check(cfg, "data.synthetic.label_every", lambda v: _int(v) and v > 0, "a positive integer", optional=True)
     _check(
         cfg,

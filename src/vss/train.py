@@ -231,7 +231,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from pytorch_lightning.utilities import rank_zero_only
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from vss.callbacks import RequeueOnSignal, RunReport, SaveOnSigterm, ValidateFinalStep, slurm_plugins
+    from vss.callbacks import (
+        RequeueOnSignal,
+        RunReport,
+        SaveOnSigterm,
+        SaveOnValidationError,
+        ValidateFinalStep,
+        slurm_plugins,
+    )
     from vss.checkpoint import AtomicCheckpointIO, remove_stale_temporary_files
     from vss.loggers import CSVLogger
     from vss.metrics import write_metrics_json
@@ -312,6 +319,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             report,
             ValidateFinalStep(),  # the final step validated in fit: the checkpoint callbacks save it (last, best)
             SaveOnSigterm(output_dir / "checkpoints"),
+            SaveOnValidationError(output_dir / "checkpoints"),
             RequeueOnSignal(),  # after SaveOnSigterm: requeue once last.ckpt is written
         ],
         logger=loggers or False,

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import atexit
 import functools
+import logging
 import multiprocessing
 import os
 import signal
+import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,14 +20,18 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vss.data.clips import ClipSampler
-from vss.data.datasets import EvalClips, EvalFrames, TrainClips, VideoShardSampler
+from vss.data.datasets import EvalClips, EvalFrames, TrainClips, VideoShardSampler, deal_videos
 from vss.data.predictions import PredictionFormat
 from vss.data.transforms import build_eval_transform, build_train_transform, check_photometric
 
 if TYPE_CHECKING:
-    from vss.data.check import CheckReport
+    from vss.data.check import CheckReport, Scan
 
-from vss.data.vspw import DatasetError, LabelMap, Video, check_headers, read_mask, read_split
+from vss.data.vspw import DatasetError, LabelMap, Video, check_choice, check_headers, read_mask, read_split
+
+RUN_LOG = logging.getLogger("vss.report")
+VAL_CHECKS = ("auto", "full", "headers", "off")
+"""``data.check_val``: what is read of the validation files before training (auto: full up to a size bound)."""
 
 
 def _check_palette(palette: Sequence[Sequence[int]] | None, num_classes: int) -> list[tuple[int, int, int]] | None:
@@ -101,9 +108,11 @@ class VSSDataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         verify: bool = False,
         sparse_labels: bool = False,
-        check_val_headers: bool = True,
+        check_val: str = "auto",
+        check_val_max_mb: float | None = 2000.0,
         iou_mean: str = "gt_present",
         seed: int | None = None,
+        check_val_headers: bool | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -139,7 +148,10 @@ class VSSDataModule(pl.LightningDataModule):
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.verify = bool(verify)
         self.sparse_labels = bool(sparse_labels)
-        self.check_val_headers = bool(check_val_headers)
+        self.check_val = check_choice("data.check_val", check_val, VAL_CHECKS)
+        if check_val_headers is False:  # a config stored before data.check_val (a resumed run): false was off
+            self.check_val = "off"
+        self.check_val_max_mb = None if check_val_max_mb is None else float(check_val_max_mb)
         from vss.metrics.iou import check_iou_mean
 
         try:
@@ -179,11 +191,12 @@ class VSSDataModule(pl.LightningDataModule):
 
         return scan_vspw(root, split, problems, self.sparse_labels)
 
-    def check_report(self, splits: Sequence[str], progress: bool = False) -> CheckReport:
-        """Read every frame and mask of ``splits`` through this layout's scan and label reader."""
+    def check_report(self, splits: Sequence[str], progress: bool = False, scan: Scan | None = None) -> CheckReport:
+        """Read every frame and mask of ``splits`` through this layout's scan (or ``scan``) and label reader."""
         from vss.data.check import run_check
 
-        return run_check(self.root, splits, self.label_map, progress, scan=self.scan, read_label=self.read_label)
+        scan = scan or self.scan
+        return run_check(self.root, splits, self.label_map, progress, scan=scan, read_label=self.read_label)
 
     def check(self, splits: Sequence[str]) -> list[str]:
         """Every problem of ``splits`` (each naming the file): every frame and mask read (``data.verify``)."""
@@ -196,24 +209,66 @@ class VSSDataModule(pl.LightningDataModule):
             if self.verify:
                 problems = self.check([split])
                 if problems:
-                    raise DatasetError(
-                        f"{len(problems)} problem(s) in {self.root} split {split!r}:\n" + "\n".join(problems[:20])
-                    )
+                    found_by = f"data.verify=true (every file of split {split!r} read before training)"
+                    raise DatasetError(_problems_error(problems, self.root, found_by))
         return self._videos[split]
+
+    def check_validation(self) -> None:
+        """Before training, check the files validation will read (``data.check_val``): every frame and mask decoded
+        and its labels mapped (``auto``: up to ``data.check_val_max_mb`` per process, else headers only, said in a
+        line), or the headers only. Under DDP each process checks the videos it will validate, and every process
+        raises the same error, naming each broken file."""
+        if self.check_val == "off" or self.verify:  # data.verify has read every file of the split already
+            return
+        split = self.splits["validate"]
+        pieces = self.eval_pieces(split)
+        world, rank = self._distributed()
+        owners = deal_videos([len(p) for p in pieces], world)  # as the validation sampler deals them
+        mine = [p for p, owner in zip(pieces, owners, strict=True) if owner == rank]
+        files = {f for p in pieces for f in (*p.frames, *p.masks) if f is not None}
+        mode = self.check_val
+        if mode == "auto":
+            mb = sum(f.stat().st_size for f in files if f.is_file()) / 1e6
+            if self.check_val_max_mb is not None and mb / world > self.check_val_max_mb:
+                mode = "headers"
+                self._say(
+                    f"[vss] validation split {split!r}: {len(files)} files, {mb:.1f} MB ({mb / world:.1f} MB per "
+                    f"process) exceed data.check_val_max_mb={self.check_val_max_mb:g}: headers checked only; "
+                    "data.check_val=full reads every pixel before training"
+                )
+            else:
+                mode = "full"
+        start = time.perf_counter()
+        full = mode == "full"
+
+        def check(video: Video) -> list[str]:
+            return self.check_report([split], scan=lambda *_: [video]).problems if full else check_headers([video])
+
+        threads = max(1, min(self.num_workers, os.cpu_count() or 1))  # decoding releases the GIL
+        with ThreadPoolExecutor(threads) as pool:
+            problems = _gather([p for found in pool.map(check, mine) for p in found], world)
+        if problems:
+            setting = self.check_val if self.check_val == mode else f"{self.check_val}, {mode}"
+            found_by = f"the check of validation split {split!r} before training (data.check_val={setting})"
+            raise DatasetError(_problems_error(problems, self.root, found_by))
+        if full:
+            self._say(
+                f"[vss] validation split {split!r}: {len(files)} files read and checked in "
+                f"{time.perf_counter() - start:.2f} s before training (data.check_val={self.check_val})"
+            )
+
+    def _say(self, message: str) -> None:
+        """Print a line (and write it to the run's ``train.log``), on the first process only."""
+        if self._distributed()[1] == 0:
+            print(message, flush=True)
+            RUN_LOG.info(message)
 
     def setup(self, stage: str | None = None) -> None:
         """Read the split files now, so a broken dataset fails before the first step."""
         if stage in (None, "fit"):
             self.videos(self.splits["fit"])
-            val = self.videos(self.splits["validate"])
-            if self.check_val_headers and not self.verify:  # a bad validation file must not wait for step N
-                problems = check_headers(val)
-                if problems:
-                    raise DatasetError(
-                        f"{len(problems)} problem(s) in {self.root} split {self.splits['validate']!r} (headers "
-                        f"checked before training; python -m vss.data.check {self.root} checks every pixel):\n"
-                        + "\n".join(problems[:20])
-                    )
+            self.videos(self.splits["validate"])
+            self.check_validation()  # a bad validation file must not wait for step N
         if stage == "validate":
             self.videos(self.splits["validate"])
         if stage in ("test", "predict"):
@@ -238,12 +293,14 @@ class VSSDataModule(pl.LightningDataModule):
         labelled target's references need, in order); the clip path has one item per labelled frame.
         """
         tf = build_eval_transform(self.scale, self.size_divisor)
-        videos = self.videos(split)
         if self.eval_clips is None:
-            before, after = self.clip_sampler.before, self.clip_sampler.after
-            pieces = [piece for v in videos for piece in v.segments(before, after)]
-            return EvalFrames(pieces, self.label_map, tf, self.read_label)
-        return EvalClips(videos, self.label_map, tf, *self.eval_clips, read_label=self.read_label)
+            return EvalFrames(self.eval_pieces(split), self.label_map, tf, self.read_label)
+        return EvalClips(self.videos(split), self.label_map, tf, *self.eval_clips, read_label=self.read_label)
+
+    def eval_pieces(self, split: str) -> list[Video]:
+        """The videos the stream path runs: each video whole, or (sparse labels) the pieces around its labels."""
+        before, after = self.clip_sampler.before, self.clip_sampler.after
+        return [piece for v in self.videos(split) for piece in v.segments(before, after)]
 
     # -- loaders ------------------------------------------------------------------------------
     def _distributed(self) -> tuple[int, int]:
@@ -289,6 +346,30 @@ class VSSDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.splits["test"])
+
+
+def _gather(problems: list[str], world: int) -> list[str]:
+    """Every process's ``problems``, in rank order (DDP: all processes must call this); else ``problems``."""
+    import torch.distributed as dist
+
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return problems
+    parts: list[list[str] | None] = [None] * world
+    dist.all_gather_object(parts, problems)
+    return [p for part in parts for p in part or []]
+
+
+def _problems_error(problems: Sequence[str], root: Path, found_by: str, shown: int = 20) -> str:
+    """The error for broken files found before training: one line for one file, else a line per file (``shown``
+    at most)."""
+    if len(problems) == 1:
+        return f"{problems[0]}; found by {found_by}"
+    more = f"\n... and {len(problems) - shown} more (python -m vss.data.check {root} lists every one)"
+    return (
+        f"{len(problems)} problems in {root}, found by {found_by}:\n"
+        + "\n".join(problems[:shown])
+        + (more if len(problems) > shown else "")
+    )
 
 
 class SyntheticDataModule(VSSDataModule):

@@ -198,6 +198,15 @@ class EvalClips(EvalFrames):
         return item
 
 
+def deal_videos(lengths: Sequence[int], num_replicas: int) -> list[int]:
+    """The rank of each video (``lengths``: its frames): longest first to the least-loaded rank."""
+    load, owner = [0] * num_replicas, [0] * len(lengths)
+    for v in sorted(range(len(lengths)), key=lambda v: (-lengths[v], v)):
+        owner[v] = min(range(num_replicas), key=lambda r: (load[r], r))
+        load[owner[v]] += lengths[v]
+    return owner
+
+
 class VideoShardSampler(Sampler[int]):
     """Splits evaluation items by whole videos over DDP ranks, without padding or duplicates.
 
@@ -209,10 +218,7 @@ class VideoShardSampler(Sampler[int]):
     def __init__(self, dataset: EvalFrames, num_replicas: int, rank: int) -> None:
         lengths = [len(v) for v in dataset.videos]
         starts = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
-        load, owner = [0] * num_replicas, [0] * len(lengths)
-        for v in sorted(range(len(lengths)), key=lambda v: (-lengths[v], v)):
-            owner[v] = min(range(num_replicas), key=lambda r: (load[r], r))
-            load[owner[v]] += lengths[v]
+        owner = deal_videos(lengths, num_replicas)
         self.indices = [i for v, o in enumerate(owner) if o == rank for i in range(starts[v], starts[v + 1])]
 
     def __iter__(self):
