@@ -259,6 +259,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from vss.callbacks import RequeueOnSignal, RunReport, SaveOnSigterm, slurm_plugins
     from vss.checkpoint import AtomicCheckpointIO, remove_stale_temporary_files
+    from vss.locks import hold_run_directory
     from vss.metrics import write_metrics_json
     from vss.optim import describe_groups
     from vss.stages import check_resume_model, check_stages, init_weights, prepare_resume
@@ -277,6 +278,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     rank0 = rank_zero_only.rank == 0
     if rank0:
+        took_over = hold_run_directory(output_dir)  # one process per run directory, before anything in it changes
+        if took_over:
+            say(f"[vss] note: {took_over}")
         (output_dir / "metrics.json").unlink(missing_ok=True)  # written again only when the run completes
         removed = remove_stale_temporary_files(output_dir / "checkpoints")
         if removed:
