@@ -98,9 +98,9 @@ def hold(directory: Path, what: str, started: list[subprocess.Popen], env: dict[
     return proc
 
 
-def write_checkpoint(path: Path) -> None:
+def write_checkpoint(path: Path, step: int = 20) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {"w": torch.zeros(3)}, "global_step": 4}, path)
+    torch.save({"state_dict": {"w": torch.zeros(3)}, "global_step": step}, path)
 
 
 # -- a stage is recorded only with its checkpoint ------------------------------------------------------------------
@@ -151,6 +151,20 @@ def test_a_stage_without_its_checkpoint_is_not_recorded_and_runs_again(monkeypat
     (out / "base" / "checkpoints" / "last.ckpt").unlink()  # the recorded checkpoint is gone: base runs again
     run_pipeline(stages, [], out)
     assert calls == ["base", "base", "fine", "base"]
+
+
+def test_a_last_checkpoint_of_an_earlier_step_is_not_the_stages_product(monkeypatch, tmp_path: Path) -> None:
+    """A run that ended at step 20 with ``last.ckpt`` of step 12 (written when it was stopped, then resumed)
+    has no checkpoint of its final weights: not recorded."""
+
+    def fake_train(stage, stage_dir: Path, overrides, user) -> dict:
+        write_checkpoint(stage_dir / "checkpoints" / "last.ckpt", step=12)
+        return {"step": 20, "val": {"mIoU": 0.5}}
+
+    monkeypatch.setattr(vss.pipeline, "train_stage", fake_train)
+    with pytest.raises(StageFailed, match=r"last.ckpt holds step 12, not the final step 20: nothing for the next"):
+        run_pipeline(parse_stages([{"name": "base", "train": []}]), [], tmp_path / "pipe")
+    assert not (tmp_path / "pipe" / "base" / "stage.json").exists()
 
 
 def test_a_pass_whose_product_is_gone_runs_again(tmp_path: Path) -> None:

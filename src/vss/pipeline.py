@@ -309,6 +309,14 @@ def checkpoint_problem(path: str | Path) -> str | None:
     return None
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The training step a Lightning checkpoint was saved at (its tensors memory-mapped, not read)."""
+    import torch
+
+    step = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step")
+    return int(step) if step is not None else None
+
+
 def product_problem(record: Mapping[str, Any]) -> str | None:
     """Why a ``stage.json``'s product cannot be used (its stage is then run again), or None."""
     product = record.get("product")
@@ -364,10 +372,15 @@ def train_stage(stage: Stage, stage_dir: Path, overrides: Sequence[str], user: S
 
 def stage_record(stage: Stage, stage_dir: Path, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """A finished training stage's ``stage.json``: its product is the best checkpoint, else ``last.ckpt``;
-    :class:`StageFailed` when that checkpoint is missing or incomplete (no ``stage.json`` is written then)."""
+    :class:`StageFailed` when that checkpoint is missing or incomplete, or a ``last.ckpt`` is not of the final
+    step (no ``stage.json`` is written then)."""
     best = metrics.get("best") or {}
     ckpt = best.get("ckpt_path") or str(stage_dir / "checkpoints" / "last.ckpt")
     problem = checkpoint_problem(ckpt)
+    if problem is None and not best.get("ckpt_path"):
+        saved = checkpoint_step(ckpt)
+        if saved != metrics.get("step"):
+            problem = f"holds step {saved}, not the final step {metrics.get('step')}"
     if problem is not None:
         raise StageFailed(
             f"stage {stage.name} finished, but its checkpoint {ckpt} {problem}: nothing for the next stages to start "
