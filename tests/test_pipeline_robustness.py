@@ -25,10 +25,14 @@ from vss.pipeline import StageFailed, checkpoint_problem, parse_stages, run_pipe
 
 PY = sys.executable
 HOLD = (
-    "import sys, time\n"
+    "import os, sys, time\n"
     "from vss.locks import DirectoryLock\n"
     "DirectoryLock(sys.argv[1], sys.argv[2]).acquire()\n"
-    "print('held', flush=True)\n"
+    "worker = os.fork() if sys.argv[3:] == ['fork'] else None\n"  # as a data-loader worker is forked
+    "if worker == 0:\n"
+    "    time.sleep(120)\n"
+    "    os._exit(0)\n"
+    "print('held', worker or '', flush=True)\n"
     "time.sleep(120)\n"
 )
 
@@ -90,11 +94,17 @@ def started() -> Iterator[list[subprocess.Popen]]:
             p.wait()
 
 
-def hold(directory: Path, what: str, started: list[subprocess.Popen], env: dict[str, str]) -> subprocess.Popen:
-    """A process holding ``directory``'s lock (until killed)."""
-    proc = subprocess.Popen([PY, "-c", HOLD, str(directory), what], stdout=subprocess.PIPE, text=True, env=env)
+def hold(
+    directory: Path, what: str, started: list[subprocess.Popen], env: dict[str, str], fork: bool = False
+) -> subprocess.Popen:
+    """A process holding ``directory``'s lock (until killed); ``fork``: with a forked child, its PID in
+    ``proc.worker``."""
+    cmd = [PY, "-c", HOLD, str(directory), what, *(["fork"] if fork else [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     started.append(proc)
-    assert proc.stdout.readline().strip() == "held"
+    line = proc.stdout.readline().split()
+    assert line[0] == "held"
+    proc.worker = int(line[1]) if fork else None
     return proc
 
 
@@ -204,10 +214,27 @@ def test_a_held_directory_is_refused_with_the_holders_pid_and_a_dead_holders_loc
         assert again.fd is not None
 
 
-def test_without_flock_the_pid_decides(monkeypatch, tmp_path: Path, started: list[subprocess.Popen]) -> None:
-    """A file system without flock (some network mounts): a live PID on this host holds the directory, a dead
+def test_a_forked_child_does_not_keep_its_killed_parents_lock(tmp_path: Path, started) -> None:
+    """A training process killed with SIGKILL while its data-loader workers still run: the lock is free at once."""
+    run = tmp_path / "run"
+    holder = hold(run, "run directory", started, dict(os.environ), fork=True)
+    try:
+        with pytest.raises(DirectoryInUse, match=f"in use by PID {holder.pid} "):
+            DirectoryLock(run, "run directory").acquire()
+        holder.kill()
+        holder.wait()
+        assert running(holder.worker)
+        lock = DirectoryLock(run, "run directory")
+        assert f"from PID {holder.pid}, which has ended" in lock.acquire()
+        lock.release()
+    finally:
+        os.kill(holder.worker, signal.SIGKILL)
+
+
+def test_without_record_locks_the_pid_decides(monkeypatch, tmp_path: Path, started: list[subprocess.Popen]) -> None:
+    """A file system without record locks (some network mounts): a live PID on this host holds the directory, a dead
     one's lock is taken over."""
-    monkeypatch.setattr("vss.locks._flock", lambda fd: None)
+    monkeypatch.setattr("vss.locks._lock_file", lambda fd: None)
     d = tmp_path / "d"
     d.mkdir()
     live = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])

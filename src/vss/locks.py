@@ -1,9 +1,11 @@
 """One process per directory: ``vss.pipeline`` locks its pipeline directory, ``vss.train`` its run directory.
 
-The lock is ``DIR/vss.lock``, held with ``flock`` (the kernel releases it when the holder ends, however it ends)
-and naming the holder (PID, host, command). A second process is refused in one line naming that PID; the file a
-killed holder leaves behind is taken over with a note. On a file system without ``flock`` (some network mounts)
-the PID alone decides: a running PID on this host holds the directory. The holder removes the file when it ends.
+The lock is ``DIR/vss.lock``: a POSIX record lock (``fcntl.lockf``) on the file, which names the holder (PID,
+host, command). The kernel releases the lock when its process ends, however it ends, and a forked child (a data
+loader worker) does not inherit it; POSIX locks also hold across NFS. A second process is refused in one line
+naming the holder's PID; the file a killed holder leaves behind is taken over with a note. On a file system
+without record locks the PID alone decides: a running PID on this host holds the directory. The holder removes
+the file when it ends normally.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 from vss.config import ConfigError
 
 LOCK_FILE = "vss.lock"
+_HELD: dict[Path, DirectoryLock] = {}
+"""The locks this process holds (POSIX locks do not conflict within one process: this keeps them exclusive)."""
 
 
 class DirectoryInUse(ConfigError):
@@ -49,18 +53,34 @@ def _read(fd: int) -> dict[str, Any]:
     return data if isinstance(data, dict) and isinstance(data.get("pid"), int) else {}
 
 
-def _flock(fd: int) -> bool | None:
-    """``flock`` the file without waiting: True when taken, False when another process holds it, None when the
-    file system does not support it."""
+def _lock_file(fd: int) -> bool | None:
+    """Lock the open file without waiting: True when taken, False when another process holds it, None when the
+    file system has no record locks."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            return False
         if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
             return None
         raise
     return True
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _command() -> str:
+    """What this process is, for the refusal line: ``python -m vss.train``, ``python -m vss.pipeline``, ..."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return f"python -m {spec.name.removesuffix('.__main__')}"
+    script = sys.argv[0] if sys.argv else ""
+    return f"python {Path(script).name}" if script and script != "-c" else "python -c"
 
 
 class DirectoryLock:
@@ -88,47 +108,45 @@ class DirectoryLock:
         lock file of a process that is no longer running (else None)."""
         if self.fd is not None:
             return None
+        if self.directory in _HELD:
+            raise self._refuse({"pid": os.getpid(), "command": _command()})
         self.directory.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                taken = _flock(fd)
+                taken = _lock_file(fd)
                 holder = _read(fd)
-                mine = holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
-                if taken is False or (taken is None and holder and not mine and _alive(holder["pid"])):
+                here = holder.get("host") in (None, socket.gethostname())
+                if taken is False or (taken is None and holder and here and _alive(holder["pid"])):
                     raise self._refuse(holder)
-                if taken and os.fstat(fd).st_ino != getattr(_stat(self.path), "st_ino", None):
-                    os.close(fd)  # the holder ended and removed this file meanwhile: lock the path's new file
-                    continue
             except BaseException:
                 os.close(fd)
                 raise
+            if taken and os.fstat(fd).st_ino != _inode(self.path):
+                os.close(fd)  # the holder ended and removed this file meanwhile: lock the path's new file
+                continue
             break
-        record = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "command": _command(),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": _command()}
+        record["since"] = time.strftime("%Y-%m-%d %H:%M:%S")
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, (json.dumps(record) + "\n").encode())
         os.fsync(fd)
         self.fd = fd
-        if holder and not mine:
-            host = holder.get("host")
-            where = f" on {host}" if host and host != socket.gethostname() else ""
-            pid = holder["pid"]
-            return f"took over the lock of {self.what} {self.directory} from PID {pid}{where}, which has ended"
-        return None
+        _HELD[self.directory] = self
+        if not holder:
+            return None
+        where = "" if here else f" on {holder['host']}"
+        return f"took over the lock of {self.what} {self.directory} from PID {holder['pid']}{where}, which has ended"
 
     def release(self) -> None:
         """Remove the lock file (while still holding it) and let go."""
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
+        _HELD.pop(self.directory, None)
         try:
-            if os.fstat(fd).st_ino == getattr(_stat(self.path), "st_ino", None):
+            if os.fstat(fd).st_ino == _inode(self.path):
                 self.path.unlink()
         except OSError:
             pass
@@ -142,23 +160,6 @@ class DirectoryLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def _stat(path: Path) -> os.stat_result | None:
-    try:
-        return path.stat()
-    except FileNotFoundError:
-        return None
-
-
-def _command() -> str:
-    """What this process is, for the refusal line: ``vss.train`` / ``vss.pipeline`` or the script's name."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name:
-        return f"python -m {spec.name.removesuffix('.__main__')}"
-    script = sys.argv[0] if sys.argv else ""
-    return f"python {Path(script).name}" if script and script != "-c" else "python -c"
 
 
 _RUN_LOCK: list[DirectoryLock] = []

@@ -269,10 +269,11 @@ def _signal_group(pgid: int, signum: int) -> None:
 
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float | None = None) -> None:
-    """End a stage's process and its process group: SIGTERM (``vss.train`` saves ``last.ckpt`` and exits), then
-    SIGKILL after ``grace_s`` seconds (:data:`STOP_GRACE_S`) or at a second stop signal; no member of the group
-    outlives it."""
-    _signal_group(proc.pid, signal.SIGTERM)
+    """End a stage's process and its process group: SIGTERM to the process (``vss.train`` saves ``last.ckpt`` and
+    exits; its data-loader workers are its to stop: a signal to them would break that save), then SIGKILL to the
+    group after ``grace_s`` seconds (:data:`STOP_GRACE_S`) or at a second stop signal; no member outlives it."""
+    with suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=STOP_GRACE_S if grace_s is None else grace_s)
     except (subprocess.TimeoutExpired, Interrupted, KeyboardInterrupt):
