@@ -156,6 +156,17 @@ def run_cli(cli_env: dict[str, str]) -> Callable[..., subprocess.CompletedProces
 
 
 @pytest.fixture(scope="session")
+def five_step_run(
+    run_cli: Callable[..., subprocess.CompletedProcess],
+    tiny_args: Callable[[Path], list[str]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> subprocess.CompletedProcess:
+    """The tiny job with ``trainer.max_steps=5`` (validation every 2 steps: steps 2, 4 and the final 5), run once per
+    session; a test that resumes it works on a copy of its run directory."""
+    return run_cli(*tiny_args(tmp_path_factory.mktemp("five") / "logs"), "trainer.max_steps=5")
+
+
+@pytest.fixture(scope="session")
 def start_cli(cli_env: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen]]:
     """``start_cli(*args)``: start ``python -m vss.train *args`` without waiting (text pipes)."""
     procs: list[subprocess.Popen] = []

@@ -1,6 +1,6 @@
 """Lightning callbacks of the suite: validation overlays (PNGs, TensorBoard, W&B masks) with the data's class
-colours and a legend, the step progress bar, the run report (per-validation lines, ``ddp_spawn`` results)
-and the checkpoint written when SIGTERM stops a run."""
+colours and a legend, the step progress bar, the run report (per-validation lines, ``ddp_spawn`` results),
+the validation of the final step and the checkpoint written when SIGTERM stops a run."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from vss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -256,7 +256,8 @@ class StepProgressBar(TQDMProgressBar):
 class RunReport(pl.Callback):
     """Per validation: a ``[vss] validation at step N`` line in ``train.log`` and the metrics by step (for the
     final summary). ``ddp_spawn`` runs fit/validate/test in worker processes and hands back only rank 0's
-    ``trainer.callback_metrics``: keep the final step and the per-class IoU there too, as tensors."""
+    ``trainer.callback_metrics``: keep the final step, the last validated step and the per-class IoU there too, as
+    tensors."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -271,6 +272,7 @@ class RunReport(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         if trainer.sanity_checking:
             return
+        trainer.callback_metrics["vss/val_step"] = torch.tensor(trainer.global_step)
         self._per_class(trainer, pl_module, "val")
         metrics = {k: v for k, v in (pl_module.last_metrics or {}).items() if k != "per_class_iou"}
         if metrics and trainer.is_global_zero:
@@ -288,6 +290,37 @@ class RunReport(pl.Callback):
         values = (pl_module.last_metrics.get("per_class_iou") or {}).values()
         iou = [math.nan if v is None else float(v) for v in values]
         trainer.callback_metrics[f"vss/{stage}_per_class_iou"] = torch.tensor(iou, dtype=torch.float64)
+
+
+def scheduled_validation(trainer: pl.Trainer) -> bool:
+    """Whether Lightning validates after this training batch by itself (every ``val_check_interval`` batches)."""
+    return (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % trainer.val_check_batch == 0
+
+
+class ValidateFinalStep(pl.Callback):
+    """Validate the weights of the last training step inside ``fit`` also when ``max_steps`` is not a multiple of
+    ``val_check_interval``: the checkpoint callbacks see that validation, so the best checkpoint is chosen among
+    every validation, the final one included (and :class:`LastCheckpoint` saves the final step)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step and not scheduled_validation(trainer):
+            trainer.should_stop = True  # Lightning runs the validation loop after a batch that stops training
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` of one ``monitor=None`` file (``last.ckpt``) after every validation, and at
+    the end of training when that step is not saved yet (no validation ran): the final weights, always. After an
+    unscheduled validation (:class:`ValidateFinalStep`, early stopping) the write waits for the end of training:
+    Lightning restores such a mid-batch state with its logging step one behind."""
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if not trainer.should_stop or scheduled_validation(trainer):
+            super().on_validation_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        super().on_train_end(trainer, pl_module)
+        if not self._should_skip_saving_checkpoint(trainer):  # not yet saved at this step
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class SaveOnSigterm(pl.Callback):

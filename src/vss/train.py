@@ -164,8 +164,11 @@ def _overrides_and_groups() -> tuple[list[str], set[str]]:
     return list(hc.overrides.task), set(hc.runtime.choices.keys())
 
 
-def _report_best(trainer: Any, history: Mapping[int, Mapping[str, Any]], final_step: int) -> dict[str, Any] | None:
-    """The best checkpoint (by the monitored metric) and its metrics; printed, returned for metrics.json."""
+def _report_best(
+    trainer: Any, history: Mapping[int, Mapping[str, Any]], final: Mapping[str, Any], final_step: int
+) -> dict[str, Any] | None:
+    """The best checkpoint (by the monitored metric) and its metrics, compared with the final weights' validation
+    ``final``; printed, returned for metrics.json."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     best = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
@@ -178,10 +181,25 @@ def _report_best(trainer: Any, history: Mapping[int, Mapping[str, Any]], final_s
     score = float(best.best_model_score) if best.best_model_score is not None else None
     key = best.monitor.split("/", 1)[-1]
     metrics.setdefault(key, score)
-    verdict = "the final weights" if step == final_step else f"beats the final weights (step {final_step})"
     line = format_summary(metrics) or (f"{best.monitor} {score:.4f}" if score is not None else "")
-    say(f"[vss] best checkpoint: {best.best_model_path} (step {step}{': ' + line if line else ''}); {verdict}")
+    say(
+        f"[vss] best checkpoint: {best.best_model_path} (step {step}{': ' + line if line else ''}); "
+        f"{compare_best(score, final.get(key), step, final_step, key, best.mode)}"
+    )
     return {"step": step, "ckpt_path": best.best_model_path, "val": metrics}
+
+
+def compare_best(best: float | None, final: float | None, step: int, final_step: int, key: str, mode: str) -> str:
+    """How the best checkpoint's score stands against the final weights' (``last.ckpt``), by their printed values."""
+    if step == final_step:
+        return "the final weights"
+    if best is None or final is None:
+        return f"the final weights (step {final_step}) are in last.ckpt"
+    shown = f"(step {final_step}, last.ckpt: {key} {final:.4f})"
+    if f"{best:.4f}" == f"{final:.4f}":
+        return f"ties with the final weights {shown}"
+    better = best > final if mode == "max" else best < final
+    return f"beats the final weights {shown}" if better else f"the final weights do better {shown}"
 
 
 class CsvHistory:
@@ -257,7 +275,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from pytorch_lightning.utilities import rank_zero_only
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from vss.callbacks import RequeueOnSignal, RunReport, SaveOnSigterm, slurm_plugins
+    from vss.callbacks import RequeueOnSignal, RunReport, SaveOnSigterm, ValidateFinalStep, slurm_plugins
     from vss.checkpoint import AtomicCheckpointIO, remove_stale_temporary_files
     from vss.locks import hold_run_directory
     from vss.metrics import write_metrics_json
@@ -334,6 +352,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks=[
             *_instantiate_dict(cfg.get("callbacks")),
             report,
+            ValidateFinalStep(),  # the final step validated in fit: the checkpoint callbacks save it (last, best)
             SaveOnSigterm(output_dir / "checkpoints"),
             RequeueOnSignal(),  # after SaveOnSigterm: requeue once last.ckpt is written
         ],
@@ -355,8 +374,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         except SIGTERMException:
             raise terminated(output_dir, trainer.global_step, "python -m vss.train") from None
         step = trainer.global_step or int(trainer.callback_metrics.get("vss/step", 0))  # ddp_spawn: from rank 0
-        validated = bool(module.last_metrics) or "val/mIoU" in trainer.callback_metrics
-        if step % int(cfg.trainer.val_check_interval) != 0 or not validated:
+        validated = trainer.callback_metrics.get("vss/val_step")
+        if validated is None or int(validated) != step:  # e.g. validation disabled: no checkpoint saw these metrics
             trainer.validate(module, datamodule=datamodule, verbose=False)  # metrics of the final weights
         metrics = _stage_results(module, trainer, "val")
         result: dict[str, Any] = {"step": step, "val": metrics}
@@ -365,7 +384,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             result["test"] = _stage_results(module, trainer, "test")
         if trainer.is_global_zero:
             say(f"[vss] step {step}: {format_summary(metrics)}")
-            best = _report_best(trainer, report.history, step)
+            best = _report_best(trainer, report.history, metrics, step)
             if best is not None:
                 result["best"] = best
             write_metrics_json(result, output_dir / "metrics.json")
