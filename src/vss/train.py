@@ -43,6 +43,7 @@ RUN_LOG = logging.getLogger("vss.report")
 """Lines for the run's ``train.log`` only (conf/hydra/default.yaml gives it the file handler, not the console)."""
 SUMMARY_KEYS = ("mIoU", "fwIoU", "mVC8", "mVC16")
 EXIT_SIGTERM = 128 + 15
+LIGHTNING_CSV_LOGGER = "pytorch_lightning.loggers.CSVLogger"
 
 register_resolvers()
 _ARGV: list[str] = []
@@ -202,51 +203,6 @@ def compare_best(best: float | None, final: float | None, step: int, final_step:
     return f"beats the final weights {shown}" if better else f"the final weights do better {shown}"
 
 
-class CsvHistory:
-    """A resumed run in its own directory: Lightning's CSVLogger would start ``metrics.csv`` afresh; keep the rows
-    before the resumed step and put them back in front of the new ones when the run ends (or stops)."""
-
-    def __init__(self, loggers: list[Any], step: int) -> None:
-        import csv
-
-        from pytorch_lightning.loggers import CSVLogger
-
-        self.kept: list[tuple[Path, list[dict[str, str]]]] = []
-        for logger in loggers:
-            if isinstance(logger, CSVLogger):
-                path = Path(logger.log_dir) / "metrics.csv"
-                if path.is_file():
-                    with path.open(newline="") as f:
-                        rows = [r for r in csv.DictReader(f) if r.get("step") and self._before(r, step)]
-                    path.unlink()
-                    self.kept.append((path, rows))
-
-    @staticmethod
-    def _before(row: Mapping[str, str], step: int) -> bool:
-        """Rows logged before the checkpoint: earlier steps, and the validation of the checkpoint's own step (the
-        training rows at that step come again from the resumed run)."""
-        s = int(row["step"])
-        return s < step or (s == step and any(v and k.startswith(("val/", "test/")) for k, v in row.items()))
-
-    def restore(self) -> None:
-        """Write the kept rows, then the resumed run's, under one header."""
-        import csv
-
-        for path, old in self.kept:
-            new = []
-            if path.is_file():
-                with path.open(newline="") as f:
-                    new = list(csv.DictReader(f))
-            rows = old + new
-            keys = list(dict.fromkeys(k for r in rows for k in r))
-            tmp = path.with_suffix(".csv.tmp")
-            with tmp.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=keys)
-                writer.writeheader()
-                writer.writerows(rows)
-            tmp.replace(path)
-
-
 def terminated(output_dir: Path, step: int, command: str) -> SystemExit:
     """Say where the last checkpoint of a run stopped by SIGTERM is and how to resume; exit status 143."""
     import torch
@@ -278,6 +234,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from vss.callbacks import RequeueOnSignal, RunReport, SaveOnSigterm, ValidateFinalStep, slurm_plugins
     from vss.checkpoint import AtomicCheckpointIO, remove_stale_temporary_files
     from vss.locks import hold_run_directory
+    from vss.loggers import CSVLogger
     from vss.metrics import write_metrics_json
     from vss.optim import describe_groups
     from vss.stages import check_resume_model, check_stages, init_weights, prepare_resume
@@ -328,6 +285,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         say(f"[vss] model: {total / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trainable)")
         say(describe_groups(module.param_groups()))
     use_eval_path(module, datamodule)
+    if resume is not None:  # a run started before vss.loggers.CSVLogger: Lightning's would delete its metrics.csv
+        for name, logger_cfg in (cfg.get("logger") or {}).items():
+            if isinstance(logger_cfg, DictConfig) and logger_cfg.get("_target_") == LIGHTNING_CSV_LOGGER:
+                cfg.logger[name]._target_ = "vss.loggers.CSVLogger"
     loggers = _instantiate_dict(cfg.get("logger"))
     for logger in loggers:  # Lightning always passes wandb.init(anonymous=None); wandb >= 0.19 warns it has no effect
         init = getattr(logger, "_wandb_init", None)
@@ -361,12 +322,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         sync_batchnorm=False,
     )
     quiet_output()  # again: Lightning's loggers have their handlers now
-    history = None
     if resume is not None and rank0:
-        history = CsvHistory(loggers, resume.step)
+        for logger in loggers:  # metrics.csv goes on from the rows logged before the checkpoint
+            if isinstance(logger, CSVLogger):
+                report.history.update(logger.resume_at(resume.step))
         # the run directory is this run's own; training clips are drawn at random, so a mid-epoch restart is sound
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-        warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
         warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
     try:
         try:
@@ -391,8 +352,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             say(f"[vss] run directory: {output_dir}")
         return result
     finally:
-        if history is not None:
-            history.restore()
         _finish_wandb()
 
 
