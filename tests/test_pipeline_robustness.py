@@ -214,6 +214,24 @@ def test_a_held_directory_is_refused_with_the_holders_pid_and_a_dead_holders_loc
         assert again.fd is not None
 
 
+def test_a_process_holds_one_run_directory_at_a_time(tmp_path: Path) -> None:
+    """``vss.train``'s lock: a second run in the same process (a ``-m`` sweep) lets go of the first; the end of
+    ``train`` lets go of it (an in-process run must not block a later resume from a shell)."""
+    from vss.locks import hold_run_directory, release_run_directory
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert hold_run_directory(a) is None and (a / LOCK_FILE).is_file()
+    assert hold_run_directory(a) is None  # the same directory again (a resume in-process): still held, no error
+    with pytest.raises(DirectoryInUse, match=f"is in use by PID {os.getpid()} "):
+        DirectoryLock(a).acquire()  # exclusive within the process too
+    hold_run_directory(b)
+    assert not (a / LOCK_FILE).exists() and (b / LOCK_FILE).is_file()
+    release_run_directory()
+    assert not (b / LOCK_FILE).exists()
+    with DirectoryLock(b):
+        pass
+
+
 def test_a_forked_child_does_not_keep_its_killed_parents_lock(tmp_path: Path, started) -> None:
     """A training process killed with SIGKILL while its data-loader workers still run: the lock is free at once."""
     run = tmp_path / "run"

@@ -166,8 +166,9 @@ _RUN_LOCK: list[DirectoryLock] = []
 
 
 def hold_run_directory(directory: str | Path) -> str | None:
-    """``vss.train``'s lock of its run directory, held until the process ends (a process trains one run at a time:
-    a new run directory lets go of the previous one, as in a ``-m`` sweep). Returns a take-over note or None."""
+    """``vss.train``'s lock of its run directory, held until :func:`release_run_directory` (the end of ``train``)
+    or the process ends (a process trains one run at a time: a new run directory lets go of the previous one).
+    Returns a take-over note or None."""
     lock = DirectoryLock(directory, "run directory")
     if _RUN_LOCK and _RUN_LOCK[0].directory == lock.directory and _RUN_LOCK[0].fd is not None:
         return None
@@ -179,6 +180,7 @@ def hold_run_directory(directory: str | Path) -> str | None:
 
 
 @atexit.register
-def _release_run_directory() -> None:
+def release_run_directory() -> None:
+    """Let go of the run directory :func:`hold_run_directory` took (if any)."""
     while _RUN_LOCK:
         _RUN_LOCK.pop().release()

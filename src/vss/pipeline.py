@@ -476,7 +476,8 @@ def _run_stages(stages: Sequence[Stage], user: Sequence[str], pipeline_dir: Path
     table = summary_table(stages, records)
     write_json({"stages": records, "overrides": list(user)}, pipeline_dir / "pipeline.json")
     (pipeline_dir / "pipeline.md").write_text(table + "\n")
-    say(f"all {len(stages)} stages done; {pipeline_dir / 'pipeline.md'}:\n{table}")
+    finished = "the stage is done" if len(stages) == 1 else f"all {len(stages)} stages done"
+    say(f"{finished}; {pipeline_dir / 'pipeline.md'}:\n{table}")
     return records
 
 
@@ -496,7 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stages, experiment = friendly_errors(compose_stages)(overrides)
     friendly_errors(check_stage_configs)(stages, overrides)
     pipeline_dir = Path(own["pipeline_dir"]) if own.get("pipeline_dir") else default_dir(experiment)
-    say(f"{experiment}: {len(stages)} stages ({', '.join(s.name for s in stages)}) in {pipeline_dir}")
+    count = f"{len(stages)} stage{'s' * (len(stages) != 1)}"
+    say(f"{experiment}: {count} ({', '.join(s.name for s in stages)}) in {pipeline_dir}")
     again = f"rerun the same command with pipeline_dir={pipeline_dir} to continue from there"
     try:
         with stop_on_signals():

@@ -233,7 +233,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from vss.callbacks import RequeueOnSignal, RunReport, SaveOnSigterm, ValidateFinalStep, slurm_plugins
     from vss.checkpoint import AtomicCheckpointIO, remove_stale_temporary_files
-    from vss.locks import hold_run_directory
+    from vss.locks import hold_run_directory, release_run_directory
     from vss.loggers import CSVLogger
     from vss.metrics import write_metrics_json
     from vss.optim import describe_groups
@@ -353,6 +353,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return result
     finally:
         _finish_wandb()
+        release_run_directory()
 
 
 WANDB_RUN_DIR = re.compile(r"^(?:offline-)?run-\d{8}_\d{6}-(?P<id>[A-Za-z0-9]+)$")
