@@ -240,6 +240,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         slurm_plugins,
     )
     from vss.checkpoint import AtomicCheckpointIO, remove_stale_temporary_files
+    from vss.locks import hold_run_directory, release_run_directory
     from vss.loggers import CSVLogger
     from vss.metrics import write_metrics_json
     from vss.optim import describe_groups
@@ -259,6 +260,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     rank0 = rank_zero_only.rank == 0
     if rank0:
+        took_over = hold_run_directory(output_dir)  # one process per run directory, before anything in it changes
+        if took_over:
+            say(f"[vss] note: {took_over}")
         (output_dir / "metrics.json").unlink(missing_ok=True)  # written again only when the run completes
         removed = remove_stale_temporary_files(output_dir / "checkpoints")
         if removed:
@@ -358,6 +362,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return result
     finally:
         _finish_wandb()
+        release_run_directory()
 
 
 WANDB_RUN_DIR = re.compile(r"^(?:offline-)?run-\d{8}_\d{6}-(?P<id>[A-Za-z0-9]+)$")
