@@ -445,5 +445,6 @@ def test_the_documented_shortened_pipeline_completes(tmp_path: Path, make_data_d
         if records[name]["kind"] == "train":
             assert records[name]["step"] == 20
     table = (pipe / "pipeline.md").read_text()
-    assert "| PSPNet + STF + MAR | stf | 40 |" in table  # its 20 steps plus stf's 20
+    # total steps: its own 20 plus those of the checkpoints it started from (stf's 20, and pspnet's 20 before)
+    assert "| PSPNet | - | 20 |" in table and "| PSPNet + STF + MAR | stf | 60 |" in table
     assert not list(pipe.rglob(LOCK_FILE))

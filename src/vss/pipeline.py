@@ -23,8 +23,9 @@ those of the stage whose checkpoint it started from (``init_from={name}``).
 
 One process at a time: the pipeline holds ``DIR/vss.lock`` (a second ``vss.pipeline`` on the same directory is
 refused, naming the holder's PID), and each stage's ``vss.train`` holds its run directory's. A stage runs in its
-own process group: SIGTERM or SIGINT (Ctrl-C) of the pipeline stops it (SIGTERM: ``vss.train`` saves
-``last.ckpt`` first; a second signal, or 120 s, kills it), and so does the pipeline's own death (even by SIGKILL).
+own process group, tied to the pipeline: SIGTERM, SIGINT (Ctrl-C) or SIGHUP of the pipeline sends the stage's
+process SIGTERM (``vss.train`` saves ``last.ckpt`` and ends; a second signal, or 120 s, kills its whole group), and
+the pipeline's own death, even by SIGKILL, sends it SIGTERM too.
 """
 
 from __future__ import annotations
