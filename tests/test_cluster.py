@@ -215,10 +215,10 @@ def test_collect_reads_a_sweep_copied_from_a_cluster(
     (sweep / ".submitit" / ".submission_file_1.sh").symlink_to("/cluster/sweeps/.submitit/7/7_submission.sh")
     page = tmp_path / "table2.md"
     page.write_text("<!-- ours-synthetic:start -->\n<!-- ours-synthetic:end -->\n")  # an empty block
-    (row,) = collect.collect_table("table2", [sweep], page, bench=False, plot=tmp_path / "t2.png")
+    (row,) = collect.collect_table("table2", [sweep], page, bench=False, plot=tmp_path / "t2.png").rows
     assert [r.path.name for r in row.runs] == ["0"] and row.params_m > 0  # no weights loaded for the count
     assert "| 50% |" in page.read_text() and "| 1 | 20 |" in page.read_text()
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # collect.py's status lines go to stderr (the table to stdout)
     assert f"not collected: {sweep / '1'} (no metrics.json" in out and str(sweep / ".submitit/7_1/7_1_0_log.err") in out
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_DATA, compose_train
 from fake_video_datasets import write_camvid, write_cityscapes
 from vss.callbacks import SaveOnValidationError
 from vss.config import worker_error_message
@@ -147,7 +148,8 @@ def test_camvid_checks_the_pieces_around_its_labels(tmp_path: Path) -> None:
 
 
 def test_synthetic_checks_val_with_or_without_data_verify(tmp_path: Path, tiny_data_dir: Path) -> None:
-    (cached,) = tiny_data_dir.glob("synthetic-*")
+    # the tiny set's own cache (other tests may add caches of other knobs to the same data dir)
+    cached = Path(compose_train([*TINY_DATA, f"paths.data_dir={tiny_data_dir}"]).data.root)
     root = tmp_path / cached.name
     shutil.copytree(cached, root)
     knobs = json.loads((root / "meta.json").read_text())["knobs"]  # the cache's own: not generated again
