@@ -230,12 +230,18 @@ def test_overwrite_and_save_overlay(ckpts: dict[str, Path], tmp_path: Path) -> N
     assert (out / "masks" / "one.png").is_file() and (out / "predict.json").is_file()
 
 
-def test_crash_leaves_no_video(ckpts: dict[str, Path], tmp_path: Path) -> None:
+def _folder_with_a_bad_frame(tmp_path: Path) -> Path:
+    """4 frames as PNGs, the third not an image."""
     src = tmp_path / "frames"
     src.mkdir()
     for i, f in enumerate(moving_shapes(4, FOLDER_HW)):
         cv2.imwrite(str(src / f"{i:03d}.png"), f)
     (src / "002.png").write_bytes(b"not a png")
+    return src
+
+
+def test_crash_leaves_no_video(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    src = _folder_with_a_bad_frame(tmp_path)
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match=r"002\.png.*not a readable image"):
         run_predict(f"ckpt_path={ckpts['segformer']}", f"source={src}", f"output={out}", "batch_size=1")
@@ -511,11 +517,7 @@ def test_truncated_video_ends_before_its_frame_count(
 
 def test_folder_frame_skipped(ckpts: dict[str, Path], tmp_path: Path) -> None:
     """``on_error=skip`` on a folder: an unreadable frame file is skipped and counted."""
-    src = tmp_path / "frames"
-    src.mkdir()
-    for i, f in enumerate(moving_shapes(4, FOLDER_HW)):
-        cv2.imwrite(str(src / f"{i:03d}.png"), f)
-    (src / "002.png").write_bytes(b"not a png")
+    src = _folder_with_a_bad_frame(tmp_path)
     out = tmp_path / "out"
     summary = run_predict(f"ckpt_path={ckpts['segformer']}", f"source={src}", f"output={out}", "on_error=skip")
     assert sorted(p.stem for p in (out / "masks").glob("*.png")) == ["000", "001", "003"]
