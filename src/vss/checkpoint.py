@@ -58,3 +58,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"AtomicCheckpointIO does not take storage_options, got {storage_options!r}")
         atomic_torch_save(checkpoint, path)
+
+
+def checkpoint_step(path: _PATH) -> int | None:
+    """The training step a Lightning checkpoint was saved at (its tensors memory-mapped, not read); None if unknown."""
+    step = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step")
+    return int(step) if step is not None else None

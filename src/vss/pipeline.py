@@ -311,14 +311,6 @@ def checkpoint_problem(path: str | Path) -> str | None:
     return None
 
 
-def checkpoint_step(path: str | Path) -> int | None:
-    """The training step a Lightning checkpoint was saved at (its tensors memory-mapped, not read)."""
-    import torch
-
-    step = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step")
-    return int(step) if step is not None else None
-
-
 def product_problem(record: Mapping[str, Any]) -> str | None:
     """Why a ``stage.json``'s product cannot be used (its stage is then run again), or None."""
     product = record.get("product")
@@ -380,6 +372,8 @@ def stage_record(stage: Stage, stage_dir: Path, metrics: Mapping[str, Any]) -> d
     ckpt = best.get("ckpt_path") or str(stage_dir / "checkpoints" / "last.ckpt")
     problem = checkpoint_problem(ckpt)
     if problem is None and not best.get("ckpt_path"):
+        from vss.checkpoint import checkpoint_step
+
         saved = checkpoint_step(ckpt)
         if saved != metrics.get("step"):
             problem = f"holds step {saved}, not the final step {metrics.get('step')}"

@@ -175,9 +175,9 @@ def _report_best(
     best = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
     if best is None or not best.best_model_path:
         return None
-    import torch
+    from vss.checkpoint import checkpoint_step
 
-    step = int(torch.load(best.best_model_path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    step = checkpoint_step(best.best_model_path)
     metrics = dict(history.get(step, {}))
     score = float(best.best_model_score) if best.best_model_score is not None else None
     key = best.monitor.split("/", 1)[-1]
@@ -205,11 +205,11 @@ def compare_best(best: float | None, final: float | None, step: int, final_step:
 
 def terminated(output_dir: Path, step: int, command: str) -> SystemExit:
     """Say where the last checkpoint of a run stopped by SIGTERM is and how to resume; exit status 143."""
-    import torch
+    from vss.checkpoint import checkpoint_step
 
     last = output_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
-        saved = int(torch.load(last, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+        saved = checkpoint_step(last)
         where = f"last checkpoint: {last} (step {saved}); resume with: {command} ckpt_path={last}"
     else:
         where = "no checkpoint was written yet; start the run again"
