@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 import vss.config
 from vss import bench
-from vss.config import ConfigError
+from vss.errors import ConfigError
 from vss.models.aggregators.mrcfa import MRCFA
 from vss.models.aggregators.msaf import MSAF
 from vss.models.aggregators.segformer import SegFormer

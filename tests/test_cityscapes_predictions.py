@@ -23,10 +23,10 @@ import vss.config
 from conftest import compose_train
 from fake_video_datasets import write_cityscapes
 from random_weights import randomize_
-from vss.config import ConfigError
 from vss.data import cityscapes
 from vss.data.datamodule import VSSDataModule
 from vss.data.vspw import DatasetError
+from vss.errors import ConfigError
 from vss.eval import evaluate
 from vss.train import build_module
 

@@ -19,14 +19,9 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO_ROOT, cli_command
-from vss.config import (
-    ConfigError,
-    check_command_line,
-    check_wandb_login,
-    friendly_errors,
-    resume_arguments,
-    run_dir_of_checkpoint,
-)
+from vss.cli import check_command_line, resume_arguments, run_dir_of_checkpoint
+from vss.errors import ConfigError, friendly_errors
+from vss.validation import check_wandb_login
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from vss.config import ConfigError
 from vss.data.clips import ClipSampler
 from vss.data.transforms import (
     IMAGENET_MEAN,
@@ -23,6 +22,7 @@ from vss.data.transforms import (
     keep_ratio_size,
 )
 from vss.data.vspw import IGNORE_INDEX
+from vss.errors import ConfigError
 from vss.models.aggregators.base import check_offsets, clamp_references
 
 # ---------------------------------------------------------------------------------------------

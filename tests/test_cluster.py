@@ -15,20 +15,18 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-import vss.config
-from vss.config import (
-    CONF_DIR,
-    ConfigError,
+import vss.cluster
+from vss.cluster import (
     check_ddp_multirun,
     check_slurm_launcher,
-    override_tags,
-    register_resolvers,
     slurm_job,
     slurm_job_id,
     slurm_requeue_checkpoint,
     slurm_restart_count,
     slurm_run_name,
 )
+from vss.config import CONF_DIR, override_tags, register_resolvers
+from vss.errors import ConfigError
 
 JOB = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_JOB_NAME": "train", "SLURM_NTASKS_PER_NODE": "2"}
 
@@ -123,7 +121,7 @@ def test_requeue_signal_stops_training_then_rank_zero_requeues(monkeypatch: pyte
     kills: list[int] = []
     requeues: list[str] = []
     monkeypatch.setattr("os.kill", lambda pid, sig: kills.append(sig))
-    monkeypatch.setattr(vss.config, "slurm_requeue", lambda: requeues.append("4242") or "4242")
+    monkeypatch.setattr(vss.cluster, "slurm_requeue", lambda: requeues.append("4242") or "4242")
     monkeypatch.setattr(signal, "signal", lambda *a: None)
     trainer = SimpleNamespace(is_global_zero=True, global_step=7)
     callback = RequeueOnSignal()
@@ -224,7 +222,7 @@ def test_collect_reads_a_sweep_copied_from_a_cluster(
 
 def test_a_submitit_launcher_without_the_extra_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
 
-    from vss.config import check_command_line
+    from vss.cli import check_command_line
 
     real = importlib.util.find_spec
 

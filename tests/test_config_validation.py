@@ -7,7 +7,8 @@ import time
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from vss.config import ConfigError, validate_train_config
+from vss.errors import ConfigError
+from vss.validation import validate_train_config
 
 INVALID = [
     (["trainer.max_steps=0"], "trainer.max_steps"),

@@ -35,9 +35,11 @@ from torch import nn
 from conftest import compose_train
 from contract import assert_stream_equals_clip
 from random_weights import randomize_
-from vss.config import CONF_DIR, ConfigError, validate_train_config
+from vss.config import CONF_DIR
+from vss.errors import ConfigError
 from vss.models.segmenter import Segmenter
 from vss.train import build_module
+from vss.validation import validate_train_config
 
 NUM_CLASSES = 5
 SIZE = (64, 64)  # a multiple of 32 (MRCFA's 1/32 token grid)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from vss.config import ConfigError
 from vss.convert import GENERIC_DATA, choose_data, class_table
+from vss.errors import ConfigError
 
 NAMES = ["sky", "road", "car"]
 PALETTE = [[70, 130, 180], [128, 64, 128], [0, 0, 142]]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
-from vss.config import ConfigError
+from vss.errors import ConfigError
 from vss.models import deform
 from vss.models.aggregators.msaf import MSAF
 from vss.models.deform import deform_conv2d, deform_conv2d_sampled

@@ -19,7 +19,7 @@ from PIL import Image
 import vss.config
 from conftest import REPO_ROOT, TINY_DATA, compose_train
 from random_weights import randomize_
-from vss.config import ConfigError
+from vss.errors import ConfigError
 from vss.eval import evaluate_checkpoint
 from vss.train import build_module
 

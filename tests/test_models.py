@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vss.config import ConfigError
+from vss.errors import ConfigError
 from vss.lit import VSSModule, poly_warmup_factor
 from vss.models.aggregators.base import cross_entropy
 from vss.models.aggregators.segformer import SegFormer

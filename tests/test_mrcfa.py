@@ -21,9 +21,10 @@ from torch import Tensor, nn
 from random_weights import randomize_
 from reference_mit import build_reference_mit
 from reference_mrcfa import OfficialMRCFAHead
-from vss.config import CONF_DIR, ConfigError, register_resolvers
+from vss.config import CONF_DIR, register_resolvers
 from vss.convert import convert
 from vss.convert import main as convert_main
+from vss.errors import ConfigError
 from vss.eval import load_checkpoint
 from vss.models.aggregators.mrcfa import (
     MRCFA,

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 from contract import assert_stream_equals_clip
 from random_weights import randomize_
-from vss.config import CONF_DIR, ConfigError, validate_train_config
+from vss.config import CONF_DIR
+from vss.errors import ConfigError
 from vss.models.aggregators.msaf import (
     MSAF,
     DeformableAlignment,
@@ -27,6 +28,7 @@ from vss.models.aggregators.msaf import (
 )
 from vss.models.encoders import build_encoder
 from vss.models.segmenter import Segmenter
+from vss.validation import validate_train_config
 
 SMALL = {"embed_dim": 32, "num_heads": 2, "mlp_ratio": 2.0}
 NUM_CLASSES = 5

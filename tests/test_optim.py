@@ -21,13 +21,15 @@ from torch import nn
 
 from reference_mit import build_reference_mit
 from reference_mrcfa import MLP, ConvModule, OfficialMRCFAHead
-from vss.config import ConfigError, check_command_line, validate_train_config
+from vss.cli import check_command_line
+from vss.errors import ConfigError
 from vss.lit import VSSModule
 from vss.models.aggregators.mrcfa import DROPPED_HEAD, official_head_key
 from vss.models.aggregators.segformer import SegFormer
 from vss.models.encoders import build_encoder, convert_mit_checkpoint
 from vss.models.segmenter import Segmenter
 from vss.optim import key_order, multipliers, norm_layers, param_groups
+from vss.validation import validate_train_config
 
 # The official optimizer of both configs (SegFormer local_configs/segformer/B1/segformer.b1.1024x1024.city.160k.py,
 # VSS-MRCFA local_configs/mrcfa/B1/mrcfa.b1.480x480.vspw2_hypercorr.160k.py), as written there.

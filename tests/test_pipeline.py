@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vss.config import ConfigError
+from vss.errors import ConfigError
 from vss.pipeline import compose_stages, parse_stages, run_pipeline, split_arguments, total_steps
 
 

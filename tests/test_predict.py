@@ -19,10 +19,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from conftest import REPO_ROOT, TINY_DATA, compose_train
 from random_weights import randomize_
-from vss.config import CONF_DIR, ConfigError, friendly_errors, register_resolvers
+from vss.config import CONF_DIR, register_resolvers
 from vss.data import cityscapes
 from vss.data.synthetic import OBJECT_PALETTE
 from vss.data.transforms import build_eval_transform
+from vss.errors import ConfigError, friendly_errors
 from vss.predict import load_palette, open_source, predict
 from vss.train import build_module
 

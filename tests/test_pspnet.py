@@ -21,10 +21,11 @@ from torch import Tensor, nn
 
 from conftest import compose_train
 from random_weights import randomize_
-from vss.config import CONF_DIR, ConfigError
+from vss.config import CONF_DIR
 from vss.convert import convert
 from vss.convert import main as convert_main
 from vss.data.transforms import build_eval_transform
+from vss.errors import ConfigError
 from vss.eval import evaluate_checkpoint, load_checkpoint
 from vss.models.aggregators.pspnet import PSPNet, import_official_checkpoint, pspnet_keys
 from vss.models.encoders import build_encoder

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
-from vss.config import ConfigError, check_command_line
+from vss.cli import check_command_line
+from vss.errors import ConfigError
 
 README = REPO_ROOT / "README.md"
 HYDRA_APPS = {

@@ -15,7 +15,7 @@ from torch import nn
 
 from random_weights import randomize_
 from test_mrcfa import TinyEncoder
-from vss.config import ConfigError
+from vss.errors import ConfigError
 from vss.models.aggregators import mrcfa as mrcfa_module
 from vss.models.aggregators import msaf as msaf_module
 from vss.models.aggregators.mrcfa import MRCFA, SAR_LAYOUTS, AffinityRefinement, shared_token_conv

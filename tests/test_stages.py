@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
 from conftest import TINY_DATA, TINY_RUN, compose_train
-from vss.config import ConfigError
+from vss.errors import ConfigError
 from vss.stages import check_stages, convert_sync_batchnorm, init_weights, load_weights
 from vss.train import build_module, train
 

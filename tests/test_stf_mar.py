@@ -16,8 +16,8 @@ import reference_stf_mar as ref
 from conftest import compose_train
 from contract import assert_stream_equals_clip
 from random_weights import randomize_
-from vss.config import ConfigError
 from vss.convert import choose_data, class_table
+from vss.errors import ConfigError
 from vss.models.aggregators.stf_mar import (
     MemoryAugmentedRefinement,
     MemorySampler,

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from vss.checkpoint import AtomicCheckpointIO, atomic_torch_save
-from vss.config import ConfigError
+from vss.errors import ConfigError
 
 SUMMARY = ("mIoU", "fwIoU", "mVC8", "mVC16")
 RUN_DIR_RE = re.compile(r"^\[vss\] run directory: (.+)$", re.MULTILINE)

@@ -19,11 +19,11 @@ import torch
 from conftest import TINY_DATA, compose_train
 from fake_video_datasets import write_camvid, write_cityscapes
 from vss.callbacks import SaveOnValidationError
-from vss.config import worker_error_message
 from vss.data.camvid import CamVidVideoDataModule
 from vss.data.cityscapes import CityscapesVideoDataModule
 from vss.data.datamodule import SyntheticDataModule, VSSDataModule
 from vss.data.vspw import DatasetError
+from vss.errors import worker_error_message
 
 KW: dict[str, Any] = {"num_classes": 2, "clip": {"offsets": []}, "num_workers": 0}
 

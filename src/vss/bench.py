@@ -81,9 +81,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from vss.config import CONF_DIR, ConfigError, _get, check_command_line, friendly_errors, register_resolvers
+from vss.cli import check_command_line
+from vss.config import CONF_DIR, register_resolvers
+from vss.errors import ConfigError, friendly_errors
 from vss.models.precision import PRECISIONS, inference_precision
 from vss.runtime import tune_host_allocator
+from vss.validation import _get
 
 register_resolvers()
 
@@ -123,6 +126,8 @@ class BenchResult:
     lookahead: int
     device: str
     figures: dict[str, float] = field(default_factory=dict)
+    baseline: str = ""
+    """Why no baseline was timed next to the model (``baseline=true``), or ""."""
 
     def __getitem__(self, key: str) -> float:
         return self.figures[key]
@@ -131,7 +136,8 @@ class BenchResult:
         """``[vss.bench] <Model> <encoder> [variant] (HxW, clip T, lookahead L, device): key value | ...``"""
         name = f"{self.model} {self.encoder}" + (f" [{variant}]" if variant else "")
         where = f"{self.height}x{self.width}, clip {self.clip}, lookahead {self.lookahead}, {self.device}"
-        return f"[vss.bench] {name} ({where}): " + " | ".join(f"{k} {v:.2f}" for k, v in self.figures.items())
+        figures = " | ".join(f"{k} {v:.2f}" for k, v in self.figures.items())
+        return f"[vss.bench] {name} ({where}): {figures}" + (f" | baseline: {self.baseline}" if self.baseline else "")
 
 
 def check_bench_config(cfg: DictConfig) -> torch.device:
@@ -203,23 +209,11 @@ class Progress:
 
 
 def baseline_of(cfg: DictConfig) -> Callable[..., object] | None:
-    """The single-frame baseline aggregator (a partial) of ``cfg.model``; None for a single-frame model."""
-    import importlib
-    from functools import partial as _partial
+    """The single-frame baseline (a factory) that the method's class names for ``cfg.model``
+    (:meth:`vss.models.aggregators.base.Aggregator.single_frame_baseline`); None when it names none."""
+    from vss.models.aggregators.base import aggregator_class
 
-    from vss.models.aggregators.segformer import SegFormer
-
-    target = str(cfg.model.get("_target_", ""))
-    own = getattr(importlib.import_module(target.rsplit(".", 1)[0]), "single_frame_baseline", None)
-    if callable(own):  # the method's file names its baseline
-        return own(cfg.model)
-    if target.endswith(".SegFormer"):
-        return None
-    if target.endswith(".MSAF"):
-        return instantiate(cfg.model, motion=False, offsets=[], state=False, semantics=False)
-    return _partial(
-        SegFormer, embed_dim=int(cfg.model.get("embed_dim", 256)), dropout=float(cfg.model.get("dropout", 0.1))
-    )
+    return aggregator_class(cfg.model.get("_target_")).single_frame_baseline(cfg.model)
 
 
 def step_flops(model: torch.nn.Module, video: torch.Tensor) -> tuple[float, float]:
@@ -297,7 +291,15 @@ def bench(cfg: DictConfig) -> BenchResult:
     label = f"{type(model.aggregator).__name__} {cfg.encoder.get('name', type(model.encoder).__name__)}"
     progress = Progress(label, bool(cfg.get("progress", True)))
     with torch.inference_mode(), inference_precision(cfg.precision, device, key="precision"):
-        return _bench(cfg, device, model, baseline, progress)
+        result = _bench(cfg, device, model, baseline, progress)
+    if cfg.baseline and baseline is None:
+        name = type(model.aggregator).__name__
+        result.baseline = (
+            f"none ({name} is single-frame itself)"
+            if not model.aggregator.offsets
+            else f"none ({name}.single_frame_baseline names no honest single-frame counterpart)"
+        )
+    return result
 
 
 def _bench(

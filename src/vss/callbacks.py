@@ -376,7 +376,7 @@ def slurm_plugins() -> list[Any]:
     :class:`RequeueOnSignal`, one mechanism: no ``hpc_ckpt_*.ckpt``, no second ``scontrol requeue``); else none."""
     from lightning_fabric.plugins.environments import SLURMEnvironment
 
-    from vss.config import slurm_job
+    from vss.cluster import slurm_job
 
     return [SLURMEnvironment(auto_requeue=False)] if slurm_job() else []
 
@@ -393,7 +393,7 @@ class RequeueOnSignal(pl.Callback):
         self._training = False
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
-        from vss.config import SLURM_REQUEUE_SIGNAL, slurm_job
+        from vss.cluster import SLURM_REQUEUE_SIGNAL, slurm_job
 
         if stage == "fit" and slurm_job():
             signal.signal(getattr(signal, f"SIG{SLURM_REQUEUE_SIGNAL}"), self._on_signal)
@@ -415,7 +415,7 @@ class RequeueOnSignal(pl.Callback):
         self._training = False
         if not self.requested or not isinstance(exception, SIGTERMException) or not trainer.is_global_zero:
             return
-        from vss.config import slurm_requeue
+        from vss.cluster import slurm_requeue
 
         job = slurm_requeue()
         message = f"[vss] requeued SLURM job {job} at step {trainer.global_step}; it resumes from its last.ckpt"

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from torch import Tensor
 
 TMP_GLOB = ".*.tmp"
 """The temporary files of :func:`atomic_torch_save` (``.last.ckpt.<random>.tmp``)."""
@@ -64,3 +66,22 @@ def checkpoint_step(path: _PATH) -> int | None:
     """The training step a Lightning checkpoint was saved at (its tensors memory-mapped, not read); None if unknown."""
     step = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step")
     return int(step) if step is not None else None
+
+
+@dataclass
+class ImportResult:
+    """What a model's importer returns.
+
+    ``state_dict``: the Segmenter's tensors (``encoder.*``, ``aggregator.*``). ``overrides``: Hydra
+    overrides the weights imply (``encoder=mit_b1``, ``data.num_classes=124``, ...); one that the user
+    sets to another value is an error. ``defaults``: overrides used unless the user sets the same key
+    (e.g. ``experiment=mrcfa_vspw``). ``origin``: the official name of each converted key. ``dropped``:
+    official keys left out on purpose; ``unknown``: official keys with no counterpart (an error).
+    """
+
+    state_dict: dict[str, Tensor]
+    overrides: list[str]
+    defaults: list[str] = field(default_factory=list)
+    origin: dict[str, str] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)

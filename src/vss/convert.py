@@ -32,18 +32,18 @@ Example (official MRCFA VSPW MiT-B1 weights; ``data.root`` is only needed for ev
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from vss.config import CONF_DIR, ConfigError, register_resolvers
+from vss.checkpoint import ImportResult
+from vss.config import CONF_DIR, register_resolvers
+from vss.errors import ConfigError
 
-IMPORTER = "import_official_checkpoint"
 """The name of a model module's importer: ``(state_dict) -> ImportResult``."""
 _MAX_SHOWN = 30
 NUMBERED_CLASS = "class_{}"
@@ -51,25 +51,6 @@ NUMBERED_CLASS = "class_{}"
 GENERIC_DATA = "vspw"
 """The data group of a checkpoint whose classes no data set's table fits: the VSPW-layout reader, which reads
 any ``data.num_classes`` (README "Real data")."""
-
-
-@dataclass
-class ImportResult:
-    """What a model's importer returns.
-
-    ``state_dict``: the Segmenter's tensors (``encoder.*``, ``aggregator.*``). ``overrides``: Hydra
-    overrides the weights imply (``encoder=mit_b1``, ``data.num_classes=124``, ...); one that the user
-    sets to another value is an error. ``defaults``: overrides used unless the user sets the same key
-    (e.g. ``experiment=mrcfa_vspw``). ``origin``: the official name of each converted key. ``dropped``:
-    official keys left out on purpose; ``unknown``: official keys with no counterpart (an error).
-    """
-
-    state_dict: dict[str, Tensor]
-    overrides: list[str]
-    defaults: list[str] = field(default_factory=list)
-    origin: dict[str, str] = field(default_factory=dict)
-    dropped: list[str] = field(default_factory=list)
-    unknown: list[str] = field(default_factory=list)
 
 
 def _key(override: str) -> str:
@@ -86,24 +67,23 @@ def _preview(keys: Sequence[str]) -> str:
 
 
 def find_importer(model: str) -> Callable[[dict[str, Tensor]], ImportResult]:
-    """``import_official_checkpoint`` of the module that holds ``conf/model/<model>.yaml``'s ``_target_``."""
+    """The importer (:meth:`vss.models.aggregators.base.Aggregator.import_official`) of the class that
+    ``conf/model/<model>.yaml``'s ``_target_`` names."""
     from omegaconf import OmegaConf
+
+    from vss.models.aggregators.base import Aggregator, aggregator_class
 
     path = CONF_DIR / "model" / f"{model}.yaml"
     if not path.is_file():
         names = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
         raise ConfigError(f"--model {model!r} is invalid: no conf/model/{model}.yaml (one of {names})")
-    target = OmegaConf.load(path).get("_target_")
-    if not isinstance(target, str) or "." not in target:
-        raise ConfigError(f"conf/model/{model}.yaml has no _target_ naming the model's class")
-    module_name = target.rsplit(".", 1)[0]
-    importer = getattr(importlib.import_module(module_name), IMPORTER, None)
-    if not callable(importer):
+    cls = aggregator_class(OmegaConf.load(path).get("_target_"), key=f"conf/model/{model}.yaml _target_")
+    if cls.import_official.__func__ is Aggregator.import_official.__func__:
         raise ConfigError(
-            f"model={model} ({target}) has no checkpoint importer: define {IMPORTER}(state_dict) -> "
-            f"vss.convert.ImportResult in {module_name}"
+            f"model={model} ({cls.__module__}.{cls.__name__}) has no checkpoint importer: override "
+            "import_official(state_dict) -> vss.checkpoint.ImportResult on the class"
         )
-    return importer
+    return cls.import_official
 
 
 def compose_config(overrides: Sequence[str]) -> Any:

@@ -31,15 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from vss.config import (
-    CONF_DIR,
-    ConfigError,
-    check_command_line,
-    friendly_errors,
-    register_resolvers,
-    resolve_device,
-)
+from vss.cli import check_command_line
+from vss.config import CONF_DIR, register_resolvers
+from vss.errors import ConfigError, friendly_errors
 from vss.runtime import tune_host_allocator
+from vss.validation import resolve_device
 
 if TYPE_CHECKING:
     from vss.data.predictions import PredictionFormat

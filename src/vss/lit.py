@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from vss.config import ConfigError
+from vss.errors import ConfigError
 from vss.metrics import SegmentationIoU, VideoConsistency
 from vss.metrics.consistency import not_applicable_vc
 from vss.models.aggregators.base import class_map, resize

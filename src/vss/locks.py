@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vss.config import ConfigError
+from vss.errors import ConfigError
 
 LOCK_FILE = "vss.lock"
 _HELD: dict[Path, DirectoryLock] = {}

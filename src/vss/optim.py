@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from vss.config import ConfigError
+from vss.errors import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn

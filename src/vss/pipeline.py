@@ -45,8 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vss.config import PIPELINE_STAGE_ENV, ConfigError, check_command_line, friendly_errors, print_error
+from vss.cli import check_command_line
+from vss.errors import ConfigError, friendly_errors, print_error
 from vss.locks import DirectoryLock
+from vss.validation import PIPELINE_STAGE_ENV
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 STAGE_FILE = "stage.json"
@@ -176,7 +178,8 @@ def check_stage_configs(stages: Sequence[Stage], user: Sequence[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from vss.config import CONF_DIR, check_model_values, check_train_values, register_resolvers
+    from vss.config import CONF_DIR, register_resolvers
+    from vss.validation import check_model_values, check_train_values
 
     pending = {s.name: f"/pending/{s.name}" for s in stages}
     register_resolvers()

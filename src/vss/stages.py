@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from vss.config import ConfigError
+from vss.errors import ConfigError
 
 PREFIX = "segmenter."
 """The Segmenter's prefix in a Lightning ``state_dict`` (``VSSModule.segmenter``)."""

@@ -21,22 +21,12 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vss.config import (
-    CONF_DIR,
-    check_command_line,
-    check_ddp_multirun,
-    check_model_values,
-    check_pipeline_alone,
-    check_train_values,
-    friendly_errors,
-    print_error,
-    register_resolvers,
-    resume_arguments,
-    slurm_job_id,
-    slurm_requeue_checkpoint,
-    slurm_restart_count,
-)
+from vss.cli import check_command_line, resume_arguments
+from vss.cluster import check_ddp_multirun, slurm_job_id, slurm_requeue_checkpoint, slurm_restart_count
+from vss.config import CONF_DIR, register_resolvers
+from vss.errors import friendly_errors, print_error
 from vss.runtime import tune_host_allocator
+from vss.validation import check_model_values, check_pipeline_alone, check_train_values
 
 log = logging.getLogger("vss.train")
 RUN_LOG = logging.getLogger("vss.report")

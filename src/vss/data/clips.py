@@ -26,7 +26,7 @@ class ClipSampler:
     reverse_prob: float = 0.5
 
     def __post_init__(self) -> None:
-        from vss.models.aggregators.base import check_offsets
+        from vss.offsets import check_offsets
 
         object.__setattr__(self, "offsets", check_offsets(self.offsets, "data.clip.offsets"))
         if not 0.0 <= self.reverse_prob <= 1.0:

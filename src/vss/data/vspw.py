@@ -17,13 +17,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-IGNORE_INDEX = 255
+from vss.errors import IGNORE_INDEX, DatasetError
+
 cv2.setNumThreads(0)  # decoding runs in DataLoader workers; OpenCV's own threads would oversubscribe the cores
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-class DatasetError(ValueError):
-    """A dataset on disk does not match what the reader expects; the message names the file."""
 
 
 def fail(problems: list[str] | None, message: str) -> None:

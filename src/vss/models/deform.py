@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
-from vss.config import ConfigError
+from vss.errors import ConfigError
 
 __all__ = ["IMPLS", "deform_conv2d", "deform_conv2d_sampled"]
 

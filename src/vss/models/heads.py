@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from vss.config import ConfigError
+from vss.errors import ConfigError
 
 _optimizer_steps = 0
 """Optimizer steps taken in this process (any optimizer): a key of the folded-decoder cache, because fused

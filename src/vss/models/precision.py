@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
-from vss.config import ConfigError
+from vss.errors import ConfigError
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from vss.config import ConfigError
+from vss.errors import ConfigError
 from vss.models.aggregators.base import Aggregator, FrameFeatures, class_map, resize
 from vss.models.encoders import Encoder
 

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vss.config import ConfigError
-from vss.data.vspw import IGNORE_INDEX
+from vss.errors import IGNORE_INDEX, ConfigError
+from vss.offsets import check_offsets, clamp_references
+
+if TYPE_CHECKING:
+    from vss.checkpoint import ImportResult
+
+__all__ = [
+    "AGGREGATOR_PREFIX",
+    "Aggregator",
+    "FrameFeatures",
+    "aggregator_class",
+    "check_offsets",
+    "clamp_references",
+    "class_map",
+    "cross_entropy",
+    "resize",
+]
 
 FrameFeatures = dict[str, Tensor]
 """What a method computes from one frame alone (batched): cacheable and reused when the frame is a reference."""
@@ -46,31 +62,23 @@ def cross_entropy(logits: Tensor, labels: Tensor, avg_non_ignore: bool = False) 
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none").mean()
 
 
-def check_offsets(offsets: Sequence[int], key: str = "model.offsets") -> tuple[int, ...]:
-    """Reference offsets relative to the target: integers of any sign, none 0, none repeated."""
+AGGREGATOR_PREFIX = "vss.models.aggregators."
+"""Where ``model._target_`` may point: a config (or a checkpoint's stored config) names no other class."""
+
+
+def aggregator_class(target: Any, key: str = "model._target_") -> type[Aggregator]:
+    """The :class:`Aggregator` subclass that ``model._target_`` names: what shared code asks the method protocol."""
+    from hydra.utils import get_class
+
+    if not isinstance(target, str) or not target.startswith(AGGREGATOR_PREFIX):
+        raise ConfigError(f"{key}={target!r} is invalid: expected a class under {AGGREGATOR_PREFIX}")
     try:
-        values = tuple(offsets)
-    except TypeError:
-        raise ConfigError(
-            f"{key}={offsets!r} is invalid: expected a list of non-zero integers, e.g. [-9,-6,-3]"
-        ) from None
-    if not all(isinstance(o, int) and not isinstance(o, bool) for o in values):
-        raise ConfigError(f"{key}={list(values)!r} is invalid: expected a list of non-zero integers, e.g. [-9,-6,-3]")
-    if 0 in values:
-        raise ConfigError(f"{key}={list(values)} is invalid: 0 is the target itself, not a reference")
-    if len(set(values)) != len(values):
-        raise ConfigError(f"{key}={list(values)} is invalid: an offset is repeated")
-    return values
-
-
-def clamp_references(offsets: Sequence[int], t: int, length: int | None) -> list[int]:
-    """References of target ``t`` at ``offsets``, clamped into the video: before frame 0 -> 0, past the end -> last.
-
-    ``length`` is None while a stream has not ended (then only the start clamps; the frames up to
-    ``t + lookahead`` exist).
-    """
-    last = None if length is None else length - 1
-    return [max(0, t + o) if last is None else min(last, max(0, t + o)) for o in offsets]
+        cls = get_class(target)
+    except Exception as e:  # hydra wraps the ImportError / AttributeError
+        raise ConfigError(f"{key}={target!r} is invalid: no such class ({' '.join(str(e).split())[:200]})") from None
+    if not (isinstance(cls, type) and issubclass(cls, Aggregator)):
+        raise ConfigError(f"{key}={target!r} is invalid: expected a subclass of vss.models.aggregators.base.Aggregator")
+    return cls
 
 
 class Aggregator(nn.Module):
@@ -84,13 +92,40 @@ class Aggregator(nn.Module):
     other frames, so features can be cached and reused in streaming inference. ``aggregate`` combines the
     target's features with the references' and returns a dict with at least ``logits`` (the target's
     prediction, any resolution) and any auxiliary outputs its ``losses`` need. ``aggregate(target, [])``
-    predicts the target from its own frame alone, or raises :class:`vss.config.ConfigError` where the
+    predicts the target from its own frame alone, or raises :class:`vss.errors.ConfigError` where the
     method cannot. ``references`` is the start-of-video policy (which frames serve as references of each
     target); the default clamps the offsets into the video. Outputs that only the training loss reads are
     left out at inference (:meth:`wants_training_outputs`), and :meth:`reference_features` says what a stream
     must keep of a frame that will only be read as a reference. ``compile=True`` (``model.compile``) runs
     ``aggregate`` through ``torch.compile`` (see :meth:`vss.models.segmenter.Segmenter.aggregate`).
+
+    **The method protocol**: what shared code asks of a method, through the class that ``model._target_``
+    names (:func:`aggregator_class`), each with a default a method overrides in its own file:
+    :meth:`check_config` (config-time checks of a composed training config), :meth:`single_frame_baseline`
+    (what ``vss.bench baseline=true`` times next to it), :meth:`import_official` (``vss.convert``).
     """
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """The method's own checks of a composed training config, before anything is built (default: none).
+
+        Raise :class:`vss.errors.ConfigError` naming the key; a key the config does not set is not checked."""
+
+    @classmethod
+    def single_frame_baseline(cls, model_cfg: Mapping[str, Any]) -> Callable[..., Aggregator] | None:
+        """The honest single-frame counterpart (a factory taking ``in_channels``, ``num_classes``) that
+        ``vss.bench baseline=true`` times next to the method; None when there is none (default), and for a
+        model that is itself single-frame: the bench then says so."""
+        return None
+
+    @classmethod
+    def import_official(cls, state_dict: dict[str, Tensor]) -> ImportResult:
+        """An official checkpoint's ``state_dict`` -> this suite's tensors and the overrides they imply
+        (``vss.convert``). Default: the method has no importer."""
+        raise ConfigError(
+            f"{cls.__module__}.{cls.__name__} has no importer of official checkpoints: override "
+            "Aggregator.import_official(state_dict) -> vss.checkpoint.ImportResult in its file"
+        )
 
     def __init__(
         self,

@@ -33,15 +33,20 @@ repeats the first frame for references before it (any offsets).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vss.config import ConfigError
+from vss.errors import ConfigError
 from vss.models.aggregators.base import Aggregator, FrameFeatures, cross_entropy, resize
 from vss.models.heads import SegFormerHead, pointwise
+
+if TYPE_CHECKING:
+    from vss.checkpoint import ImportResult
 
 SCALES: tuple[str, ...] = ("s8", "s16", "s32")
 """Affinity scales, shallow to deep: stages c2 (1/8), c3 (1/16), c4 (1/32)."""
@@ -356,6 +361,20 @@ def _classify(classifier: nn.Sequential, x: Tensor) -> Tensor:
 class MRCFA(Aggregator):
     """MRCFA head on the four MiT stages (strides 4/8/16/32); see the module docstring."""
 
+    @classmethod
+    def single_frame_baseline(cls, model_cfg: Any) -> Callable[..., Aggregator]:
+        """SegFormer with the same decoder width and dropout (the paper's single-frame row)."""
+        from vss.models.aggregators.segformer import SegFormer
+
+        return partial(
+            SegFormer, embed_dim=int(model_cfg.get("embed_dim", 256)), dropout=float(model_cfg.get("dropout", 0.1))
+        )
+
+    @classmethod
+    def import_official(cls, state_dict: dict[str, Tensor]) -> ImportResult:
+        """The official VSS-MRCFA checkpoint (:func:`import_official_checkpoint`)."""
+        return import_official_checkpoint(state_dict)
+
     def __init__(
         self,
         in_channels: Sequence[int],
@@ -608,7 +627,7 @@ class MRCFA(Aggregator):
 
 # -- the official checkpoints ----------------------------------------------------------------------
 # The MRCFA key table lives here, beside the model (as timm keeps ``checkpoint_filter_fn`` beside each
-# model). ``python -m vss.convert --model mrcfa`` finds :func:`import_official_checkpoint` by convention
+# model). ``python -m vss.convert --model mrcfa`` calls :meth:`MRCFA.import_official`
 # (the module of conf/model/mrcfa.yaml's ``_target_``). The official ``state_dict`` holds ``backbone.*``
 # (SegFormer MiT, renamed to timm PVTv2 by :func:`vss.models.encoders.convert_mit_checkpoint`) and
 # ``decode_head.*`` (this head, renamed by :func:`official_head_key`).
@@ -715,7 +734,7 @@ def convert_official_state_dict(
     return out, origin, sorted(dropped), sorted(unknown)
 
 
-def import_official_checkpoint(state_dict: dict[str, Tensor]) -> ImportResult:  # noqa: F821 (vss.convert's)
+def import_official_checkpoint(state_dict: dict[str, Tensor]) -> ImportResult:
     """An official MRCFA (GuoleiSun/VSS-MRCFA, mmseg) ``state_dict`` -> Segmenter tensors + the config they imply.
 
     Read from the tensors: the MiT variant (``encoder=mit_bX``), the number of classes (``linear_pred``)
@@ -723,7 +742,7 @@ def import_official_checkpoint(state_dict: dict[str, Tensor]) -> ImportResult:  
     to vss.convert (default: the official p of the encoder). The config starts from
     ``experiment=mrcfa_vspw`` unless another experiment is given.
     """
-    from vss.convert import ImportResult
+    from vss.checkpoint import ImportResult
 
     backbone, head, _ = split_official(state_dict)
     if not backbone or not head:

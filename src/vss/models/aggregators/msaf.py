@@ -37,7 +37,8 @@ experiments/msaf_table3.md):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from vss.config import ConfigError
+from vss.errors import ConfigError
 from vss.models.aggregators.base import Aggregator, FrameFeatures, cross_entropy, resize
 from vss.models.deform import IMPLS, deform_conv2d
 from vss.models.heads import ConvBNReLU
@@ -349,6 +350,13 @@ def assignment_logits(p: Tensor, r: Tensor, scale: Tensor | float) -> Tensor:
 
 class MSAF(Aggregator):
     """Motion-state alignment framework (Fig. 2); Table 3 rows by ``motion``/``state``/``semantics``/``dcn``."""
+
+    @classmethod
+    def single_frame_baseline(cls, model_cfg: Any) -> Callable[..., Aggregator]:
+        """MSAF with motion, state and semantics off and no references (Table 3's "baseline" row)."""
+        from hydra.utils import instantiate
+
+        return instantiate(model_cfg, motion=False, offsets=[], state=False, semantics=False)
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
 """Single-frame PSPNet baseline (Zhao et al. 2017; mmseg PSPNet R50-D8): PSPHead on the last encoder feature.
 
 STF+MAR's base network (ST_Memory: ``pspnet_r50-d8``, encoder ``resnet50c``); its checkpoints import with
-``python -m vss.convert --model pspnet --src pspnet_r50-d8.pth --dst pspnet.ckpt`` (:func:`import_official_checkpoint`).
+``python -m vss.convert --model pspnet --src pspnet_r50-d8.pth --dst pspnet.ckpt`` (:meth:`PSPNet.import_official`).
 mmseg's auxiliary FCN head (on layer3) is not built: ST_Memory never uses it.
 """
 
@@ -9,21 +9,26 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from vss.config import ConfigError
+from vss.errors import ConfigError
 from vss.models.aggregators.base import Aggregator, FrameFeatures
 from vss.models.heads import PSPHead
 
 if TYPE_CHECKING:
-    from vss.convert import ImportResult
+    from vss.checkpoint import ImportResult
 
 
 class PSPNet(Aggregator):
     """PSPNet as a degenerate aggregator: all work is per-frame (logits at the last feature's resolution, 1/8)."""
+
+    @classmethod
+    def import_official(cls, state_dict: dict[str, Tensor]) -> ImportResult:
+        """An mmseg PSPNet R50-D8 checkpoint (:func:`import_official_checkpoint`)."""
+        return import_official_checkpoint(state_dict)
 
     def __init__(
         self,
@@ -112,7 +117,7 @@ def import_official_checkpoint(state_dict: dict[str, Tensor]) -> ImportResult:
     width (``bottleneck``). vss.convert picks the data set and class names from the count and the ``meta``
     (19: ``data=cityscapes_video``).
     """
-    from vss.convert import ImportResult
+    from vss.checkpoint import ImportResult
 
     check_resnet50_v1c(state_dict)
     if "decode_head.conv_seg.weight" not in state_dict or "decode_head.bottleneck.conv.weight" not in state_dict:
@@ -132,8 +137,3 @@ def import_official_checkpoint(state_dict: dict[str, Tensor]) -> ImportResult:
         dropped=dropped,
         unknown=unknown,
     )
-
-
-def single_frame_baseline(model_cfg: Any) -> None:
-    """PSPNet is itself single-frame: ``vss.bench`` times no baseline next to it."""
-    return None

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from vss.config import ConfigError
+from vss.errors import ConfigError
 from vss.models.aggregators.base import Aggregator, FrameFeatures
 from vss.models.heads import SegFormerHead
 

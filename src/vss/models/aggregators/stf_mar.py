@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vss.config import ConfigError
+from vss.errors import ConfigError
 from vss.models.aggregators.base import Aggregator, FrameFeatures
 from vss.models.heads import PSPHead
 
 if TYPE_CHECKING:
-    from vss.convert import ImportResult
+    from vss.checkpoint import ImportResult
 
 __all__ = [
     "STFMAR",
@@ -701,6 +701,21 @@ class STFMAR(Aggregator):
     reads of a stage-1 model; returned at inference too, it costs nothing).
     """
 
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Block-size multiples of the crop and evaluation sizes; MAR without a memory (:func:`check_train_config`)."""
+        check_train_config(cfg)
+
+    @classmethod
+    def single_frame_baseline(cls, model_cfg: Any) -> Any:
+        """PSPNet with the same head (:func:`single_frame_baseline`)."""
+        return single_frame_baseline(model_cfg)
+
+    @classmethod
+    def import_official(cls, state_dict: dict[str, Tensor]) -> ImportResult:
+        """The official ST_Memory checkpoints (:func:`import_official_checkpoint`)."""
+        return import_official_checkpoint(state_dict)
+
     def __init__(
         self,
         in_channels: Sequence[int],
@@ -797,7 +812,7 @@ def single_frame_baseline(model_cfg: Any) -> Any:
 
 
 # -- the official checkpoints ------------------------------------------------------------------------------
-# ``python -m vss.convert --model stf|stf_mar`` finds :func:`import_official_checkpoint` by convention. The names
+# ``python -m vss.convert --model stf|stf_mar`` calls :meth:`STFMAR.import_official`. The names
 # are read from the official code (jfzhuang/ST_Memory): ``SegRefine`` (exp/cityscapes/psp50/{STF,MAR}/model/
 # refine.py) holds ``pspnet`` (mmseg pspnet_r50-d8: ``backbone``, ``decode_head``, ``auxiliary_head``), ``STF`` and,
 # in the MAR stage, ``MAR`` (lib/net/transformer.py), built of lib/net/transformer_block.py's layers.
@@ -906,7 +921,7 @@ def import_official_checkpoint(state_dict: dict[str, Tensor]) -> ImportResult:
     present (else ``model=stf``), ``encoder=resnet50c``, the number of classes (``conv_seg``), the widths, the
     positional tables' grid and the memory's keys per class (vss.convert picks the data set and class names from the
     count). A file of another layout is a ConfigError naming the missing and unexpected keys."""
-    from vss.convert import ImportResult
+    from vss.checkpoint import ImportResult
     from vss.models.aggregators.pspnet import check_resnet50_v1c
 
     state = _strip_module(state_dict)

@@ -1,0 +1,248 @@
+"""Checks of a composed config, table by table, before any work starts: each names the key, the value and
+what is allowed (a :class:`vss.errors.ConfigError`)."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from vss.errors import ConfigError
+
+AGGREGATOR_PREFIX = "vss.models.aggregators."
+"""Where ``model._target_`` may point (the same as :data:`vss.models.aggregators.base.AGGREGATOR_PREFIX`,
+checked here before torch is imported)."""
+
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
+
+
+def resolve_device(name: str) -> Any:
+    """``auto`` -> cuda when available, else cpu; any other value is a torch device string."""
+    import torch
+
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(str(name))
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    try:
+        return OmegaConf.select(cfg, key, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{key} is required but not set (pass {key}=...)") from e
+
+
+def _check(cfg: DictConfig, key: str, ok: Callable[[Any], bool], expected: str, optional: bool = False) -> None:
+    value = _get(cfg, key)
+    if value is None and optional:
+        return
+    if not ok(value):
+        raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """Check the composed training config; raise :class:`ConfigError` naming the first bad key."""
+    check_train_values(cfg)
+    check_model_values(cfg)
+
+
+PIPELINE_STAGE_ENV = "VSS_PIPELINE_STAGE"
+"""Set by ``vss.pipeline`` for the training runs of its stages."""
+
+
+def check_pipeline_alone(cfg: DictConfig, experiment: str | None = None) -> None:
+    """``vss.train`` on an experiment that lists ``pipeline`` stages would train its base config only: say to run
+    ``vss.pipeline`` (a stage ``vss.pipeline`` runs, or a resume with ``ckpt_path=``, passes)."""
+    stages = OmegaConf.select(cfg, "pipeline", default=None)
+    if not stages or os.environ.get(PIPELINE_STAGE_ENV) or cfg.get("ckpt_path") is not None:
+        return
+    names = ", ".join(str(s.get("name")) for s in stages)
+    name = experiment or "NAME"
+    raise ConfigError(
+        f"experiment={name} is a pipeline of {len(stages)} stages ({names}): run them with python -m vss.pipeline "
+        f"experiment={name} [overrides]; to train its base config alone, add pipeline=[]"
+    )
+
+
+#: Keys the config no longer reads -> what replaced them (an error, never silently ignored).
+RETIRED_KEYS = {
+    "optim.head_lr_mult": (
+        "the per-parameter rules are optim.paramwise now (mmcv custom_keys: longest key first, the first that is a "
+        "substring of the parameter name wins), e.g. optim.paramwise.aggregator.lr_mult=10, or a preset: "
+        "optim/paramwise=segformer|msaf|none (conf/optim/paramwise)"
+    ),
+}
+
+
+def check_retired_keys(cfg: DictConfig) -> None:
+    """A :class:`ConfigError` for a key of :data:`RETIRED_KEYS` (a config written before it was replaced)."""
+    for key, replacement in RETIRED_KEYS.items():
+        if OmegaConf.select(cfg, key, default=None) is not None:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r} is no longer read: {replacement}")
+
+
+def check_train_values(cfg: DictConfig) -> None:
+    """The checks that need neither torch nor the model code (they run before torch is imported)."""
+    _check(
+        cfg,
+        "trainer.max_steps",
+        lambda v: _int(v) and v > 0,
+        "a positive integer (training is iteration-based)",
+    )
+    _check(cfg, "trainer.val_check_interval", lambda v: _int(v) and v > 0, "a positive integer number of steps")
+    _check(cfg, "trainer.precision", lambda v: str(v) in PRECISIONS, f"one of {PRECISIONS}")
+    _check(
+        cfg,
+        "trainer.devices",
+        lambda v: (_int(v) and v > 0) or v == "auto" or isinstance(v, list | str),
+        "a positive int, 'auto' or a device list",
+    )
+    _check(
+        cfg,
+        "trainer.gradient_clip_val",
+        lambda v: _num(v) and v > 0,
+        "a positive number or null",
+        optional=True,
+    )
+    _check(cfg, "data.num_classes", lambda v: _int(v) and 1 <= v <= 255, "an integer in 1..255")
+    _check(cfg, "data.batch_size", lambda v: _int(v) and v > 0, "a positive integer")
+    _check(cfg, "data.val_batch_size", lambda v: _int(v) and v > 0, "a positive integer")
+    _check(cfg, "data.num_workers", lambda v: _int(v) and v >= 0, "a non-negative integer")
+    _check(
+        cfg,
+        "data.crop_size",
+        lambda v: len(v) == 2 and all(_int(x) and x > 0 for x in v),
+        "[height, width], positive integers",
+    )
+    _check(
+        cfg,
+        "data.scale",
+        lambda v: len(v) == 2 and all(_int(x) and x > 0 for x in v),
+        "[long side, short side], positive integers",
+    )
+    _check(
+        cfg,
+        "data.ratio_range",
+        lambda v: len(v) == 2 and all(_num(x) and x > 0 for x in v) and v[0] <= v[1],
+        "[low, high] with 0 < low <= high",
+    )
+    _check(cfg, "data.cat_max_ratio", lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]")
+    _check(cfg, "data.train_repeat", lambda v: _int(v) and v > 0, "a positive integer (clips per video per epoch)")
+    for key, choices in (
+        ("data.iou_mean", ("gt_present", "union")),
+        ("data.photometric", ("per_frame", "per_clip", "none")),  # vss.data.transforms.PHOTOMETRIC_MODES
+        ("data.missing_frames", ("error", "clamp")),  # Cityscapes video
+        ("data.label_file", ("auto", "labelIds", "labelTrainIds")),
+        ("data.label_form", ("index", "colour")),  # CamVid video
+        ("data.colour_convention", ("grouped", "exact")),
+        ("data.check_val", ("auto", "full", "headers", "off")),  # vss.data.datamodule.VAL_CHECKS
+    ):
+        _check(cfg, key, lambda v, c=choices: v in c, f"one of {list(choices)}", optional=True)
+    _check(cfg, "data.check_val_max_mb", lambda v: _num(v) and v > 0, "a positive number of megabytes", optional=True)
+    _check(cfg, "data.synthetic.label_every", lambda v: _int(v) and v > 0, "a positive integer", optional=True)
+    _check(
+        cfg,
+        "data.clip.offsets",
+        lambda v: OmegaConf.is_list(v) or isinstance(v, list | tuple),
+        "a list of reference offsets that follows model.offsets (set model.offsets=[...] instead)",
+        optional=True,
+    )
+    _check(cfg, "model.embed_dim", lambda v: _int(v) and v > 0, "a positive integer", optional=True)
+    if OmegaConf.select(cfg, "stm", default=None) is not None:
+        _check(cfg, "stm.p", lambda v: _num(v) and 0 < v <= 1, "a token ratio in (0, 1], or null", optional=True)
+        _check(cfg, "stm.top_n", lambda v: _int(v) and v > 0, "a positive integer")
+    _check(cfg, "data.clip.reverse_prob", lambda v: _num(v) and 0 <= v <= 1, "a probability in [0, 1]")
+    root = _get(cfg, "data.root")
+    if "Synthetic" not in str(_get(cfg, "data._target_")) and not Path(str(root)).is_dir():
+        raise ConfigError(
+            f"data.root={root!r} is invalid: the directory does not exist (expected the dataset's root folder)"
+        )
+    _check(
+        cfg,
+        "encoder.pretrained",
+        lambda v: Path(str(v)).is_file(),
+        "a path to an existing local checkpoint file, or null",
+        optional=True,
+    )
+    _check(cfg, "optim.optimizer.lr", lambda v: _num(v) and v > 0, "a positive number")
+    _check(cfg, "optim.optimizer.weight_decay", lambda v: _num(v) and v >= 0, "a non-negative number")
+    check_retired_keys(cfg)
+    from vss.optim import check_paramwise
+
+    check_paramwise(OmegaConf.select(cfg, "optim.paramwise", default=None), "optim.paramwise")
+    _check(cfg, "val_mode", lambda v: v in ("stream", "clip"), "stream or clip")
+    if OmegaConf.select(cfg, "optim.scheduler", default=None) is not None:  # null: a constant learning rate
+        _check(cfg, "optim.scheduler.warmup_steps", lambda v: _int(v) and v >= 0, "a non-negative integer")
+        _check(cfg, "optim.scheduler.power", lambda v: _num(v) and v >= 0, "a non-negative number")
+    _check(
+        cfg,
+        "ckpt_path",
+        lambda v: Path(str(v)).is_file(),
+        "an existing checkpoint file or null",
+        optional=True,
+    )
+    target = _get(cfg, "model._target_")  # imported (and checked to be an Aggregator) with the model code
+    if not isinstance(target, str) or not target.startswith(AGGREGATOR_PREFIX):
+        raise ConfigError(f"model._target_={target!r} is invalid: expected a class under {AGGREGATOR_PREFIX}")
+    check_wandb_login(cfg)
+
+
+def check_model_values(cfg: DictConfig) -> None:
+    """The checks that read the model code (encoder names, the offsets' rules): after the cheap ones."""
+    from vss.models.aggregators.base import aggregator_class
+    from vss.models.encoders import ENCODER_NAMES
+    from vss.offsets import check_offsets
+
+    _check(cfg, "encoder.name", lambda v: v in ENCODER_NAMES, f"one of {sorted(ENCODER_NAMES)}")
+    offsets = check_offsets(_get(cfg, "model.offsets") or [])
+    data_offsets = OmegaConf.select(cfg, "data.clip.offsets", default=None)
+    if data_offsets is not None and list(data_offsets) != list(offsets):
+        raise ConfigError(
+            f"data.clip.offsets={list(data_offsets)} differs from model.offsets={list(offsets)}: the clip belongs "
+            "to the model; set model.offsets=... (data.clip.offsets follows it)"
+        )
+    aggregator_class(_get(cfg, "model._target_")).check_config(cfg)  # the method's own checks (its file)
+
+
+OFFLINE_MODES = ("offline", "dryrun", "disabled")
+
+
+def wandb_logged_in() -> bool:
+    """Whether W&B has an API key without asking the network: ``WANDB_API_KEY`` or a netrc entry for its host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0].split(":")[0]
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return path.is_file() and netrc.netrc(str(path)).authenticators(host) is not None
+    except (netrc.NetrcParseError, OSError):
+        return False
+
+
+def check_wandb_login(cfg: DictConfig) -> None:
+    """``logger=wandb`` online without a login would stop at W&B's prompt or fail late: say how to go offline."""
+    loggers = cfg.get("logger") or {}
+    wandb_loggers = [
+        c for c in loggers.values() if isinstance(c, DictConfig) and "WandbLogger" in str(c.get("_target_", ""))
+    ]
+    if not wandb_loggers or all(c.get("offline") for c in wandb_loggers):
+        return
+    if os.environ.get("WANDB_MODE", "").lower() in OFFLINE_MODES or wandb_logged_in():
+        return
+    raise ConfigError(
+        "logger=wandb needs a W&B login (run `wandb login` or set WANDB_API_KEY), or run offline: WANDB_MODE=offline "
+        "(or logger.wandb.offline=true); upload an offline run later with `wandb sync RUN/wandb/offline-run-*`"
+    )
