@@ -28,7 +28,7 @@ from vss.data.datamodule import VSSDataModule
 from vss.data.vspw import DatasetError
 from vss.errors import ConfigError
 from vss.eval import evaluate
-from vss.train import build_module
+from vss.lit import build_module
 
 ev = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
 

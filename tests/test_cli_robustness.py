@@ -121,7 +121,8 @@ def test_a_resume_announces_the_checkpoints_model_not_the_default_groups(
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from vss.train import build_module, train
+    from vss.lit import build_module
+    from vss.train import train
 
     run = tmp_path / "run"
     stored = compose_cfg("model=pspnet", "encoder=resnet18", "model.channels=16", f"paths.output_dir={run}")
@@ -337,7 +338,7 @@ def test_overlays_of_sparse_labels_show_labelled_frames(make_data_dir, compose_c
 
 # -- sweeps -------------------------------------------------------------------------------------------------
 def test_sweep_table_marks_the_best_job(tmp_path: Path) -> None:
-    from vss.train import sweep_rows, write_sweep_table
+    from vss.sweep import sweep_rows, write_sweep_table
 
     for job, (lr, miou) in enumerate([("1e-3", 0.61), ("2e-3", 0.66), ("4e-3", 0.58)]):
         (tmp_path / str(job) / ".hydra").mkdir(parents=True)

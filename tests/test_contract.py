@@ -37,8 +37,8 @@ from contract import assert_stream_equals_clip
 from random_weights import randomize_
 from vss.config import CONF_DIR
 from vss.errors import ConfigError
+from vss.lit import build_module
 from vss.models.segmenter import Segmenter
-from vss.train import build_module
 from vss.validation import validate_train_config
 
 NUM_CLASSES = 5

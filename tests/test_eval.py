@@ -21,7 +21,7 @@ from conftest import REPO_ROOT, TINY_DATA, compose_train
 from random_weights import randomize_
 from vss.errors import ConfigError
 from vss.eval import evaluate_checkpoint
-from vss.train import build_module
+from vss.lit import build_module
 
 MODELS = sorted(p.stem for p in (vss.config.CONF_DIR / "model").glob("*.yaml"))
 # per model: an encoder it runs on and small widths (MRCFA needs inputs divisible by 32)

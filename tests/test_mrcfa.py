@@ -26,6 +26,7 @@ from vss.convert import convert
 from vss.convert import main as convert_main
 from vss.errors import ConfigError
 from vss.eval import load_checkpoint
+from vss.lit import build_module
 from vss.models.aggregators.mrcfa import (
     MRCFA,
     OFFICIAL_START_CLIPS,
@@ -36,7 +37,6 @@ from vss.models.aggregators.mrcfa import (
 from vss.models.aggregators.segformer import SegFormer
 from vss.models.encoders import MIT_SETTINGS, Encoder, build_encoder
 from vss.models.segmenter import Segmenter
-from vss.train import build_module
 
 register_resolvers()
 B0_CHANNELS = [32, 64, 160, 256]

@@ -24,8 +24,8 @@ from vss.data import cityscapes
 from vss.data.synthetic import OBJECT_PALETTE
 from vss.data.transforms import build_eval_transform
 from vss.errors import ConfigError, friendly_errors
+from vss.lit import build_module
 from vss.predict import load_palette, open_source, predict
-from vss.train import build_module
 
 VIDEO_FRAMES, VIDEO_HW = 12, (48, 80)
 FOLDER_HW = (50, 66)

@@ -27,12 +27,12 @@ from vss.convert import main as convert_main
 from vss.data.transforms import build_eval_transform
 from vss.errors import ConfigError
 from vss.eval import evaluate_checkpoint, load_checkpoint
+from vss.lit import build_module
 from vss.models.aggregators.pspnet import PSPNet, import_official_checkpoint, pspnet_keys
 from vss.models.encoders import build_encoder
 from vss.models.heads import PSPHead
 from vss.models.segmenter import Segmenter
 from vss.predict import predict
-from vss.train import build_module
 
 RESNET50C_PARAMS = 23_527_264
 PSP_HEAD_PARAMS = {"psp_modules": 4_198_400, "bottleneck": 18_875_392, "conv_seg": 9_747}

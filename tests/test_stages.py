@@ -16,8 +16,9 @@ from torch import Tensor, nn
 
 from conftest import TINY_DATA, TINY_RUN, compose_train
 from vss.errors import ConfigError
+from vss.lit import build_module
 from vss.stages import check_stages, convert_sync_batchnorm, init_weights, load_weights
-from vss.train import build_module, train
+from vss.train import train
 
 CLASSIFIER = "aggregator.decode_head.linear_pred"
 FUSE = "aggregator.decode_head.linear_fuse"

@@ -379,7 +379,7 @@ def test_an_official_checkpoint_converts_and_gives_the_official_logits(tmp_path,
     -> ``python -m vss.convert`` -> the checkpoint vss.eval reads -> the official network's logits (1/8)."""
     from vss.convert import main as convert_main
     from vss.eval import load_checkpoint
-    from vss.train import build_module
+    from vss.lit import build_module
 
     official = _segrefine(mar)
     src, dst = tmp_path / "best.pth", tmp_path / "converted.ckpt"
@@ -538,7 +538,7 @@ def stf_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir) -> s
     """A vss checkpoint of a small model=stf (random weights: about 1 pixel in 5 is correct) on the tiny synthetic
     set, its config stored as vss.train stores it."""
     from conftest import TINY_DATA
-    from vss.train import build_module
+    from vss.lit import build_module
 
     out = tmp_path_factory.mktemp("stf-ckpt")
     cfg = compose_train(["model=stf", "encoder=resnet18", *SMALL, *TINY_DATA, f"paths.data_dir={tiny_data_dir}"])
@@ -556,7 +556,7 @@ def test_memory_pass_counts_the_correct_pixels_and_shards_merge(stf_checkpoint: 
     import json
 
     from vss.eval import load_checkpoint
-    from vss.train import build_module
+    from vss.lit import build_module
 
     path = build_memory(stf_checkpoint, str(tmp_path), progress=False)
     memory = load_memory(path)

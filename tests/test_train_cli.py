@@ -289,8 +289,8 @@ def test_resume_continues_the_wandb_run(two_runs, run_cli, tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(two_runs, compose_cfg, tiny_args, tmp_path) -> None:
+    from vss.lit import build_module
     from vss.stages import check_resume_model, prepare_resume
-    from vss.train import build_module
 
     last = only_run_dir(two_runs[0][0]) / "checkpoints" / "last.ckpt"
     cfg = compose_cfg(*tiny_args(tmp_path), f"ckpt_path={last}", "model.embed_dim=16")

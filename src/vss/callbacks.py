@@ -20,10 +20,10 @@ from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from vss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from vss.data.vspw import IGNORE_INDEX
+from vss.errors import IGNORE_INDEX
+from vss.metrics import SUMMARY_KEYS
 
 RUN_LOG = logging.getLogger("vss.report")
-SUMMARY_KEYS = ("mIoU", "fwIoU", "mVC8", "mVC16")
 QUIET_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)",  # torch's pytree deprecation, from inside Lightning
     r"It is recommended to use `self\.log\('(val|test)/",  # the metrics are synced by torchmetrics before logging

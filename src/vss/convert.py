@@ -262,8 +262,8 @@ def convert(
     from omegaconf import OmegaConf
 
     from vss.checkpoint import atomic_torch_save
+    from vss.lit import build_module
     from vss.models.encoders import load_checkpoint_and_meta
-    from vss.train import build_module
 
     if not Path(src).is_file():
         raise ConfigError(f"--src {str(src)!r}: the file does not exist")

@@ -87,7 +87,7 @@ def eval_data_config(cfg: DictConfig, train_cfg: DictConfig) -> DictConfig:
 @torch.no_grad()
 def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Run the checkpoint's model over every frame of ``cfg.split`` (``cfg.mode``: stream or clip)."""
-    from vss.train import build_module, use_eval_path
+    from vss.lit import build_module, use_eval_path
 
     if cfg.mode not in ("stream", "clip"):
         raise ConfigError(f"mode={cfg.mode!r} is invalid: expected stream (cached features) or clip (official path)")
@@ -221,8 +221,7 @@ def score_folder(cfg: DictConfig) -> dict[str, Any]:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Dispatch on ``ckpt_path`` / ``pred_root``; write and return the metrics."""
-    from vss.metrics import write_metrics_json
-    from vss.train import format_summary
+    from vss.metrics import format_summary, write_metrics_json
 
     if (cfg.get("ckpt_path") is None) == (cfg.get("pred_root") is None):
         raise ConfigError(

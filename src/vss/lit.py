@@ -10,6 +10,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from vss.errors import ConfigError
@@ -233,3 +234,32 @@ class VSSModule(pl.LightningModule):
             )
         sched = self.scheduler_factory(opt, max_steps=max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
+def build_module(cfg: DictConfig, num_classes: int, class_names: list[str]) -> Any:
+    """Encoder + aggregator from ``cfg.encoder`` / ``cfg.model`` (``freeze`` applied), in the LightningModule."""
+    from hydra.utils import instantiate
+
+    from vss.lit import VSSModule
+    from vss.models.segmenter import Segmenter
+
+    freeze = list(cfg.get("freeze") or [])
+    segmenter = Segmenter(instantiate(cfg.encoder), instantiate(cfg.model), num_classes, freeze=freeze)
+    return VSSModule(
+        segmenter,
+        num_classes=num_classes,
+        optimizer=instantiate(cfg.optim.optimizer, _convert_="all"),
+        scheduler=instantiate(cfg.optim.scheduler, _convert_="all") if cfg.optim.get("scheduler") else None,
+        paramwise=OmegaConf.to_container(cfg.optim.paramwise, resolve=True) if cfg.optim.get("paramwise") else None,
+        class_names=class_names,
+        val_mode=str(cfg.get("val_mode", "stream")),
+        iou_mean=str(cfg.data.get("iou_mean", "gt_present")),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def use_eval_path(module: Any, datamodule: Any) -> None:
+    """Point the data module's evaluation at the module's path: frames (stream) or the model's clips (clip)."""
+    seg = module.segmenter
+    clip = module.val_mode == "clip"
+    datamodule.use_clip_path(seg.references if clip else None, 1 + len(seg.offsets))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import re
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -116,3 +118,30 @@ class CSVLogger(LightningCSVLogger):
     @rank_zero_only
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         self.save()
+
+
+WANDB_RUN_DIR = re.compile(r"^(?:offline-)?run-\d{8}_\d{6}-(?P<id>[A-Za-z0-9]+)$")
+
+
+def continue_wandb_run(logger: Any, run_dir: Path) -> str | None:
+    """A resumed run (``ckpt_path=``, a SLURM requeue) logs to the W&B run it started, not a new one: the id of
+    the newest ``RUN/wandb/[offline-]run-<time>-<id>`` folder, with ``resume="allow"``. Returns that id, or None
+    (not a W&B logger, or the run never logged to W&B)."""
+    init = getattr(logger, "_wandb_init", None)
+    if not isinstance(init, dict) or getattr(logger, "_experiment", None) is not None:
+        return None
+    runs = [p for p in (run_dir / "wandb").glob("*run-*") if p.is_dir() and WANDB_RUN_DIR.match(p.name)]
+    if not runs:
+        return None
+    newest = max(runs, key=lambda p: p.name.removeprefix("offline-"))  # the names start with the start time
+    run_id = WANDB_RUN_DIR.match(newest.name)["id"]  # type: ignore[index]
+    init.update(id=run_id, resume="allow")
+    logger._id = run_id
+    return run_id
+
+
+def finish_wandb() -> None:
+    """Close the W&B run so the next job of a multirun starts a new one."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()

@@ -386,7 +386,7 @@ def data_classes(cfg: DictConfig, num_classes: int) -> tuple[list[str], list[lis
 def load_model(ckpt_path: str | Path, device: torch.device) -> Model:
     """Rebuild a vss checkpoint's model from its training config and load its weights."""
     from vss.eval import load_checkpoint
-    from vss.train import build_module
+    from vss.lit import build_module
 
     path = Path(str(ckpt_path)).expanduser()
     try:

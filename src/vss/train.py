@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import sys
 import warnings
 from collections.abc import Mapping
@@ -17,7 +16,6 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,7 +29,6 @@ from vss.validation import check_model_values, check_pipeline_alone, check_train
 log = logging.getLogger("vss.train")
 RUN_LOG = logging.getLogger("vss.report")
 """Lines for the run's ``train.log`` only (conf/hydra/default.yaml gives it the file handler, not the console)."""
-SUMMARY_KEYS = ("mIoU", "fwIoU", "mVC8", "mVC16")
 EXIT_SIGTERM = 128 + 15
 LIGHTNING_CSV_LOGGER = "pytorch_lightning.loggers.CSVLogger"
 
@@ -45,35 +42,6 @@ def say(message: str) -> None:
     RUN_LOG.info(message)
 
 
-def build_module(cfg: DictConfig, num_classes: int, class_names: list[str]) -> Any:
-    """Encoder + aggregator from ``cfg.encoder`` / ``cfg.model`` (``freeze`` applied), in the LightningModule."""
-    from hydra.utils import instantiate
-
-    from vss.lit import VSSModule
-    from vss.models.segmenter import Segmenter
-
-    freeze = list(cfg.get("freeze") or [])
-    segmenter = Segmenter(instantiate(cfg.encoder), instantiate(cfg.model), num_classes, freeze=freeze)
-    return VSSModule(
-        segmenter,
-        num_classes=num_classes,
-        optimizer=instantiate(cfg.optim.optimizer, _convert_="all"),
-        scheduler=instantiate(cfg.optim.scheduler, _convert_="all") if cfg.optim.get("scheduler") else None,
-        paramwise=OmegaConf.to_container(cfg.optim.paramwise, resolve=True) if cfg.optim.get("paramwise") else None,
-        class_names=class_names,
-        val_mode=str(cfg.get("val_mode", "stream")),
-        iou_mean=str(cfg.data.get("iou_mean", "gt_present")),
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
-
-
-def use_eval_path(module: Any, datamodule: Any) -> None:
-    """Point the data module's evaluation at the module's path: frames (stream) or the model's clips (clip)."""
-    seg = module.segmenter
-    clip = module.val_mode == "clip"
-    datamodule.use_clip_path(seg.references if clip else None, 1 + len(seg.offsets))
-
-
 def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every child with a ``_target_`` (callbacks, loggers)."""
     from hydra.utils import instantiate
@@ -81,11 +49,6 @@ def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     if not cfg:
         return []
     return [instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
-
-
-def format_summary(metrics: Mapping[str, Any], prefix: str = "val") -> str:
-    """One line with the headline metrics, e.g. ``val mIoU 0.6123 | fwIoU ...``."""
-    return " | ".join(f"{prefix} {k} {metrics[k]:.4f}" for k in SUMMARY_KEYS if metrics.get(k) is not None)
 
 
 def _stage_results(module: Any, trainer: Any, stage: str) -> dict[str, Any]:
@@ -166,6 +129,7 @@ def _report_best(
     if best is None or not best.best_model_path:
         return None
     from vss.checkpoint import checkpoint_step
+    from vss.metrics import format_summary
 
     step = checkpoint_step(best.best_model_path)
     metrics = dict(history.get(step, {}))
@@ -230,9 +194,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         slurm_plugins,
     )
     from vss.checkpoint import AtomicCheckpointIO, remove_stale_temporary_files
+    from vss.lit import build_module, use_eval_path
     from vss.locks import hold_run_directory, release_run_directory
-    from vss.loggers import CSVLogger
-    from vss.metrics import write_metrics_json
+    from vss.loggers import CSVLogger, continue_wandb_run, finish_wandb
+    from vss.metrics import format_summary, write_metrics_json
     from vss.optim import describe_groups
     from vss.stages import check_resume_model, check_stages, init_weights, prepare_resume
 
@@ -351,96 +316,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             say(f"[vss] run directory: {output_dir}")
         return result
     finally:
-        _finish_wandb()
+        finish_wandb()
         release_run_directory()
-
-
-WANDB_RUN_DIR = re.compile(r"^(?:offline-)?run-\d{8}_\d{6}-(?P<id>[A-Za-z0-9]+)$")
-
-
-def continue_wandb_run(logger: Any, run_dir: Path) -> str | None:
-    """A resumed run (``ckpt_path=``, a SLURM requeue) logs to the W&B run it started, not a new one: the id of
-    the newest ``RUN/wandb/[offline-]run-<time>-<id>`` folder, with ``resume="allow"``. Returns that id, or None
-    (not a W&B logger, or the run never logged to W&B)."""
-    init = getattr(logger, "_wandb_init", None)
-    if not isinstance(init, dict) or getattr(logger, "_experiment", None) is not None:
-        return None
-    runs = [p for p in (run_dir / "wandb").glob("*run-*") if p.is_dir() and WANDB_RUN_DIR.match(p.name)]
-    if not runs:
-        return None
-    newest = max(runs, key=lambda p: p.name.removeprefix("offline-"))  # the names start with the start time
-    run_id = WANDB_RUN_DIR.match(newest.name)["id"]  # type: ignore[index]
-    init.update(id=run_id, resume="allow")
-    logger._id = run_id
-    return run_id
-
-
-def _finish_wandb() -> None:
-    """Close the W&B run so the next job of a multirun starts a new one."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
-
-
-class SweepSummary(HydraCallback):
-    """At the end of a ``-m`` sweep: a table of the swept values -> mIoU / mVC8 per job, the best job marked,
-    printed and written as ``sweep.md`` and ``sweep.csv`` in the sweep directory."""
-
-    def __init__(self, metrics: tuple[str, ...] = ("mIoU", "mVC8"), sort_by: str = "mIoU") -> None:
-        self.metrics, self.sort_by = tuple(metrics), sort_by
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        rows = sweep_rows(sweep_dir, self.metrics)
-        if rows:
-            print(write_sweep_table(sweep_dir, rows, self.metrics, self.sort_by), flush=True)
-
-
-def sweep_rows(sweep_dir: Path, metrics: tuple[str, ...]) -> list[dict[str, Any]]:
-    """One row per job of a sweep directory: job number, its overrides and its final validation metrics."""
-    import json
-
-    rows = []
-    for job in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
-        overrides_file = job / ".hydra" / "overrides.yaml"
-        overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
-        values = dict(o.split("=", 1) for o in overrides if "=" in o)
-        result = job / "metrics.json"
-        val = json.loads(result.read_text()).get("val", {}) if result.is_file() else {}
-        rows.append({"job": int(job.name), "overrides": values, **{m: val.get(m) for m in metrics}})
-    return rows
-
-
-def write_sweep_table(sweep_dir: Path, rows: list[dict[str, Any]], metrics: tuple[str, ...], sort_by: str) -> str:
-    """Write ``sweep.md`` / ``sweep.csv``: the overrides that differ between jobs -> metrics; returns the table."""
-    import csv
-
-    keys = sorted({k for r in rows for k in r["overrides"]})
-    swept = [k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1] or keys
-    scored = [r for r in rows if r.get(sort_by) is not None]
-    best = max(scored, key=lambda r: r[sort_by])["job"] if scored else None
-
-    def cell(v: Any) -> str:
-        return "-" if v is None else (f"{100 * v:.1f}" if isinstance(v, float) else str(v))
-
-    header = ["job", *swept, *metrics, "best"]
-    table = [
-        [str(r["job"]), *(r["overrides"].get(k, "") for k in swept), *(cell(r[m]) for m in metrics)]
-        + ["*" if r["job"] == best else ""]
-        for r in rows
-    ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in table]
-    text = "\n".join(lines) + "\n"
-    (sweep_dir / "sweep.md").write_text(f"# Sweep {sweep_dir}\n\nmetrics in %, {metrics[0]} best marked *\n\n{text}")
-    with (sweep_dir / "sweep.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for r in rows:
-            writer.writerow(
-                [r["job"], *(r["overrides"].get(k, "") for k in swept), *(r[m] for m in metrics), int(r["job"] == best)]
-            )
-    return f"[vss] sweep of {len(rows)} jobs ({sweep_dir / 'sweep.md'}):\n{text}"
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

@@ -634,7 +634,7 @@ def build_memory(
 
     from vss.data.datasets import VideoShardSampler
     from vss.eval import load_checkpoint
-    from vss.train import build_module
+    from vss.lit import build_module
 
     ckpt = load_checkpoint(checkpoint)
     cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
