@@ -68,7 +68,7 @@ def peak_rss(mode: str) -> None:
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     base = _status("VmRSS")
     if mode == "plain":
-        F.interpolate(logits, size=(480, 853), mode="bilinear", align_corners=False).max(1).indices
+        _ = F.interpolate(logits, size=(480, 853), mode="bilinear", align_corners=False).max(1).indices
     else:
         from vss.models.ops.classes import upsampled_class_map
 
