@@ -1,0 +1,1 @@
+"""Speed kernels: faster layouts of the papers' computations, each the same function as the official one."""
