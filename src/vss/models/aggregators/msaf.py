@@ -11,8 +11,7 @@ Table 3 rows are config values: ``motion``, ``motion_transformer`` (``vanilla`` 
 ``semantics``, ``dcn``; every branch off is the single-frame baseline (encoder + 1x1 projection + the
 two-conv mask head on F5, an FCN head).
 
-Readings where the paper is silent (../shared/reference/msaf-reading.md; repeated in
-experiments/msaf_table3.md):
+Readings where the paper is silent (each with its reasons in experiments/msaf_table3.md, 'Readings'):
 
 - transformers run at a common width ``embed_dim`` (1x1 conv projections), not at F5's channels;
 - one MHSA_spa per frame position (t-2, t-1, t), DS = average pooling x4 / x2, US = bilinear;
