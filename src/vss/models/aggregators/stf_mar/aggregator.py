@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 class STFMAR(Aggregator):
-    """PSPNet + STF (+ MAR with ``mar=true``); see the module docstring.
+    """PSPNet + STF (+ MAR with ``mar=true``); see the package docstring (vss.models.aggregators.stf_mar).
 
     ``aggregate`` returns ``logits`` (1/8) and ``features``, the STF output before MAR (what the memory pass
     reads of a stage-1 model; returned at inference too, it costs nothing).
