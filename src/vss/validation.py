@@ -3,6 +3,7 @@ what is allowed (a :class:`vss.errors.ConfigError`)."""
 
 from __future__ import annotations
 
+import importlib
 import netrc
 import os
 from collections.abc import Callable
@@ -217,15 +218,14 @@ def check_model_values(cfg: DictConfig) -> None:
 
 def data_class(target: Any, key: str = "data._target_") -> type:
     """The :class:`vss.data.datamodule.VSSDataModule` subclass that ``data._target_`` names."""
-    from hydra.utils import get_class
-
     from vss.data.datamodule import VSSDataModule
 
     if not isinstance(target, str) or not target.startswith(DATA_PREFIX):
         raise ConfigError(f"{key}={target!r} is invalid: expected a class under {DATA_PREFIX}")
+    module, _, name = target.rpartition(".")
     try:
-        cls = get_class(target)
-    except Exception as e:  # hydra wraps the ImportError / AttributeError
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
         raise ConfigError(f"{key}={target!r} is invalid: no such class ({' '.join(str(e).split())[:200]})") from None
     if not (isinstance(cls, type) and issubclass(cls, VSSDataModule)):
         raise ConfigError(f"{key}={target!r} is invalid: expected a subclass of vss.data.datamodule.VSSDataModule")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -60,13 +61,12 @@ AGGREGATOR_PREFIX = "vss.models.aggregators."
 
 def aggregator_class(target: Any, key: str = "model._target_") -> type[Aggregator]:
     """The :class:`Aggregator` subclass that ``model._target_`` names: what shared code asks the method protocol."""
-    from hydra.utils import get_class
-
     if not isinstance(target, str) or not target.startswith(AGGREGATOR_PREFIX):
         raise ConfigError(f"{key}={target!r} is invalid: expected a class under {AGGREGATOR_PREFIX}")
+    module, _, name = target.rpartition(".")
     try:
-        cls = get_class(target)
-    except Exception as e:  # hydra wraps the ImportError / AttributeError
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
         raise ConfigError(f"{key}={target!r} is invalid: no such class ({' '.join(str(e).split())[:200]})") from None
     if not (isinstance(cls, type) and issubclass(cls, Aggregator)):
         raise ConfigError(f"{key}={target!r} is invalid: expected a subclass of vss.models.aggregators.base.Aggregator")
