@@ -1,6 +1,7 @@
 """PSPNet R50-D8 (STF+MAR's base network): resnet50c = mmseg ResNetV1c OS8, PSPHead, model=pspnet, mmseg import.
 
-Counts and layer settings against ../shared/reference/stf-mar-official.md A.11 (instantiated official modules).
+Counts and layer settings against the official modules as instantiated (mmseg PSPNet R50-D8 with ResNetV1c; see
+experiments/stf_mar.md).
 """
 
 from __future__ import annotations
