@@ -66,3 +66,30 @@ def write_camvid(root: Path, size: tuple[int, int] = (48, 64), seed: int = 0, co
             else:
                 assert cv2.imwrite(str(root / "labels" / f"{stem}.png"), ids)
     return root
+
+
+def write_vspw(
+    root: Path,
+    videos: int = 3,
+    frames: int = 12,
+    size: tuple[int, int] = (40, 72),
+    num_classes: int = 124,
+    seed: int = 0,
+) -> Path:
+    """VSPW_480p layout: data/<video>/origin/*.jpg and mask/*.png (raw 0 = others, 1..C, 255 void), train/val lists."""
+    rng = np.random.default_rng(0)
+    h, w = size
+    names = [f"{k}_video{k}" for k in range(videos)]
+    for name in names:
+        origin, mask_dir = root / "data" / name / "origin", root / "data" / name / "mask"
+        origin.mkdir(parents=True)
+        mask_dir.mkdir(parents=True)
+        for f in range(frames):
+            img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+            assert cv2.imwrite(str(origin / f"{f:08d}.jpg"), img)
+            coarse = rng.choice(np.array([0, 1, 2, 7, num_classes, 255], np.uint8), (h // 8, w // 8))
+            mask = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_NEAREST)
+            assert cv2.imwrite(str(mask_dir / f"{f:08d}.png"), mask)
+    for split in ("train", "val"):
+        (root / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+    return root

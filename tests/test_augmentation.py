@@ -172,8 +172,8 @@ def test_photometric_none_leaves_colours() -> None:
 def test_compose_steps_draw_from_one_stream() -> None:
     """albumentations' Compose(seed=s) gives every step the same stream (k-th draws equal); ours shares one."""
     tf = build_train_transform((96, 64), (48, 48), seed=3)
-    steps = tf.transforms
-    assert all(t.py_random is tf.py_random and t.random_generator is tf.random_generator for t in steps)
+    steps = tf.augment.transforms
+    assert all(t.py_random is tf.augment.py_random and t.random_generator is tf.augment.random_generator for t in steps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from vss.data.transforms import (
 from vss.data.vspw import IGNORE_INDEX
 from vss.errors import ConfigError
 from vss.models.aggregators.base import check_offsets, clamp_references
+from vss.models.ops.normalize import normalize_frames
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -261,13 +262,14 @@ def test_eval_transform_sizes() -> None:
     out = tf(images=frames)["images"]
     assert isinstance(out, torch.Tensor)
     assert out.shape == (4, 3, 480, 864)  # MRCFA: 853x480 -> AlignedResize -> 864x480
-    assert out.dtype == torch.float32
+    assert out.dtype == torch.uint8  # normalised on the model's device
     small = build_eval_transform((80, 48))(images=frames[:, :32, :48])["images"]
     assert small.shape == (4, 3, 64, 96)  # 32x48 -> keep ratio 48x72 -> multiples of 32
-    # Already the base size and aligned: just normalised.
+    # Already the base size and aligned: untouched, and normalised on the device as the ImageNet formula.
     frames = frames[:, :64, :96]
     out = build_eval_transform((96, 64))(images=frames)["images"]
-    assert torch.allclose(out, torch.from_numpy(_normalised(frames)), atol=1e-5)
+    assert torch.equal(out, torch.from_numpy(frames.transpose(0, 3, 1, 2)))
+    assert torch.allclose(normalize_frames(out), torch.from_numpy(_normalised(frames)), atol=1e-5)
 
 
 def test_eval_transform_identical_frames_stay_identical() -> None:
@@ -350,10 +352,13 @@ def test_train_transform_padding_bottom_right(flip: float) -> None:
     assert (imgs[:, :, h:, :] == 0).all() and (imgs[:, :, :, w:] == 0).all()
     exp_masks, exp_frames = (masks, frames) if flip == 0.0 else (masks[:, :, ::-1], frames[:, :, ::-1])
     assert np.array_equal(ms[:, :h, :w].numpy(), exp_masks)  # padded after the flip: content stays top-left
-    assert torch.allclose(
-        imgs[:, :, :h, :w], torch.from_numpy(_normalised(np.ascontiguousarray(exp_frames))), atol=1e-5
-    )
+    assert torch.equal(imgs[:, :, :h, :w], torch.from_numpy(np.ascontiguousarray(exp_frames).transpose(0, 3, 1, 2)))
     assert (ms[:, :h, :w] != IGNORE_INDEX).all()
+    assert out["valid"].tolist() == [h, w]
+    # on the device: normalised inside, 0 in the padding (mmseg pads after Normalize)
+    x = normalize_frames(imgs[None], out["valid"][None])[0]
+    assert torch.allclose(x[:, :, :h, :w], torch.from_numpy(_normalised(np.ascontiguousarray(exp_frames))), atol=1e-5)
+    assert (x[:, :, h:, :] == 0).all() and (x[:, :, :, w:] == 0).all()
 
 
 def test_train_transform_padding_with_random_scale() -> None:

@@ -21,6 +21,7 @@ from vss.data.synthetic import ensure_synthetic
 from vss.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 from vss.data.vspw import IGNORE_INDEX, DatasetError, LabelMap, read_image, read_mask
 from vss.models.aggregators.base import clamp_references
+from vss.models.ops.normalize import normalize_frames
 
 KNOBS: dict[str, Any] = dict(train_videos=3, val_videos=2, min_frames=12, max_frames=14, height=32, width=48)
 NUM_CLASSES = 5  # background + 4 object classes (the synthetic default)
@@ -99,9 +100,9 @@ def test_train_items_shapes_and_values(syn_root: Path, offsets: tuple[int, ...],
     for i in range(len(ds)):
         item = ds[i]
         assert item["images"].shape == (frames, 3, 32, 32)
-        assert item["images"].dtype == torch.float32
+        assert item["images"].dtype == torch.uint8  # normalised on the model's device
         assert item["labels"].shape == (frames, 32, 32)
-        assert item["labels"].dtype == torch.int64
+        assert item["labels"].dtype == torch.uint8
         values = set(item["labels"].unique().tolist())
         assert values <= {*range(NUM_CLASSES), IGNORE_INDEX}
         seen |= values
@@ -131,9 +132,10 @@ def test_train_labels_loaded_for_every_frame(syn_root: Path) -> None:
         idx = dm.clip_sampler.train_indices(len(video), random.Random(seed))  # the same draw as the dataset's
         directions.add(idx[0] < idx[-1])
         expected = np.stack([lm(read_mask(video.masks[j])) for j in idx])
-        assert np.array_equal(item["labels"].numpy(), expected.astype(np.int64))
+        assert np.array_equal(item["labels"].numpy(), expected)
         frames = np.stack([read_image(video.frames[j]) for j in idx])
-        assert torch.allclose(item["images"], _normalised(frames), atol=1e-5)
+        assert item["valid"].tolist() == [32, 48]  # the crop is the frame: no padding
+        assert torch.allclose(normalize_frames(item["images"]), _normalised(frames), atol=1e-5)
         moved += not torch.equal(item["labels"][0], item["labels"][-1])
     assert moved >= 10  # objects move: reference labels are not copies of the target label
     assert directions == {True, False}  # forward and reversed clips both occurred
@@ -148,10 +150,10 @@ def _check_item(item: dict[str, Any], video: Any, lm: LabelMap) -> np.ndarray:
     t = item["frame"]
     assert item["frame_name"] == video.masks[t].name
     assert item["video_length"] == len(video)
-    assert item["labels"].shape == (32, 48) and item["labels"].dtype == torch.int64
+    assert item["labels"].shape == (32, 48) and item["labels"].dtype == torch.uint8
     raw = np.array(Image.open(video.masks[t]))
     assert np.array_equal(item["raw_target"].numpy(), raw)
-    assert np.array_equal(item["labels"].numpy(), lm(raw).astype(np.int64))
+    assert np.array_equal(item["labels"].numpy(), lm(raw))
     ignored = (raw == 0) | (raw == IGNORE_INDEX)
     assert (item["labels"].numpy()[ignored] == IGNORE_INDEX).all()
     return raw
@@ -170,11 +172,11 @@ def test_eval_frames_every_frame_once_in_order(syn_root: Path) -> None:
         item = ds[i]
         seen.append((item["video"], item["frame"]))
         video = next(v for v in videos if v.name == item["video"])
-        assert item["images"].shape == (3, 64, 96) and item["images"].dtype == torch.float32
+        assert item["images"].shape == (3, 64, 96) and item["images"].dtype == torch.uint8
         raw_values |= set(np.unique(_check_item(item, video, lm)).tolist())
         if item["frame"] in (0, 5):
             frame = read_image(video.frames[item["frame"]])[None]
-            assert torch.allclose(item["images"], tf(images=frame)["images"][0])
+            assert torch.equal(item["images"], tf(images=frame)["images"][0])
     assert seen == [(v.name, t) for v in videos for t in range(len(v))]
     assert {0, IGNORE_INDEX} <= raw_values  # "others" and void both occur and stay distinct in raw_target
 
@@ -390,7 +392,8 @@ def test_train_loader_single_process(syn_root: Path) -> None:
     batch = next(iter(loader))
     assert batch["images"].shape == (2, 4, 3, 32, 32)
     assert batch["labels"].shape == (2, 4, 32, 32)
-    assert batch["labels"].dtype == torch.int64
+    assert batch["labels"].dtype == torch.uint8 and batch["images"].dtype == torch.uint8
+    assert batch["valid"].shape == (2, 2)
 
 
 def test_too_few_training_clips_for_one_batch_is_an_error(syn_root: Path) -> None:

@@ -173,8 +173,10 @@ class ValidationImages(pl.Callback):
             if unlabelled or self._wanted and key not in self._wanted or len(self._kept) >= self.num_images:
                 continue
             img = item["images"][-1] if item["images"].ndim == 4 else item["images"]
-            mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-            img = ((img.float().cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+            if img.is_floating_point():  # a normalised frame (the loaders give uint8 ones)
+                mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+                img = ((img.float().cpu() * std + mean).clamp(0, 1) * 255).byte()
+            img = img.cpu().permute(1, 2, 0).numpy()
             self._kept.append(
                 {
                     "name": f"{key[0]}_{key[1]:05d}",

@@ -97,8 +97,10 @@ class VSSModule(pl.LightningModule):
 
     # -- training -----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        outputs = self.segmenter(batch["images"])
-        terms = self.segmenter.losses(outputs, batch["labels"])
+        # uint8 clips from the workers, normalised here on the device (the padding beyond ``valid`` zeroed)
+        images = self.segmenter.normalize(batch["images"], batch.get("valid"))
+        outputs = self.segmenter(images)
+        terms = self.segmenter.losses(outputs, batch["labels"].long())
         loss = torch.stack(list(terms.values())).sum()
         if not torch.isfinite(loss):
             raise FloatingPointError(

@@ -124,7 +124,7 @@ class VSSDataModule(pl.LightningDataModule):
         train_repeat: int = 50,
         batch_size: int = 2,
         val_batch_size: int = 1,
-        num_workers: int = 4,
+        num_workers: int = 2,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         verify: bool = False,

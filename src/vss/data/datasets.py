@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from vss.data.clips import ClipSampler
-from vss.data.transforms import seed_transform
+from vss.data.transforms import TrainTransform, seed_transform
 from vss.data.vspw import IGNORE_INDEX, DatasetError, LabelMap, Video, read_image, read_mask
 
 LabelReader = Callable[[Path], np.ndarray]
@@ -70,6 +70,8 @@ class TrainClips(Dataset):
 
     The clip draw (target, direction) and the augmentation share one random stream per (seed, rank, worker):
     :meth:`seed_stream` sets it, in the main process at construction and in each DataLoader worker at start.
+    An item is ``images`` (T,3,H,W) uint8, ``labels`` (T,H,W) uint8 (255 ignore; ``LabelMap`` holds num_classes to
+    1..255, so the ids always fit) and ``valid``: the (h, w) before padding to the crop (:class:`TrainTransform`).
     """
 
     def __init__(
@@ -77,7 +79,7 @@ class TrainClips(Dataset):
         videos: list[Video],
         sampler: ClipSampler,
         label_map: LabelMap,
-        transform: A.Compose,
+        transform: TrainTransform,
         repeat: int = 1,
         read_label: LabelReader = read_mask,
         seed: int | None = None,
@@ -106,8 +108,8 @@ class TrainClips(Dataset):
             frames, labels, _ = _load_clip(video, indices, self.label_map, self.read_label)
         except DatasetError as e:
             raise DatasetError(f"{e} (python -m vss.data.check lists every broken file of a dataset)") from e
-        out = self.transform(images=frames, masks=labels)
-        return {"images": out["images"].float(), "labels": torch.as_tensor(out["masks"]).long()}
+        out = self.transform(images=frames, masks=labels)  # uint8 frames, labels and the size before padding
+        return {"images": out["images"], "labels": out["masks"], "valid": out["valid"]}
 
 
 class EvalFrames(Dataset):
@@ -142,10 +144,10 @@ class EvalFrames(Dataset):
         video = self.videos[v]
         indices = self.frame_indices(video, t)
         frames, labels, raws = _load_clip(video, indices, self.label_map, self.read_label)
-        images = self.transform(images=frames)["images"].float()
+        images = self.transform(images=frames)["images"]  # uint8, normalised on the model's device
         return {
             "images": images if self.clips else images[0],
-            "labels": torch.from_numpy(labels[-1]).long(),
+            "labels": torch.from_numpy(labels[-1]),  # uint8 training ids, 255 ignore
             "raw_target": torch.from_numpy(raws[-1]),
             "video": video.name,
             "frame": t,

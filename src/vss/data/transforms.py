@@ -3,6 +3,12 @@
 The clip goes through ``Compose(images=..., masks=...)`` (albumentations' plural targets), so the
 rescale, crop and flip drawn once apply to all T frames and masks alike. mmseg's photometric distortion
 is drawn per frame (MRCFA's ``PhotoMetricDistortion_clips``) or once per clip (``data.photometric``).
+
+Frames leave the pipelines as uint8 (T,3,H,W) tensors and labels as uint8 (255 = ignore): the ImageNet
+normalisation happens on the model's device (:meth:`vss.models.segmenter.Segmenter.normalize`), a quarter of the
+bytes crossing from the DataLoader workers. Training clips smaller than the crop are padded at the bottom/right
+and carry their size before padding (``valid``), so the padding is zeroed after normalising, as mmseg pads after
+``Normalize``.
 """
 
 from __future__ import annotations
@@ -10,17 +16,18 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import albumentations as A
 import cv2
 import numpy as np
+import torch
 from albumentations.pytorch import ToTensorV2
 
 from vss.data.vspw import IGNORE_INDEX
+from vss.models.ops.normalize import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD"]  # the constants live with the on-device normalisation
 
 
 def keep_ratio_size(height: int, width: int, scale: Sequence[int], ratio: float = 1.0) -> tuple[int, int]:
@@ -220,7 +227,41 @@ def check_photometric(value: Any) -> str:
     return value
 
 
-def seed_transform(transform: A.Compose, seed: int | None) -> A.Compose:
+class TrainTransform:
+    """The training pipeline on a uint8 clip: ``augment`` (rescale, crop, flip, photometric distortion), then padding
+    to ``crop_size`` at the bottom/right (frames 0, masks ignore) into uint8 tensors.
+
+    Returns ``images`` (T,3,H,W) uint8, ``masks`` (T,H,W) uint8 when given, and ``valid``: the (h, w) before padding,
+    with which the on-device normalisation zeroes the padded pixels (mmseg's ``Pad`` after ``Normalize``).
+    """
+
+    def __init__(self, augment: A.Compose, crop_size: Sequence[int]) -> None:
+        self.augment = augment
+        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+
+    def set_random_state(self, random_generator: np.random.Generator, py_random: random.Random) -> None:
+        """Seed the augmentation's steps (:func:`seed_transform`); padding draws nothing."""
+        self.augment.set_random_state(random_generator, py_random)
+
+    def __call__(self, **data: Any) -> dict[str, Any]:
+        out = self.augment(**data)
+        images = np.asarray(out["images"])
+        t, h, w = images.shape[:3]
+        size = (max(h, self.crop_size[0]), max(w, self.crop_size[1]))
+        frames = torch.zeros((t, images.shape[3], *size), dtype=torch.uint8)
+        frames[:, :, :h, :w] = torch.from_numpy(images).permute(0, 3, 1, 2)
+        result = {"images": frames, "valid": torch.tensor([h, w])}
+        if "masks" in out:
+            masks = torch.full((t, *size), IGNORE_INDEX, dtype=torch.uint8)
+            masks[:, :h, :w] = torch.from_numpy(np.asarray(out["masks"]))
+            result["masks"] = masks
+        return result
+
+
+Seedable = TypeVar("Seedable", A.Compose, TrainTransform)
+
+
+def seed_transform(transform: Seedable, seed: int | None) -> Seedable:
     """Give ``transform`` and all its steps one shared random stream from ``seed`` (None: fresh entropy).
 
     albumentations' ``Compose(seed=s)`` gives every step its own generator seeded with the same ``s``, so the
@@ -239,8 +280,9 @@ def build_train_transform(
     flip_prob: float = 0.5,
     photometric: Photometric = "per_frame",
     seed: int | None = None,
-) -> A.Compose:
-    """Training pipeline: rescale x[0.5, 2], crop (cat_max_ratio), flip, photometric distortion, normalise, pad."""
+) -> TrainTransform:
+    """Training pipeline: rescale x[0.5, 2], crop (cat_max_ratio), flip, photometric distortion, pad (uint8 out;
+    normalised on the model's device)."""
     ch, cw = int(crop_size[0]), int(crop_size[1])
     steps: list[A.BasicTransform] = [
         KeepRatioRescale(scale, ratio_range),
@@ -249,22 +291,10 @@ def build_train_transform(
     ]
     if check_photometric(photometric) != "none":
         steps.append(PhotoMetricDistortion(per_frame=photometric == "per_frame"))
-    steps += [
-        A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-        A.PadIfNeeded(ch, cw, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX),
-        ToTensorV2(),
-    ]
-    return seed_transform(A.Compose(steps, strict=True), seed)
+    return seed_transform(TrainTransform(A.Compose(steps, strict=True), (ch, cw)), seed)
 
 
 def build_eval_transform(scale: Sequence[int], size_divisor: int = 32) -> A.Compose:
-    """Evaluation pipeline for frames only: keep-ratio resize to the base size, sides divisible by 32."""
-    return A.Compose(
-        [
-            KeepRatioRescale(scale),
-            AlignedResize(size_divisor),
-            A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-            ToTensorV2(),
-        ],
-        strict=True,
-    )
+    """Evaluation pipeline for frames only: keep-ratio resize to the base size, sides divisible by 32 (uint8
+    (T,3,H,W) out; normalised on the model's device)."""
+    return A.Compose([KeepRatioRescale(scale), AlignedResize(size_divisor), ToTensorV2()], strict=True)

@@ -12,6 +12,7 @@ from vss.errors import ConfigError
 from vss.models.aggregators.base import Aggregator, FrameFeatures, resize
 from vss.models.encoders import Encoder
 from vss.models.ops.classes import upsampled_class_map
+from vss.models.ops.normalize import normalize_frames
 
 
 class Segmenter(nn.Module):
@@ -77,9 +78,18 @@ class Segmenter(nn.Module):
         return self
 
     # -- per frame and temporal ----------------------------------------------------------------------
+    def normalize(self, frames: Tensor, valid: Tensor | None = None) -> Tensor:
+        """uint8 frames -> ImageNet-normalised floats in the model's parameter dtype (padding beyond ``valid`` zeroed);
+        float frames are taken as already normalised (:func:`vss.models.ops.normalize.normalize_frames`)."""
+        if frames.is_floating_point():
+            return frames
+        param = next(self.parameters(), None)
+        dtype = param.dtype if param is not None and param.is_floating_point() else None
+        return normalize_frames(frames, valid, dtype)
+
     def encode(self, frames: Tensor) -> FrameFeatures:
-        """Per-frame features of a batch of frames (N,3,H,W); each depends on its own frame only."""
-        return self.aggregator.encode(self.encoder(frames))
+        """Per-frame features of frames (N,3,H,W), uint8 or normalised; each depends on its own frame only."""
+        return self.aggregator.encode(self.encoder(self.normalize(frames)))
 
     def aggregate(self, target: FrameFeatures, references: Sequence[FrameFeatures]) -> dict[str, Tensor]:
         """Target logits (and auxiliary outputs) from per-frame features, references in ``offsets`` order.
@@ -95,9 +105,8 @@ class Segmenter(nn.Module):
         return compiled(target, list(references))
 
     def forward(self, clip: Tensor) -> dict[str, Tensor]:
-        """Clip (B,T,3,H,W): the references in ``offsets`` order, target last -> outputs (the clip path).
-
-        Every frame of the clip goes through ``encode`` in one batch. T = 1 predicts the target alone.
+        """Clip (B,T,3,H,W), uint8 or normalised: the references in ``offsets`` order, target last -> outputs (the clip
+        path). Every frame of the clip goes through ``encode`` in one batch. T = 1 predicts the target alone.
         """
         b, t = clip.shape[:2]
         feats = self.encode(clip.flatten(0, 1))
