@@ -137,11 +137,14 @@ class SegFormerHead(nn.Module):
         (gradients reach the official parameters). Otherwise they are cached and recomputed when any source
         tensor changes: ``load_state_dict`` and in-place edits bump the tensors' version counters, ``to()`` gives
         new storage, an optimizer step (fused ones bump no version) changes :data:`_optimizer_steps`, and
-        :meth:`train` drops the cache (BatchNorm updates its running statistics without a version bump).
+        :meth:`train` drops the cache (BatchNorm updates its running statistics without a version bump). Under
+        ``torch.compile`` / ``torch.export`` the maps are computed in the traced graph (no host-side cache).
         """
         sources = self._fold_sources()
         recording = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
         if self.training or recording or any(t.is_inference() for t in sources):  # the latter have no versions
+            return self._compute_folded()
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # traced: the fold is in the graph
             return self._compute_folded()
         key = self._fold_key()
         cached = getattr(self, "_folded_cache", None)

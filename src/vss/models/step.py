@@ -221,14 +221,14 @@ class Step(nn.Module):
 
     def _references(self, state: State, t: Tensor, last: Tensor | None) -> tuple[list[FrameFeatures], Tensor]:
         """The references of target ``t`` from the ring, and whether ``t`` is predicted alone."""
-        row = t.clamp(0, self.start_table.shape[0] - 1)
+        row = t.clamp(0, self.start_table.shape[0] - 1).reshape(1)  # a tensor index (no item() in a graph)
         early = t < self.start_frames
-        base = torch.where(early, self.start_table[row], t + self.offset_tensor)
+        base = torch.where(early, self.start_table.index_select(0, row)[0], t + self.offset_tensor)
         index = base.clamp(min=0) if last is None else torch.minimum(base, last).clamp(min=0)
         slots = torch.remainder(index, self.slots)
         ring = {k[len("ring.") :]: v.index_select(0, slots) for k, v in state.items() if k.startswith("ring.")}
         refs = [{k: v[i] for k, v in ring.items()} for i in range(self.num_references)]
-        return refs, early & self.start_alone[row]
+        return refs, early & self.start_alone.index_select(0, row)[0]
 
     def _predict(
         self, target: FrameFeatures, state: State, t: Tensor, last: Tensor | None, size: tuple[int, ...], valid: Tensor
