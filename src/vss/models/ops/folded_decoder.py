@@ -102,11 +102,14 @@ class FoldCache:
         return FoldCache, ()
 
     def get(self, head: nn.Module) -> Folded:
-        """The head's folded maps: recomputed when autograd records, in training or from inference tensors."""
+        """The head's folded maps: recomputed when autograd records, in training, from inference tensors or in a
+        traced graph (``torch.compile`` / ``torch.export``); otherwise cached."""
         sources = fold_sources(head)
         recording = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
         if head.training or recording or any(t.is_inference() for t in sources):  # the latter have no versions
             return fold(head)
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # traced: the fold is in the graph
+            return fold(head)  # (fake tensors have no data pointer to key a host-side cache on)
         key: tuple = (head.linear_fuse.bn.training, torch.is_inference_mode_enabled())
         key += tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
         if self.entry is None or self.entry[0] != key:
