@@ -161,9 +161,6 @@ def check_train_values(cfg: DictConfig) -> None:
         optional=True,
     )
     _check(cfg, "model.embed_dim", lambda v: _int(v) and v > 0, "a positive integer", optional=True)
-    if OmegaConf.select(cfg, "stm", default=None) is not None:
-        _check(cfg, "stm.p", lambda v: _num(v) and 0 < v <= 1, "a token ratio in (0, 1], or null", optional=True)
-        _check(cfg, "stm.top_n", lambda v: _int(v) and v > 0, "a positive integer")
     _check(cfg, "data.clip.reverse_prob", lambda v: _num(v) and 0 <= v <= 1, "a probability in [0, 1]")
     root = _get(cfg, "data.root")
     if "Synthetic" not in str(_get(cfg, "data._target_")) and not Path(str(root)).is_dir():

@@ -362,6 +362,24 @@ class MRCFA(Aggregator):
     """MRCFA head on the four MiT stages (strides 4/8/16/32); see the module docstring."""
 
     @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """STM's ratio and top-n: set as ``stm.p`` / ``stm.top_n`` (conf/model/mrcfa/stm.yaml), the one path;
+        ``model.token_ratio`` / ``model.top_n`` only read them."""
+        from omegaconf import OmegaConf
+
+        for key, read in (("stm.p", "model.token_ratio"), ("stm.top_n", "model.top_n")):
+            value, wanted = OmegaConf.select(cfg, read, default=None), OmegaConf.select(cfg, key, default=None)
+            if read.split(".")[1] in cfg.model and value != wanted:
+                raise ConfigError(f"{read}={value!r} differs from {key}={wanted!r}: set {key}={value} (its one path)")
+        ratio, top_n = OmegaConf.select(cfg, "stm.p", default=None), OmegaConf.select(cfg, "stm.top_n", default=5)
+        if ratio is not None and not (
+            isinstance(ratio, int | float) and not isinstance(ratio, bool) and 0 < ratio <= 1
+        ):
+            raise ConfigError(f"stm.p={ratio!r} is invalid: expected a token ratio in (0, 1], or null")
+        if not (isinstance(top_n, int) and not isinstance(top_n, bool) and top_n > 0):
+            raise ConfigError(f"stm.top_n={top_n!r} is invalid: expected a positive integer")
+
+    @classmethod
     def single_frame_baseline(cls, model_cfg: Any) -> Callable[..., Aggregator]:
         """SegFormer with the same decoder width and dropout (the paper's single-frame row)."""
         from vss.models.aggregators.segformer import SegFormer
