@@ -16,7 +16,16 @@ from vss.errors import ConfigError
 
 TINY = ("mode=train", "height=32", "width=32", "batch=2", "iters=2", "warmup=1", "device=cpu", "progress=false")
 MRCFA = ("model=mrcfa", "encoder=mit_b0", "model.embed_dim=16")
-KEYS = ("params_total_M", "step_ms", "forward_ms", "backward_ms", "optimizer_ms", "clips_per_s", "peak_rss_MiB")
+KEYS = (
+    "params_total_M",
+    "step_ms",
+    "forward_ms",
+    "backward_ms",
+    "optimizer_ms",
+    "step_cpu_ms",
+    "clips_per_s",
+    "peak_rss_MiB",
+)
 
 
 @pytest.fixture

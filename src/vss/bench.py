@@ -46,11 +46,13 @@ real parameter groups built by :func:`vss.lit.build_module` (``optim`` group, de
 paramwise rule), :func:`vss.lit.training_loss` (forward + the model's loss terms) on ``batch`` random clips of
 1 + len(offsets) frames at ``height`` x ``width`` with random labels in [0, num_classes), backward, optimizer step,
 ``zero_grad``. ``warmup`` untimed then ``iters`` timed rounds, each round one step of the model then one of its
-single-frame baseline (``baseline=true``; on the target frame alone); ``step_ms`` and its parts ``forward_ms``
-(forward + losses), ``backward_ms``, ``optimizer_ms`` (step + zero_grad) are medians over the rounds;
-``ratio_to_baseline``; memory: ``peak_rss_MiB`` (process) and on GPU ``peak_MiB`` (the model's step). Options:
-``precision`` (autocast as Lightning's mixed precision, a GradScaler for 16-mixed), ``compile=true`` (forward +
-losses through ``torch.compile``; AOTAutograd compiles the backward), ``channels_last=true`` (model and frames).
+single-frame baseline (``baseline=true``; on the target frame alone). Medians over the rounds: ``step_ms`` and its
+parts ``forward_ms`` (forward + losses), ``backward_ms``, ``optimizer_ms`` (step + zero_grad); ``step_cpu_ms``
+(the process's CPU time of a step, all threads: steadier than wall time on a loaded machine);
+``ratio_to_baseline``, ``cpu_ratio_to_baseline``. Memory: ``peak_rss_MiB`` (the process) and on GPU
+``peak_MiB`` (the model's step). Options: ``precision`` (autocast as Lightning's mixed precision; a GradScaler
+for 16-mixed), ``compile=true`` (forward + losses through ``torch.compile``; AOTAutograd compiles the
+backward), ``channels_last=true`` (model and frames).
 
 Lookahead: a model with positive offsets (``lookahead`` L > 0) can only predict target t once frame t + L
 has been pushed; the last L targets are predicted at ``end``. The whole video is timed, so those targets'
@@ -460,13 +462,15 @@ class TrainStep:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     scaler: torch.amp.GradScaler | None = None
     seconds: list[tuple[float, float, float]] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
+    """Process CPU time of each step (all threads): on a loaded machine steadier than wall time."""
     peak: float = 0.0
 
     def __call__(self, clips: torch.Tensor, labels: torch.Tensor, precision: str, device: torch.device) -> float:
         """Run one step; returns its seconds (its parts appended to ``seconds``)."""
         sync = _sync(device)
         sync()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with inference_precision(precision, device, key="precision"):  # autocast: the forward and the losses
             loss = self.loss(clips, labels)
         sync()
@@ -485,6 +489,7 @@ class TrainStep:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{self.name}: the training loss is {loss.item()} on random clips")
         self.seconds.append((forward - start, backward - forward, end - backward))
+        self.cpu_seconds.append(time.process_time() - cpu)
         return end - start
 
 
@@ -543,7 +548,7 @@ def bench_train(cfg: DictConfig, device: torch.device) -> BenchResult:
             if cuda:
                 run.peak = max(run.peak, torch.cuda.max_memory_allocated(device) / 2**20)
             if k < warmup:
-                del run.seconds[n:]
+                del run.seconds[n:], run.cpu_seconds[n:]
             note(f"step {k + 1}/{warmup + iters} ({run.name})" + (" (warm-up)" if k < warmup else ""), seconds)
 
     def ms(run: TrainStep, part: int | None = None) -> float:
@@ -555,10 +560,17 @@ def bench_train(cfg: DictConfig, device: torch.device) -> BenchResult:
         "forward_ms": ms(model, 0),
         "backward_ms": ms(model, 1),
         "optimizer_ms": ms(model, 2),
+        "step_cpu_ms": 1e3 * statistics.median(model.cpu_seconds),
     }
     figures["clips_per_s"] = 1e3 * b / figures["step_ms"]
     if len(runs) > 1:
-        figures.update(baseline_step_ms=ms(runs[1]), ratio_to_baseline=figures["step_ms"] / ms(runs[1]))
+        base_cpu = 1e3 * statistics.median(runs[1].cpu_seconds)
+        figures.update(
+            baseline_step_ms=ms(runs[1]),
+            ratio_to_baseline=figures["step_ms"] / ms(runs[1]),
+            baseline_step_cpu_ms=base_cpu,
+            cpu_ratio_to_baseline=figures["step_cpu_ms"] / base_cpu,
+        )
     figures["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     if cuda:
         figures["peak_MiB"] = model.peak
