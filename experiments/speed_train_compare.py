@@ -1,7 +1,9 @@
 """Interleaved training-step comparison of two code trees: ``python experiments/speed_train_compare.py OLD_SRC
 H W B [--rounds R] override ...`` (e.g. ``/tmp/before/src 480 480 2 model=mrcfa encoder=mit_b1
 stm.p=0.5``). One worker (experiments/speed_train_worker.py) per tree, each warmed up, then R rounds of one step
-each in turn (old, new, old, ...; the other idles); medians of wall and process CPU time and their ratios."""
+each in turn (old, new, old, ...; the other idles); medians of wall and process CPU time and their ratios.
+``--new KEY=VALUE`` (repeatable) sets an option on the new side only: with OLD_SRC = this tree's src it compares
+options (e.g. ``--new precision=bf16-mixed``)."""
 
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ def main() -> None:
     p.add_argument("w")
     p.add_argument("b")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--new", action="append", default=[], help="an override for the new side only (repeatable)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_intermixed_args()
     workers = {}
-    for name, src in (("old", a.old_src), ("new", str(ROOT / "src"))):
+    for name, src, extra in (("old", a.old_src, []), ("new", str(ROOT / "src"), a.new)):
         env = dict(os.environ, PYTHONPATH=src)
-        cmd = [sys.executable, str(ROOT / "experiments" / "speed_train_worker.py"), a.h, a.w, a.b, *a.overrides]
+        worker = str(ROOT / "experiments" / "speed_train_worker.py")
+        cmd = [sys.executable, worker, a.h, a.w, a.b, *a.overrides, *extra]
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None
         while (line := proc.stdout.readline()) and line.strip() != "ready":
@@ -47,9 +51,10 @@ def main() -> None:
         proc.stdin.write("quit\n")
         proc.stdin.flush()
         proc.wait()
-    med = {k: [statistics.median(r[i] for r in v) for i in range(5)] for k, v in rows.items()}
-    keys = ("step_ms", "step_cpu_ms", "forward_ms", "backward_ms", "optimizer_ms")
-    print(f"{a.h}x{a.w} batch {a.b} {' '.join(a.overrides)} (load {load:.1f} -> {os.getloadavg()[0]:.1f}):")
+    med = {k: [statistics.median(r[i] for r in v) for i in range(6)] for k, v in rows.items()}
+    keys = ("step_ms", "step_cpu_ms", "forward_ms", "backward_ms", "optimizer_ms", "peak_rss_MiB")
+    new = f" (new: {' '.join(a.new)})" if a.new else ""
+    print(f"{a.h}x{a.w} batch {a.b} {' '.join(a.overrides)}{new} (load {load:.1f} -> {os.getloadavg()[0]:.1f}):")
     for i, k in enumerate(keys):
         print(
             f"  {k:13s} old {med['old'][i]:9.1f}  new {med['new'][i]:9.1f}  old/new {med['old'][i] / med['new'][i]:.2f}"

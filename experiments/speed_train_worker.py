@@ -1,10 +1,11 @@
 """Training-step worker for experiments/speed_train_compare.py: ``python experiments/speed_train_worker.py H W B
 override...`` builds the step with whichever ``vss`` is on the path (``vss.bench.train_step``) and answers the
 commands ``step N`` (prints the medians of N steps: wall ms, process CPU ms, forward / backward / optimizer wall
-ms) and ``quit`` on stdin."""
+ms; the process's peak RSS MiB) and ``quit`` on stdin."""
 
 from __future__ import annotations
 
+import resource
 import statistics
 import sys
 
@@ -39,7 +40,8 @@ def main() -> None:
         parts = [1e3 * statistics.median(s[i] for s in step.seconds) for i in range(3)]
         wall = 1e3 * statistics.median(sum(s) for s in step.seconds)
         cpu = 1e3 * statistics.median(step.cpu_seconds)
-        print(wall, cpu, *parts, flush=True)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB: the process's peak so far
+        print(wall, cpu, *parts, rss, flush=True)
 
 
 if __name__ == "__main__":
