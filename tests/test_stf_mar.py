@@ -23,7 +23,6 @@ from vss.models.aggregators.stf_mar import (
     MemorySampler,
     SpatialTemporalFusion,
     auto_block,
-    build_memory,
     check_input_size,
     check_train_config,
     collect_memory,
@@ -35,6 +34,7 @@ from vss.models.aggregators.stf_mar import (
     save_memory,
 )
 from vss.models.segmenter import Segmenter
+from vss.passes import build_memory, memory_batches
 
 TOL = 1e-4
 SMALL = ["model.channels=16", "model.mlp_dim=16", "model.block_size=[4,4]", "model.pe_size=[4,4]"]
@@ -183,7 +183,7 @@ def test_official_memory_files(tmp_path) -> None:
         memory["prototype"], torch.from_numpy(value)
     )
     assert memory["count"].shape == (19,)
-    from vss.models.aggregators.stf_mar import main
+    from vss.passes import main
 
     assert (
         main(
@@ -589,7 +589,7 @@ def test_memory_pass_counts_the_correct_pixels_and_shards_merge(stf_checkpoint: 
     shards = []
     for rank in range(2):
         sampler = MemorySampler(5, 16, 10, 10)
-        collect_memory(seg, dataset, sampler, VideoShardSampler(dataset, 2, rank).indices)
+        collect_memory(seg, memory_batches(dataset, VideoShardSampler(dataset, 2, rank).indices), sampler)
         shards.append(sampler)
     shards[0].merge(shards[1])
     merged = shards[0].memory()[0]
@@ -597,7 +597,7 @@ def test_memory_pass_counts_the_correct_pixels_and_shards_merge(stf_checkpoint: 
 
 
 def test_memory_pass_refuses_a_model_without_stf(tmp_path) -> None:
-    from vss.models.aggregators.stf_mar import main
+    from vss.passes import main
 
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path)])  # neither --ckpt nor --key/--value

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from vss.errors import ConfigError
 from vss.metrics import SegmentationIoU, VideoConsistency
 from vss.metrics.consistency import not_applicable_vc
-from vss.models.aggregators.base import class_map, resize
+from vss.models.ops.classes import upsampled_class_map
 from vss.models.segmenter import Segmenter
 from vss.models.streamer import Streamer, StreamOutput, unbatch
 from vss.optim import check_paramwise, param_groups
@@ -154,7 +154,7 @@ class VSSModule(pl.LightningModule):
             groups.setdefault((tuple(o.logits.shape), tuple(o.item["labels"].shape[-2:])), []).append(i)
         preds: list[Tensor | None] = [None] * len(outputs)
         for (_, size), idx in groups.items():
-            maps = class_map(resize(torch.stack([outputs[i].logits for i in idx]), size))
+            maps = upsampled_class_map(torch.stack([outputs[i].logits for i in idx]), size)
             for i, pred in zip(idx, maps, strict=True):
                 preds[i] = pred
         return preds  # type: ignore[return-value]

@@ -632,7 +632,7 @@ def chunks(frames: Iterable[Frame], size: int) -> Iterator[list[Frame]]:
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Segment every frame of ``cfg.source`` with ``cfg.ckpt_path``; write the results, return the summary."""
     from vss.data.transforms import build_eval_transform
-    from vss.models.aggregators.base import class_map, resize
+    from vss.models.ops.classes import upsampled_class_map
     from vss.models.streamer import Streamer
 
     ckpt_path, source_arg = _required(cfg, "ckpt_path"), _required(cfg, "source")
@@ -667,7 +667,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         for out in outputs:
             name, rgb = out.item
             logits = out.logits[None].float()
-            mask = class_map(resize(logits, rgb.shape[:2]))[0].to(torch.uint8).cpu().numpy()
+            mask = upsampled_class_map(logits, rgb.shape[:2])[0].to(torch.uint8).cpu().numpy()
             write_png(mask, mask_dir / f"{name}.png")
             pixels[:] += np.bincount(mask.ravel(), minlength=model.num_classes)[: model.num_classes]
             if writers:

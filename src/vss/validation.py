@@ -3,6 +3,7 @@ what is allowed (a :class:`vss.errors.ConfigError`)."""
 
 from __future__ import annotations
 
+import importlib
 import netrc
 import os
 from collections.abc import Callable
@@ -14,6 +15,8 @@ from omegaconf.errors import MissingMandatoryValue
 
 from vss.errors import ConfigError
 
+DATA_PREFIX = "vss.data."
+"""Where ``data._target_`` may point: a :class:`vss.data.datamodule.VSSDataModule` subclass."""
 AGGREGATOR_PREFIX = "vss.models.aggregators."
 """Where ``model._target_`` may point (the same as :data:`vss.models.aggregators.base.AGGREGATOR_PREFIX`,
 checked here before torch is imported)."""
@@ -162,11 +165,9 @@ def check_train_values(cfg: DictConfig) -> None:
     )
     _check(cfg, "model.embed_dim", lambda v: _int(v) and v > 0, "a positive integer", optional=True)
     _check(cfg, "data.clip.reverse_prob", lambda v: _num(v) and 0 <= v <= 1, "a probability in [0, 1]")
-    root = _get(cfg, "data.root")
-    if "Synthetic" not in str(_get(cfg, "data._target_")) and not Path(str(root)).is_dir():
-        raise ConfigError(
-            f"data.root={root!r} is invalid: the directory does not exist (expected the dataset's root folder)"
-        )
+    data_target = _get(cfg, "data._target_")
+    if not isinstance(data_target, str) or not data_target.startswith(DATA_PREFIX):
+        raise ConfigError(f"data._target_={data_target!r} is invalid: expected a class under {DATA_PREFIX}")
     _check(
         cfg,
         "encoder.pretrained",
@@ -212,6 +213,23 @@ def check_model_values(cfg: DictConfig) -> None:
             "to the model; set model.offsets=... (data.clip.offsets follows it)"
         )
     aggregator_class(_get(cfg, "model._target_")).check_config(cfg)  # the method's own checks (its file)
+    data_class(_get(cfg, "data._target_")).check_config(cfg)  # the data set's own (data.root, ...)
+
+
+def data_class(target: Any, key: str = "data._target_") -> type:
+    """The :class:`vss.data.datamodule.VSSDataModule` subclass that ``data._target_`` names."""
+    from vss.data.datamodule import VSSDataModule
+
+    if not isinstance(target, str) or not target.startswith(DATA_PREFIX):
+        raise ConfigError(f"{key}={target!r} is invalid: expected a class under {DATA_PREFIX}")
+    module, _, name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{key}={target!r} is invalid: no such class ({' '.join(str(e).split())[:200]})") from None
+    if not (isinstance(cls, type) and issubclass(cls, VSSDataModule)):
+        raise ConfigError(f"{key}={target!r} is invalid: expected a subclass of vss.data.datamodule.VSSDataModule")
+    return cls
 
 
 OFFLINE_MODES = ("offline", "dryrun", "disabled")

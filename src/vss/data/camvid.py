@@ -157,6 +157,11 @@ def read_camvid_split(
 class CamVidVideoDataModule(VSSDataModule):
     """Clips from the CamVid sequences: targets are the split's labelled frames, references any decoded frame."""
 
+    @classmethod
+    def detects(cls, root: Path) -> bool:
+        """A CamVid video tree: ``frames/`` and ``labels/`` under the root."""
+        return (root / "frames").is_dir() and (root / "labels").is_dir()
+
     def __init__(self, root: str, label_form: str = "index", colour_convention: str = "grouped", **kwargs: Any) -> None:
         check_choice("data.label_form", label_form, LABEL_FORMS)
         check_choice("data.colour_convention", colour_convention, COLOUR_CONVENTIONS)

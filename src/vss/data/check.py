@@ -202,30 +202,67 @@ def _summary(report: CheckReport, class_names: Sequence[str] | None, top: int = 
     return "\n".join(lines)
 
 
-LAYOUTS = ("auto", "vspw", "cityscapes_video", "camvid_video")
+GENERIC_LAYOUT = "vspw"
+"""The layout every other one falls back to (``root/{split}.txt``, ``data/<video>/{origin,mask}``)."""
+DATA_OPTIONS = {
+    "sequence_dir": "--sequence-dir",
+    "label_form": "--label-form",
+    "colour_convention": "--colour-convention",
+}
+"""Options of this command that set a key of a data group's config (``data.<key>``), where the group has it."""
+
+
+def data_groups() -> dict[str, str]:
+    """The ``data`` config groups that read a tree on disk (name -> ``_target_``); the synthetic set is generated."""
+    from omegaconf import OmegaConf
+
+    from vss.config import CONF_DIR
+
+    groups = {}
+    for path in sorted((CONF_DIR / "data").glob("*.yaml")):
+        target = OmegaConf.load(path).get("_target_")
+        if path.stem == GENERIC_LAYOUT or (isinstance(target, str) and target.startswith("vss.data.")):
+            groups[path.stem] = str(target)
+    groups.pop("synthetic", None)
+    return groups
 
 
 def detect_layout(root: Path) -> str:
-    """``cityscapes_video`` (gtFine/), ``camvid_video`` (frames/ + labels/) or ``vspw``."""
-    if (root / "gtFine").is_dir():
-        return "cityscapes_video"
-    if (root / "frames").is_dir() and (root / "labels").is_dir():
-        return "camvid_video"
-    return "vspw"
+    """The data group whose data module :meth:`~vss.data.datamodule.VSSDataModule.detects` ``root``'s layout,
+    else ``vspw``."""
+    from hydra.utils import get_class
+
+    for name, target in data_groups().items():
+        if name != GENERIC_LAYOUT and get_class(target).detects(root):
+            return name
+    return GENERIC_LAYOUT
+
+
+def compose_data(layout: str, root: Path, overrides: Sequence[str] = ()) -> object:
+    """The data module of ``data=<layout>`` at ``root`` (its reader, label files and label map), composed as
+    ``vss.train`` composes it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from vss.config import CONF_DIR, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"data={layout}", f"data.root={root}", *overrides])
+    return instantiate(cfg.data)
 
 
 def _layout_check(
     layout: str, root: Path, splits: Sequence[str], args: argparse.Namespace
 ) -> tuple[CheckReport, int, Sequence[str]]:
-    """Check a Cityscapes / CamVid tree through its data module (its reader, label files and label map)."""
-    if layout == "cityscapes_video":
-        from vss.data.cityscapes import CityscapesVideoDataModule
+    """Check a tree through its data group's data module (Cityscapes, CamVid, ...)."""
+    from omegaconf import OmegaConf
 
-        dm = CityscapesVideoDataModule(root=str(root), sequence_dir=args.sequence_dir)
-    else:
-        from vss.data.camvid import CamVidVideoDataModule
+    from vss.config import CONF_DIR
 
-        dm = CamVidVideoDataModule(root=str(root), label_form=args.label_form, colour_convention=args.colour_convention)
+    keys = OmegaConf.load(CONF_DIR / "data" / f"{layout}.yaml")
+    overrides = [f"data.{key}={getattr(args, key)}" for key in DATA_OPTIONS if key in keys]
+    dm = compose_data(layout, root, overrides)
     return dm.check_report(splits, progress=not args.no_progress), dm.num_classes, dm.class_names
 
 
@@ -233,7 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m vss.data.check", description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="dataset root (VSPW: train.txt, val.txt, data/; Cityscapes; CamVid)")
-    parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="dataset layout (default: detected)")
+    layouts = ["auto", *data_groups()]
+    parser.add_argument(
+        "--layout", choices=layouts, default="auto", help="dataset layout: a data group (default: detected)"
+    )
     parser.add_argument("--splits", nargs="+", default=["train", "val"], help="splits to check")
     parser.add_argument(
         "--num-classes",
@@ -259,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     layout = detect_layout(args.root) if args.layout == "auto" else args.layout
-    if layout != "vspw":
+    if layout != GENERIC_LAYOUT:
         report, num_classes, class_names = _layout_check(layout, args.root, args.splits, args)
     else:
         synth = load_config(args.root) if args.root.is_dir() else None

@@ -245,6 +245,11 @@ def scan_snippets(
 class CityscapesVideoDataModule(VSSDataModule):
     """Clips from Cityscapes snippets: the target is the annotated frame, references are unlabelled frames."""
 
+    @classmethod
+    def detects(cls, root: Path) -> bool:
+        """A Cityscapes tree: ``gtFine/`` under the root."""
+        return (root / "gtFine").is_dir()
+
     def __init__(
         self,
         root: str,

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from vss.data.check import CheckReport, Scan
 
 from vss.data.vspw import DatasetError, LabelMap, Video, check_choice, check_headers, read_mask, read_split
+from vss.errors import ConfigError
 
 RUN_LOG = logging.getLogger("vss.report")
 VAL_CHECKS = ("auto", "full", "headers", "off")
@@ -81,6 +82,26 @@ def kill_workers_at_exit() -> None:
 
 class VSSDataModule(pl.LightningDataModule):
     """Clips of ``len(offsets)+1`` frames (references then target) from ``root/{train,val,test}.txt``."""
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Config-time checks of this data set's part of a composed config (``data.*``), before anything is
+        read: by default ``data.root`` must be an existing directory."""
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_missing(cfg.data, "root"):
+            raise ConfigError("data.root is required but not set (pass data.root=...)")
+        root = OmegaConf.select(cfg, "data.root", default=None)
+        if not Path(str(root)).is_dir():
+            raise ConfigError(
+                f"data.root={root!r} is invalid: the directory does not exist (expected the dataset's root folder)"
+            )
+
+    @classmethod
+    def detects(cls, root: Path) -> bool:
+        """Whether ``root`` holds this data set's own layout (``python -m vss.data.check`` picks the layout by
+        it); the VSPW layout is the default and detects nothing."""
+        return False
 
     def __init__(
         self,
@@ -374,6 +395,10 @@ def _problems_error(problems: Sequence[str], root: Path, found_by: str, shown: i
 
 class SyntheticDataModule(VSSDataModule):
     """The embedded procedural video set: generated (once, cached) under ``root``, then read as VSPW."""
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """No root to check: the set is generated under ``data.root`` when it is not cached yet."""
 
     def __init__(self, root: str, synthetic: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         from vss.data.synthetic import OBJECT_PALETTE, SyntheticConfig

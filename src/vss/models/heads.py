@@ -7,21 +7,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from vss.errors import ConfigError
-
-_optimizer_steps = 0
-"""Optimizer steps taken in this process (any optimizer): a key of the folded-decoder cache, because fused
-optimizers (``AdamW(fused=True)``) update parameters without bumping their version counters."""
-
-
-def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
+from vss.models.ops.folded_decoder import FoldCache, Folded, folded_fuse
 
 
 def pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -76,35 +64,18 @@ class SegFormerHead(nn.Module):
         self.linear_fuse = ConvBNReLU(embed_dim * len(self.in_channels), embed_dim, 1)
         self.dropout = nn.Dropout2d(dropout)
         self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
+        self._fold_cache = FoldCache()
 
     def fuse(self, feats: Sequence[Tensor]) -> Tensor:
         """Fused 1/4-resolution feature ``_c`` (after conv+BN+ReLU, before dropout), by the folded decoder.
 
         Each stage's embedding ``linear_c{i}`` followed by its slice of the 1x1 ``linear_fuse`` conv is one
-        linear map M_i = W_fuse,i W_i, and bilinear upsampling commutes with channel-wise linear maps (its
-        weights sum to 1, so biases pass through): ``conv(cat(up(W_i x_i + b_i))) = sum_i up(M_i x_i) + sum_i
-        W_fuse,i b_i``. The maps are applied at each stage's own resolution, before the upsampling, instead of
-        a (4E -> E) conv at 1/4 (the same function; see :meth:`fuse_unfolded`). In eval mode BatchNorm is
-        folded in too. The parameters stay the official ones; :meth:`folded` derives the maps from them.
-        Each map is applied token-major, so the maps, their upsampling and the result are channels-last (torch's
-        CPU bilinear and pooling kernels are several times faster on that layout than on NCHW for E = 256).
+        linear map M_i = W_fuse,i W_i applied at the stage's own resolution before the upsampling, instead of a
+        (4E -> E) conv at 1/4 (the same function, :func:`vss.models.ops.folded_decoder.folded_fuse`; the official
+        layout is :meth:`fuse_unfolded`). In eval mode BatchNorm is folded in too. The parameters stay the
+        official ones; :meth:`folded` derives the maps from them.
         """
-        weights, bias, bn_folded = self.folded()
-        size = feats[0].shape[2:]
-        out: Tensor | None = None
-        for i in reversed(range(len(feats))):  # c4, c3, c2, c1, as the official concat order
-            x = feats[i]
-            b, _, h, w = x.shape
-            y = torch.matmul(x.flatten(2).transpose(1, 2), weights[i].t())  # (B,hw,E) whatever x's layout
-            y = y.view(b, h, w, -1).permute(0, 3, 1, 2)  # a channels-last (B,E,h,w) view
-            if y.shape[2:] != size:
-                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-            out = y if out is None else out.add_(y)
-        assert out is not None
-        out = out.add_(bias.view(1, -1, 1, 1))
-        if not bn_folded:
-            out = self.linear_fuse.bn(out)
-        return F.relu(out, inplace=True)
+        return folded_fuse(feats, self.folded(), self.linear_fuse.bn)
 
     def fuse_unfolded(self, feats: Sequence[Tensor]) -> Tensor:
         """``_c`` as the official head computes it: embed, upsample to 1/4, concatenate, 1x1 conv + BN + ReLU."""
@@ -117,63 +88,17 @@ class SegFormerHead(nn.Module):
             embedded.append(e)
         return self.linear_fuse(torch.cat(embedded, dim=1))
 
-    def _fold_sources(self) -> list[Tensor]:
-        bn = self.linear_fuse.bn
-        projections = [getattr(self, f"linear_c{i + 1}").proj for i in range(len(self.in_channels))]
-        tensors = [self.linear_fuse.conv.weight, *(t for m in projections for t in (m.weight, m.bias))]
-        return tensors + [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
-
-    def _fold_key(self) -> tuple:
-        """What the folded maps depend on: BatchNorm's mode, inference mode (its tensors cannot enter autograd
-        later), the process's optimizer-step count, and each source tensor's identity, storage, version counter,
-        dtype and device."""
-        key: tuple = (self.linear_fuse.bn.training, torch.is_inference_mode_enabled(), _optimizer_steps)
-        return key + tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in self._fold_sources())
-
-    def folded(self) -> tuple[list[Tensor], Tensor, bool]:
-        """The per-stage maps M_i (E, C_i), the bias (E,) and whether BatchNorm (running statistics) is in them.
-
-        In training, or whenever autograd records, they are recomputed from the parameters at every call
-        (gradients reach the official parameters). Otherwise they are cached and recomputed when any source
-        tensor changes: ``load_state_dict`` and in-place edits bump the tensors' version counters, ``to()`` gives
-        new storage, an optimizer step (fused ones bump no version) changes :data:`_optimizer_steps`, and
-        :meth:`train` drops the cache (BatchNorm updates its running statistics without a version bump).
-        """
-        sources = self._fold_sources()
-        recording = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
-        if self.training or recording or any(t.is_inference() for t in sources):  # the latter have no versions
-            return self._compute_folded()
-        key = self._fold_key()
-        cached = getattr(self, "_folded_cache", None)
-        if cached is None or cached[0] != key:
-            self._folded_cache = (key, self._compute_folded())
-        return self._folded_cache[1]
+    def folded(self) -> Folded:
+        """The folded maps M_i, bias and whether BatchNorm is in them: recomputed at every call in training or
+        when autograd records (gradients reach the official parameters), otherwise cached until the weights
+        change (:class:`vss.models.ops.folded_decoder.FoldCache`)."""
+        return self._fold_cache.get(self)
 
     def train(self, mode: bool = True) -> SegFormerHead:
         """``nn.Module.train``; training mode also drops the folded-weights cache (see :meth:`folded`)."""
         if mode:
-            self._folded_cache = None
+            self._fold_cache.clear()
         return super().train(mode)
-
-    def _compute_folded(self) -> tuple[list[Tensor], Tensor, bool]:
-        n, e = len(self.in_channels), self.linear_fuse.conv.out_channels
-        w_fuse = self.linear_fuse.conv.weight.flatten(1)  # (E, n*E), input chunks in the order c_n .. c_1
-        weights: list[Tensor] = []
-        bias: Tensor | None = None
-        for i in range(n):
-            proj = getattr(self, f"linear_c{i + 1}").proj
-            chunk = w_fuse[:, (n - 1 - i) * e : (n - i) * e]
-            weights.append(chunk @ proj.weight)
-            bias = chunk @ proj.bias if bias is None else bias + chunk @ proj.bias
-        assert bias is not None
-        bn = self.linear_fuse.bn
-        if bn.training or bn.running_mean is None or bn.running_var is None:
-            return weights, bias, False
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        bias = (bias - bn.running_mean) * scale + (bn.bias if bn.bias is not None else 0)
-        return [w * scale[:, None] for w in weights], bias, True
 
     def classify(self, fused: Tensor) -> Tensor:
         """Per-pixel class logits (NCHW) from the fused feature."""

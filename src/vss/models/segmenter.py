@@ -9,8 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from vss.errors import ConfigError
-from vss.models.aggregators.base import Aggregator, FrameFeatures, class_map, resize
+from vss.models.aggregators.base import Aggregator, FrameFeatures, resize
 from vss.models.encoders import Encoder
+from vss.models.ops.classes import upsampled_class_map
 
 
 class Segmenter(nn.Module):
@@ -134,5 +135,6 @@ class Segmenter(nn.Module):
     def predict(
         self, clip: Tensor, size: Sequence[int], num_references: Tensor | Sequence[int] | None = None
     ) -> Tensor:
-        """Class map (B,H,W) of the clips' targets at ``size``: bilinear upsampling of logits, then argmax."""
-        return class_map(resize(self.clip_logits(clip, num_references), size))
+        """Class map (B,H,W) of the clips' targets at ``size``: bilinear upsampling of logits, then argmax (banded:
+        :func:`vss.models.ops.classes.upsampled_class_map`)."""
+        return upsampled_class_map(self.clip_logits(clip, num_references), size)

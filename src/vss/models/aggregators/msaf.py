@@ -11,8 +11,7 @@ Table 3 rows are config values: ``motion``, ``motion_transformer`` (``vanilla`` 
 ``semantics``, ``dcn``; every branch off is the single-frame baseline (encoder + 1x1 projection + the
 two-conv mask head on F5, an FCN head).
 
-Readings where the paper is silent (../shared/reference/msaf-reading.md; repeated in
-experiments/msaf_table3.md):
+Readings where the paper is silent (each with its reasons in experiments/msaf_table3.md, 'Readings'):
 
 - transformers run at a common width ``embed_dim`` (1x1 conv projections), not at F5's channels;
 - one MHSA_spa per frame position (t-2, t-1, t), DS = average pooling x4 / x2, US = bilinear;
@@ -50,6 +49,7 @@ from vss.errors import ConfigError
 from vss.models.aggregators.base import Aggregator, FrameFeatures, cross_entropy, resize
 from vss.models.deform import IMPLS, deform_conv2d
 from vss.models.heads import ConvBNReLU
+from vss.models.ops.chunked_attention import inference_layout, per_pixel_chunked, spatial_chunked, tail_block
 
 __all__ = [
     "MSAF",
@@ -94,102 +94,11 @@ def _spatial(block: nn.Module, x: Tensor) -> Tensor:
     return block(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, c, h, w)
 
 
-def _tail_attention(attn: nn.Module, x: Tensor, k: int) -> Tensor:
-    """``attn(x)[:, -k:]`` of a timm ``Attention`` over sequences x (M, L, C): only the last k tokens' queries
-    are projected and attend (to every token's key and value); the same function, (M, k, C)."""
-    if getattr(attn, "gate", None) is not None:
-        raise NotImplementedError("gated attention")
-    m, n, c = x.shape
-    heads, dim = attn.num_heads, attn.head_dim
-    weight, bias = attn.qkv.weight, attn.qkv.bias
-    q = F.linear(x[:, n - k :], weight[:c], None if bias is None else bias[:c]).view(m, k, heads, dim).transpose(1, 2)
-    kv = F.linear(x, weight[c:], None if bias is None else bias[c:]).view(m, n, 2, heads, dim)
-    key, value = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (M,heads,L,dim)
-    q, key = attn.q_norm(q), attn.k_norm(key)
-    out = F.scaled_dot_product_attention(q, key, value, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    return attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(m, k, heads * dim))))
-
-
-def _tail_block(block: Block, x: Tensor, k: int = 1) -> Tensor:
-    """``block(x)[:, -k:]`` of a timm pre-norm block (eq. 3) over sequences x (M, L, C), with the queries,
-    projection, residuals, LayerNorm and MLP run on the last k tokens only: their outputs read the other
-    tokens through their keys and values alone. The same function, (M, k, C)."""
-    y = x[:, x.shape[1] - k :] + block.drop_path1(block.ls1(_tail_attention(block.attn, block.norm1(x), k)))
-    return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
-
-
 def _pixel_tokens(maps: Sequence[Tensor], embed: Tensor) -> Tensor:
     """Maps L x (B,C,H,W) -> per-pixel token sequences (B*H*W, L, C) plus the learned token embedding."""
     x = torch.stack(list(maps), 1)  # B,L,C,H,W
     b, n, c, h, w = x.shape
     return x.permute(0, 3, 4, 1, 2).reshape(b * h * w, n, c) + embed
-
-
-# Chunk sizes of the inference layouts: the largest intermediate of a chunk (the MLP's 4C activations) stays at
-# 16 MiB for C = 256, below glibc's 32 MiB mmap ceiling (a bigger buffer is mapped and page-faulted afresh at each
-# call), with few chunks: on a shared CPU each op's threads wait for each other, so every extra op costs there
-# (512-pixel chunks were 1.4x faster on a quiet box but 2x slower than one call when another job held the cores).
-PIXEL_TOKENS = 4096  # tokens per chunk of the per-pixel transformers (_per_pixel_chunked): 1024 pixels of 4
-TOKEN_CHUNK = 4096  # tokens per chunk of the spatial blocks' token-wise parts (_spatial_chunked)
-
-
-def _inference_layout() -> bool:
-    """Whether the chunked inference layouts run: autograd records nothing (``no_grad`` / ``inference_mode``) and
-    ``torch.compile`` is not tracing (it fuses the straightforward formulation itself)."""
-    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
-
-def _per_pixel_chunked(block: Block, maps: Sequence[Tensor], embed: Tensor, tail: int | None = None) -> Tensor:
-    """:func:`_per_pixel` flattened to (B, L*C, H, W) (``tail`` None) or :func:`_per_pixel_last` (``tail`` = 1),
-    ``PIXEL_TOKENS`` tokens' pixels at a time: every pixel's tokens are independent of the others', so this is
-    the same function, but each chunk's tokens, q/k/v and MLP activations are reused heap buffers (the whole
-    map's are 100+ MiB buffers, freshly mapped and faulted in at every call). The chunks are written into a
-    channels-last output, whose (B, H, W, L*C) storage is the token layout: no permute copies on either side."""
-    b, c, h, w = maps[0].shape
-    flat = [m.flatten(2).transpose(1, 2) for m in maps]  # (B, HW, C) views, whatever the maps' layouts
-    chunk = max(1, PIXEL_TOKENS // len(maps))
-    out = None
-    for i in range(b):
-        for s in range(0, h * w, chunk):
-            x = torch.stack([f[i, s : s + chunk] for f in flat], 1) + embed  # (n, L, C), as _pixel_tokens
-            y = (block(x) if tail is None else _tail_block(block, x, tail)).flatten(1)
-            if out is None:
-                out = y.new_empty(b, h * w, y.shape[1])
-            out[i, s : s + chunk] = y
-    return out.view(b, h, w, -1).permute(0, 3, 1, 2)
-
-
-def _spatial_chunked(block: Block, x: Tensor) -> Tensor:
-    """:func:`_spatial` with the token-wise parts (LayerNorms, q/k/v and output projections, residuals, MLP) run
-    ``TOKEN_CHUNK`` tokens at a time around one attention over all tokens (timm's ``Attention`` spelled out, as
-    :func:`_tail_attention`): the same function, without the whole map's MLP activations and permute copies; the
-    output (B, C, H, W) has channels-last strides."""
-    attn = block.attn
-    if getattr(attn, "gate", None) is not None:
-        raise NotImplementedError("gated attention")
-    b, c, h, w = x.shape
-    n, heads, dim = h * w, attn.num_heads, attn.head_dim
-    tokens = x.flatten(2).transpose(1, 2)  # (B, N, C) view
-    qkv = None
-    for s in range(0, n, TOKEN_CHUNK):
-        part = attn.qkv(block.norm1(tokens[:, s : s + TOKEN_CHUNK]))
-        if qkv is None:
-            qkv = part.new_empty(b, n, part.shape[-1])
-        qkv[:, s : s + TOKEN_CHUNK] = part
-    q, k, v = qkv.view(b, n, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    a = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    a = a.transpose(1, 2)  # (B, N, heads, dim)
-    out = None
-    for s in range(0, n, TOKEN_CHUNK):
-        e = min(n, s + TOKEN_CHUNK)
-        proj = attn.proj_drop(attn.proj(attn.norm(a[:, s:e].reshape(b, e - s, heads * dim))))
-        y = tokens[:, s:e] + block.drop_path1(block.ls1(proj))
-        y = y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
-        if out is None:
-            out = y.new_empty(b, n, c)
-        out[:, s:e] = y
-    return out.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def _per_pixel(block: Block, maps: Sequence[Tensor], embed: Tensor) -> Tensor:
@@ -201,7 +110,7 @@ def _per_pixel(block: Block, maps: Sequence[Tensor], embed: Tensor) -> Tensor:
 def _per_pixel_last(block: Block, maps: Sequence[Tensor], embed: Tensor) -> Tensor:
     """The last token's output of :func:`_per_pixel`, (B,C,H,W), computing only what it reads."""
     b, c, h, w = maps[0].shape
-    return _tail_block(block, _pixel_tokens(maps, embed)).reshape(b, h, w, c).permute(0, 3, 1, 2)
+    return tail_block(block, _pixel_tokens(maps, embed)).reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class PyramidSpatialTransformer(nn.Module):
@@ -215,7 +124,7 @@ class PyramidSpatialTransformer(nn.Module):
     def forward(self, f5: Sequence[Tensor]) -> list[Tensor]:
         """F5 of each frame, oldest first and target last -> D_PST of each, at the target's size."""
         size = f5[-1].shape[-2:]
-        spatial = _spatial_chunked if _inference_layout() else _spatial
+        spatial = spatial_chunked if inference_layout() else _spatial
         return [
             resize(spatial(blk, _downsample(x, r)), size)
             for x, blk, r in zip(f5, self.mhsa_spa, self.downsample, strict=True)
@@ -276,8 +185,8 @@ class AlignedTemporalTransformer(nn.Module):
 
     def forward(self, d_pst: Sequence[Tensor]) -> Tensor:
         """M^t: the target's output token of MHSA_tem over the aligned frames (only the target's is computed)."""
-        if _inference_layout():
-            return _per_pixel_chunked(self.mhsa_tem, self.align(d_pst), self.frame_embed, tail=1)
+        if inference_layout():
+            return per_pixel_chunked(self.mhsa_tem, self.align(d_pst), self.frame_embed, tail=1)
         return _per_pixel_last(self.mhsa_tem, self.align(d_pst), self.frame_embed)
 
 
@@ -317,7 +226,7 @@ class VanillaSpatioTemporalTransformer(nn.Module):
         x = torch.stack([_downsample(f, self.downsample) for f in f5], 1)  # B,T,C,h,w
         b, t, c, h, w = x.shape
         tokens = (x.flatten(3).transpose(2, 3) + self.frame_embed).reshape(b, t * h * w, c)
-        out = _tail_block(self.block, tokens, h * w)  # the target's tokens only (the same function)
+        out = tail_block(self.block, tokens, h * w)  # the target's tokens only (the same function)
         return resize(out.transpose(1, 2).reshape(b, c, h, w), size)
 
 
@@ -331,8 +240,8 @@ class StageTransformer(nn.Module):
 
     def forward(self, stages: Sequence[Tensor]) -> Tensor:
         """(F3, F4, F5, M) of the target -> the 4 output tokens concatenated (B, 4C, H, W)."""
-        if _inference_layout():
-            return _per_pixel_chunked(self.mhsa_sta, stages, self.stage_embed)
+        if inference_layout():
+            return per_pixel_chunked(self.mhsa_sta, stages, self.stage_embed)
         return _per_pixel(self.mhsa_sta, stages, self.stage_embed).flatten(1, 2)
 
 

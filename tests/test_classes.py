@@ -1,0 +1,82 @@
+"""Banded logits-to-classes: the same class ids, bit for bit, as resize-then-argmax (vss.models.ops.classes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vss.models.ops.classes import banded_applies, emulation_matches, upsampled_class_map
+
+
+def reference(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Today's path: the whole (B,C,H,W) bilinear map, then the first maximum."""
+    return F.interpolate(logits.contiguous(), size=size, mode="bilinear", align_corners=False).max(1).indices
+
+
+def smooth(b: int, c: int, h: int, w: int, gen: torch.Generator, gain: float = 5.0) -> torch.Tensor:
+    """Logits with regions and borders, as a segmentation head gives (random noise has no sure blocks)."""
+    coarse = torch.randn(b, c, max(2, h // 8), max(2, w // 8), generator=gen) * gain
+    return F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
+
+
+CASES = [  # (B, C, h, w) -> (H, W): odd sizes, non-integer factors, downscaling along one axis
+    ((1, 124, 30, 54), (240, 427)),
+    ((2, 19, 17, 33), (129, 257)),
+    ((1, 7, 13, 9), (101, 77)),
+    ((1, 5, 40, 60), (97, 60)),  # width unchanged: the kernel's copy path
+    ((1, 4, 64, 48), (51, 200)),  # fewer output rows than input rows
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES)
+def test_banded_ids_equal_resize_then_argmax(case, dtype) -> None:
+    (b, c, h, w), size = case
+    gen = torch.Generator().manual_seed(c * h + w)
+    for logits in (smooth(b, c, h, w, gen), torch.randn(b, c, h, w, generator=gen)):
+        x = logits.to(dtype)
+        assert banded_applies(x, size)
+        for band in (1, 7, 64):
+            assert torch.equal(upsampled_class_map(x, size, band_rows=band), reference(x, size))
+
+
+def test_ties_keep_the_first_class() -> None:
+    gen = torch.Generator().manual_seed(3)
+    const = torch.zeros(1, 6, 11, 13)  # every class tied everywhere: class 0
+    assert torch.equal(upsampled_class_map(const, (90, 101)), torch.zeros(1, 90, 101, dtype=torch.long))
+    x = smooth(1, 6, 11, 13, gen)
+    x[:, 4] = x[:, 1]  # a duplicated channel: 1 wins wherever 4 would
+    x[:, 5] = x[:, :5].amax(1)  # ties the leader at every input pixel (wins only between two leaders)
+    ids = upsampled_class_map(x, (90, 101), band_rows=5)
+    assert torch.equal(ids, reference(x, (90, 101)))
+    assert not bool((ids == 4).any())
+
+
+def test_near_ties_at_rounding_level_follow_the_kernel() -> None:
+    gen = torch.Generator().manual_seed(4)
+    base = smooth(1, 8, 15, 21, gen)
+    x = base.clone()
+    x[:, 3] = base.amax(1) * (1 + 2**-23 * torch.randint(-2, 3, (1, 15, 21), generator=gen))  # within an ulp or two
+    assert torch.equal(upsampled_class_map(x, (150, 203)), reference(x, (150, 203)))
+
+
+def test_paths_that_fall_back_give_the_same_ids() -> None:
+    gen = torch.Generator().manual_seed(5)
+    for logits, size in (
+        (torch.randn(1, 1, 9, 10, generator=gen), (80, 90)),  # C = 1
+        (torch.randn(1, 3, 9, 10, generator=gen), (80, 90)),  # C = 3
+        (torch.randn(2, 6, 9, 10, generator=gen), (50, 60)),  # H + W <= 128: PyTorch's channels-last kernel
+        (torch.randn(1, 6, 9, 10, generator=gen).double(), (80, 90)),  # float64
+    ):
+        assert not banded_applies(logits, size)
+        assert torch.equal(upsampled_class_map(logits, size), reference(logits, size))
+    x = torch.randn(1, 6, 9, 10, generator=gen)
+    x[0, 2, 3, 3] = float("nan")
+    x[0, 1, 5, 5] = float("inf")
+    assert torch.equal(upsampled_class_map(x, (80, 90)), reference(x, (80, 90)))
+    assert torch.equal(upsampled_class_map(x, (9, 10)), x.max(1).indices)  # same size: no resize
+
+
+def test_emulation_is_checked_against_the_kernel() -> None:
+    assert emulation_matches("cpu", torch.float32)  # the banded path is in use on this machine
