@@ -41,9 +41,10 @@ format: $(STAMP)  ## apply ruff fixes and formatting
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 
-bench: $(STAMP)  ## streaming ms/frame, FLOPs, memory and the ratio to the single-frame baseline (MRCFA-B1, MSAF-R18; CPU-sized)
+bench: $(STAMP)  ## streaming ms/frame, FLOPs, memory, ratio to the single-frame baseline (MRCFA-B1, MSAF-R18); an MRCFA-B1 training step (CPU-sized)
 	$(PY) -m vss.bench model=mrcfa encoder=mit_b1 height=256 width=448 frames=12 iters=3 hydra.run.dir=outputs/bench/$$(date +%s)-mrcfa 2>&1 | grep '\[vss.bench\]'
 	$(PY) -m vss.bench model=msaf encoder=resnet18 height=256 width=512 frames=8 iters=3 hydra.run.dir=outputs/bench/$$(date +%s)-msaf 2>&1 | grep '\[vss.bench\]'
+	$(PY) -m vss.bench mode=train model=mrcfa encoder=mit_b1 stm.p=0.5 height=256 width=256 batch=1 iters=3 hydra.run.dir=outputs/bench/$$(date +%s)-mrcfa-train 2>&1 | grep '\[vss.bench\]'
 
 .PHONY: test-slurm
 test-slurm: $(STAMP)  ## the real-SLURM checks (tests/test_slurm.py; first: scripts/slurm-local.sh start); installs the extra slurm

@@ -41,6 +41,19 @@ load average at the end of the run.
 **Precision** (``precision``): ``32-true`` (fp32) or ``bf16-mixed`` (``torch.autocast``), as
 ``trainer.precision``.
 
+**Training** (``mode=train``): one optimizer step as ``vss.train`` takes it: the model and its optimizer over the
+real parameter groups built by :func:`vss.lit.build_module` (``optim`` group, default ``adamw`` with the official
+paramwise rule), :func:`vss.lit.training_loss` (forward + the model's loss terms) on ``batch`` random clips of
+1 + len(offsets) frames at ``height`` x ``width`` with random labels in [0, num_classes), backward, optimizer step,
+``zero_grad``. ``warmup`` untimed then ``iters`` timed rounds, each round one step of the model then one of its
+single-frame baseline (``baseline=true``; on the target frame alone). Medians over the rounds: ``step_ms`` and its
+parts ``forward_ms`` (forward + losses), ``backward_ms``, ``optimizer_ms`` (step + zero_grad); ``step_cpu_ms``
+(the process's CPU time of a step, all threads: steadier than wall time on a loaded machine);
+``ratio_to_baseline``, ``cpu_ratio_to_baseline``. Memory: ``peak_rss_MiB`` (the process) and on GPU
+``peak_MiB`` (the model's step). Options: ``precision`` (autocast as Lightning's mixed precision; a GradScaler
+for 16-mixed), ``compile=true`` (forward + losses through ``torch.compile``; AOTAutograd compiles the
+backward), ``channels_last=true`` (model and frames).
+
 Lookahead: a model with positive offsets (``lookahead`` L > 0) can only predict target t once frame t + L
 has been pushed; the last L targets are predicted at ``end``. The whole video is timed, so those targets'
 compute is in the figure, but the *wait* is not: the figure is throughput, and a live stream also delays
@@ -79,7 +92,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vss.cli import check_command_line
 from vss.config import CONF_DIR, register_resolvers
@@ -91,6 +104,11 @@ from vss.validation import _get
 register_resolvers()
 
 BENCH_KEYS = {
+    "mode",
+    "batch",
+    "compile",
+    "channels_last",
+    "optim",
     "model",
     "encoder",
     "height",
@@ -106,6 +124,7 @@ BENCH_KEYS = {
     "progress",
 }
 """Overrides that set the measurement, not the model; any other override names the row's variant."""
+MODES = ("infer", "train")
 POSITIVE = ("num_classes", "height", "width", "batch_size", "iters", "frames", "stream_batch_size")
 
 
@@ -132,10 +151,18 @@ class BenchResult:
     def __getitem__(self, key: str) -> float:
         return self.figures[key]
 
+    mode: str = "infer"
+    batch: int = 1
+    precision: str = "32-true"
+
     def line(self, variant: str = "") -> str:
-        """``[vss.bench] <Model> <encoder> [variant] (HxW, clip T, lookahead L, device): key value | ...``"""
+        """``[vss.bench] <Model> <encoder> [variant] (HxW, clip T, lookahead L, device): key value | ...``; a training
+        row: ``(train, HxW, batch B, clip T, precision, device)``."""
         name = f"{self.model} {self.encoder}" + (f" [{variant}]" if variant else "")
         where = f"{self.height}x{self.width}, clip {self.clip}, lookahead {self.lookahead}, {self.device}"
+        if self.mode == "train":
+            size, clips = f"{self.height}x{self.width}", f"batch {self.batch}, clip {self.clip}"
+            where = f"train, {size}, {clips}, {self.precision}, {self.device}"
         figures = " | ".join(f"{k} {v:.2f}" for k, v in self.figures.items())
         return f"[vss.bench] {name} ({where}): {figures}" + (f" | baseline: {self.baseline}" if self.baseline else "")
 
@@ -149,11 +176,19 @@ def check_bench_config(cfg: DictConfig) -> torch.device:
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             what = "a non-negative integer" if low == 0 else "a positive integer"
             raise ConfigError(f"{key}={value!r} is invalid: expected {what}")
-    for key in ("baseline", "progress"):
+    if str(_get(cfg, "mode")) not in MODES:
+        raise ConfigError(f"mode={_get(cfg, 'mode')!r} is invalid: expected one of {list(MODES)}")
+    for key in ("baseline", "progress", "compile", "channels_last"):
         if not isinstance(_get(cfg, key), bool):
             raise ConfigError(f"{key}={_get(cfg, key)!r} is invalid: expected true or false")
     if str(_get(cfg, "precision")) not in PRECISIONS:
         raise ConfigError(f"precision={_get(cfg, 'precision')!r} is invalid: expected one of {list(PRECISIONS)}")
+    for key in ("compile", "channels_last"):
+        if _get(cfg, key) and str(_get(cfg, "mode")) != "train":
+            raise ConfigError(
+                f"{key}=true is a mode=train option (mode={_get(cfg, 'mode')}); model.compile=true "
+                "compiles the temporal part at inference"
+            )
     name = str(_get(cfg, "device"))
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -283,6 +318,8 @@ def bench(cfg: DictConfig) -> BenchResult:
     from vss.models.segmenter import Segmenter
 
     device = check_bench_config(cfg)  # before any model is built
+    if str(cfg.mode) == "train":
+        return bench_train(cfg, device)
     model = Segmenter(instantiate(cfg.encoder), instantiate(cfg.model), int(cfg.num_classes)).to(device).eval()
     base_agg = baseline_of(cfg) if cfg.baseline else None
     baseline = None
@@ -411,6 +448,151 @@ def _bench(
         device=device.type,
         figures=figures,
     )
+
+
+@dataclass
+class TrainStep:
+    """One model's optimizer step, as training takes it (:func:`vss.lit.training_loss`, the optimizer over
+    :meth:`vss.lit.VSSModule.param_groups`), in three timed parts: forward + losses, backward, optimizer step +
+    ``zero_grad``."""
+
+    name: str
+    segmenter: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    scaler: torch.amp.GradScaler | None = None
+    seconds: list[tuple[float, float, float]] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
+    """Process CPU time of each step (all threads): on a loaded machine steadier than wall time."""
+    peak: float = 0.0
+
+    def __call__(self, clips: torch.Tensor, labels: torch.Tensor, precision: str, device: torch.device) -> float:
+        """Run one step; returns its seconds (its parts appended to ``seconds``)."""
+        sync = _sync(device)
+        sync()
+        start, cpu = time.perf_counter(), time.process_time()
+        with inference_precision(precision, device, key="precision"):  # autocast: the forward and the losses
+            loss = self.loss(clips, labels)
+        sync()
+        forward = time.perf_counter()
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        sync()
+        backward = time.perf_counter()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        sync()
+        end = time.perf_counter()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.name}: the training loss is {loss.item()} on random clips")
+        self.seconds.append((forward - start, backward - forward, end - backward))
+        self.cpu_seconds.append(time.process_time() - cpu)
+        return end - start
+
+
+def train_step(cfg: DictConfig, device: torch.device, aggregator: object = None) -> TrainStep:
+    """The model of ``cfg`` (or the encoder with ``aggregator``) and its optimizer, built as ``vss.train`` builds
+    them (:func:`vss.lit.build_module`, the optimizer factory over the module's parameter groups)."""
+    from vss.lit import build_module, training_loss
+
+    model_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("paths", "hydra")])  # no run directory
+    module = build_module(model_cfg, int(cfg.num_classes), None, aggregator=aggregator)
+    segmenter = module.segmenter.to(device).train()
+    if cfg.channels_last:
+        segmenter.to(memory_format=torch.channels_last)
+    optimizer = module.optimizer_factory(module.param_groups())  # configure_optimizers without the scheduler
+    loss = partial(training_loss, segmenter)
+
+    def loss_fn(clips: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return loss(clips, labels)[0]
+
+    step_loss = torch.compile(loss_fn) if cfg.compile else loss_fn
+    scaler = torch.amp.GradScaler(device.type) if str(cfg.precision) == "16-mixed" else None
+    name = type(segmenter.aggregator).__name__ + ("" if aggregator is None else " (baseline)")
+    return TrainStep(name, segmenter, optimizer, step_loss, scaler)
+
+
+def bench_train(cfg: DictConfig, device: torch.device) -> BenchResult:
+    """``mode=train``: the optimizer step of the configured model (and of its single-frame baseline, in turn) on
+    ``batch`` random clips at ``height`` x ``width`` with random labels in range; medians of ``iters`` timed steps
+    after ``warmup`` untimed ones, and the peak memory."""
+    torch.manual_seed(0)
+    h, w, b = int(cfg.height), int(cfg.width), int(cfg.batch_size)
+    model = train_step(cfg, device)
+    segmenter = model.segmenter
+    label = f"{type(segmenter.aggregator).__name__} {cfg.encoder.get('name', type(segmenter.encoder).__name__)}"
+    note = Progress(label, bool(cfg.get("progress", True)))
+    base_agg = baseline_of(cfg) if cfg.baseline else None
+    runs = [model]
+    if base_agg is not None:
+        runs.append(train_step(cfg, device, base_agg))
+    t = 1 + len(segmenter.offsets)
+    clips = torch.randn(b, t, 3, h, w, device=device)
+    if cfg.channels_last:  # each frame (B*T,3,H,W) in NHWC
+        clips = clips.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (b, t))
+    labels = torch.randint(0, int(cfg.num_classes), (b, t, h, w), device=device)
+    warmup, iters, precision = int(cfg.warmup), int(cfg.iters), str(cfg.precision)
+    names = ", ".join(r.name for r in runs)
+    note(f"{h}x{w}, batch {b} on {device.type} ({precision}): {warmup} warm-up + {iters} timed step(s) of {names}")
+    cuda = device.type == "cuda"
+    for k in range(warmup + iters):  # rounds: each model's step in turn
+        for run in runs:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            n = len(run.seconds)
+            first = t - 1 - len(run.segmenter.offsets)  # the baseline reads the target alone
+            seconds = run(clips[:, first:], labels[:, first:], precision, device)
+            if cuda:
+                run.peak = max(run.peak, torch.cuda.max_memory_allocated(device) / 2**20)
+            if k < warmup:
+                del run.seconds[n:], run.cpu_seconds[n:]
+            note(f"step {k + 1}/{warmup + iters} ({run.name})" + (" (warm-up)" if k < warmup else ""), seconds)
+
+    def ms(run: TrainStep, part: int | None = None) -> float:
+        return 1e3 * statistics.median(sum(s) if part is None else s[part] for s in run.seconds)
+
+    figures = {
+        "params_total_M": count_parameters(segmenter) / 1e6,
+        "step_ms": ms(model),
+        "forward_ms": ms(model, 0),
+        "backward_ms": ms(model, 1),
+        "optimizer_ms": ms(model, 2),
+        "step_cpu_ms": 1e3 * statistics.median(model.cpu_seconds),
+    }
+    figures["clips_per_s"] = 1e3 * b / figures["step_ms"]
+    if len(runs) > 1:
+        base_cpu = 1e3 * statistics.median(runs[1].cpu_seconds)
+        figures.update(
+            baseline_step_ms=ms(runs[1]),
+            ratio_to_baseline=figures["step_ms"] / ms(runs[1]),
+            baseline_step_cpu_ms=base_cpu,
+            cpu_ratio_to_baseline=figures["step_cpu_ms"] / base_cpu,
+        )
+    figures["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if cuda:
+        figures["peak_MiB"] = model.peak
+        if len(runs) > 1:
+            figures["baseline_peak_MiB"] = runs[1].peak
+    figures["load_1m"] = os.getloadavg()[0]
+    result = BenchResult(
+        model=type(segmenter.aggregator).__name__,
+        encoder=str(cfg.encoder.get("name", type(segmenter.encoder).__name__)),
+        height=h,
+        width=w,
+        clip=t,
+        lookahead=segmenter.lookahead,
+        device=device.type,
+        figures=figures,
+        mode="train",
+        batch=b,
+        precision=precision,
+    )
+    if cfg.baseline and base_agg is None:
+        result.baseline = f"none ({result.model} names no single-frame baseline)"
+    return result
 
 
 def variant(overrides: list[str]) -> str:

@@ -44,6 +44,13 @@ def poly_warmup(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def training_loss(segmenter: Segmenter, clips: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """The training objective of a batch of clips (B,T,3,H,W) with their labels (B,T,H,W): the sum of the model's
+    loss terms, and the terms (``VSSModule.training_step`` and ``vss.bench mode=train``)."""
+    terms = segmenter.losses(segmenter(clips), labels)
+    return torch.stack(list(terms.values())).sum(), terms
+
+
 class VSSModule(pl.LightningModule):
     """Trains a :class:`Segmenter` on clips and evaluates mIoU, fwIoU and mVC_n as the VSPW code does.
 
@@ -99,9 +106,7 @@ class VSSModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         # uint8 clips from the workers, normalised here on the device (the padding beyond ``valid`` zeroed)
         images = self.segmenter.normalize(batch["images"], batch.get("valid"))
-        outputs = self.segmenter(images)
-        terms = self.segmenter.losses(outputs, batch["labels"].long())
-        loss = torch.stack(list(terms.values())).sum()
+        loss, terms = training_loss(self.segmenter, images, batch["labels"].long())
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss.item()} at step {self.global_step} (terms: "
@@ -238,15 +243,19 @@ class VSSModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
 
-def build_module(cfg: DictConfig, num_classes: int, class_names: list[str]) -> Any:
-    """Encoder + aggregator from ``cfg.encoder`` / ``cfg.model`` (``freeze`` applied), in the LightningModule."""
+def build_module(
+    cfg: DictConfig, num_classes: int, class_names: list[str] | None = None, aggregator: Any = None
+) -> Any:
+    """Encoder + aggregator from ``cfg.encoder`` / ``cfg.model`` (``freeze`` applied), in the LightningModule;
+    ``aggregator`` (an instance or a factory of the encoder's channels) replaces ``cfg.model``'s."""
     from hydra.utils import instantiate
 
     from vss.lit import VSSModule
     from vss.models.segmenter import Segmenter
 
     freeze = list(cfg.get("freeze") or [])
-    segmenter = Segmenter(instantiate(cfg.encoder), instantiate(cfg.model), num_classes, freeze=freeze)
+    aggregator = instantiate(cfg.model) if aggregator is None else aggregator
+    segmenter = Segmenter(instantiate(cfg.encoder), aggregator, num_classes, freeze=freeze)
     return VSSModule(
         segmenter,
         num_classes=num_classes,
@@ -255,7 +264,7 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str]) -> A
         paramwise=OmegaConf.to_container(cfg.optim.paramwise, resolve=True) if cfg.optim.get("paramwise") else None,
         class_names=class_names,
         val_mode=str(cfg.get("val_mode", "stream")),
-        iou_mean=str(cfg.data.get("iou_mean", "gt_present")),
+        iou_mean=str((cfg.get("data") or {}).get("iou_mean", "gt_present")),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
 

@@ -64,7 +64,7 @@ def deform_conv2d_sampled(
     base_x = (torch.arange(wo, dtype=dt, device=dev) * sw - pw).view(1, 1, 1, 1, wo)
     tap_y = (torch.arange(kh, dtype=dt, device=dev) * dh).repeat_interleave(kw).view(1, 1, kk, 1, 1)
     tap_x = (torch.arange(kw, dtype=dt, device=dev) * dw).repeat(kh).view(1, 1, kk, 1, 1)
-    off = offset.view(b, offset_groups, kk, 2, ho, wo)
+    off = offset.reshape(b, offset_groups, kk, 2, ho, wo)
     py = base_y + tap_y + off[:, :, :, 0]
     px = base_x + tap_x + off[:, :, :, 1]
     # The map is zero-padded (bottom, right) to power-of-two sizes: reads there are zero, as torchvision's reads
@@ -81,9 +81,9 @@ def deform_conv2d_sampled(
     cols = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     cols = cols.view(b, offset_groups, cin // offset_groups, kk, ho * wo)
     if mask is not None:
-        cols = cols * mask.view(b, offset_groups, 1, kk, ho * wo)
+        cols = cols * mask.reshape(b, offset_groups, 1, kk, ho * wo)
     cols = cols.view(b, groups, cin_g * kk, ho * wo)  # rows ordered (channel, tap) as weight.view(Cout, -1)
-    out = torch.matmul(weight.view(groups, cout // groups, cin_g * kk), cols)  # B,groups,Cout/g,HoWo
+    out = torch.matmul(weight.reshape(groups, cout // groups, cin_g * kk), cols)  # B,groups,Cout/g,HoWo
     out = out.view(b, cout, ho, wo)
     return out if bias is None else out + bias.view(1, cout, 1, 1)
 
@@ -105,7 +105,7 @@ def _sampled_rows(x: Tensor, grid: Tensor, weight: Tensor, bias: Tensor | None, 
             n = (r1 - r0) * wo
             g = grid[i : i + 1, :, r0:r1].reshape(1, kk * (r1 - r0), wo, 2)
             cols = F.grid_sample(x[i : i + 1], g, mode="bilinear", padding_mode="zeros", align_corners=False)
-            cols = cols.view(cin, kk, n)
+            cols = cols.reshape(cin, kk, n)
             if mask is not None:
                 m = mask[i, :, r0:r1].reshape(1, kk, n)
                 cols = cols.mul_(m) if torch.result_type(cols, m) == cols.dtype else cols * m

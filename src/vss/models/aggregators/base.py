@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from vss.errors import IGNORE_INDEX, ConfigError
 from vss.models.ops.classes import class_map
+from vss.models.ops.cross_entropy import banded_cross_entropy
 from vss.offsets import check_offsets, clamp_references
 
 if TYPE_CHECKING:
@@ -46,9 +47,14 @@ def cross_entropy(logits: Tensor, labels: Tensor, avg_non_ignore: bool = False) 
     """Pixel cross-entropy with ignore 255; logits are resized (bilinear) to the label size first.
 
     ``avg_non_ignore=False`` is mmseg 0.x (the official MRCFA/SegFormer code): the mean runs over all
-    pixels, ignored ones included in the denominator. ``True`` averages over labelled pixels only.
+    pixels, ignored ones included in the denominator. ``True`` averages over labelled pixels only. In training
+    (a gradient to take, not under ``torch.compile``) the resize and the loss run in bands of rows
+    (:func:`vss.models.ops.cross_entropy.banded_cross_entropy`: the same function without the full-size maps).
     """
-    if logits.shape[-2:] != labels.shape[-2:]:
+    resized = logits.shape[-2:] != labels.shape[-2:]
+    if resized and logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return banded_cross_entropy(logits, labels, IGNORE_INDEX, avg_non_ignore)
+    if resized:
         logits = F.interpolate(logits.contiguous(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
     if avg_non_ignore:
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)

@@ -1,0 +1,71 @@
+"""Training-speed formulations (vss.models.ops) against the formulations they replace: equal loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vss.errors import IGNORE_INDEX
+from vss.models.aggregators.base import cross_entropy
+from vss.models.ops import cross_entropy as ops_ce
+from vss.models.ops.cross_entropy import banded_cross_entropy, source_rows
+
+
+def full_map_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, avg_non_ignore: bool) -> torch.Tensor:
+    """The formulation before vss.models.ops (mmseg's): the whole map resized, then the pixel cross-entropy."""
+    up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    if avg_non_ignore:
+        return F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX, reduction="none").mean()
+
+
+@pytest.mark.parametrize("avg_non_ignore", [False, True])
+@pytest.mark.parametrize(
+    ("shape", "size", "band"),
+    [((2, 7, 8, 8), (32, 32), 1 << 18), ((3, 5, 9, 13), (37, 50), 400), ((1, 4, 16, 16), (16, 61), 64)],
+)
+def test_banded_cross_entropy_equals_the_full_map_loss_and_gradient(
+    shape: tuple[int, ...], size: tuple[int, int], band: int, avg_non_ignore: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sizes that are not multiples (rows reading the last input row twice), bands of one row to the whole map,
+    ignored pixels, both means; a non-unit incoming gradient."""
+    monkeypatch.setattr(ops_ce, "BAND_VALUES", band)
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(shape, generator=g, dtype=torch.float64)).float()
+    labels = torch.randint(0, shape[1], (shape[0], *size), generator=g)
+    labels[torch.rand(labels.shape, generator=g) < 0.2] = IGNORE_INDEX
+    a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    old = full_map_cross_entropy(a, labels, avg_non_ignore)
+    new = banded_cross_entropy(b, labels, IGNORE_INDEX, avg_non_ignore)
+    (0.7 * old).backward()
+    (0.7 * new).backward()
+    torch.testing.assert_close(new, old, rtol=2e-6, atol=0)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-9)
+
+
+def test_source_rows_are_aten_bilinear_rows() -> None:
+    """Row interpolation by (y0, y1, weight) equals F.interpolate along the height alone."""
+    x = torch.randn(1, 1, 11, 1)
+    y0, y1, wy = source_rows(29, 11, x.device)
+    rows = x[0, 0, y0, 0] * (1 - wy) + x[0, 0, y1, 0] * wy
+    expected = F.interpolate(x, size=(29, 1), mode="bilinear", align_corners=False)[0, 0, :, 0]
+    torch.testing.assert_close(rows, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_the_loss_uses_the_bands_only_in_training() -> None:
+    logits, labels = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 8, 8))
+    with torch.no_grad():
+        assert cross_entropy(logits, labels).grad_fn is None
+    trained = cross_entropy(logits.requires_grad_(True), labels)
+    assert type(trained.grad_fn).__name__ == "_BandedCrossEntropyBackward"
+    torch.testing.assert_close(trained, full_map_cross_entropy(logits, labels, False), rtol=2e-6, atol=0)
+
+
+def test_banded_cross_entropy_under_bf16_autocast_returns_a_bf16_gradient() -> None:
+    logits = torch.randn(1, 3, 4, 4, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = banded_cross_entropy(logits, torch.randint(0, 3, (1, 8, 8)), IGNORE_INDEX)
+    loss.backward()
+    assert loss.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
+    assert torch.isfinite(logits.grad).all()
