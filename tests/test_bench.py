@@ -52,9 +52,13 @@ BASELINE_KEYS = ("baseline_ms_per_frame", "ratio_to_baseline", "baseline_gflops_
 def compose_bench() -> Iterator[Callable[..., DictConfig]]:
     """``compose_bench(*overrides)``: ``conf/bench.yaml`` composed in-process."""
     vss.config.register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(vss.config.CONF_DIR), version_base="1.3"):
-        yield lambda *overrides: compose("bench", overrides=list(overrides))
+
+    def compose_bench(*overrides: str) -> DictConfig:
+        GlobalHydra.instance().clear()  # the battery composes conf/train.yaml in between
+        with initialize_config_dir(config_dir=str(vss.config.CONF_DIR), version_base="1.3"):
+            return compose("bench", overrides=list(overrides))
+
+    yield compose_bench
     GlobalHydra.instance().clear()
 
 
@@ -75,7 +79,7 @@ def test_bench_times_both_paths_through_the_streamer(
     """Every model config at the battery's test size (tests/battery.py)."""
     cfg = compose_bench(*battery.overrides(name), *TINY)
     offsets = list(cfg.model.offsets)
-    clip, lookahead, span = 1 + len(offsets), max(0, *offsets), max(0, -min(offsets, default=0))
+    clip, lookahead, span = 1 + len(offsets), max((0, *offsets)), max(0, -min(offsets, default=0))
     predicted: list[tuple[int, int]] = []  # (references the model reads, index) of every prediction returned
     pushes: list[int] = []
     push, end = Streamer.push, Streamer.end
