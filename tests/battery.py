@@ -59,6 +59,13 @@ def _smallest_of_each_family() -> list[str]:
 ENCODERS = _smallest_of_each_family()
 
 
+def _assigns_battery(node: ast.stmt) -> bool:
+    """``BATTERY = {...}`` or ``BATTERY: T = {...}`` at module level."""
+    if isinstance(node, ast.Assign):
+        return any(isinstance(t, ast.Name) and t.id == "BATTERY" for t in node.targets)
+    return isinstance(node, ast.AnnAssign) and node.value is not None and getattr(node.target, "id", "") == "BATTERY"
+
+
 @functools.cache
 def declarations() -> dict[str, dict[str, Any]]:
     """Model config name -> its declaration, from the module-level ``BATTERY`` literal of every
@@ -67,10 +74,9 @@ def declarations() -> dict[str, dict[str, Any]]:
     where: dict[str, str] = {}
     for path in sorted(TESTS.glob("test_*.py")):
         for node in ast.parse(path.read_text(), str(path)).body:
-            targets = node.targets if isinstance(node, ast.Assign) else []
-            if not any(isinstance(t, ast.Name) and t.id == "BATTERY" for t in targets):
+            if not _assigns_battery(node):
                 continue
-            value = ast.literal_eval(node.value)
+            value = ast.literal_eval(node.value)  # type: ignore[attr-defined]
             for name, decl in value.items():
                 if name in found:
                     raise ValueError(f"BATTERY[{name!r}] is declared in {where[name]} and {path.name}: keep one")
