@@ -14,33 +14,20 @@ from types import ModuleType
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import vss.config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 420
 
-# The synthetic generator knobs and loader sizes of every CLI test: 2+2 videos of 18 frames at 32x32.
-TINY_DATA = (
-    "data.synthetic.train_videos=2",
-    "data.synthetic.val_videos=2",
-    "++data.synthetic.min_frames=18",  # ++: set whether or not conf/data/synthetic.yaml lists the knob
-    "++data.synthetic.max_frames=18",
-    "data.synthetic.height=32",
-    "data.synthetic.width=32",
-)
-TINY_RUN = (
-    "data.scale=[32,32]",
-    "data.crop_size=[32,32]",
-    "data.batch_size=2",
-    "data.val_batch_size=4",
-    "data.num_workers=0",
-    "data.train_repeat=2",
-    "trainer.max_steps=4",
-    "trainer.val_check_interval=2",
-    "trainer.log_every_n_steps=1",
-    "model.embed_dim=32",
+# The tiny run of every CLI test is the one users type: `python -m vss.train debug=tiny` (conf/debug/tiny.yaml:
+# 2+2 synthetic videos of 18 frames at 32x32, 4 steps, validation every 2 steps), with a small SegFormer decoder.
+TINY_RUN = ("debug=tiny", "model.embed_dim=32")
+# The tiny synthetic set's generator knobs alone (tests that compose other sizes, and make_data_dir's key)
+TINY_DATA = tuple(
+    f"++data.synthetic.{k}={v}"  # ++: set whether or not conf/data/synthetic.yaml lists the knob
+    for k, v in OmegaConf.load(vss.config.CONF_DIR / "debug" / "tiny.yaml").data.synthetic.items()
 )
 
 
@@ -106,7 +93,7 @@ def tiny_data_dir(make_data_dir: Callable[..., Path]) -> Path:
 def tiny_args(tiny_data_dir: Path) -> Callable[[Path], list[str]]:
     """``tiny_args(log_dir)``: overrides that make the default job tiny (4 steps, validation every 2 steps)
     on the shared tiny dataset, logging under ``log_dir``."""
-    return lambda log_dir: [*TINY_DATA, *TINY_RUN, f"paths.data_dir={tiny_data_dir}", f"paths.log_dir={log_dir}"]
+    return lambda log_dir: [*TINY_RUN, f"paths.data_dir={tiny_data_dir}", f"paths.log_dir={log_dir}"]
 
 
 @pytest.fixture

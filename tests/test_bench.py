@@ -14,8 +14,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+import battery
 import vss.config
 from vss import bench
 from vss.errors import ConfigError
@@ -27,26 +29,6 @@ from vss.models.segmenter import Segmenter
 from vss.models.streamer import Streamer
 
 TINY = ("height=64", "width=64", "frames=6", "iters=1", "warmup=0", "device=cpu", "batch_size=1")
-MODELS = {  # overrides, the model, (clip, lookahead), span (the farthest reference back)
-    "segformer": (
-        ("model=segformer", "encoder=mit_b0", "model.embed_dim=16"),
-        lambda: Segmenter(build_encoder("mit_b0"), partial(SegFormer, embed_dim=16), 124),
-        (1, 0),
-        0,
-    ),
-    "mrcfa": (
-        ("model=mrcfa", "encoder=mit_b0", "model.embed_dim=16"),
-        lambda: Segmenter(build_encoder("mit_b0"), partial(MRCFA, embed_dim=16, encoder_name="mit_b0"), 124),
-        (4, 0),
-        9,
-    ),
-    "msaf": (
-        ("model=msaf", "encoder=resnet18", "model.embed_dim=16", "model.num_heads=2"),
-        lambda: Segmenter(build_encoder("resnet18"), partial(MSAF, embed_dim=16, num_heads=2), 124),
-        (3, 0),
-        2,
-    ),
-}
 KEYS = (
     "params_total_M",
     "params_encoder_M",
@@ -70,9 +52,13 @@ BASELINE_KEYS = ("baseline_ms_per_frame", "ratio_to_baseline", "baseline_gflops_
 def compose_bench() -> Iterator[Callable[..., DictConfig]]:
     """``compose_bench(*overrides)``: ``conf/bench.yaml`` composed in-process."""
     vss.config.register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(vss.config.CONF_DIR), version_base="1.3"):
-        yield lambda *overrides: compose("bench", overrides=list(overrides))
+
+    def compose_bench(*overrides: str) -> DictConfig:
+        GlobalHydra.instance().clear()  # the battery composes conf/train.yaml in between
+        with initialize_config_dir(config_dir=str(vss.config.CONF_DIR), version_base="1.3"):
+            return compose("bench", overrides=list(overrides))
+
+    yield compose_bench
     GlobalHydra.instance().clear()
 
 
@@ -86,11 +72,14 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", battery.MODELS)
 def test_bench_times_both_paths_through_the_streamer(
     name: str, compose_bench: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    overrides, build, (clip, lookahead), span = MODELS[name]
+    """Every model config at the battery's test size (tests/battery.py)."""
+    cfg = compose_bench(*battery.overrides(name), *TINY)
+    offsets = list(cfg.model.offsets)
+    clip, lookahead, span = 1 + len(offsets), max((0, *offsets)), max(0, -min(offsets, default=0))
     predicted: list[tuple[int, int]] = []  # (references the model reads, index) of every prediction returned
     pushes: list[int] = []
     push, end = Streamer.push, Streamer.end
@@ -108,7 +97,7 @@ def test_bench_times_both_paths_through_the_streamer(
 
     monkeypatch.setattr(Streamer, "push", counting_push)
     monkeypatch.setattr(Streamer, "end", counting_end)
-    result = bench.bench(compose_bench(*overrides, *TINY))
+    result = bench.bench(cfg)
 
     assert set(KEYS) <= set(result.figures)
     assert all(result[k] > 0 for k in KEYS if not k.endswith("_pct"))
@@ -124,11 +113,12 @@ def test_bench_times_both_paths_through_the_streamer(
     assert result["encoder_pct"] > 0 and result["aggregator_pct"] > 0
     assert 0 < result["aggregator_gflops_pct"] < 100
     # warmup=0, iters=1: the timed video of the model then its baseline's (single-frame, no references), the
-    # instrumented one, 6 frames each, pushed one at a time; then the FLOP-counted videos of 2 + span frames
-    # (at most 6) and 2 frames (the baseline)
-    refs, has_baseline = clip - 1, name != "segformer"
+    # instrumented one, 6 frames each, pushed one at a time; then the FLOP-counted videos of 2 + span + lookahead
+    # frames (at most 6) and 2 frames (the baseline)
+    refs, has_baseline = clip - 1, bench.baseline_of(cfg) is not None
     video = lambda k, n: [(k, i) for i in range(n)]  # noqa: E731
-    expected = video(refs, 6) + (video(0, 6) if has_baseline else []) + video(refs, 6) + video(refs, min(6, 2 + span))
+    flop_frames = min(6, 2 + span + lookahead)
+    expected = video(refs, 6) + (video(0, 6) if has_baseline else []) + video(refs, 6) + video(refs, flop_frames)
     assert predicted == expected + (video(0, 2) if has_baseline else [])
     assert set(pushes) == {1}
     if has_baseline:
@@ -140,7 +130,7 @@ def test_bench_times_both_paths_through_the_streamer(
     else:
         assert not set(BASELINE_KEYS) & set(result.figures)
 
-    model = build()
+    model = Segmenter(instantiate(cfg.encoder), instantiate(cfg.model), cfg.num_classes)
     assert result["params_total_M"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
     assert result["params_encoder_M"] == pytest.approx(sum(p.numel() for p in model.encoder.parameters()) / 1e6)
     assert result["params_aggregator_M"] == pytest.approx(sum(p.numel() for p in model.aggregator.parameters()) / 1e6)
@@ -160,7 +150,8 @@ def test_bench_warms_up_on_short_videos_and_pushes_stream_batches(
         return stream_video(model, video, batch_size)
 
     monkeypatch.setattr(bench, "stream_video", recording)
-    overrides = (*MODELS["mrcfa"][0], *TINY, "frames=12", "warmup=2", "iters=2", "stream_batch_size=4")
+    mrcfa = battery.overrides("mrcfa", "mit_b0")
+    overrides = (*mrcfa, *TINY, "frames=12", "warmup=2", "iters=2", "stream_batch_size=4")
     bench.bench(compose_bench(*overrides))
     # warm-up: 1 + 9 (MRCFA reads t-9) frames, the baseline's 4 (a push); then 2 timed videos of each model in turn
     # and the instrumented one, 12 frames each
@@ -172,7 +163,7 @@ def test_bench_progress_is_a_counted_line_per_step_on_stderr(
     compose_bench: Callable[..., DictConfig], capsys: pytest.CaptureFixture
 ) -> None:
     """A slow bench (the README's MRCFA-B1 at 480x864 on CPU) says what it is doing; stdout keeps the row only."""
-    overrides = (*MODELS["mrcfa"][0], *TINY, "warmup=1", "iters=2")
+    overrides = (*battery.overrides("mrcfa", "mit_b0"), *TINY, "warmup=1", "iters=2")
     result = bench.bench(compose_bench(*overrides))
     out, err = capsys.readouterr()
     assert out == "" and result.line().startswith("[vss.bench] MRCFA mit_b0 (64x64, clip 4, lookahead 0, cpu): ")

@@ -64,6 +64,19 @@ def test_default_config_with_tiny_overrides_is_valid(compose_cfg, tiny_overrides
     validate_train_config(compose_cfg(*tiny_overrides))
 
 
+@pytest.mark.parametrize("experiment", ["synthetic", "msaf_cityscapes", "stf_mar_camvid", "mrcfa_table2"])
+def test_debug_tiny_makes_any_experiment_a_tiny_synthetic_run(compose_cfg, experiment):
+    """``debug=tiny`` (conf/debug/tiny.yaml) on top of an experiment: its model, the tiny synthetic set, 4 steps."""
+    plain, tiny = compose_cfg(f"experiment={experiment}"), compose_cfg(f"experiment={experiment}", "debug=tiny")
+    validate_train_config(tiny)
+    assert tiny.model == plain.model and tiny.encoder == plain.encoder
+    assert tiny.data._target_ == "vss.data.datamodule.SyntheticDataModule"
+    knobs = {k: tiny.data.synthetic[k] for k in ("train_videos", "val_videos", "min_frames", "max_frames", "height")}
+    assert knobs == {"train_videos": 2, "val_videos": 2, "min_frames": 18, "max_frames": 18, "height": 32}
+    assert (tiny.trainer.max_steps, tiny.trainer.val_check_interval, tiny.data.num_workers) == (4, 2, 0)
+    assert list(tiny.data.crop_size) == [32, 32] and tiny.data.batch_size == 2
+
+
 def test_unknown_top_level_key_is_rejected_by_hydra(compose_cfg):
     with pytest.raises(ConfigCompositionException, match="foo"):
         compose_cfg("foo.bar=1")

@@ -3,8 +3,10 @@
 Parametrised over every ``conf/model/*.yaml`` (a new model config gets the battery for free) and the smallest
 encoder of every family in ``conf/encoder/`` (mit_b*, resnet*). A model supports a family when it builds on
 it; a combination the constructor refuses with :class:`ConfigError` is skipped, and every model must support
-at least one family. Models are composed as a user would (``model=NAME encoder=ENC`` with small widths) and
-run on 64x64 frames:
+at least one family. Models are composed as a user would (``model=NAME encoder=ENC`` with small widths:
+tests/battery.py, where a method's own test file declares what it needs) and run on 64x64 frames. The default
+run tests each model on its own encoder (tests/battery.py ``encoder_of``); the other families run under
+``-m slow``:
 
 - the stream path (:class:`Streamer`, batch sizes 1 and 4) equals the clip path (``model(clip)`` on
   ``references(t, length) + [t]``) over a whole 14-frame video, with the default offsets and with offsets
@@ -21,17 +23,15 @@ every ``conf/msaf_table3/*.yaml`` row, on the meta device.
 
 from __future__ import annotations
 
-import functools
-import re
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from battery import ENCODERS, MODELS, NUM_CLASSES, build, combos, compose, encoder_of, model_keys, supported
 from conftest import compose_train
 from contract import assert_stream_equals_clip
 from random_weights import randomize_
@@ -41,68 +41,14 @@ from vss.lit import build_module
 from vss.models.segmenter import Segmenter
 from vss.validation import validate_train_config
 
-NUM_CLASSES = 5
 SIZE = (64, 64)  # a multiple of 32 (MRCFA's 1/32 token grid)
 VIDEO_FRAMES = 14  # MRCFA's official start clips (frames 0-8) and then its steady state
-SMALL = {  # set where the model has the key
-    "embed_dim": 16,
-    "num_heads": 2,
-    "mlp_ratio": 2.0,
-    "channels": 16,  # PSPHead width (pspnet, stf)
-    "mlp_dim": 16,  # STF/MAR hidden width
-    "block_size": [4, 4],  # STF's ISA blocks on the 8x8 features of a 64x64 frame
-    "pe_size": [4, 4],  # STF's positional tables (resized to 8x8)
-}
 AFTER_TARGET = "[-2,1]"  # references before and after the target: lookahead 1
-MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 MSAF_ROWS = sorted(p.stem for p in (CONF_DIR / "msaf_table3").glob("*.yaml"))
 
 
-def _smallest_of_each_family() -> list[str]:
-    """``conf/encoder/*.yaml`` grouped by name without the trailing number (and variant letter: resnet50c is a
-    resnet): the smallest number of each group."""
-    families: dict[str, tuple[int, str]] = {}
-    for p in (CONF_DIR / "encoder").glob("*.yaml"):
-        m = re.fullmatch(r"(.*?)(\d+)[a-z]?", p.stem)
-        family, number = (m[1], int(m[2])) if m else (p.stem, 0)
-        families[family] = min(families.get(family, (number, p.stem)), (number, p.stem))
-    return sorted(name for _, name in families.values())
-
-
-ENCODERS = _smallest_of_each_family()
-COMBOS = [(m, e) for m in MODELS for e in ENCODERS]
-
-
-@functools.cache
-def model_keys(model: str) -> frozenset[str]:
-    return frozenset(compose_train([f"model={model}"]).model)
-
-
-def compose(model: str, encoder: str, *extra: str) -> DictConfig:
-    """``model=MODEL encoder=ENCODER`` with the small widths the model has, then ``extra``."""
-    small = [f"model.{k}={v}" for k, v in SMALL.items() if k in model_keys(model)]
-    return compose_train([f"model={model}", f"encoder={encoder}", *small, *extra])
-
-
-def build(model: str, encoder: str, *extra: str, freeze: tuple[str, ...] = (), seed: int = 0) -> Segmenter:
-    cfg = compose(model, encoder, *extra)
-    torch.manual_seed(seed)
-    return Segmenter(instantiate(cfg.encoder), instantiate(cfg.model), NUM_CLASSES, freeze=freeze)
-
-
-@functools.cache
-def supported(model: str, encoder: str) -> bool:
-    """The model builds on the encoder (on the meta device); False when its constructor raises ConfigError."""
-    try:
-        with torch.device("meta"):
-            build(model, encoder)
-    except ConfigError:
-        return False
-    return True
-
-
-@pytest.fixture(params=COMBOS, ids=[f"{m}-{e}" for m, e in COMBOS])
+@pytest.fixture(params=combos())
 def combo(request: pytest.FixtureRequest) -> tuple[str, str]:
     model, encoder = request.param
     if not supported(model, encoder):
@@ -135,6 +81,16 @@ def test_every_model_config_supports_an_encoder_family() -> None:
     assert MODELS and len(ENCODERS) >= 2, (MODELS, ENCODERS)
     for model in MODELS:
         assert any(supported(model, e) for e in ENCODERS), f"model={model} builds on none of {ENCODERS}"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_builds_on_its_own_encoder(model: str) -> None:
+    """The default run tests the model on this encoder: a model that does not build on it would skip there."""
+    encoder = encoder_of(model)
+    assert supported(model, encoder), (
+        f"model={model} does not build on encoder={encoder}: declare the encoder it runs on in its test file, "
+        f'BATTERY = {{"{model}": {{"encoder": ...}}}} (tests/battery.py)'
+    )
 
 
 @pytest.mark.parametrize("variant", ["default", "after_target"])

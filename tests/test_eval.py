@@ -16,38 +16,28 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+import battery
 import vss.config
-from conftest import REPO_ROOT, TINY_DATA, compose_train
+from conftest import REPO_ROOT, TINY_DATA
 from random_weights import randomize_
 from vss.errors import ConfigError
 from vss.eval import evaluate_checkpoint
 from vss.lit import build_module
 
-MODELS = sorted(p.stem for p in (vss.config.CONF_DIR / "model").glob("*.yaml"))
-# per model: an encoder it runs on and small widths (MRCFA needs inputs divisible by 32)
-SETTINGS = {
-    "msaf": ["encoder=resnet18", "model.embed_dim=16", "model.num_heads=2"],
-    "pspnet": ["encoder=resnet18", "model.channels=16"],
-    "stf": ["encoder=resnet18", "model.channels=16", "model.mlp_dim=16", "model.pe_size=[4,4]"],
-    "stf_mar": ["encoder=resnet18", "model.channels=16", "model.mlp_dim=16", "model.pe_size=[4,4]"],
-}
-DEFAULT = ["encoder=mit_b0", "model.embed_dim=16"]
-
 
 def _checkpoint(name: str, data_dir: Path, tmp: Path, extra: tuple[str, ...] = ()) -> Path:
-    """A vss checkpoint of ``model=name`` with random (non-trivial) weights on the tiny synthetic data."""
-    cfg = compose_train(
-        [
-            f"model={name}",
-            *SETTINGS.get(name, DEFAULT),
-            *TINY_DATA,
-            "data.scale=[64,64]",
-            "data.val_batch_size=5",
-            "data.num_workers=0",
-            f"paths.data_dir={data_dir}",
-            f"paths.output_dir={tmp}",
-            *extra,
-        ]
+    """A vss checkpoint of ``model=name`` at the battery's test size (tests/battery.py) with random (non-trivial)
+    weights on the tiny synthetic data."""
+    cfg = battery.compose(
+        name,
+        None,
+        *TINY_DATA,
+        "data.scale=[64,64]",
+        "data.val_batch_size=5",
+        "data.num_workers=0",
+        f"paths.data_dir={data_dir}",
+        f"paths.output_dir={tmp}",
+        *extra,
     )
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     del cfg["hydra"]
@@ -91,7 +81,7 @@ def data_dir(make_data_dir: Callable[..., Path]) -> Path:
     return make_data_dir(*TINY_DATA)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", battery.MODELS)
 def test_stream_mode_equals_clip_mode(name: str, data_dir: Path, tmp_path: Path) -> None:
     """Same checkpoint, both paths: identical predictions (but for float-rounding ties), metrics within 1e-4."""
     ckpt = _checkpoint(name, data_dir, tmp_path)

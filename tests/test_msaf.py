@@ -32,6 +32,7 @@ from vss.validation import validate_train_config
 
 SMALL = {"embed_dim": 32, "num_heads": 2, "mlp_ratio": 2.0}
 NUM_CLASSES = 5
+BATTERY = {"msaf": {"encoder": "resnet18"}}  # the model battery (tests/battery.py): the paper's encoder family
 
 # Parameter groups each Table 3 row must own (names of aggregator submodules), and the loss terms it logs.
 ALWAYS = {"proj.F5", "soft_mask"}

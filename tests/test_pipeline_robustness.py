@@ -386,7 +386,7 @@ def test_killing_vss_pipeline_ends_its_vss_train(
 
 DOCUMENTED = "python -m vss.pipeline experiment=stf_mar_synthetic trainer.max_steps=20"
 SMALL_STF_DATA = (  # the tiny data of the other CLI tests, at the 64x64 frames the preset's 8x8 STF tables need
-    *(o for o in TINY_DATA if not o.startswith(("data.synthetic.height", "data.synthetic.width"))),
+    *(o for o in TINY_DATA if not o.startswith(("++data.synthetic.height", "++data.synthetic.width"))),
     "data.batch_size=2",
     "data.val_batch_size=4",
     "data.num_workers=0",

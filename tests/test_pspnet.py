@@ -37,6 +37,7 @@ from vss.predict import predict
 
 RESNET50C_PARAMS = 23_527_264
 PSP_HEAD_PARAMS = {"psp_modules": 4_198_400, "bottleneck": 18_875_392, "conv_seg": 9_747}
+BATTERY = {"pspnet": {"encoder": "resnet18"}}  # the model battery (tests/battery.py): the paper's ResNet
 PSPNET_R50_D8_PARAMS = 46_610_803  # without the auxiliary FCN head
 
 

@@ -38,6 +38,12 @@ from vss.passes import build_memory, memory_batches
 
 TOL = 1e-4
 SMALL = ["model.channels=16", "model.mlp_dim=16", "model.block_size=[4,4]", "model.pe_size=[4,4]"]
+# the model battery (tests/battery.py): a dilated ResNet (output stride 8), ISA blocks and positional tables sized
+# for the 8x8 features of a 64x64 frame
+BATTERY = {
+    "stf": {"encoder": "resnet18", "overrides": ["model.block_size=[4,4]", "model.pe_size=[4,4]"]},
+    "stf_mar": {"encoder": "resnet18", "overrides": ["model.block_size=[4,4]", "model.pe_size=[4,4]"]},
+}
 
 
 def _official_stf(dim: int, mlp: int, pe: tuple[int, int], block: tuple[int, int], seed: int = 0) -> ref.STF:
