@@ -255,19 +255,26 @@ def test_baseline_is_the_single_frame_model(compose_bench: Callable[..., DictCon
 
 
 def test_variant_names_the_model_overrides_only() -> None:
-    overrides = ["model=mrcfa", "encoder=mit_b1", "stm.p=0.5", "frames=12", "+msaf_table3=baseline", "hydra.run.dir=x"]
-    assert bench.variant(overrides) == "stm.p=0.5 +msaf_table3=baseline"
+    overrides = [
+        "model=mrcfa",
+        "encoder=mit_b1",
+        "stm.p=0.5",
+        "frames=12",
+        "+experiment/msaf_table3=baseline",
+        "hydra.run.dir=x",
+    ]
+    assert bench.variant(overrides) == "stm.p=0.5 +experiment/msaf_table3=baseline"
 
 
 def test_bench_cli_prints_the_row(cli_env: dict[str, str], tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "vss.bench", "model=msaf", "encoder=resnet18", "+msaf_table3=baseline"]
+    cmd = [sys.executable, "-m", "vss.bench", "model=msaf", "encoder=resnet18", "+experiment/msaf_table3=baseline"]
     cmd += ["model.embed_dim=16", "model.num_heads=2", *TINY, f"hydra.run.dir={tmp_path}"]
     proc = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("[vss.bench]")]  # the row alone on stdout
     progress = [x for x in proc.stderr.splitlines() if x.startswith("[vss.bench] progress MSAF resnet18: ")]
     assert any(": streaming video 2/2 (MSAF (baseline), 6 frames): " in x for x in progress), proc.stderr[-3000:]
-    head = "[vss.bench] MSAF resnet18 [+msaf_table3=baseline model.embed_dim=16 model.num_heads=2] "
+    head = "[vss.bench] MSAF resnet18 [+experiment/msaf_table3=baseline model.embed_dim=16 model.num_heads=2] "
     assert line.startswith(head + "(64x64, clip 1, lookahead 0, cpu): params_total_M ")
     numbers = dict(re.findall(r"(\w+) ([\d.]+)", line.split(": ", 1)[1]))
     assert set(KEYS) <= set(numbers)

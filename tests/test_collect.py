@@ -44,11 +44,13 @@ def test_collect_names_msaf_table3_rows_and_keeps_settings_apart(
 ) -> None:
     runs = tmp_path / "runs"
     base = ("experiment=msaf_synthetic", "paths.output_dir=x")
-    _fake_run(runs / "a", compose_cfg(*base, "+msaf_table3=baseline"), 0.60, 0.92)
-    _fake_run(runs / "b", compose_cfg(*base, "+msaf_table3=baseline", "seed=7"), 0.70, 0.94)  # same row: averaged
+    _fake_run(runs / "a", compose_cfg(*base, "+experiment/msaf_table3=baseline"), 0.60, 0.92)
+    _fake_run(
+        runs / "b", compose_cfg(*base, "+experiment/msaf_table3=baseline", "seed=7"), 0.70, 0.94
+    )  # same row: averaged
     _fake_run(runs / "c", compose_cfg(*base), 0.80)
     _fake_run(runs / "d", compose_cfg(*base, "model.offsets=[-2,-1]", "model.pst_downsample=[1,1,1]"), 0.75)
-    _fake_run(runs / "e", compose_cfg(*base, "+msaf_table3=wo_dcn"), 0.78)
+    _fake_run(runs / "e", compose_cfg(*base, "+experiment/msaf_table3=wo_dcn"), 0.78)
     page = tmp_path / "msaf_table3.md"
     page.write_text("<!-- ours-synthetic:start -->\nold\n<!-- ours-synthetic:end -->\n")
     rows = collect.collect_table("msaf_table3", [runs], page, bench=False).rows

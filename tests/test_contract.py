@@ -18,7 +18,7 @@ run tests each model on its own encoder (tests/battery.py ``encoder_of``); the o
 - bad values raise ``ConfigError``.
 
 A second group composes and constructs every ``conf/experiment/*.yaml`` (each value of its sweep too) and
-every ``conf/msaf_table3/*.yaml`` row, on the meta device.
+every ``conf/experiment/msaf_table3/*.yaml`` row, on the meta device.
 """
 
 from __future__ import annotations
@@ -280,5 +280,5 @@ def test_experiment_preset_and_its_sweep_compose_and_construct(name: str, tmp_pa
 
 @pytest.mark.parametrize("row", MSAF_ROWS)
 def test_msaf_table3_row_composes_and_constructs(row: str, tmp_path: Path) -> None:
-    cfg = _construct(_preset(["experiment=msaf_synthetic", f"+msaf_table3={row}"], tmp_path))
+    cfg = _construct(_preset(["experiment=msaf_synthetic", f"+experiment/msaf_table3={row}"], tmp_path))
     assert list(cfg.model.offsets) == ([-6, -3] if cfg.model.motion else [])

@@ -64,7 +64,7 @@ def group(name: str) -> str:
 
 
 def row_values(row: str) -> dict:
-    """The config values of ``conf/msaf_table3/<row>.yaml``."""
+    """The config values of ``conf/experiment/msaf_table3/<row>.yaml``."""
     return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "msaf_table3" / f"{row}.yaml"))
 
 
@@ -85,7 +85,9 @@ def clip_and_labels(b: int = 2, t: int = 3, size: int = 32) -> tuple[torch.Tenso
 
 @pytest.mark.parametrize("row", list(ROWS))
 def test_table3_row_builds_trains_a_step_and_owns_its_parameters(compose_cfg, row: str) -> None:
-    cfg = compose_cfg("experiment=msaf_synthetic", f"+msaf_table3={row}", *(f"model.{k}={v}" for k, v in SMALL.items()))
+    cfg = compose_cfg(
+        "experiment=msaf_synthetic", f"+experiment/msaf_table3={row}", *(f"model.{k}={v}" for k, v in SMALL.items())
+    )
     assert {k: cfg.model[k] for k in row_values(row)} == row_values(row)
     torch.manual_seed(0)
     seg = Segmenter(instantiate(cfg.encoder), instantiate(cfg.model), NUM_CLASSES)
@@ -234,7 +236,7 @@ def test_model_config_sets_the_clip_and_cityscapes_preset_fails_early(compose_cf
     validate_train_config(cfg)
     # synthetic: colour hidden up to 6 frames, so the references reach back to a visible frame
     assert list(compose_cfg("experiment=msaf_synthetic").data.clip.offsets) == [-6, -3]
-    assert list(compose_cfg("experiment=msaf_synthetic", "+msaf_table3=wo_motion").data.clip.offsets) == []
+    assert list(compose_cfg("experiment=msaf_synthetic", "+experiment/msaf_table3=wo_motion").data.clip.offsets) == []
     cfg = compose_cfg("experiment=msaf_cityscapes")
     assert list(cfg.data.clip.offsets) == [-2, -1]
     assert (cfg.encoder.name, cfg.trainer.max_steps, cfg.data.batch_size, list(cfg.data.crop_size)) == (

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from contract import assert_logits_match, clip_path, stream
 from random_weights import randomize_
-from test_contract import COMBOS, SIZE, VIDEO_FRAMES, build, build_variant, frames, supported
+from battery import build, combos, supported
+from test_contract import SIZE, VIDEO_FRAMES, build_variant, frames
 from vss.errors import ConfigError
 from vss.models.aggregators.base import class_map, resize
 from vss.models.segmenter import Segmenter
@@ -69,7 +70,7 @@ def assert_step_equals_streamer_and_clip(seg: Segmenter, videos: Tensor, label: 
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("combo", COMBOS, ids=[f"{m}-{e}" for m, e in COMBOS])
+@pytest.mark.parametrize("combo", combos())
 def test_step_equals_streamer_equals_clip(combo: tuple[str, str], variant: str) -> None:
     if not supported(*combo):
         pytest.skip(f"model={combo[0]} does not support encoder={combo[1]} (ConfigError)")
