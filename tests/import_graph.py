@@ -164,4 +164,7 @@ def report(g: dict[str, set[str]]) -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     print(report(graph()))

@@ -45,7 +45,7 @@ SIZE = (64, 64)  # a multiple of 32 (MRCFA's 1/32 token grid)
 VIDEO_FRAMES = 14  # MRCFA's official start clips (frames 0-8) and then its steady state
 AFTER_TARGET = "[-2,1]"  # references before and after the target: lookahead 1
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-MSAF_ROWS = sorted(p.stem for p in (CONF_DIR / "msaf_table3").glob("*.yaml"))
+MSAF_ROWS = sorted(p.stem for p in (CONF_DIR / "experiment" / "msaf_table3").glob("*.yaml"))
 
 
 @pytest.fixture(params=combos())

@@ -65,7 +65,7 @@ def group(name: str) -> str:
 
 def row_values(row: str) -> dict:
     """The config values of ``conf/experiment/msaf_table3/<row>.yaml``."""
-    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "msaf_table3" / f"{row}.yaml"))
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "experiment" / "msaf_table3" / f"{row}.yaml"))
 
 
 def build(seed: int = 0, **kwargs) -> Segmenter:

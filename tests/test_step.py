@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import Tensor
 
+from battery import build, combos, supported
 from contract import assert_logits_match, clip_path, stream
 from random_weights import randomize_
-from battery import build, combos, supported
 from test_contract import SIZE, VIDEO_FRAMES, build_variant, frames
 from vss.errors import ConfigError
 from vss.models.aggregators.base import class_map, resize

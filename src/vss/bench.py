@@ -596,8 +596,8 @@ def bench_train(cfg: DictConfig, device: torch.device) -> BenchResult:
 
 
 def variant(overrides: list[str]) -> str:
-    """The overrides that are not bench options (e.g. ``+experiment/msaf_table3=baseline stm.p=0.3``): rows of one sweep stay
-    apart."""
+    """The overrides that are not bench options (e.g. ``+experiment/msaf_table3=baseline stm.p=0.3``): rows of one
+    sweep stay apart."""
     keys = {o: o.lstrip("+~").split("=")[0] for o in overrides}
     return " ".join(o for o, k in keys.items() if k not in BENCH_KEYS and not k.startswith(("hydra.", "paths.")))
 
