@@ -383,21 +383,12 @@ def data_classes(cfg: DictConfig, num_classes: int) -> tuple[list[str], list[lis
     return names, [[int(v) for v in c] for c in colours] if colours is not None else None
 
 
-def load_model(ckpt_path: str | Path, device: torch.device) -> Model:
-    """Rebuild a vss checkpoint's model from its training config and load its weights."""
-    from vss.eval import load_checkpoint
-    from vss.lit import build_module
+def load_model(ckpt_path: str | Path, device: torch.device, trust_pickle: bool = False) -> Model:
+    """Rebuild a vss checkpoint's model from its training config and load its weights (:func:`vss.lit.load_module`)."""
+    from vss.lit import load_module, read_module_checkpoint
 
     path = Path(str(ckpt_path)).expanduser()
-    try:
-        ckpt = load_checkpoint(path)
-    except ConfigError:
-        raise
-    except Exception as e:  # not a torch file at all, or not a dict
-        raise ConfigError(f"ckpt_path={str(path)!r} cannot be read as a vss checkpoint ({_one_line(e)})") from None
-    cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
-    if OmegaConf.select(cfg, "encoder.pretrained") is not None:
-        cfg.encoder.pretrained = None  # ImageNet weights are replaced by the checkpoint's (and may not exist here)
+    ckpt, cfg = read_module_checkpoint(path, trust_pickle=trust_pickle)
     num_classes = int(cfg.data.num_classes)
     table = data_classes(cfg, num_classes)
     if table is not None:
@@ -407,20 +398,12 @@ def load_model(ckpt_path: str | Path, device: torch.device) -> Model:
         class_names = [str(names[i]) if i < len(names) else str(i) for i in range(num_classes)]
         own = OmegaConf.select(cfg, "data.palette")
         palette = OmegaConf.to_container(own) if own is not None else None
-    module = build_module(cfg, num_classes, class_names)
-    try:
-        module.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as e:
-        why = _one_line(" ".join(str(e).strip().splitlines()[:2]))
-        raise ConfigError(
-            f"ckpt_path={str(path)!r}: its weights do not fit the model of its own config ({why})"
-        ) from None
     scale = OmegaConf.select(cfg, "data.scale")
     if scale is None:
         raise ConfigError(f"ckpt_path={str(path)!r}: its config has no data.scale (the evaluation size)")
     size_divisor = int(OmegaConf.select(cfg, "data.size_divisor", default=32) or 1)
-    segmenter = module.segmenter.to(device).eval()
-    return Model(segmenter, class_names, [int(s) for s in scale], size_divisor, palette)
+    module = load_module(path, device=device, class_names=class_names, checkpoint=(ckpt, cfg)).module
+    return Model(module.segmenter, class_names, [int(s) for s in scale], size_divisor, palette)
 
 
 def _triples(colours: Any, num_classes: int) -> bool:
@@ -644,7 +627,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
     source = open_source(source_arg, on_error)  # before the model: a bad source fails in a second
     device = resolve_device(cfg.device)
-    model = load_model(ckpt_path, device)
+    model = load_model(ckpt_path, device, bool(cfg.get("trust_pickle", False)))
     colours = load_palette(cfg.get("palette"), model.num_classes, model.palette)
     mask_dir = prepare_output(output, bool(cfg.get("overwrite", False)))
     transform = build_eval_transform(model.scale, model.size_divisor)

@@ -282,7 +282,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             RequeueOnSignal(),  # after SaveOnSigterm: requeue once last.ckpt is written
         ],
         logger=loggers or False,
-        plugins=[AtomicCheckpointIO(), *slurm_plugins()],
+        plugins=[AtomicCheckpointIO(bool(cfg.get("trust_pickle"))), *slurm_plugins()],
         sync_batchnorm=False,
     )
     quiet_output()  # again: Lightning's loggers have their handlers now

@@ -3,10 +3,12 @@ what is allowed (a :class:`vss.errors.ConfigError`)."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import netrc
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,56 @@ DATA_PREFIX = "vss.data."
 AGGREGATOR_PREFIX = "vss.models.aggregators."
 """Where ``model._target_`` may point (the same as :data:`vss.models.aggregators.base.AGGREGATOR_PREFIX`,
 checked here before torch is imported)."""
+
+KEY_PREFIXES = {"model": AGGREGATOR_PREFIX, "encoder": "vss.models.encoders."}
+"""Stricter prefixes for the ``_target_`` of these config nodes (and everything below them)."""
+
+
+@functools.cache
+def target_prefixes() -> tuple[str, ...]:
+    """Where any ``_target_`` may point: ``vss.`` and the modules of the other ``_target_`` s the shipped configs
+    (conf/**/*.yaml) name (``torch.optim.``, ``pytorch_lightning.callbacks.``, ...)."""
+    from vss.config import CONF_DIR
+
+    prefixes = {"vss."}
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        for target in re.findall(r"^\s*_target_:\s*([A-Za-z_][\w.]*)\s*(?:#.*)?$", path.read_text(), re.MULTILINE):
+            if "." in target and not target.startswith("vss."):
+                prefixes.add(target.rsplit(".", 1)[0] + ".")
+    return tuple(sorted(prefixes))
+
+
+def _targets(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every ``(dotted key, value)`` of a ``_target_`` in a config (DictConfig or plain containers)."""
+    if isinstance(node, DictConfig | dict):
+        items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else node.items()
+        for k, v in items:
+            if k == "_target_":
+                yield f"{prefix}{k}", v
+            else:
+                yield from _targets(v, f"{prefix}{k}.")
+    elif OmegaConf.is_list(node) or isinstance(node, list | tuple):
+        for i, v in enumerate(node):
+            yield from _targets(v, f"{prefix}{i}.")
+
+
+def check_targets(cfg: Any, where: str = "") -> None:
+    """Every ``_target_`` of ``cfg`` names a callable under :func:`target_prefixes` (``model.*``: an aggregator,
+    ``encoder.*``: vss.models.encoders), else one :class:`ConfigError` naming the key and the allowed prefixes.
+    ``where``: the file the config comes from (a checkpoint's stored config)."""
+    allowed = target_prefixes()
+    for key, value in _targets(cfg):
+        if key.startswith("hydra."):
+            continue
+        strict = KEY_PREFIXES.get(key.split(".", 1)[0])
+        prefixes = (strict,) if strict and key.count(".") == 1 else allowed
+        if not isinstance(value, str) or not value.startswith(prefixes):
+            source = f"{where}: its config's " if where else ""
+            raise ConfigError(
+                f"{source}{key}={value!r} is refused: a _target_ must name a callable under "
+                f"{' or '.join(prefixes) if len(prefixes) < 3 else list(prefixes)}"
+            )
+
 
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 

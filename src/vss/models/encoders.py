@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import pickle
 import re
-import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -190,36 +188,26 @@ def load_checkpoint_state_dict(path: str | Path) -> dict[str, Tensor]:
     return load_checkpoint_and_meta(path)[0]
 
 
-def load_checkpoint_and_meta(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a local checkpoint: its state dict (see :func:`load_checkpoint_state_dict`) and its ``meta`` dict
-    (mmcv / mmengine runners store the data set's class names there; ``{}`` when absent)."""
+def load_checkpoint_and_meta(
+    path: str | Path, trust_pickle: bool = False, key: str = "encoder.pretrained", flag: str | None = None
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a local checkpoint (:func:`vss.checkpoint.load_checkpoint`: weights only unless ``trust_pickle``, the
+    user's ``flag``): its state dict (see :func:`load_checkpoint_state_dict`) and its ``meta`` dict (mmcv /
+    mmengine runners store the data set's class names there; ``{}`` when absent)."""
+    from vss.checkpoint import load_checkpoint
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"Pretrained checkpoint not found: {str(path)!r} (set by config key `encoder.pretrained`; "
             "weights are never downloaded, pass a local file)"
         )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError):
-        # e.g. mmcv/mmseg checkpoints whose `meta` holds arbitrary Python objects.
-        warnings.warn(
-            f"{path}: cannot be read with weights_only=True; loading it with full unpickling "
-            "(only do this for files you trust)",
-            stacklevel=2,
-        )
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    meta = checkpoint.get("meta") if isinstance(checkpoint, dict) else None
-    if isinstance(checkpoint, dict):
-        for wrapper in ("state_dict", "model"):
-            if isinstance(checkpoint.get(wrapper), dict):
-                checkpoint = checkpoint[wrapper]
-                break
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, Tensor) for v in checkpoint.values()):
-        raise ValueError(
-            f"{path}: expected a state dict of tensors (plain, or under a 'state_dict' or 'model' key), "
-            f"got {type(checkpoint).__name__}"
-        )
+    checkpoint = load_checkpoint(path, key=key, trust_pickle=trust_pickle, expect="weights", flag=flag, mmap=False)
+    meta = checkpoint.get("meta")
+    for wrapper in ("state_dict", "model"):
+        if isinstance(checkpoint.get(wrapper), dict):
+            checkpoint = checkpoint[wrapper]
+            break
     state_dict = _strip_prefix(dict(checkpoint), "module.", keep_only=False)
     return state_dict, dict(meta) if isinstance(meta, dict) else {}
 
