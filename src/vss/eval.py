@@ -36,7 +36,7 @@ from vss.cli import check_command_line
 from vss.config import CONF_DIR, register_resolvers
 from vss.errors import ConfigError, friendly_errors
 from vss.runtime import tune_host_allocator
-from vss.validation import check_targets, resolve_device
+from vss.validation import _check, _int, check_numeric_keys, check_targets, resolve_device
 
 if TYPE_CHECKING:
     from vss.data.predictions import PredictionFormat
@@ -88,6 +88,7 @@ def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
     if cfg.mode not in ("stream", "clip"):
         raise ConfigError(f"mode={cfg.mode!r} is invalid: expected stream (cached features) or clip (official path)")
+    device = resolve_device(cfg.device)  # before the checkpoint is read: a missing GPU is one line at once
     ckpt, train_cfg = read_module_checkpoint(cfg.ckpt_path, trust_pickle=bool(cfg.get("trust_pickle", False)))
     data_cfg = eval_data_config(cfg, train_cfg)
     if OmegaConf.is_missing(data_cfg, "root"):  # e.g. a vss.convert checkpoint converted without data.root
@@ -103,7 +104,6 @@ def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         raise ConfigError(
             f"data.num_classes={datamodule.num_classes} differs from the checkpoint's {train_cfg.data.num_classes}"
         )
-    device = resolve_device(cfg.device)
     module = load_module(
         cfg.ckpt_path,
         device=device,
@@ -227,6 +227,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(
             "pass exactly one of ckpt_path=... (evaluate a checkpoint) or pred_root=... (score predictions)"
         )
+    _check(cfg, "num_workers", lambda v: _int(v) and v >= 0, "a non-negative integer (DataLoader workers)")
+    check_numeric_keys(cfg)  # +model.* overrides of the checkpoint's config
     output_dir = Path(cfg.paths.output_dir)
     metrics = evaluate_checkpoint(cfg, output_dir) if cfg.get("ckpt_path") else score_folder(cfg)
     path = write_metrics_json(metrics, output_dir / "metrics.json")

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -60,7 +61,7 @@ from tqdm import tqdm
 
 from vss.cli import check_command_line
 from vss.config import CONF_DIR, register_resolvers
-from vss.errors import ConfigError, friendly_errors
+from vss.errors import FILE_ERRNOS, ConfigError, friendly_errors
 from vss.runtime import tune_host_allocator
 from vss.validation import resolve_device
 
@@ -492,8 +493,14 @@ def write_png(mask: np.ndarray, path: Path) -> None:
     if not ok:
         raise RuntimeError(f"could not encode {path} as PNG")
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(buf.tobytes())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name it
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
 
 
 def write_png_rgb(rgb: np.ndarray, path: Path) -> None:
@@ -504,8 +511,14 @@ def write_png_rgb(rgb: np.ndarray, path: Path) -> None:
 def write_json(data: dict[str, Any], path: Path) -> None:
     """Write JSON under a temporary name, then rename."""
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name it
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
 
 
 class AtomicVideoWriter:
@@ -516,6 +529,7 @@ class AtomicVideoWriter:
         self.tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
         self.writer: cv2.VideoWriter | None = None
         self.size: tuple[int, int] = (0, 0)  # (h, w) of the first frame; later frames are resized to it
+        self.frames = 0
 
     def write(self, rgb: np.ndarray) -> None:
         """Append one RGB frame."""
@@ -538,12 +552,22 @@ class AtomicVideoWriter:
         if sh % 2 or sw % 2:
             rgb = cv2.copyMakeBorder(rgb, 0, sh % 2, 0, sw % 2, cv2.BORDER_REPLICATE)
         self.writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        self.frames += 1
 
     def commit(self) -> Path:
-        """Finish the file and give it its final name."""
+        """Finish the file, check it holds every frame (OpenCV does not report a full disk), give it its name."""
         if self.writer is None:
             raise RuntimeError(f"{self.path}: no frame was written")
         self.writer.release()
+        cap = cv2.VideoCapture(str(self.tmp))
+        readable = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+        cap.release()
+        if readable < self.frames:
+            self.tmp.unlink(missing_ok=True)
+            raise ConfigError(
+                f"cannot write {str(self.path)!r}: OpenCV's VideoWriter stored {readable} of {self.frames} frames "
+                f"(is the disk full? {shutil.disk_usage(self.path.parent).free // 1024} KiB free there)"
+            )
         os.replace(self.tmp, self.path)
         return self.path
 
@@ -554,18 +578,43 @@ class AtomicVideoWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+def check_output(output: Path) -> None:
+    """``output`` is a directory this process can write (created if missing), else one line naming it: checked
+    before the model is read, so a file, a read-only disk or a missing permission fails at once."""
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"output={str(output)!r} is a file, not a directory: pass a directory (created if missing)")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output, prefix=".vss-write-check-"):
+            pass
+    except OSError as e:
+        hint = FILE_ERRNOS.get(e.errno or 0, "")
+        raise ConfigError(
+            f"output={str(output)!r} cannot be written: {e.strerror or e}" + (f" ({hint})" if hint else "")
+        ) from None
+
+
 def prepare_output(output: Path, overwrite: bool) -> Path:
-    """Create ``output/masks``; refuse (or, with ``overwrite``, clear) the results of an earlier prediction."""
+    """Create ``output/masks``; refuse (or, with ``overwrite``, clear) the results of an earlier prediction.
+
+    ``predict.json`` is written last: results without it are those of a run that failed or was killed (a full
+    disk, Ctrl-C), which nothing claims complete; they are cleared without ``overwrite``, and said so.
+    """
     masks = output / "masks"
     old = [output / f for f in RESULT_FILES if (output / f).exists()]
     old += sorted(masks.glob("*.png")) if masks.is_dir() else []
-    if old and not overwrite:
+    interrupted = bool(old) and not (output / "predict.json").exists()
+    if old and not overwrite and not interrupted:
         raise ConfigError(
             f"output={str(output)!r} already holds predictions ({old[0].relative_to(output)}, ...); "
             "pass overwrite=true to replace them, or another output=..."
         )
+    if interrupted:
+        log.warning("output=%s: removing %d files of an unfinished prediction (no predict.json)", output, len(old))
     for f in old:  # predict.json first: the results stop claiming completion before anything else goes
         f.unlink()
+    for f in [*output.glob(".*.partial*"), *(masks.glob(".*.partial") if masks.is_dir() else [])]:
+        f.unlink(missing_ok=True)  # temporary files of a killed write
     masks.mkdir(parents=True, exist_ok=True)
     return masks
 
@@ -625,8 +674,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     on_error = _checked(cfg, "on_error", lambda v: v in ON_ERROR, f"one of {list(ON_ERROR)}")
     output = output_dir(cfg)
 
-    source = open_source(source_arg, on_error)  # before the model: a bad source fails in a second
     device = resolve_device(cfg.device)
+    check_output(output)
+    source = open_source(source_arg, on_error)  # before the model: a bad source fails in a second
     model = load_model(ckpt_path, device, bool(cfg.get("trust_pickle", False)))
     colours = load_palette(cfg.get("palette"), model.num_classes, model.palette)
     mask_dir = prepare_output(output, bool(cfg.get("overwrite", False)))

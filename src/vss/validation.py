@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import netrc
 import os
 import re
@@ -76,13 +77,21 @@ def check_targets(cfg: Any, where: str = "") -> None:
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 
 
-def resolve_device(name: str) -> Any:
-    """``auto`` -> cuda when available, else cpu; any other value is a torch device string."""
+def resolve_device(name: Any, key: str = "device") -> Any:
+    """``auto`` -> cuda when available, else cpu; ``cpu``, ``cuda`` or ``cuda:N`` that exists on this machine;
+    anything else is one :class:`ConfigError` naming ``key``."""
     import torch
 
-    if str(name) == "auto":
+    name = str(name)
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(str(name))
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
+        raise ConfigError(f"{key}={name!r} is invalid: expected auto, cpu or cuda (cuda:N)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={name} but torch.cuda.is_available() is False (no GPU here): use {key}=cpu or auto")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"{key}={name} but only {torch.cuda.device_count()} GPU(s) are visible")
+    return torch.device(name)
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -105,7 +114,79 @@ def _int(v: Any) -> bool:
 
 
 def _num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    """A finite int or float (not a bool; ``inf`` and ``nan`` are no learning rate, weight or probability)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _ints(v: Any, low: int = 1) -> bool:
+    """A list of integers >= ``low``."""
+    return (OmegaConf.is_list(v) or isinstance(v, list | tuple)) and all(_int(x) and x >= low for x in v)
+
+
+# (key, test, expected): the numeric keys of the training configs that may be absent (a model's, a data set's
+# own); ``*`` matches one level (every callback). A new numeric key gets a row here or in the allow-list of
+# tests/test_cli_robustness.py (which enumerates the composed configs' numeric keys).
+NUMERIC_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("seed", lambda v: _int(v) and 0 <= v < 2**32, "an integer in 0..2**32-1"),
+    ("trainer.log_every_n_steps", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("trainer.max_epochs", lambda v: _int(v) and v >= -1, "an integer >= -1 (-1: no limit)"),
+    ("trainer.num_nodes", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("trainer.num_sanity_val_steps", lambda v: _int(v) and v >= -1, "an integer >= -1"),
+    ("callbacks.*.save_top_k", lambda v: _int(v) and v >= -1, "an integer >= -1"),
+    ("callbacks.*.refresh_rate", lambda v: _int(v) and v >= 0, "a non-negative integer"),
+    ("callbacks.*.num_images", lambda v: _int(v) and v >= 0, "a non-negative integer"),
+    ("data.flip_prob", lambda v: _num(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    ("data.size_divisor", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("data.synthetic.height", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("data.synthetic.width", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("data.synthetic.hide_prob", lambda v: _num(v) and 0 <= v < 1, "a probability in [0, 1)"),
+    ("data.synthetic.object_classes", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("data.synthetic.seed", lambda v: _int(v) and v >= 0, "a non-negative integer"),
+    ("data.synthetic.train_videos", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("data.synthetic.val_videos", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("encoder.drop_path_rate", lambda v: _num(v) and 0 <= v < 1, "a rate in [0, 1)"),
+    ("model.dropout", lambda v: _num(v) and 0 <= v < 1, "a rate in [0, 1)"),
+    *(
+        (f"model.{k}", lambda v: _int(v) and v > 0, "a positive integer")
+        for k in ("channels", "depth", "keys_per_class", "mlp_dim", "num_heads", "num_scales", "tr_downsample")
+    ),
+    ("model.mlp_ratio", lambda v: _num(v) and v > 0, "a positive number"),
+    ("model.scale_init", _num, "a finite number"),
+    *(
+        (f"model.{k}", lambda v: _num(v) and v >= 0, "a finite number >= 0 (a loss weight)")
+        for k in ("per_frame_loss_weight", "weight_M", "weight_pd", "weight_rd")
+    ),
+    *((f"model.{k}", _ints, "a list of positive integers") for k in ("pe_size", "pool_scales", "pst_downsample")),
+    ("optim.optimizer.momentum", lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    (
+        "optim.optimizer.betas",
+        lambda v: len(v) == 2 and all(_num(b) and 0 <= b < 1 for b in v),
+        "[beta1, beta2], each in [0, 1)",
+    ),
+    ("optim.scheduler.warmup_ratio", lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+)
+
+
+def _expand(cfg: DictConfig, pattern: str) -> list[str]:
+    """The keys of ``cfg`` that ``pattern`` names (``*``: every child at that level)."""
+    keys = [""]
+    for part in pattern.split("."):
+        if part != "*":
+            keys = [f"{k}{part}." for k in keys]
+            continue
+        nxt = []
+        for k in keys:
+            node = OmegaConf.select(cfg, k[:-1], default=None)
+            nxt += [f"{k}{c}." for c in node] if isinstance(node, DictConfig) else []
+        keys = nxt
+    return [k[:-1] for k in keys]
+
+
+def check_numeric_keys(cfg: DictConfig) -> None:
+    """The rows of :data:`NUMERIC_CHECKS` that ``cfg`` has (null: the default)."""
+    for pattern, ok, expected in NUMERIC_CHECKS:
+        for key in _expand(cfg, pattern):
+            _check(cfg, key, ok, expected, optional=True)
 
 
 def validate_train_config(cfg: DictConfig) -> None:
@@ -151,6 +232,7 @@ def check_retired_keys(cfg: DictConfig) -> None:
 
 def check_train_values(cfg: DictConfig) -> None:
     """The checks that need neither torch nor the model code (they run before torch is imported)."""
+    _check(cfg, "seed", lambda v: _int(v) and 0 <= v < 2**32, "an integer in 0..2**32-1")
     _check(
         cfg,
         "trainer.max_steps",
@@ -227,8 +309,10 @@ def check_train_values(cfg: DictConfig) -> None:
         "a path to an existing local checkpoint file, or null",
         optional=True,
     )
-    _check(cfg, "optim.optimizer.lr", lambda v: _num(v) and v > 0, "a positive number")
-    _check(cfg, "optim.optimizer.weight_decay", lambda v: _num(v) and v >= 0, "a non-negative number")
+    _check(cfg, "optim.optimizer.lr", lambda v: _num(v) and v > 0, "a positive finite number")
+    _check(cfg, "optim.optimizer.weight_decay", lambda v: _num(v) and v >= 0, "a non-negative finite number")
+    check_numeric_keys(cfg)
+    check_targets(cfg)
     check_retired_keys(cfg)
     from vss.optim import check_paramwise
 
