@@ -44,25 +44,35 @@ def target_prefixes() -> tuple[str, ...]:
 
 def _targets(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """Every ``(dotted key, value)`` of a ``_target_`` in a config (DictConfig or plain containers)."""
+    if isinstance(node, DictConfig) and (node._is_none() or node._is_missing()):
+        return
     if isinstance(node, DictConfig | dict):
         items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else node.items()
         for k, v in items:
+            if not prefix and k == "hydra":  # Hydra's own config (launchers, sweepers)
+                continue
             if k == "_target_":
                 yield f"{prefix}{k}", v
             else:
                 yield from _targets(v, f"{prefix}{k}.")
-    elif OmegaConf.is_list(node) or isinstance(node, list | tuple):
+    elif (OmegaConf.is_list(node) and not node._is_none() and not node._is_missing()) or isinstance(node, list | tuple):
         for i, v in enumerate(node):
             yield from _targets(v, f"{prefix}{i}.")
 
 
-def check_targets(cfg: Any, where: str = "") -> None:
+MODEL_NODES = ("model", "encoder", "data", "optim")
+"""The nodes a model and its data are built from: their ``_target_`` s are checked on the command line too (the
+callbacks, loggers and trainer of a command line are the user's to extend, e.g. ``+callbacks.mine._target_=``)."""
+
+
+def check_targets(cfg: Any, where: str = "", nodes: tuple[str, ...] | None = None) -> None:
     """Every ``_target_`` of ``cfg`` names a callable under :func:`target_prefixes` (``model.*``: an aggregator,
     ``encoder.*``: vss.models.encoders), else one :class:`ConfigError` naming the key and the allowed prefixes.
-    ``where``: the file the config comes from (a checkpoint's stored config)."""
+    ``where``: the file the config comes from (a checkpoint's stored config); ``nodes``: only these top-level nodes.
+    """
     allowed = target_prefixes()
     for key, value in _targets(cfg):
-        if key.startswith("hydra."):
+        if nodes is not None and key.split(".", 1)[0] not in nodes:
             continue
         strict = KEY_PREFIXES.get(key.split(".", 1)[0])
         prefixes = (strict,) if strict and key.count(".") == 1 else allowed
@@ -312,7 +322,7 @@ def check_train_values(cfg: DictConfig) -> None:
     _check(cfg, "optim.optimizer.lr", lambda v: _num(v) and v > 0, "a positive finite number")
     _check(cfg, "optim.optimizer.weight_decay", lambda v: _num(v) and v >= 0, "a non-negative finite number")
     check_numeric_keys(cfg)
-    check_targets(cfg)
+    check_targets(cfg, nodes=MODEL_NODES)
     check_retired_keys(cfg)
     from vss.optim import check_paramwise
 

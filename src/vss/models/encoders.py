@@ -53,8 +53,8 @@ class Encoder(nn.Module):
         """Return the 4 feature maps of a batch of images."""
         raise NotImplementedError
 
-    def load_pretrained(self, path: str | Path) -> None:
-        """Load a local checkpoint strictly into the backbone."""
+    def load_pretrained(self, path: str | Path, trust_pickle: bool = False) -> None:
+        """Load a local checkpoint strictly into the backbone (``trust_pickle``: :func:`load_checkpoint_and_meta`)."""
         raise NotImplementedError
 
 
@@ -92,9 +92,9 @@ class MiTEncoder(Encoder):
         """Return the 4 stage outputs (NCHW) at strides 4, 8, 16, 32."""
         return list(self.body.forward_intermediates(x, intermediates_only=True))
 
-    def load_pretrained(self, path: str | Path) -> None:
+    def load_pretrained(self, path: str | Path, trust_pickle: bool = False) -> None:
         """Load an official SegFormer/mmseg or timm-layout MiT checkpoint strictly."""
-        state_dict = load_checkpoint_state_dict(path)
+        state_dict = load_checkpoint_state_dict(path, trust_pickle)
         state_dict = _strip_prefix(state_dict, "backbone.", keep_only=True)
         _load_strict(self.body, convert_mit_checkpoint(state_dict), path)
 
@@ -121,18 +121,23 @@ class ResNetEncoder(Encoder):
         """Return layer1..layer4 outputs at strides 4, 8, 8, 8."""
         return list(self.body(x))
 
-    def load_pretrained(self, path: str | Path) -> None:
+    def load_pretrained(self, path: str | Path, trust_pickle: bool = False) -> None:
         """Load a timm/torchvision or mmseg/mmcv ResNet state dict strictly (the `fc.*` classifier is dropped)."""
-        state_dict = load_checkpoint_state_dict(path)
+        state_dict = load_checkpoint_state_dict(path, trust_pickle)
         state_dict = _strip_prefix(state_dict, "backbone.", keep_only=True)
         state_dict = {k: v for k, v in convert_resnet_v1c_checkpoint(state_dict).items() if not k.startswith("fc.")}
         _load_strict(self.body, state_dict, path)
 
 
 def build_encoder(
-    name: str, pretrained: str | Path | None = None, drop_path_rate: float | None = None, **kwargs: Any
+    name: str,
+    pretrained: str | Path | None = None,
+    drop_path_rate: float | None = None,
+    trust_pickle: bool = False,
+    **kwargs: Any,
 ) -> Encoder:
-    """Build encoder `name`, optionally loading the local checkpoint `pretrained` (never downloads)."""
+    """Build encoder `name`, optionally loading the local checkpoint `pretrained` (never downloads; weights only
+    unless ``trust_pickle``, ``+encoder.trust_pickle=true``: unpickling runs code the file names)."""
     if name in MIT_SETTINGS:
         rate = _MIT_DEFAULT_DROP_PATH if drop_path_rate is None else drop_path_rate
         encoder: Encoder = MiTEncoder(name, drop_path_rate=rate, **kwargs)
@@ -141,7 +146,7 @@ def build_encoder(
     else:
         raise ValueError(f"Unknown encoder {name!r}; allowed names: {', '.join(ENCODER_NAMES)}")
     if pretrained:
-        encoder.load_pretrained(pretrained)
+        encoder.load_pretrained(pretrained, trust_pickle)
     return encoder
 
 
@@ -183,9 +188,9 @@ def _timm_mit_key(key: str) -> str:
     return (prefix + key[m.end() :]).replace(".mlp.dwconv.dwconv.", ".mlp.dwconv.")
 
 
-def load_checkpoint_state_dict(path: str | Path) -> dict[str, Tensor]:
+def load_checkpoint_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, Tensor]:
     """Read a local checkpoint and return its state dict (plain, or under `state_dict` / `model`)."""
-    return load_checkpoint_and_meta(path)[0]
+    return load_checkpoint_and_meta(path, trust_pickle, flag="+encoder.trust_pickle=true")[0]
 
 
 def load_checkpoint_and_meta(
