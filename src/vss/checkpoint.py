@@ -136,7 +136,8 @@ def _check_kind(obj: Any, expect: str, where: str) -> None:
         state = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), obj)
         ok = bool(state) and all(isinstance(v, Tensor) for v in state.values())
     if not ok:
-        raise CheckpointError(f"{where} holds {_kind(obj)}: expected {EXPECTED[expect]}")
+        noun = "vss checkpoint" if expect == "vss" else "checkpoint of that kind"
+        raise CheckpointError(f"{where} is not a {noun}: it holds {_kind(obj)}; expected {EXPECTED[expect]}")
 
 
 def load_checkpoint(
@@ -174,7 +175,7 @@ def load_checkpoint(
         )
     if not archive and not head.startswith(b"\x80"):  # torch.save writes a zip archive (legacy: a pickle)
         what = _describe_bytes(head)
-        raise CheckpointError(f"{where} is not a checkpoint: it is {what}; expected {EXPECTED[expect]}")
+        raise CheckpointError(f"{where} cannot be read as a checkpoint: it is {what}; expected {EXPECTED[expect]}")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=not trust_pickle, mmap=mmap and archive)
     except pickle.UnpicklingError as e:

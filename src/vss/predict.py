@@ -39,6 +39,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -638,7 +639,7 @@ def _checked(cfg: DictConfig, key: str, ok: Callable[[Any], bool], expected: str
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def output_dir(cfg: DictConfig) -> Path:

@@ -98,7 +98,7 @@ def resolve_device(name: Any, key: str = "device") -> Any:
     if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
         raise ConfigError(f"{key}={name!r} is invalid: expected auto, cpu or cuda (cuda:N)")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"{key}={name} but torch.cuda.is_available() is False (no GPU here): use {key}=cpu or auto")
+        raise ConfigError(f"{key}={name} but torch.cuda.is_available() is False (no GPU): use {key}=cpu")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
         raise ConfigError(f"{key}={name} but only {torch.cuda.device_count()} GPU(s) are visible")
     return torch.device(name)
@@ -158,8 +158,9 @@ NUMERIC_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("model.dropout", lambda v: _num(v) and 0 <= v < 1, "a rate in [0, 1)"),
     *(
         (f"model.{k}", lambda v: _int(v) and v > 0, "a positive integer")
-        for k in ("channels", "depth", "keys_per_class", "mlp_dim", "num_heads", "num_scales", "tr_downsample")
+        for k in ("embed_dim", "channels", "depth", "keys_per_class", "mlp_dim", "num_heads", "num_scales")
     ),
+    ("model.tr_downsample", lambda v: _int(v) and v > 0, "a positive integer"),
     ("model.mlp_ratio", lambda v: _num(v) and v > 0, "a positive number"),
     ("model.scale_init", _num, "a finite number"),
     *(
