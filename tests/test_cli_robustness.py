@@ -741,7 +741,7 @@ def test_a_disk_that_fills_up_mid_prediction(tiny_ckpt: Path, tmpfs, cli_env, tm
     subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
     again = _module_cli("predict", *args, env=cli_env)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "files of an unfinished prediction (no predict.json)" in again.stderr
+    assert "files of an unfinished prediction (no predict.json)" in again.stdout + again.stderr
     summary = json.loads((disk / "p" / "predict.json").read_text())
     assert summary["frames"] == 6 and len(list((disk / "p" / "masks").glob("*.png"))) == 6
 
