@@ -589,11 +589,10 @@ def _numeric_leaves(node: Any, prefix: str = "") -> list[str]:
 
 
 CHECKED_ELSEWHERE = {
-    "model.offsets": "vss.offsets.check_offsets, from check_model_values",
-    "stm.p": "MRCFA.check_config (the method's own file), from check_model_values",
+    "model.offsets": "vss.offsets.check_offsets, from check_model_values (a list of ints, its own rules)",
     "model.memory": "STFMAR's memory builder reads the file (its keys_per_class, values_per_class)",
 }
-"""Numeric keys that ``check_train_values`` leaves to another check (where, in the value)."""
+"""Numeric keys that ``validate_train_config`` leaves to another check (where, in the value)."""
 
 TRAIN_VARIANTS = [
     [],
@@ -606,8 +605,9 @@ TRAIN_VARIANTS = [
 @pytest.mark.parametrize("variant", TRAIN_VARIANTS, ids=lambda v: " ".join(v) or "default")
 def test_every_numeric_key_of_the_train_config_is_checked(variant: list[str], compose_cfg, tmp_path: Path) -> None:
     """Each int/float leaf set to nan (no valid value of any key) is refused by check_train_values naming it: a new
-    numeric key without a check fails here (or gets a line in CHECKED_ELSEWHERE saying where it is checked)."""
-    from vss.validation import check_train_values
+    numeric key without a check fails here (or gets a line in CHECKED_ELSEWHERE saying where it is checked). The
+    method's own keys (``stm.*``) are its ``check_config``'s, which validate_train_config calls."""
+    from vss.validation import check_train_values, validate_train_config
 
     base = compose_cfg(*variant, f"data.root={tmp_path}")
     check_train_values(base)  # the shipped config passes
@@ -624,7 +624,7 @@ def test_every_numeric_key_of_the_train_config_is_checked(variant: list[str], co
         else:
             OmegaConf.update(cfg, key, float("nan"), merge=False)
         try:
-            check_train_values(cfg)
+            validate_train_config(cfg)
             unchecked.append(key)
         except ConfigError as e:
             assert str(e).startswith(owner) or f" {owner}=" in str(e), (key, str(e))
