@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -363,3 +365,423 @@ def test_every_entry_point_reports_a_mistyped_key_in_one_line(program: str, monk
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"ckpt_pth is not a key of the {program} config" in err[0], err
+
+
+# -- issue 27: every bad file and value is one line; no untrusted pickle is ever executed -------------------------
+def _module_cli(program: str, *args: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", f"vss.{program}", *args]
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+class SideEffect:
+    """Unpickling it runs ``touch MARKER`` (what a hostile checkpoint would do, harmlessly)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+def _vss_checkpoint(embed_dim: int = 8) -> dict[str, Any]:
+    """A small vss checkpoint as vss.train writes it (state_dict with the ``segmenter.`` prefix + the config)."""
+    from conftest import TINY_DATA, compose_train
+    from vss.lit import build_module
+
+    cfg = compose_train([*TINY_DATA, "data.scale=[32,32]", f"model.embed_dim={embed_dim}"])
+    config = OmegaConf.to_container(cfg, resolve=False)
+    config.pop("hydra")
+    config["paths"] = {"output_dir": "/unused", "data_dir": "/unused", "log_dir": "/unused", "root_dir": "."}
+    cfg = OmegaConf.create(config)
+    config = OmegaConf.to_container(cfg, resolve=True)  # as vss.train stores it: resolved, plain containers
+    module = build_module(cfg, int(cfg.data.num_classes), [str(i) for i in range(int(cfg.data.num_classes))])
+    return {"state_dict": module.state_dict(), "hyper_parameters": {"config": config}, "global_step": 3}
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-ckpt") / "tiny.ckpt"
+    torch.save(_vss_checkpoint(), path)
+    return path
+
+
+def _bad_files(root: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    """Each kind of bad model file and the words of its one-line refusal."""
+    files: dict[str, tuple[Path, str]] = {}
+    (root / "random.bin").write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))
+    files["random bytes"] = (root / "random.bin", "cannot be read as a checkpoint: it is binary data")
+    (root / "notes.txt").write_text("not a checkpoint at all\n")
+    files["text"] = (root / "notes.txt", "it is a text file (it starts with 'not a checkpoint at all')")
+    raw = good.read_bytes()
+    (root / "truncated.ckpt").write_bytes(raw[: len(raw) // 2])
+    files["truncated"] = (root / "truncated.ckpt", "is a truncated or damaged archive")
+    torch.save(torch.zeros(3), root / "tensor.pt")
+    files["bare tensor"] = (root / "tensor.pt", "is not a vss checkpoint: it holds a bare tensor; expected a vss")
+    ckpt = torch.load(good, weights_only=True)
+    torch.save(ckpt["state_dict"], root / "state.pt")
+    files["state dict without config"] = (root / "state.pt", "holds a bare state dict of")
+    torch.save({**ckpt, "hyper_parameters": {"num_classes": 5}}, root / "noconfig.ckpt")
+    files["Lightning without config"] = (root / "noconfig.ckpt", "has a state_dict but no hyper_parameters.config")
+    return files
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["random bytes", "text", "truncated", "bare tensor", "state dict without config", "Lightning without config"],
+)
+def test_each_kind_of_bad_model_file_is_one_line(kind: str, tiny_ckpt: Path, tmp_path: Path) -> None:
+    from vss.checkpoint import CheckpointError, load_checkpoint
+
+    path, words = _bad_files(tmp_path, tiny_ckpt)[kind]
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, key="ckpt_path")
+    message = str(info.value)
+    assert message.startswith(f"ckpt_path={str(path)!r}") and words in message and "\n" not in message
+
+
+def test_bad_model_files_on_the_command_lines(tiny_ckpt: Path, cli_env, tmp_path: Path) -> None:
+    """vss.eval ckpt_path= and vss.convert --src: one line, exit 2 (a trace, exit 1, before)."""
+    files = _bad_files(tmp_path, tiny_ckpt)
+    path, words = files["bare tensor"]
+    eval_line = one_line_error(_module_cli("eval", f"ckpt_path={path}", f"hydra.run.dir={tmp_path}/e", env=cli_env))
+    assert words in eval_line
+    path, words = files["random bytes"]
+    convert = _module_cli("convert", "--src", str(path), "--dst", str(tmp_path / "x.ckpt"), env=cli_env)
+    assert f"--src={str(path)!r} cannot be read as a checkpoint: it is binary data" in one_line_error(convert)
+
+
+def test_a_vss_train_checkpoint_loads_weights_only(five_step_run) -> None:
+    """What vss.train writes (hyper_parameters, callback and loop state) is plain containers and tensors: it loads
+    with weights_only=True, no trust needed."""
+    from vss.checkpoint import load_checkpoint
+
+    assert five_step_run.returncode == 0, five_step_run.stderr[-2000:]
+    run_dir = Path(re.search(r"\[vss\] run directory: (\S+)", five_step_run.stdout).group(1))
+    for path in (run_dir / "checkpoints").glob("*.ckpt"):
+        ckpt = load_checkpoint(path, expect="vss")
+        assert ckpt["global_step"] == 5 or "best" in path.name
+        assert isinstance(ckpt["hyper_parameters"]["config"], dict)
+
+
+@pytest.fixture
+def side_effect_file(tiny_ckpt: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A vss checkpoint carrying an object whose unpickling creates ``marker``; returns (file, marker)."""
+    marker = tmp_path / "UNPICKLED"
+    path = tmp_path / "hostile.ckpt"
+    torch.save({**torch.load(tiny_ckpt, weights_only=True), "extra": SideEffect(marker)}, path)
+    assert not marker.exists()
+    return path, marker
+
+
+@pytest.mark.parametrize(
+    ("program", "args", "flag"),
+    [
+        ("eval", ["ckpt_path={f}", "hydra.run.dir={d}/run"], "trust_pickle=true"),
+        ("predict", ["ckpt_path={f}", "source={d}", "output={d}/out", "hydra.run.dir={d}/run"], "trust_pickle=true"),
+        ("convert", ["--model", "mrcfa", "--src", "{f}", "--dst", "{d}/x.ckpt"], "--trust-pickle"),
+        ("train", ["init_from={f}", "paths.log_dir={d}/logs", "trainer.max_steps=1"], "trust_pickle=true"),
+    ],
+)
+def test_a_pickle_with_a_side_effect_is_never_unpickled(
+    program: str, args: list[str], flag: str, side_effect_file: tuple[Path, Path], cli_env, tmp_path: Path
+) -> None:
+    path, marker = side_effect_file
+    cv2 = pytest.importorskip("cv2")
+    cv2.imwrite(str(tmp_path / "000.png"), np.zeros((32, 32, 3), np.uint8))  # predict's source folder
+    proc = _module_cli(program, *(a.format(f=path, d=tmp_path) for a in args), env=cli_env)
+    line = one_line_error(proc)
+    assert "needs full unpickling (it names the Python object posix.system)" in line and line.endswith(flag), line
+    assert str(path) in line
+    assert not marker.exists(), "the file's code ran"
+
+
+def test_model_memory_and_resume_refuse_a_pickle(side_effect_file: tuple[Path, Path]) -> None:
+    from vss.models.aggregators.stf_mar import load_memory
+    from vss.stages import read_checkpoint
+
+    path, marker = side_effect_file
+    with pytest.raises(ConfigError, match=r"^model.memory=.* needs full unpickling .*expected tensors and plain"):
+        load_memory(path)
+    with pytest.raises(ConfigError, match=r"^ckpt_path=.* needs full unpickling .*pass trust_pickle=true$"):
+        read_checkpoint(path, "ckpt_path", mmap=True)
+    assert not marker.exists()
+
+
+def test_trust_pickle_does_unpickle(side_effect_file: tuple[Path, Path]) -> None:
+    """The one controlled run of the flag: it reaches full unpickling (the marker appears), as documented."""
+    from vss.checkpoint import load_checkpoint
+
+    path, marker = side_effect_file
+    ckpt = load_checkpoint(path, trust_pickle=True)
+    assert marker.exists() and ckpt["global_step"] == 3
+
+
+# -- a checkpoint that does not fit its overrides ---------------------------------------------------------------
+def test_a_shape_changing_override_names_the_tensor_and_the_override(tiny_ckpt: Path) -> None:
+    from vss.lit import load_module
+
+    with pytest.raises(ConfigError) as info:
+        load_module(tiny_ckpt, overrides={"model": {"embed_dim": 16}})
+    message = str(info.value)
+    assert "\n" not in message
+    assert re.search(
+        r"does not fit the model built with the overrides model.embed_dim=16 \(stored: 8\): segmenter\.\S+ is "
+        r"\(8(, \d+)*\) in the checkpoint, \(16(, \d+)*\) in the model \(\d+ tensors differ\)",
+        message,
+    ), message
+    loaded = load_module(tiny_ckpt, overrides={"model": {"embed_dim": 8}})  # the stored value: fits
+    assert loaded.config.model.embed_dim == 8 and not loaded.module.training
+
+
+def test_eval_applies_and_checks_model_overrides(tiny_ckpt: Path, cli_env, tmp_path: Path) -> None:
+    proc = _module_cli(
+        "eval", f"ckpt_path={tiny_ckpt}", "+model.embed_dim=16", f"hydra.run.dir={tmp_path}", env=cli_env
+    )
+    assert "the overrides model.embed_dim=16 (stored: 8)" in one_line_error(proc)
+
+
+# -- config values refused at config time ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("seed=abc", "seed='abc' is invalid: expected an integer"),
+        ("seed=-1", "seed=-1 is invalid"),
+        ("data.num_workers=-1", "data.num_workers=-1 is invalid: expected a non-negative integer"),
+        ("optim.optimizer.lr=inf", "optim.optimizer.lr=inf is invalid: expected a positive finite number"),
+        ("optim.optimizer.lr=nan", "optim.optimizer.lr=nan is invalid"),
+        ("optim.optimizer.lr=0", "optim.optimizer.lr=0 is invalid"),
+        ("optim.optimizer.lr=-1", "optim.optimizer.lr=-1 is invalid"),
+        ("optim.optimizer.weight_decay=inf", "optim.optimizer.weight_decay=inf is invalid"),
+        ("model.dropout=1.5", "model.dropout=1.5 is invalid: expected a rate in [0, 1)"),
+        ("optim.optimizer._target_=os.system", "optim.optimizer._target_='os.system' is refused"),
+    ],
+)
+def test_bad_train_values_are_refused_at_config_time(override: str, words: str, compose_cfg) -> None:
+    from vss.validation import check_train_values
+
+    with pytest.raises(ConfigError) as info:
+        check_train_values(compose_cfg(override))
+    assert words in str(info.value)
+
+
+def test_lr_inf_is_one_line_before_training(cli_env, tmp_path: Path) -> None:
+    """It was a trace ending in ``loss is nan at step 1`` after Lightning's banner; now refused before torch."""
+    proc = _module_cli("train", "optim.optimizer.lr=inf", f"paths.log_dir={tmp_path}", env=cli_env)
+    assert "optim.optimizer.lr=inf is invalid" in one_line_error(proc)
+    assert "GPU available" not in proc.stdout + proc.stderr and not list(tmp_path.rglob("*.ckpt"))
+
+
+def _numeric_leaves(node: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of the int/float leaves of a composed config (a list element: ``key.[i]``)."""
+    from omegaconf import DictConfig, ListConfig
+
+    keys: list[str] = []
+    if isinstance(node, DictConfig):
+        for k in node:
+            if not OmegaConf.is_missing(node, k) and k != "hydra":
+                keys += _numeric_leaves(node._get_node(k), f"{prefix}{k}.")
+    elif isinstance(node, ListConfig) and not node._is_none():
+        for i in range(len(node)):
+            keys += _numeric_leaves(node._get_node(i), f"{prefix}[{i}].")
+    elif isinstance(node._value(), int | float) and not isinstance(node._value(), bool):
+        keys.append(prefix[:-1])
+    return keys
+
+
+CHECKED_ELSEWHERE = {
+    "model.offsets": "vss.offsets.check_offsets, from check_model_values (a list of ints, its own rules)",
+    "model.memory": "STFMAR's memory builder reads the file (its keys_per_class, values_per_class)",
+}
+"""Numeric keys that ``validate_train_config`` leaves to another check (where, in the value)."""
+
+TRAIN_VARIANTS = [
+    [],
+    *([f"model={m.stem}"] for m in sorted((REPO_ROOT / "conf" / "model").glob("*.yaml"))),
+    *([f"data={d.stem}"] for d in sorted((REPO_ROOT / "conf" / "data").glob("*.yaml"))),
+    ["optim=sgd"],
+]
+
+
+@pytest.mark.parametrize("variant", TRAIN_VARIANTS, ids=lambda v: " ".join(v) or "default")
+def test_every_numeric_key_of_the_train_config_is_checked(variant: list[str], compose_cfg, tmp_path: Path) -> None:
+    """Each int/float leaf set to nan (no valid value of any key) is refused by check_train_values naming it: a new
+    numeric key without a check fails here (or gets a line in CHECKED_ELSEWHERE saying where it is checked). The
+    method's own keys (``stm.*``) are its ``check_config``'s, which validate_train_config calls."""
+    from vss.validation import check_train_values, validate_train_config
+
+    base = compose_cfg(*variant, f"data.root={tmp_path}")
+    check_train_values(base)  # the shipped config passes
+    keys = _numeric_leaves(base)
+    assert "optim.optimizer.lr" in keys and "seed" in keys
+    unchecked = []
+    for key in keys:
+        owner = key.split(".[", 1)[0]
+        if any(owner == k or owner.startswith(k + ".") for k in CHECKED_ELSEWHERE):
+            continue
+        cfg = base.copy()
+        if ".[" in key:
+            OmegaConf.select(cfg, owner)[int(key.rsplit("[", 1)[1][:-1])] = float("nan")
+        else:
+            OmegaConf.update(cfg, key, float("nan"), merge=False)
+        try:
+            validate_train_config(cfg)
+            unchecked.append(key)
+        except ConfigError as e:
+            assert str(e).startswith(owner) or f" {owner}=" in str(e), (key, str(e))
+    assert not unchecked, f"numeric keys without a check (add a row to vss.validation.NUMERIC_CHECKS): {unchecked}"
+
+
+@pytest.mark.parametrize(
+    ("program", "override", "words"),
+    [
+        ("eval", "num_workers=-1", "num_workers=-1 is invalid: expected a non-negative integer"),
+        ("eval", "+model.embed_dim=0", "model.embed_dim=0 is invalid"),
+        ("predict", "opacity=nan", "opacity=nan is invalid"),
+        ("predict", "batch_size=0", "batch_size=0 is invalid"),
+        ("predict", "fps=inf", "fps=inf is invalid"),
+        ("bench", "height=0", "height=0 is invalid"),
+        ("bench", "model.dropout=inf", "model.dropout=inf is invalid"),
+    ],
+)
+def test_bad_eval_predict_bench_values_are_one_line(
+    program: str, override: str, words: str, monkeypatch, capsys, tmp_path: Path
+) -> None:
+    module = importlib.import_module(f"vss.{program}")
+    given = {"eval": ["ckpt_path=/nonexistent.ckpt"], "predict": ["ckpt_path=/x.ckpt", f"source={tmp_path}"]}
+    argv = [*given.get(program, []), override, f"hydra.run.dir={tmp_path}/run", "device=cpu"]
+    monkeypatch.setattr(sys, "argv", [program, *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+
+
+@pytest.mark.parametrize("program", ["eval", "predict", "bench"])
+def test_device_cuda_without_cuda_is_one_line(program: str, monkeypatch, capsys, tmp_path: Path) -> None:
+    module = importlib.import_module(f"vss.{program}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    given = {"eval": ["ckpt_path=/nonexistent.ckpt"], "predict": ["ckpt_path=/x.ckpt", f"source={tmp_path}"]}
+    monkeypatch.setattr(sys, "argv", [program, *given.get(program, []), "device=cuda", f"hydra.run.dir={tmp_path}/r"])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: device=cuda but torch.cuda.is_available() is False (no GPU): use device=cpu"]
+
+
+def test_device_auto_picks_what_exists(monkeypatch) -> None:
+    from vss.validation import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(ConfigError, match="^device='gpu0' is invalid: expected auto, cpu or cuda"):
+        resolve_device("gpu0")
+
+
+# -- outputs: a file, a read-only disk, a full disk --------------------------------------------------------------
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """``tmpfs(options)``: a fresh tmpfs mounted in tmp_path (root only; skipped where mount is not permitted)."""
+    mounted: list[Path] = []
+
+    def mount(options: str) -> Path:
+        path = tmp_path / f"mnt{len(mounted)}"
+        path.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip() or 'not root'})")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def test_predict_output_that_is_a_file(tiny_ckpt: Path, cli_env, tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("x")
+    cv2 = pytest.importorskip("cv2")
+    cv2.imwrite(str(tmp_path / "000.png"), np.zeros((32, 32, 3), np.uint8))
+    args = [f"ckpt_path={tiny_ckpt}", f"source={tmp_path / '000.png'}", f"hydra.run.dir={tmp_path}/run"]
+    line = one_line_error(_module_cli("predict", *args, f"output={tmp_path / 'taken'}", env=cli_env))
+    taken = str(tmp_path / "taken")
+    assert line == f"error: output={taken!r} is a file, not a directory: pass a directory (created if missing)"
+
+
+def test_read_only_outputs_are_one_line(tiny_ckpt: Path, tmpfs, cli_env, tmp_path: Path) -> None:
+    ro = tmpfs("ro,size=1m")
+    cv2 = pytest.importorskip("cv2")
+    cv2.imwrite(str(tmp_path / "000.png"), np.zeros((32, 32, 3), np.uint8))
+    args = [f"ckpt_path={tiny_ckpt}", f"source={tmp_path / '000.png'}", f"hydra.run.dir={tmp_path}/run"]
+    line = one_line_error(_module_cli("predict", *args, f"output={ro}/p", env=cli_env))
+    assert line.startswith(f"error: output='{ro}/p' cannot be written: Read-only file system"), line
+    line = one_line_error(_module_cli("eval", f"ckpt_path={tiny_ckpt}", f"hydra.run.dir={ro}/e", env=cli_env))
+    assert f"the run directory {ro}/e cannot be created: {ro} is on a read-only file system" in line, line
+
+
+def test_a_disk_that_fills_up_mid_prediction(tiny_ckpt: Path, tmpfs, cli_env, tmp_path: Path) -> None:
+    """A full disk mid-run: one line naming the file; what is left does not look complete (no predict.json, no
+    video, no temporary file); with room again the same command completes (the leftovers are cleared)."""
+    cv2 = pytest.importorskip("cv2")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):  # noise: each PNG ~240 KB, the videos larger still
+        cv2.imwrite(str(frames / f"{i:03d}.png"), rng.integers(0, 256, (256, 320, 3), dtype=np.uint8))
+    disk = tmpfs("size=256k")
+    args = [f"ckpt_path={tiny_ckpt}", f"source={frames}", f"output={disk}/p", "side_by_side=true"]
+    args += [f"hydra.run.dir={tmp_path}/run", "device=cpu", "progress=false"]
+    line = one_line_error(_module_cli("predict", *args, env=cli_env))
+    assert re.match(rf"error: cannot write '{disk}/p/\S+': No space left on device \(the disk is full", line), line
+    left = sorted(p.name for p in (disk / "p").rglob("*") if p.is_file())
+    assert "predict.json" not in left and not [n for n in left if n.endswith((".mp4", ".partial"))], left
+    subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+    again = _module_cli("predict", *args, env=cli_env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "files of an unfinished prediction (no predict.json)" in again.stdout + again.stderr
+    summary = json.loads((disk / "p" / "predict.json").read_text())
+    assert summary["frames"] == 6 and len(list((disk / "p" / "masks").glob("*.png"))) == 6
+
+
+# -- quiet errors ------------------------------------------------------------------------------------------------
+def test_a_data_error_has_no_lightning_banner_before_it(tiny_args, cli_env, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [a for a in tiny_args(tmp_path / "logs") if "synthetic" not in a and "data_dir" not in a]
+    proc = subprocess.run(
+        cli_command([*args, "data=vspw", f"data.root={empty}", "data.num_classes=5"]),
+        cwd=REPO_ROOT,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert f"split file {empty}/train.txt is missing" in one_line_error(proc)
+    assert "GPU available" not in proc.stdout + proc.stderr and "TPU available" not in proc.stdout + proc.stderr
+
+
+def test_a_crafted_target_in_a_checkpoint_is_one_line(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from vss.lit import read_module_checkpoint
+
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    for key, allowed in (("model", "vss.models.aggregators."), ("data", "'torch.optim.', 'vss.'")):
+        crafted = json.loads(json.dumps(ckpt["hyper_parameters"]))
+        crafted["config"][key]["_target_"] = "os.system"
+        torch.save({**ckpt, "hyper_parameters": crafted}, tmp_path / f"{key}.ckpt")
+        with pytest.raises(ConfigError) as info:
+            read_module_checkpoint(tmp_path / f"{key}.ckpt")
+        assert f"its config's {key}._target_='os.system' is refused: a _target_ must name a callable under" in str(
+            info.value
+        )
+        assert allowed in str(info.value)
+
+
+def test_target_prefixes_come_from_the_shipped_configs() -> None:
+    from vss.validation import target_prefixes
+
+    prefixes = target_prefixes()
+    assert "vss." in prefixes and "torch.optim." in prefixes and "pytorch_lightning.callbacks." in prefixes
+    assert not any(p.startswith(("os", "subprocess", "builtins")) for p in prefixes)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from random_weights import randomize_
 from reference_mit import build_reference_mit
+from vss.errors import ConfigError
 from vss.models.encoders import ENCODER_NAMES, build_encoder, convert_mit_checkpoint
 
 # Backbone parameters without the ImageNet head, counted on the official MiT design (tests/reference_mit.py).
@@ -190,12 +191,17 @@ def test_missing_checkpoint_names_path_and_key(tmp_path: Path) -> None:
     assert "encoder.pretrained" in str(info.value)
 
 
-def test_non_weights_only_checkpoint_falls_back(official_mit_b0: tuple[nn.Module, Path], tmp_path: Path) -> None:
+def test_non_weights_only_checkpoint_is_refused_unless_trusted(
+    official_mit_b0: tuple[nn.Module, Path], tmp_path: Path
+) -> None:
+    """A file that needs full unpickling is never unpickled silently (it could run code): one line saying how to
+    trust it; with ``+encoder.trust_pickle=true`` it loads."""
     ref, _ = official_mit_b0
     path = tmp_path / "with_meta.pth"
     torch.save({"meta": argparse.Namespace(config="x"), "state_dict": ref.state_dict()}, path)
-    with pytest.warns(UserWarning, match="weights_only"):
-        enc = build_encoder("mit_b0", pretrained=path)
+    with pytest.raises(ConfigError, match=r"needs full unpickling .*argparse.Namespace.*\+encoder.trust_pickle=true"):
+        build_encoder("mit_b0", pretrained=path)
+    enc = build_encoder("mit_b0", pretrained=path, trust_pickle=True)
     assert torch.equal(enc.body.stages[3].norm.weight, ref.norm4.weight)
 
 

@@ -99,7 +99,7 @@ from vss.config import CONF_DIR, register_resolvers
 from vss.errors import ConfigError, friendly_errors
 from vss.models.precision import PRECISIONS, inference_precision
 from vss.runtime import tune_host_allocator
-from vss.validation import _get
+from vss.validation import _get, check_numeric_keys, check_targets, resolve_device
 
 register_resolvers()
 
@@ -189,16 +189,9 @@ def check_bench_config(cfg: DictConfig) -> torch.device:
                 f"{key}=true is a mode=train option (mode={_get(cfg, 'mode')}); model.compile=true "
                 "compiles the temporal part at inference"
             )
-    name = str(_get(cfg, "device"))
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
-        raise ConfigError(f"device={name!r} is invalid: expected auto, cpu or cuda (cuda:N)")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but torch.cuda.is_available() is False (no GPU): use device=cpu")
-    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise ConfigError(f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible")
-    return torch.device(name)
+    check_numeric_keys(cfg)  # the model's and encoder's own (model.embed_dim, encoder.drop_path_rate, ...)
+    check_targets(cfg)
+    return resolve_device(_get(cfg, "device"))
 
 
 def _sync(device: torch.device) -> Callable[[], None]:

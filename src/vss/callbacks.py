@@ -423,3 +423,40 @@ class RequeueOnSignal(pl.Callback):
         message = f"[vss] requeued SLURM job {job} at step {trainer.global_step}; it resumes from its last.ckpt"
         print(message, flush=True)
         RUN_LOG.info(message)
+
+
+class HoldDeviceBanner(pl.Callback, logging.Filter):
+    """Lightning's device lines (``GPU available: False, used: False``, ``TPU available ...``), logged when the
+    Trainer is built, held back until the data is set up: a data error is one line with nothing before it.
+
+    Create it before the Trainer; it replays the lines in ``setup`` (after the data module's) and lets go.
+    """
+
+    LOGGER = "pytorch_lightning.utilities.rank_zero"
+    PREFIXES = ("GPU available", "TPU available", "HPU available", "IPU available")
+
+    def __init__(self) -> None:
+        pl.Callback.__init__(self)
+        logging.Filter.__init__(self)
+        self.held: list[logging.LogRecord] = []
+        logging.getLogger(self.LOGGER).addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith(self.PREFIXES):
+            self.held.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        """Stop holding lines back and log those held."""
+        logger = logging.getLogger(self.LOGGER)
+        logger.removeFilter(self)
+        for record in self.held:
+            logger.handle(record)
+        self.held = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        self.release()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        logging.getLogger(self.LOGGER).removeFilter(self)  # a run that failed before setup: the lines are dropped

@@ -1,10 +1,16 @@
-"""Atomic checkpoint writes: a crash mid-save never leaves a truncated ``.ckpt`` behind; a kill mid-save leaves a
-``.NAME.*.tmp`` file, which the next start of the same run removes; checkpoints get the process's umask."""
+"""Checkpoint IO. Reading: :func:`load_checkpoint`, the one reader of every model file (``torch.load`` with
+``weights_only=True`` always; a file that needs full unpickling is refused unless the user trusts it). Writing:
+atomic, a crash mid-save never leaves a truncated ``.ckpt`` behind; a kill mid-save leaves a ``.NAME.*.tmp`` file,
+which the next start of the same run removes; checkpoints get the process's umask."""
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
+import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +19,8 @@ import torch
 from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torch import Tensor
+
+from vss.errors import ConfigError
 
 TMP_GLOB = ".*.tmp"
 """The temporary files of :func:`atomic_torch_save` (``.last.ckpt.<random>.tmp``)."""
@@ -54,7 +62,15 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO that writes every checkpoint (best and last) atomically."""
+    """Lightning checkpoint IO that writes every checkpoint (best and last) atomically and reads them (a resume)
+    with :func:`load_checkpoint`."""
+
+    def __init__(self, trust_pickle: bool = False) -> None:
+        super().__init__()
+        self.trust_pickle = bool(trust_pickle)
+
+    def load_checkpoint(self, path: _PATH, map_location: Any = None, weights_only: bool | None = None) -> Any:
+        return load_checkpoint(path, key="ckpt_path", trust_pickle=self.trust_pickle, expect="dict", mmap=False)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -62,10 +78,120 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
-def checkpoint_step(path: _PATH) -> int | None:
+def checkpoint_step(path: _PATH, trust_pickle: bool = False) -> int | None:
     """The training step a Lightning checkpoint was saved at (its tensors memory-mapped, not read); None if unknown."""
-    step = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step")
+    step = load_checkpoint(path, trust_pickle=trust_pickle, expect="dict").get("global_step")
     return int(step) if step is not None else None
+
+
+class CheckpointError(ConfigError):
+    """A model file that cannot be loaded as asked; the message names the file, what it holds and what was expected."""
+
+
+TRUST_FLAG = "trust_pickle=true"
+"""How a Hydra CLI trusts a file that needs full unpickling (argparse CLIs: ``--trust-pickle``)."""
+
+EXPECTED = {
+    "vss": "a vss checkpoint (a .ckpt written by vss.train or vss.convert: state_dict and hyper_parameters.config)",
+    "weights": "a checkpoint holding a state dict of tensors (plain, or under 'state_dict' or 'model')",
+    "dict": "a checkpoint written by torch.save holding a dict",
+}
+"""What :func:`load_checkpoint` accepts for each ``expect``, as its errors say."""
+
+
+def _describe_bytes(head: bytes) -> str:
+    """What a file that is no torch checkpoint looks like: text (its first words) or binary (its first bytes)."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if text and all(c.isprintable() or c in "\t\r\n" for c in text):
+        words = " ".join(text.split())[:40]
+        return f"a text file (it starts with {words!r})"
+    return f"binary data (it starts with bytes {head[:8].hex(' ')})"
+
+
+def _kind(obj: Any) -> str:
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return f"a bare state dict of {len(obj)} tensors (no training config)"
+    if isinstance(obj, Mapping):
+        keys = list(obj)[:4]
+        return f"a dict with keys {keys}" + (" ..." if len(obj) > 4 else "")
+    return f"a {type(obj).__module__}.{type(obj).__name__}" if not isinstance(obj, Tensor) else "a bare tensor"
+
+
+def _check_kind(obj: Any, expect: str, where: str) -> None:
+    """``obj`` is what ``expect`` names (:data:`EXPECTED`), else a :class:`CheckpointError`."""
+    ok = isinstance(obj, Mapping)
+    if ok and expect == "vss":
+        config = obj.get("hyper_parameters")
+        config = config.get("config") if isinstance(config, Mapping) else None
+        ok = isinstance(obj.get("state_dict"), Mapping) and isinstance(config, Mapping)
+        if ok is False and isinstance(obj.get("state_dict"), Mapping):
+            raise CheckpointError(
+                f"{where} is not a vss checkpoint: it has a state_dict but no hyper_parameters.config (the training "
+                "config that rebuilds the model): expected a .ckpt written by vss.train or vss.convert"
+            )
+    elif ok and expect == "weights":
+        state = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), obj)
+        ok = bool(state) and all(isinstance(v, Tensor) for v in state.values())
+    if not ok:
+        noun = "vss checkpoint" if expect == "vss" else "checkpoint of that kind"
+        raise CheckpointError(f"{where} is not a {noun}: it holds {_kind(obj)}; expected {EXPECTED[expect]}")
+
+
+def load_checkpoint(
+    path: _PATH,
+    *,
+    key: str = "ckpt_path",
+    trust_pickle: bool = False,
+    expect: str = "vss",
+    flag: str | None = TRUST_FLAG,
+    mmap: bool = True,
+) -> Any:
+    """Read the model file ``path`` (given as ``key``) with ``torch.load(weights_only=True)``; check it is ``expect``.
+
+    ``expect``: ``vss`` (state_dict + hyper_parameters.config), ``weights`` (tensors, plain or under
+    ``state_dict`` / ``model``) or ``dict``. A file that is not a torch checkpoint, a truncated archive, another
+    kind of object and a file that needs full unpickling are each one :class:`CheckpointError` naming ``key``, the
+    file and what was expected. ``trust_pickle=True`` (the user's ``flag``) unpickles fully: that runs whatever
+    code the file names, so only for files from a trusted origin (``flag=None``: no flag for this kind of file).
+    ``mmap``: tensors are mapped, not read.
+    """
+    if expect not in EXPECTED:
+        raise ValueError(f"expect={expect!r}: one of {list(EXPECTED)}")
+    p = Path(str(path)).expanduser()
+    where = f"{key}={str(path)!r}"
+    if not p.is_file():
+        what = "a directory, not a checkpoint file" if p.is_dir() else "the file does not exist"
+        raise CheckpointError(f"{where} is invalid: {what}")
+    with open(p, "rb") as f:
+        head = f.read(64)
+    archive = zipfile.is_zipfile(p)
+    if not archive and head.startswith(b"PK\x03\x04"):
+        raise CheckpointError(
+            f"{where} is a truncated or damaged archive ({p.stat().st_size} bytes, no zip directory at its end): "
+            "copy or download it again"
+        )
+    if not archive and not head.startswith(b"\x80"):  # torch.save writes a zip archive (legacy: a pickle)
+        what = _describe_bytes(head)
+        raise CheckpointError(f"{where} cannot be read as a checkpoint: it is {what}; expected {EXPECTED[expect]}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=not trust_pickle, mmap=mmap and archive)
+    except pickle.UnpicklingError as e:
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if trust_pickle or "Weights only load failed" not in str(e):
+            raise CheckpointError(f"{where} cannot be read: {' '.join(str(e).split())[:200]}") from None
+        what = f"the Python object {named.group(1)}" if named else "Python objects beyond tensors and containers"
+        how = f"if you trust where it comes from, pass {flag}" if flag else "expected tensors and plain containers only"
+        raise CheckpointError(
+            f"{where} needs full unpickling (it names {what}), which runs code chosen by the file: refused; {how}"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, ImportError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{where} cannot be read (damaged or truncated?): {type(e).__name__}: {first}") from None
+    _check_kind(obj, expect, where)
+    return obj
 
 
 @dataclass

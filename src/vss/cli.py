@@ -4,6 +4,7 @@ group options), and the arguments of a resume."""
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,6 +92,9 @@ def check_command_line(config_name: str, argv: Sequence[str]) -> None:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             try:
                 compose(config_name=config_name, overrides=overrides)
+                if not parsed[1]:  # a single run: its directory (a sweep's are made per job)
+                    run_dir = [a for a in argv if a.startswith("hydra.run.dir=")]
+                    check_run_dir(compose(config_name, [*overrides, *run_dir[-1:]], return_hydra_config=True))
                 return
             except MissingConfigException as e:
                 options = ", ".join(getattr(e, "options", None) or [])
@@ -111,6 +115,31 @@ def check_command_line(config_name: str, argv: Sequence[str]) -> None:
                 ) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def check_run_dir(cfg: DictConfig) -> None:
+    """The run directory Hydra will create (``hydra.run.dir``) can be written: else one line naming it, before Hydra
+    fails with a trace (a read-only disk, a file in the way, no permission)."""
+    from omegaconf import OmegaConf
+
+    try:
+        run_dir = Path(str(OmegaConf.select(cfg, "hydra.run.dir"))).expanduser().absolute()
+    except Exception:  # an interpolation only Hydra's run resolves
+        return
+    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        why = f"{existing} is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        why = f"{existing} is on a read-only file system" if read_only else f"{existing} is not writable"
+    else:
+        return
+    raise ConfigError(
+        f"the run directory {run_dir} cannot be created: {why}; pass hydra.run.dir=DIR or paths.log_dir=DIR "
+        "on a writable disk"
+    )
 
 
 def run_dir_of_checkpoint(ckpt_path: str | Path) -> Path | None:

@@ -32,7 +32,6 @@ Example (official MRCFA VSPW MiT-B1 weights; ``data.root`` is only needed for ev
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from torch import Tensor
 
 from vss.checkpoint import ImportResult
 from vss.config import CONF_DIR, register_resolvers
-from vss.errors import ConfigError
+from vss.errors import ConfigError, os_error_message, print_error
 
 """The name of a model module's importer: ``(state_dict) -> ImportResult``."""
 _MAX_SHOWN = 30
@@ -254,10 +253,12 @@ def convert(
     model: str = "mrcfa",
     overrides: Sequence[str] = (),
     verbose: bool = True,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """Convert the official checkpoint ``src`` of ``model`` into the weights-only vss checkpoint ``dst``.
 
-    Returns the report stored in the checkpoint as ``vss_converted_from``.
+    Returns the report stored in the checkpoint as ``vss_converted_from``. ``src`` is read with
+    ``weights_only=True`` unless ``trust_pickle`` (``--trust-pickle``: unpickling runs code the file names).
     """
     from omegaconf import OmegaConf
 
@@ -267,10 +268,7 @@ def convert(
 
     if not Path(src).is_file():
         raise ConfigError(f"--src {str(src)!r}: the file does not exist")
-    try:
-        state, meta = load_checkpoint_and_meta(src)
-    except (ValueError, RuntimeError) as e:
-        raise ConfigError(f"--src {str(src)!r}: {e}") from None
+    state, meta = load_checkpoint_and_meta(src, trust_pickle=trust_pickle, key="--src", flag="--trust-pickle")
     importer = find_importer(model)
     try:
         result = importer(state)
@@ -359,15 +357,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--src", required=True, help="the official checkpoint (.pth)")
     parser.add_argument("--dst", required=True, help="output vss checkpoint (.ckpt, weights only)")
     parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="read --src with full unpickling when weights-only loading refuses it: this RUNS CODE the file names;\n"
+        "only for files from a trusted origin",
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         help="Hydra overrides of the stored config, e.g. stm.p=0.5 data.root=/data/VSPW (MRCFA's p is no weight)",
     )
     args = parser.parse_args(argv)
     try:
-        convert(args.src, args.dst, args.model, args.overrides)
+        convert(args.src, args.dst, args.model, args.overrides, trust_pickle=args.trust_pickle)
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e))
+        return 2
+    except OSError as e:
+        print_error(os_error_message(e))
         return 2
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import re
 import sys
@@ -20,6 +21,26 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the key, the value and what is allowed."""
 
 
+FILE_ERRNOS = {
+    errno.EROFS: "a read-only file system: write elsewhere",
+    errno.ENOSPC: "the disk is full: free space or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free space or write elsewhere",
+    errno.EACCES: "permission denied: write elsewhere or fix the permissions",
+    errno.EPERM: "operation not permitted: write elsewhere or fix the permissions",
+    errno.ENOTDIR: "a file stands where a directory is needed: pass a directory",
+    errno.EISDIR: "a directory stands where a file is needed",
+    errno.EEXIST: "a file stands where a directory is needed: pass a directory",
+}
+"""File-system errors reported as one line (an output path the machine refuses), with what to do."""
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for a file-system error: the path, the system's words and what to do."""
+    path = e.filename if e.filename is not None else "a file"
+    hint = FILE_ERRNOS.get(e.errno or 0, "")
+    return f"cannot write {str(path)!r}: {e.strerror or e}" + (f" ({hint})" if hint else "")
+
+
 def _end_progress_bars() -> None:
     """Close live tqdm bars, so that what is printed next starts on a new line, not after a bar's ``\\r``."""
     tqdm = sys.modules.get("tqdm")
@@ -35,7 +56,8 @@ def print_error(message: str) -> None:
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn config and dataset errors into one clear line on stderr and exit code 2 (no stack trace)."""
+    """Turn config and dataset errors, and the file-system errors of :data:`FILE_ERRNOS` (a read-only or full disk,
+    a file where a folder belongs), into one clear line on stderr and exit code 2 (no stack trace)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -44,6 +66,9 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as e:
             if isinstance(e, ConfigError | DatasetError):
                 print_error(worker_error_message(str(e)))
+                raise SystemExit(2) from None
+            if isinstance(e, OSError) and e.errno in FILE_ERRNOS:
+                print_error(os_error_message(e))
                 raise SystemExit(2) from None
             raise
 

@@ -31,11 +31,12 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
+from vss.checkpoint import load_checkpoint  # noqa: F401 (the one reader; vss.eval.load_checkpoint kept for callers)
 from vss.cli import check_command_line
 from vss.config import CONF_DIR, register_resolvers
 from vss.errors import ConfigError, friendly_errors
 from vss.runtime import tune_host_allocator
-from vss.validation import resolve_device
+from vss.validation import _check, _int, check_numeric_keys, check_targets, resolve_device
 
 if TYPE_CHECKING:
     from vss.data.predictions import PredictionFormat
@@ -44,18 +45,14 @@ log = logging.getLogger("vss.eval")
 register_resolvers()
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a vss Lightning checkpoint; it must carry the training config."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={str(path)!r} is invalid: the file does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # a local file written by vss.train
-    config = ckpt.get("hyper_parameters", {}).get("config")
-    if not isinstance(ckpt.get("state_dict"), dict) or config is None:
-        raise ConfigError(
-            f"ckpt_path={str(path)!r}: not a vss checkpoint (needs state_dict and hyper_parameters.config)"
-        )
-    return ckpt
+MODEL_KEYS = ("model", "encoder", "stm", "freeze")
+"""Keys of the training config an evaluation may override (``+model.embed_dim=64``): merged into the stored
+config; a shape they change is one line naming the tensor and the override."""
+
+
+def model_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """The training-config keys (:data:`MODEL_KEYS`) given on the command line, as plain containers."""
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) for k in MODEL_KEYS if cfg.get(k) is not None}
 
 
 def save_prediction(pred: np.ndarray, path: Path) -> None:
@@ -87,12 +84,12 @@ def eval_data_config(cfg: DictConfig, train_cfg: DictConfig) -> DictConfig:
 @torch.no_grad()
 def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Run the checkpoint's model over every frame of ``cfg.split`` (``cfg.mode``: stream or clip)."""
-    from vss.lit import build_module, use_eval_path
+    from vss.lit import load_module, read_module_checkpoint, use_eval_path
 
     if cfg.mode not in ("stream", "clip"):
         raise ConfigError(f"mode={cfg.mode!r} is invalid: expected stream (cached features) or clip (official path)")
-    ckpt = load_checkpoint(cfg.ckpt_path)
-    train_cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
+    device = resolve_device(cfg.device)  # before the checkpoint is read: a missing GPU is one line at once
+    ckpt, train_cfg = read_module_checkpoint(cfg.ckpt_path, trust_pickle=bool(cfg.get("trust_pickle", False)))
     data_cfg = eval_data_config(cfg, train_cfg)
     if OmegaConf.is_missing(data_cfg, "root"):  # e.g. a vss.convert checkpoint converted without data.root
         where = "pass data.root=DIR with data=..." if cfg.get("data") is not None else "its config has none"
@@ -100,18 +97,21 @@ def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             f"ckpt_path={cfg.ckpt_path}: data.root is not set ({where}): convert with data.root=DIR, or pass "
             f"data=GROUP data.root=DIR data.num_classes={train_cfg.data.num_classes}"
         )
+    check_targets(OmegaConf.create({"data": data_cfg}))  # data._target_ given on the command line
     datamodule = instantiate(data_cfg)
     fmt = prediction_format(datamodule, cfg.prediction_format)
     if datamodule.num_classes != train_cfg.data.num_classes:
         raise ConfigError(
             f"data.num_classes={datamodule.num_classes} differs from the checkpoint's {train_cfg.data.num_classes}"
         )
-    module = build_module(
-        OmegaConf.merge(train_cfg, {"val_mode": cfg.mode}), datamodule.num_classes, datamodule.class_names
-    )
-    module.load_state_dict(ckpt["state_dict"], strict=True)
-    device = resolve_device(cfg.device)
-    module.to(device).eval()
+    module = load_module(
+        cfg.ckpt_path,
+        device=device,
+        overrides=model_overrides(cfg),
+        class_names=datamodule.class_names,
+        val_mode=cfg.mode,
+        checkpoint=(ckpt, train_cfg),
+    ).module
     datamodule.setup("test")
     use_eval_path(module, datamodule)
     loader = datamodule._eval_loader(cfg.split)
@@ -227,6 +227,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(
             "pass exactly one of ckpt_path=... (evaluate a checkpoint) or pred_root=... (score predictions)"
         )
+    _check(cfg, "num_workers", lambda v: _int(v) and v >= 0, "a non-negative integer (DataLoader workers)")
+    check_numeric_keys(cfg)  # +model.* overrides of the checkpoint's config
     output_dir = Path(cfg.paths.output_dir)
     metrics = evaluate_checkpoint(cfg, output_dir) if cfg.get("ckpt_path") else score_folder(cfg)
     path = write_metrics_json(metrics, output_dir / "metrics.json")

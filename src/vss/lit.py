@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
 from vss.errors import ConfigError
@@ -274,3 +276,112 @@ def use_eval_path(module: Any, datamodule: Any) -> None:
     seg = module.segmenter
     clip = module.val_mode == "clip"
     datamodule.use_clip_path(seg.references if clip else None, 1 + len(seg.offsets))
+
+
+@dataclass
+class LoadedModule:
+    """A checkpoint's :class:`VSSModule` (in eval mode on its device), the config that built it (the stored
+    training config with the overrides applied) and the checkpoint itself (``global_step``, ``hyper_parameters``)."""
+
+    module: VSSModule
+    config: DictConfig
+    checkpoint: Mapping[str, Any]
+
+
+def read_module_checkpoint(
+    path: str | Path, *, key: str = "ckpt_path", trust_pickle: bool = False
+) -> tuple[dict[str, Any], DictConfig]:
+    """A vss checkpoint (:func:`vss.checkpoint.load_checkpoint`) and its stored training config, every ``_target_``
+    of it checked (:func:`vss.validation.check_targets`): nothing it names is built before that."""
+    from vss.checkpoint import load_checkpoint
+    from vss.validation import check_targets
+
+    ckpt = load_checkpoint(path, key=key, trust_pickle=trust_pickle, expect="vss")
+    cfg = OmegaConf.create(dict(ckpt["hyper_parameters"]["config"]))
+    check_targets(cfg, where=f"{key}={str(path)!r}")
+    return ckpt, cfg
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, Mapping | DictConfig):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out |= _leaves(v, f"{prefix}{k}.")
+        return out
+    return {prefix[:-1]: node}
+
+
+def changed_overrides(stored: DictConfig, overrides: Mapping[str, Any]) -> list[str]:
+    """``key=value (stored: old)`` for each leaf of ``overrides`` that differs from the stored config."""
+    plain = OmegaConf.to_container(overrides, resolve=True) if isinstance(overrides, DictConfig) else overrides
+    out = []
+    for key, value in _leaves(plain).items():
+        old = OmegaConf.select(stored, key, default="<absent>")
+        old = OmegaConf.to_container(old) if isinstance(old, DictConfig | ListConfig) else old
+        if old != value:
+            out.append(f"{key}={value} (stored: {old})")
+    return out
+
+
+def check_fit(module: nn.Module, state: Mapping[str, Tensor], where: str, changed: Sequence[str]) -> None:
+    """``state`` has exactly the module's keys and shapes, else one :class:`ConfigError`: the first mismatching
+    tensor (key, checkpoint shape, model shape) and the overrides that changed the stored config."""
+    own = module.state_dict()
+    cause = f"the overrides {', '.join(changed)}" if changed else "its own stored config (another vss version?)"
+    for k, v in state.items():
+        if k in own and tuple(v.shape) != tuple(own[k].shape):
+            differ = sum(1 for j, t in state.items() if j in own and tuple(t.shape) != tuple(own[j].shape))
+            hint = "; drop or change the override" if changed else ""
+            raise ConfigError(
+                f"{where} does not fit the model built with {cause}: {k} is {tuple(v.shape)} in the checkpoint, "
+                f"{tuple(own[k].shape)} in the model ({differ} tensors differ){hint}"
+            )
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ConfigError(
+            f"{where} does not fit the model built with {cause}: {len(missing)} model tensors missing from it "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), {len(unexpected)} unknown "
+            f"({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})"
+        )
+
+
+def load_module(
+    path: str | Path,
+    *,
+    device: Any = "cpu",
+    overrides: Mapping[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
+    val_mode: str | None = None,
+    key: str = "ckpt_path",
+    trust_pickle: bool = False,
+    checkpoint: tuple[dict[str, Any], DictConfig] | None = None,
+) -> LoadedModule:
+    """Checkpoint -> config -> module -> weights: the one way eval, predict and the pipeline's passes rebuild a
+    trained model.
+
+    ``overrides`` (nested, e.g. ``{"val_mode": "clip", "model": {...}}``) are merged into the stored config (a
+    shape they change is an error naming the tensor and the override); ``encoder.pretrained`` is dropped (the
+    checkpoint holds the weights). ``class_names``: the data module's, else the config's, else numbered.
+    ``val_mode``: the evaluation path (``stream`` or ``clip``), else the stored one.
+    ``checkpoint``: what :func:`read_module_checkpoint` returned for ``path``, not read again.
+    """
+    import torch
+
+    ckpt, stored = checkpoint or read_module_checkpoint(path, key=key, trust_pickle=trust_pickle)
+    where = f"{key}={str(path)!r}"
+    cfg = OmegaConf.merge(stored, overrides or {}, {"val_mode": val_mode} if val_mode else {})
+    if overrides:
+        from vss.validation import check_targets
+
+        check_targets(OmegaConf.create(dict(overrides)))
+    if OmegaConf.select(cfg, "encoder.pretrained") is not None:
+        cfg.encoder.pretrained = None  # ImageNet weights are replaced by the checkpoint's (and may not exist here)
+    num_classes = int(cfg.data.num_classes)
+    if class_names is None:
+        names = OmegaConf.select(cfg, "data.class_names") or ckpt["hyper_parameters"].get("class_names") or []
+        class_names = [str(names[i]) if i < len(names) else str(i) for i in range(num_classes)]
+    module = build_module(cfg, num_classes, list(class_names))
+    check_fit(module, ckpt["state_dict"], where, changed_overrides(stored, overrides or {}))
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    module.to(torch.device(device) if isinstance(device, str) else device).eval()
+    return LoadedModule(module, cfg, ckpt)

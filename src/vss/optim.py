@@ -15,6 +15,7 @@ mmcv's ``is_norm``); without it they take the key's ``decay_mult`` as in mmcv.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ Rules = Mapping[str, Mapping[str, float]]
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def check_paramwise(rules: Any, where: str = "optim.paramwise") -> dict[str, dict[str, float]]:
@@ -50,7 +51,7 @@ def check_paramwise(rules: Any, where: str = "optim.paramwise") -> dict[str, dic
             if field not in RULE_FIELDS:
                 raise ConfigError(f"{where}.{key}.{field} is not a rule field: expected one of {list(RULE_FIELDS)}")
             if not _number(value) or value < 0:
-                raise ConfigError(f"{where}.{key}.{field}={value!r} is invalid: expected a non-negative number")
+                raise ConfigError(f"{where}.{key}.{field}={value!r} is invalid: expected a non-negative finite number")
         out[key] = {field: float(value) for field, value in rule.items()}
     return out
 

@@ -71,16 +71,13 @@ def build_memory(
     from omegaconf import OmegaConf
 
     from vss.data.datasets import VideoShardSampler
-    from vss.eval import load_checkpoint
-    from vss.lit import build_module
+    from vss.lit import load_module, read_module_checkpoint
 
-    ckpt = load_checkpoint(checkpoint)
-    cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
+    ckpt, cfg = read_module_checkpoint(checkpoint)
     own = {"num_workers": num_workers, "persistent_workers": False}
     datamodule = instantiate(OmegaConf.merge(cfg.data, dict(data or {}), own))
-    module = build_module(cfg, datamodule.num_classes, datamodule.class_names)
-    module.load_state_dict(ckpt["state_dict"], strict=True)
-    seg = module.segmenter.to(device).eval()
+    loaded = load_module(checkpoint, device=device, class_names=datamodule.class_names, checkpoint=(ckpt, cfg))
+    seg = loaded.module.segmenter
     aggregator = seg.aggregator
     if not isinstance(aggregator, STFMAR):
         raise ConfigError(

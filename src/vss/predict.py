@@ -39,8 +39,10 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -60,7 +62,7 @@ from tqdm import tqdm
 
 from vss.cli import check_command_line
 from vss.config import CONF_DIR, register_resolvers
-from vss.errors import ConfigError, friendly_errors
+from vss.errors import FILE_ERRNOS, ConfigError, friendly_errors
 from vss.runtime import tune_host_allocator
 from vss.validation import resolve_device
 
@@ -383,21 +385,12 @@ def data_classes(cfg: DictConfig, num_classes: int) -> tuple[list[str], list[lis
     return names, [[int(v) for v in c] for c in colours] if colours is not None else None
 
 
-def load_model(ckpt_path: str | Path, device: torch.device) -> Model:
-    """Rebuild a vss checkpoint's model from its training config and load its weights."""
-    from vss.eval import load_checkpoint
-    from vss.lit import build_module
+def load_model(ckpt_path: str | Path, device: torch.device, trust_pickle: bool = False) -> Model:
+    """Rebuild a vss checkpoint's model from its training config and load its weights (:func:`vss.lit.load_module`)."""
+    from vss.lit import load_module, read_module_checkpoint
 
     path = Path(str(ckpt_path)).expanduser()
-    try:
-        ckpt = load_checkpoint(path)
-    except ConfigError:
-        raise
-    except Exception as e:  # not a torch file at all, or not a dict
-        raise ConfigError(f"ckpt_path={str(path)!r} cannot be read as a vss checkpoint ({_one_line(e)})") from None
-    cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
-    if OmegaConf.select(cfg, "encoder.pretrained") is not None:
-        cfg.encoder.pretrained = None  # ImageNet weights are replaced by the checkpoint's (and may not exist here)
+    ckpt, cfg = read_module_checkpoint(path, trust_pickle=trust_pickle)
     num_classes = int(cfg.data.num_classes)
     table = data_classes(cfg, num_classes)
     if table is not None:
@@ -407,20 +400,12 @@ def load_model(ckpt_path: str | Path, device: torch.device) -> Model:
         class_names = [str(names[i]) if i < len(names) else str(i) for i in range(num_classes)]
         own = OmegaConf.select(cfg, "data.palette")
         palette = OmegaConf.to_container(own) if own is not None else None
-    module = build_module(cfg, num_classes, class_names)
-    try:
-        module.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as e:
-        why = _one_line(" ".join(str(e).strip().splitlines()[:2]))
-        raise ConfigError(
-            f"ckpt_path={str(path)!r}: its weights do not fit the model of its own config ({why})"
-        ) from None
     scale = OmegaConf.select(cfg, "data.scale")
     if scale is None:
         raise ConfigError(f"ckpt_path={str(path)!r}: its config has no data.scale (the evaluation size)")
     size_divisor = int(OmegaConf.select(cfg, "data.size_divisor", default=32) or 1)
-    segmenter = module.segmenter.to(device).eval()
-    return Model(segmenter, class_names, [int(s) for s in scale], size_divisor, palette)
+    module = load_module(path, device=device, class_names=class_names, checkpoint=(ckpt, cfg)).module
+    return Model(module.segmenter, class_names, [int(s) for s in scale], size_divisor, palette)
 
 
 def _triples(colours: Any, num_classes: int) -> bool:
@@ -509,8 +494,14 @@ def write_png(mask: np.ndarray, path: Path) -> None:
     if not ok:
         raise RuntimeError(f"could not encode {path} as PNG")
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(buf.tobytes())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name it
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
 
 
 def write_png_rgb(rgb: np.ndarray, path: Path) -> None:
@@ -521,8 +512,14 @@ def write_png_rgb(rgb: np.ndarray, path: Path) -> None:
 def write_json(data: dict[str, Any], path: Path) -> None:
     """Write JSON under a temporary name, then rename."""
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name it
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
 
 
 class AtomicVideoWriter:
@@ -533,6 +530,7 @@ class AtomicVideoWriter:
         self.tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
         self.writer: cv2.VideoWriter | None = None
         self.size: tuple[int, int] = (0, 0)  # (h, w) of the first frame; later frames are resized to it
+        self.frames = 0
 
     def write(self, rgb: np.ndarray) -> None:
         """Append one RGB frame."""
@@ -555,12 +553,22 @@ class AtomicVideoWriter:
         if sh % 2 or sw % 2:
             rgb = cv2.copyMakeBorder(rgb, 0, sh % 2, 0, sw % 2, cv2.BORDER_REPLICATE)
         self.writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        self.frames += 1
 
     def commit(self) -> Path:
-        """Finish the file and give it its final name."""
+        """Finish the file, check it holds every frame (OpenCV does not report a full disk), give it its name."""
         if self.writer is None:
             raise RuntimeError(f"{self.path}: no frame was written")
         self.writer.release()
+        cap = cv2.VideoCapture(str(self.tmp))
+        readable = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+        cap.release()
+        if readable < self.frames:
+            self.tmp.unlink(missing_ok=True)
+            raise ConfigError(
+                f"cannot write {str(self.path)!r}: OpenCV's VideoWriter stored {readable} of {self.frames} frames "
+                f"(is the disk full? {shutil.disk_usage(self.path.parent).free // 1024} KiB free there)"
+            )
         os.replace(self.tmp, self.path)
         return self.path
 
@@ -571,18 +579,43 @@ class AtomicVideoWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+def check_output(output: Path) -> None:
+    """``output`` is a directory this process can write (created if missing), else one line naming it: checked
+    before the model is read, so a file, a read-only disk or a missing permission fails at once."""
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"output={str(output)!r} is a file, not a directory: pass a directory (created if missing)")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output, prefix=".vss-write-check-"):
+            pass
+    except OSError as e:
+        hint = FILE_ERRNOS.get(e.errno or 0, "")
+        raise ConfigError(
+            f"output={str(output)!r} cannot be written: {e.strerror or e}" + (f" ({hint})" if hint else "")
+        ) from None
+
+
 def prepare_output(output: Path, overwrite: bool) -> Path:
-    """Create ``output/masks``; refuse (or, with ``overwrite``, clear) the results of an earlier prediction."""
+    """Create ``output/masks``; refuse (or, with ``overwrite``, clear) the results of an earlier prediction.
+
+    ``predict.json`` is written last: results without it are those of a run that failed or was killed (a full
+    disk, Ctrl-C), which nothing claims complete; they are cleared without ``overwrite``, and said so.
+    """
     masks = output / "masks"
     old = [output / f for f in RESULT_FILES if (output / f).exists()]
     old += sorted(masks.glob("*.png")) if masks.is_dir() else []
-    if old and not overwrite:
+    interrupted = bool(old) and not (output / "predict.json").exists()
+    if old and not overwrite and not interrupted:
         raise ConfigError(
             f"output={str(output)!r} already holds predictions ({old[0].relative_to(output)}, ...); "
             "pass overwrite=true to replace them, or another output=..."
         )
+    if interrupted:
+        log.warning("output=%s: removing %d files of an unfinished prediction (no predict.json)", output, len(old))
     for f in old:  # predict.json first: the results stop claiming completion before anything else goes
         f.unlink()
+    for f in [*output.glob(".*.partial*"), *(masks.glob(".*.partial") if masks.is_dir() else [])]:
+        f.unlink(missing_ok=True)  # temporary files of a killed write
     masks.mkdir(parents=True, exist_ok=True)
     return masks
 
@@ -606,7 +639,7 @@ def _checked(cfg: DictConfig, key: str, ok: Callable[[Any], bool], expected: str
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -642,9 +675,10 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     on_error = _checked(cfg, "on_error", lambda v: v in ON_ERROR, f"one of {list(ON_ERROR)}")
     output = output_dir(cfg)
 
-    source = open_source(source_arg, on_error)  # before the model: a bad source fails in a second
     device = resolve_device(cfg.device)
-    model = load_model(ckpt_path, device)
+    check_output(output)
+    source = open_source(source_arg, on_error)  # before the model: a bad source fails in a second
+    model = load_model(ckpt_path, device, bool(cfg.get("trust_pickle", False)))
     colours = load_palette(cfg.get("palette"), model.num_classes, model.palette)
     mask_dir = prepare_output(output, bool(cfg.get("overwrite", False)))
     transform = build_eval_transform(model.scale, model.size_divisor)

@@ -16,14 +16,11 @@ The ``freeze`` list itself is :class:`vss.models.segmenter.Segmenter`'s (no grad
 from __future__ import annotations
 
 import difflib
-import pickle
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -57,23 +54,17 @@ def _cover(modules: list[str], limit: int = 3) -> list[str]:
     return [".".join(common)] if common else sorted({p[0] for p in parts})
 
 
-def read_checkpoint(path: str | Path, key: str = "init_from", mmap: bool = False) -> dict[str, Any]:
-    """Read a local checkpoint file into a dict; :class:`ConfigError` naming ``key`` and the file otherwise.
+def read_checkpoint(
+    path: str | Path, key: str = "init_from", mmap: bool = False, trust_pickle: bool = False
+) -> dict[str, Any]:
+    """Read a local checkpoint file into a dict (:func:`vss.checkpoint.load_checkpoint`, weights only unless
+    ``trust_pickle``); :class:`ConfigError` naming ``key`` and the file otherwise.
 
     ``mmap=True`` maps the tensors instead of reading them (cheap: to look at the checkpoint's keys).
     """
-    p = Path(str(path)).expanduser()
-    if not p.is_file():
-        what = "a directory, not a checkpoint file" if p.is_dir() else "the file does not exist"
-        raise ConfigError(f"{key}={str(path)!r} is invalid: {what}")
-    try:
-        # a local file written by vss.train / vss.convert (the config in hyper_parameters is plain containers)
-        ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=mmap and zipfile.is_zipfile(p))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError, OSError) as e:
-        raise ConfigError(f"{key}={str(path)!r} is not a checkpoint torch can read ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict):
-        raise ConfigError(f"{key}={str(path)!r} is not a checkpoint: it holds a {type(ckpt).__name__}, not a dict")
-    return ckpt
+    from vss.checkpoint import load_checkpoint
+
+    return load_checkpoint(path, key=key, trust_pickle=trust_pickle, expect="dict", mmap=mmap)
 
 
 def segmenter_state_dict(ckpt: Mapping[str, Any], path: str | Path = "", key: str = "init_from") -> dict[str, Tensor]:
@@ -176,7 +167,7 @@ def check_stages(cfg: DictConfig) -> dict[str, Tensor] | None:
             "pass only init_from="
         )
     if ckpt_path is not None:
-        ckpt = read_checkpoint(ckpt_path, "ckpt_path", mmap=True)
+        ckpt = read_checkpoint(ckpt_path, "ckpt_path", mmap=True, trust_pickle=bool(cfg.get("trust_pickle")))
         if "optimizer_states" not in ckpt or "global_step" not in ckpt:
             raise ConfigError(
                 f"ckpt_path={str(ckpt_path)!r} is a weights-only checkpoint (no optimizer state or step, e.g. "
@@ -184,7 +175,7 @@ def check_stages(cfg: DictConfig) -> dict[str, Tensor] | None:
             )
     if init_from is None:
         return None
-    return segmenter_state_dict(read_checkpoint(init_from), init_from)
+    return segmenter_state_dict(read_checkpoint(init_from, trust_pickle=bool(cfg.get("trust_pickle"))), init_from)
 
 
 def init_weights(segmenter: nn.Module, cfg: DictConfig, state: Mapping[str, Tensor]) -> InitReport:
@@ -215,7 +206,7 @@ def convert_sync_batchnorm(segmenter: nn.Module, frozen: Sequence[str] = ()) -> 
 
 
 # -- resume ------------------------------------------------------------------------------------------
-ALWAYS_CURRENT = ("ckpt_path",)
+ALWAYS_CURRENT = ("ckpt_path", "trust_pickle")
 """Keys a resume takes from the command line's config, not the checkpoint's."""
 
 
@@ -305,7 +296,7 @@ def prepare_resume(cfg: DictConfig, overrides: Sequence[str] = (), groups: Seque
     Also what a SLURM requeue calls with the checkpoint it restarts from.
     """
     path = str(cfg.ckpt_path)
-    ckpt = read_checkpoint(path, "ckpt_path", mmap=True)
+    ckpt = read_checkpoint(path, "ckpt_path", mmap=True, trust_pickle=bool(cfg.get("trust_pickle")))
     if "optimizer_states" not in ckpt or "global_step" not in ckpt:
         raise ConfigError(
             f"ckpt_path={path!r} is a weights-only checkpoint (no optimizer state or step, e.g. "
@@ -315,6 +306,9 @@ def prepare_resume(cfg: DictConfig, overrides: Sequence[str] = (), groups: Seque
     shapes = {k: tuple(v.shape) for k, v in segmenter_state_dict(ckpt, path, "ckpt_path").items()}
     if stored is None:
         return Resume(path, int(ckpt["global_step"]), cfg, shapes=shapes, stored=False)
+    from vss.validation import check_targets
+
+    check_targets(stored, where=f"ckpt_path={path!r}")  # nothing the stored config names is built before this
     config, changes = resume_config(cfg, stored, overrides, groups)
     return Resume(path, int(ckpt["global_step"]), config, changes, shapes)
 

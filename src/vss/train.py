@@ -186,6 +186,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from vss.callbacks import (
+        HoldDeviceBanner,
         RequeueOnSignal,
         RunReport,
         SaveOnSigterm,
@@ -271,10 +272,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
             convert_sync_batchnorm(module.segmenter)
     report = RunReport()
+    banner = HoldDeviceBanner()  # Lightning's device lines once the data is set up, never before a data error
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         callbacks=[
             *_instantiate_dict(cfg.get("callbacks")),
+            banner,
             report,
             ValidateFinalStep(),  # the final step validated in fit: the checkpoint callbacks save it (last, best)
             SaveOnSigterm(output_dir / "checkpoints"),
@@ -282,7 +285,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             RequeueOnSignal(),  # after SaveOnSigterm: requeue once last.ckpt is written
         ],
         logger=loggers or False,
-        plugins=[AtomicCheckpointIO(), *slurm_plugins()],
+        plugins=[AtomicCheckpointIO(bool(cfg.get("trust_pickle"))), *slurm_plugins()],
         sync_batchnorm=False,
     )
     quiet_output()  # again: Lightning's loggers have their handlers now

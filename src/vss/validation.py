@@ -3,10 +3,13 @@ what is allowed (a :class:`vss.errors.ConfigError`)."""
 
 from __future__ import annotations
 
+import functools
 import importlib
+import math
 import netrc
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +24,84 @@ AGGREGATOR_PREFIX = "vss.models.aggregators."
 """Where ``model._target_`` may point (the same as :data:`vss.models.aggregators.base.AGGREGATOR_PREFIX`,
 checked here before torch is imported)."""
 
+KEY_PREFIXES = {"model": AGGREGATOR_PREFIX, "encoder": "vss.models.encoders."}
+"""Stricter prefixes for the ``_target_`` of these config nodes (and everything below them)."""
+
+
+@functools.cache
+def target_prefixes() -> tuple[str, ...]:
+    """Where any ``_target_`` may point: ``vss.`` and the modules of the other ``_target_`` s the shipped configs
+    (conf/**/*.yaml) name (``torch.optim.``, ``pytorch_lightning.callbacks.``, ...)."""
+    from vss.config import CONF_DIR
+
+    prefixes = {"vss."}
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        for target in re.findall(r"^\s*_target_:\s*([A-Za-z_][\w.]*)\s*(?:#.*)?$", path.read_text(), re.MULTILINE):
+            if "." in target and not target.startswith("vss."):
+                prefixes.add(target.rsplit(".", 1)[0] + ".")
+    return tuple(sorted(prefixes))
+
+
+def _targets(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every ``(dotted key, value)`` of a ``_target_`` in a config (DictConfig or plain containers)."""
+    if isinstance(node, DictConfig) and (node._is_none() or node._is_missing()):
+        return
+    if isinstance(node, DictConfig | dict):
+        items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else node.items()
+        for k, v in items:
+            if not prefix and k == "hydra":  # Hydra's own config (launchers, sweepers)
+                continue
+            if k == "_target_":
+                yield f"{prefix}{k}", v
+            else:
+                yield from _targets(v, f"{prefix}{k}.")
+    elif (OmegaConf.is_list(node) and not node._is_none() and not node._is_missing()) or isinstance(node, list | tuple):
+        for i, v in enumerate(node):
+            yield from _targets(v, f"{prefix}{i}.")
+
+
+MODEL_NODES = ("model", "encoder", "data", "optim")
+"""The nodes a model and its data are built from: their ``_target_`` s are checked on the command line too (the
+callbacks, loggers and trainer of a command line are the user's to extend, e.g. ``+callbacks.mine._target_=``)."""
+
+
+def check_targets(cfg: Any, where: str = "", nodes: tuple[str, ...] | None = None) -> None:
+    """Every ``_target_`` of ``cfg`` names a callable under :func:`target_prefixes` (``model.*``: an aggregator,
+    ``encoder.*``: vss.models.encoders), else one :class:`ConfigError` naming the key and the allowed prefixes.
+    ``where``: the file the config comes from (a checkpoint's stored config); ``nodes``: only these top-level nodes.
+    """
+    allowed = target_prefixes()
+    for key, value in _targets(cfg):
+        if nodes is not None and key.split(".", 1)[0] not in nodes:
+            continue
+        strict = KEY_PREFIXES.get(key.split(".", 1)[0])
+        prefixes = (strict,) if strict and key.count(".") == 1 else allowed
+        if not isinstance(value, str) or not value.startswith(prefixes):
+            source = f"{where}: its config's " if where else ""
+            raise ConfigError(
+                f"{source}{key}={value!r} is refused: a _target_ must name a callable under "
+                f"{' or '.join(prefixes) if len(prefixes) < 3 else list(prefixes)}"
+            )
+
+
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 
 
-def resolve_device(name: str) -> Any:
-    """``auto`` -> cuda when available, else cpu; any other value is a torch device string."""
+def resolve_device(name: Any, key: str = "device") -> Any:
+    """``auto`` -> cuda when available, else cpu; ``cpu``, ``cuda`` or ``cuda:N`` that exists on this machine;
+    anything else is one :class:`ConfigError` naming ``key``."""
     import torch
 
-    if str(name) == "auto":
+    name = str(name)
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(str(name))
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
+        raise ConfigError(f"{key}={name!r} is invalid: expected auto, cpu or cuda (cuda:N)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={name} but torch.cuda.is_available() is False (no GPU): use {key}=cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"{key}={name} but only {torch.cuda.device_count()} GPU(s) are visible")
+    return torch.device(name)
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -53,7 +124,80 @@ def _int(v: Any) -> bool:
 
 
 def _num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    """A finite int or float (not a bool; ``inf`` and ``nan`` are no learning rate, weight or probability)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _ints(v: Any, low: int = 1) -> bool:
+    """A list of integers >= ``low``."""
+    return (OmegaConf.is_list(v) or isinstance(v, list | tuple)) and all(_int(x) and x >= low for x in v)
+
+
+# (key, test, expected): the numeric keys of the training configs that may be absent (a model's, a data set's
+# own); ``*`` matches one level (every callback). A new numeric key gets a row here or in the allow-list of
+# tests/test_cli_robustness.py (which enumerates the composed configs' numeric keys).
+NUMERIC_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("seed", lambda v: _int(v) and 0 <= v < 2**32, "an integer in 0..2**32-1"),
+    ("trainer.log_every_n_steps", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("trainer.max_epochs", lambda v: _int(v) and v >= -1, "an integer >= -1 (-1: no limit)"),
+    ("trainer.num_nodes", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("trainer.num_sanity_val_steps", lambda v: _int(v) and v >= -1, "an integer >= -1"),
+    ("callbacks.*.save_top_k", lambda v: _int(v) and v >= -1, "an integer >= -1"),
+    ("callbacks.*.refresh_rate", lambda v: _int(v) and v >= 0, "a non-negative integer"),
+    ("callbacks.*.num_images", lambda v: _int(v) and v >= 0, "a non-negative integer"),
+    ("data.flip_prob", lambda v: _num(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    ("data.size_divisor", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("data.synthetic.height", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("data.synthetic.width", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("data.synthetic.hide_prob", lambda v: _num(v) and 0 <= v < 1, "a probability in [0, 1)"),
+    ("data.synthetic.object_classes", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("data.synthetic.seed", lambda v: _int(v) and v >= 0, "a non-negative integer"),
+    ("data.synthetic.train_videos", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("data.synthetic.val_videos", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("encoder.drop_path_rate", lambda v: _num(v) and 0 <= v < 1, "a rate in [0, 1)"),
+    ("model.dropout", lambda v: _num(v) and 0 <= v < 1, "a rate in [0, 1)"),
+    *(
+        (f"model.{k}", lambda v: _int(v) and v > 0, "a positive integer")
+        for k in ("embed_dim", "channels", "depth", "keys_per_class", "mlp_dim", "num_heads", "num_scales")
+    ),
+    ("model.tr_downsample", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("model.mlp_ratio", lambda v: _num(v) and v > 0, "a positive number"),
+    ("model.scale_init", _num, "a finite number"),
+    *(
+        (f"model.{k}", lambda v: _num(v) and v >= 0, "a finite number >= 0 (a loss weight)")
+        for k in ("per_frame_loss_weight", "weight_M", "weight_pd", "weight_rd")
+    ),
+    *((f"model.{k}", _ints, "a list of positive integers") for k in ("pe_size", "pool_scales", "pst_downsample")),
+    ("optim.optimizer.momentum", lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    (
+        "optim.optimizer.betas",
+        lambda v: len(v) == 2 and all(_num(b) and 0 <= b < 1 for b in v),
+        "[beta1, beta2], each in [0, 1)",
+    ),
+    ("optim.scheduler.warmup_ratio", lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+)
+
+
+def _expand(cfg: DictConfig, pattern: str) -> list[str]:
+    """The keys of ``cfg`` that ``pattern`` names (``*``: every child at that level)."""
+    keys = [""]
+    for part in pattern.split("."):
+        if part != "*":
+            keys = [f"{k}{part}." for k in keys]
+            continue
+        nxt = []
+        for k in keys:
+            node = OmegaConf.select(cfg, k[:-1], default=None)
+            nxt += [f"{k}{c}." for c in node] if isinstance(node, DictConfig) else []
+        keys = nxt
+    return [k[:-1] for k in keys]
+
+
+def check_numeric_keys(cfg: DictConfig) -> None:
+    """The rows of :data:`NUMERIC_CHECKS` that ``cfg`` has (null: the default)."""
+    for pattern, ok, expected in NUMERIC_CHECKS:
+        for key in _expand(cfg, pattern):
+            _check(cfg, key, ok, expected, optional=True)
 
 
 def validate_train_config(cfg: DictConfig) -> None:
@@ -99,6 +243,7 @@ def check_retired_keys(cfg: DictConfig) -> None:
 
 def check_train_values(cfg: DictConfig) -> None:
     """The checks that need neither torch nor the model code (they run before torch is imported)."""
+    _check(cfg, "seed", lambda v: _int(v) and 0 <= v < 2**32, "an integer in 0..2**32-1")
     _check(
         cfg,
         "trainer.max_steps",
@@ -175,8 +320,10 @@ def check_train_values(cfg: DictConfig) -> None:
         "a path to an existing local checkpoint file, or null",
         optional=True,
     )
-    _check(cfg, "optim.optimizer.lr", lambda v: _num(v) and v > 0, "a positive number")
-    _check(cfg, "optim.optimizer.weight_decay", lambda v: _num(v) and v >= 0, "a non-negative number")
+    _check(cfg, "optim.optimizer.lr", lambda v: _num(v) and v > 0, "a positive finite number")
+    _check(cfg, "optim.optimizer.weight_decay", lambda v: _num(v) and v >= 0, "a non-negative finite number")
+    check_numeric_keys(cfg)
+    check_targets(cfg, nodes=MODEL_NODES)
     check_retired_keys(cfg)
     from vss.optim import check_paramwise
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import pickle
 import re
-import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -55,8 +53,8 @@ class Encoder(nn.Module):
         """Return the 4 feature maps of a batch of images."""
         raise NotImplementedError
 
-    def load_pretrained(self, path: str | Path) -> None:
-        """Load a local checkpoint strictly into the backbone."""
+    def load_pretrained(self, path: str | Path, trust_pickle: bool = False) -> None:
+        """Load a local checkpoint strictly into the backbone (``trust_pickle``: :func:`load_checkpoint_and_meta`)."""
         raise NotImplementedError
 
 
@@ -94,9 +92,9 @@ class MiTEncoder(Encoder):
         """Return the 4 stage outputs (NCHW) at strides 4, 8, 16, 32."""
         return list(self.body.forward_intermediates(x, intermediates_only=True))
 
-    def load_pretrained(self, path: str | Path) -> None:
+    def load_pretrained(self, path: str | Path, trust_pickle: bool = False) -> None:
         """Load an official SegFormer/mmseg or timm-layout MiT checkpoint strictly."""
-        state_dict = load_checkpoint_state_dict(path)
+        state_dict = load_checkpoint_state_dict(path, trust_pickle)
         state_dict = _strip_prefix(state_dict, "backbone.", keep_only=True)
         _load_strict(self.body, convert_mit_checkpoint(state_dict), path)
 
@@ -123,18 +121,23 @@ class ResNetEncoder(Encoder):
         """Return layer1..layer4 outputs at strides 4, 8, 8, 8."""
         return list(self.body(x))
 
-    def load_pretrained(self, path: str | Path) -> None:
+    def load_pretrained(self, path: str | Path, trust_pickle: bool = False) -> None:
         """Load a timm/torchvision or mmseg/mmcv ResNet state dict strictly (the `fc.*` classifier is dropped)."""
-        state_dict = load_checkpoint_state_dict(path)
+        state_dict = load_checkpoint_state_dict(path, trust_pickle)
         state_dict = _strip_prefix(state_dict, "backbone.", keep_only=True)
         state_dict = {k: v for k, v in convert_resnet_v1c_checkpoint(state_dict).items() if not k.startswith("fc.")}
         _load_strict(self.body, state_dict, path)
 
 
 def build_encoder(
-    name: str, pretrained: str | Path | None = None, drop_path_rate: float | None = None, **kwargs: Any
+    name: str,
+    pretrained: str | Path | None = None,
+    drop_path_rate: float | None = None,
+    trust_pickle: bool = False,
+    **kwargs: Any,
 ) -> Encoder:
-    """Build encoder `name`, optionally loading the local checkpoint `pretrained` (never downloads)."""
+    """Build encoder `name`, optionally loading the local checkpoint `pretrained` (never downloads; weights only
+    unless ``trust_pickle``, ``+encoder.trust_pickle=true``: unpickling runs code the file names)."""
     if name in MIT_SETTINGS:
         rate = _MIT_DEFAULT_DROP_PATH if drop_path_rate is None else drop_path_rate
         encoder: Encoder = MiTEncoder(name, drop_path_rate=rate, **kwargs)
@@ -143,7 +146,7 @@ def build_encoder(
     else:
         raise ValueError(f"Unknown encoder {name!r}; allowed names: {', '.join(ENCODER_NAMES)}")
     if pretrained:
-        encoder.load_pretrained(pretrained)
+        encoder.load_pretrained(pretrained, trust_pickle)
     return encoder
 
 
@@ -185,41 +188,31 @@ def _timm_mit_key(key: str) -> str:
     return (prefix + key[m.end() :]).replace(".mlp.dwconv.dwconv.", ".mlp.dwconv.")
 
 
-def load_checkpoint_state_dict(path: str | Path) -> dict[str, Tensor]:
+def load_checkpoint_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, Tensor]:
     """Read a local checkpoint and return its state dict (plain, or under `state_dict` / `model`)."""
-    return load_checkpoint_and_meta(path)[0]
+    return load_checkpoint_and_meta(path, trust_pickle, flag="+encoder.trust_pickle=true")[0]
 
 
-def load_checkpoint_and_meta(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a local checkpoint: its state dict (see :func:`load_checkpoint_state_dict`) and its ``meta`` dict
-    (mmcv / mmengine runners store the data set's class names there; ``{}`` when absent)."""
+def load_checkpoint_and_meta(
+    path: str | Path, trust_pickle: bool = False, key: str = "encoder.pretrained", flag: str | None = None
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a local checkpoint (:func:`vss.checkpoint.load_checkpoint`: weights only unless ``trust_pickle``, the
+    user's ``flag``): its state dict (see :func:`load_checkpoint_state_dict`) and its ``meta`` dict (mmcv /
+    mmengine runners store the data set's class names there; ``{}`` when absent)."""
+    from vss.checkpoint import load_checkpoint
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"Pretrained checkpoint not found: {str(path)!r} (set by config key `encoder.pretrained`; "
             "weights are never downloaded, pass a local file)"
         )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError):
-        # e.g. mmcv/mmseg checkpoints whose `meta` holds arbitrary Python objects.
-        warnings.warn(
-            f"{path}: cannot be read with weights_only=True; loading it with full unpickling "
-            "(only do this for files you trust)",
-            stacklevel=2,
-        )
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    meta = checkpoint.get("meta") if isinstance(checkpoint, dict) else None
-    if isinstance(checkpoint, dict):
-        for wrapper in ("state_dict", "model"):
-            if isinstance(checkpoint.get(wrapper), dict):
-                checkpoint = checkpoint[wrapper]
-                break
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, Tensor) for v in checkpoint.values()):
-        raise ValueError(
-            f"{path}: expected a state dict of tensors (plain, or under a 'state_dict' or 'model' key), "
-            f"got {type(checkpoint).__name__}"
-        )
+    checkpoint = load_checkpoint(path, key=key, trust_pickle=trust_pickle, expect="weights", flag=flag, mmap=False)
+    meta = checkpoint.get("meta")
+    for wrapper in ("state_dict", "model"):
+        if isinstance(checkpoint.get(wrapper), dict):
+            checkpoint = checkpoint[wrapper]
+            break
     state_dict = _strip_prefix(dict(checkpoint), "module.", keep_only=False)
     return state_dict, dict(meta) if isinstance(meta, dict) else {}
 

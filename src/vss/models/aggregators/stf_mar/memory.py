@@ -54,7 +54,9 @@ def load_memory(path: str | Path) -> dict[str, Tensor]:
     """Read a MAR memory written by :func:`save_memory` (shapes checked)."""
     if not Path(path).is_file():
         raise ConfigError(f"model.memory={str(path)!r} is invalid: the file does not exist (expected a memory.pt)")
-    return _check_memory(torch.load(path, map_location="cpu", weights_only=True), str(path))
+    from vss.checkpoint import load_checkpoint
+
+    return _check_memory(load_checkpoint(path, key="model.memory", expect="dict", flag=None, mmap=False), str(path))
 
 
 def load_official_memory(key_npy: str | Path, value_npy: str | Path, keys_per_class: int = 10) -> dict[str, Tensor]:
