@@ -273,7 +273,7 @@ def output_dir(cfg: DictConfig) -> Path:
 
 def _write_atomic(path: Path, write: Any) -> None:
     """``write(tmp)`` then rename to ``path``: an interrupted export never leaves a file under its final name."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
