@@ -94,6 +94,8 @@ def _tensor_spec(name: str, t: Tensor) -> dict[str, Any]:
 
 # -- exporting -------------------------------------------------------------------------------------------
 OP_PATTERNS = (
+    re.compile(r"OpOverload\(op='([\w.]+)', overload='(\w+)'\)"),  # the ONNX exporter's DispatchError
+    re.compile(r"target=torch\.ops\.([\w.]+)"),  # the ONNX exporter's ConversionError: the node's target
     re.compile(r"\b([A-Za-z_][\w]*::[A-Za-z_][\w.]*)"),  # torchvision::deform_conv2d, aten::foo.default
     re.compile(r"\b((?:aten|torchvision|prims|quantized)\.[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)?)"),  # aten.foo.default
 )
@@ -106,7 +108,7 @@ def unsupported_op(e: BaseException) -> str | None:
         seen.add(id(e))
         for pattern in OP_PATTERNS:
             if m := pattern.search(str(e)):
-                return m.group(1).removesuffix(".")
+                return ".".join(m.groups()).removesuffix(".")
         e = e.__cause__ or e.__context__  # type: ignore[assignment]
     return None
 
@@ -277,6 +279,9 @@ def _write_atomic(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> an ordinary file's mode
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
