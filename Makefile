@@ -16,10 +16,10 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,export]'
 	@touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install vss with its dev tools
+install: $(STAMP)  ## create .venv and install vss with its dev tools and the export extra (ONNX)
 
 train: $(STAMP)  ## run the default training job (SegFormer MiT-B0 on the embedded synthetic videos)
 	$(PY) -m vss.train $(ARGS)
