@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -66,12 +67,13 @@ NEXT = "next."
 
 
 # -- the model -------------------------------------------------------------------------------------------
-def load(ckpt_path: str | Path) -> Any:
-    """The checkpoint's model on the CPU (:class:`vss.predict.Model`: segmenter, class names, palette, ...).
-    The one place the export reads a checkpoint."""
+def load(ckpt_path: str | Path, trust_pickle: bool = False) -> Any:
+    """The checkpoint's model on the CPU (:class:`vss.predict.Model`: segmenter, class names, palette, ...),
+    read weights-only unless ``trust_pickle`` (:func:`vss.lit.load_module`). The one place the export reads a
+    checkpoint."""
     from vss.predict import load_model
 
-    return load_model(ckpt_path, torch.device("cpu"))
+    return load_model(ckpt_path, torch.device("cpu"), trust_pickle)
 
 
 class StepGraph(nn.Module):
@@ -298,9 +300,14 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     height, width, batch = (_positive_int(cfg, k) for k in ("height", "width", "batch"))
     frames = _positive_int(cfg, "check_frames")
     atol = float(_required(cfg, "atol"))
+    if not (math.isfinite(atol) and atol > 0):
+        raise ConfigError(f"atol={atol!r} is invalid: expected a positive finite number")
     if fmt == "onnx":
         _require_onnx()
-    model = load(ckpt_path)
+    trust = cfg.get("trust_pickle", False)
+    if not isinstance(trust, bool):
+        raise ConfigError(f"trust_pickle={trust!r} is invalid: expected true or false")
+    model = load(ckpt_path, trust)
     if height % model.size_divisor or width % model.size_divisor:
         raise ConfigError(
             f"height={height} width={width}: this model takes frame sides that are multiples of "
