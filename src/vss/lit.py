@@ -16,8 +16,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
 from vss.errors import ConfigError
-from vss.metrics import SegmentationIoU, VideoConsistency
+from vss.metrics import FlickerRate, SegmentationIoU, VideoConsistency
 from vss.metrics.consistency import not_applicable_vc
+from vss.metrics.flicker import not_applicable_flicker
 from vss.models.ops.classes import upsampled_class_map
 from vss.models.segmenter import Segmenter
 from vss.models.streamer import Streamer, StreamOutput, unbatch
@@ -93,6 +94,7 @@ class VSSModule(pl.LightningModule):
                     {
                         "iou": SegmentationIoU(self.num_classes, mean=iou_mean),
                         **{f"vc{n}": VideoConsistency(n) for n in self.vc_windows},
+                        "flicker": FlickerRate(),
                     }
                 )
                 for stage in ("val", "test")
@@ -130,6 +132,7 @@ class VSSModule(pl.LightningModule):
             m["iou"].update(pred[None], item["labels"][None])
             for n in self.vc_windows:
                 m[f"vc{n}"].update(pred[None], item["raw_target"][None], [item["video"]], [int(item["frame"])])
+            m["flicker"].update(pred[None], [item["video"]], [int(item["frame"])])
 
     def compute_metrics(self, stage: str) -> dict[str, Any]:
         """Headline metrics and per-class IoU of the stage (synced over ranks), then reset its metrics."""
@@ -142,6 +145,12 @@ class VSSModule(pl.LightningModule):
                 scores.setdefault("not_applicable", {})[f"mVC{n}"] = not_applicable_vc(n)
             else:
                 scores[f"mVC{n}"] = vc
+        flicker = float(m["flicker"].compute())  # scored frames, pairs of consecutive indices only
+        if math.isnan(flicker):
+            scores.setdefault("not_applicable", {})["flicker"] = not_applicable_flicker()
+        else:
+            scores["flicker"] = flicker
+        scores["flicker_per_video"] = {v: None if math.isnan(r) else r for v, r in m["flicker"].per_video().items()}
         per_class = iou["per_class_iou"].tolist()
         scores["per_class_iou"] = {
             n: (None if math.isnan(v) else v) for n, v in zip(self.class_names, per_class, strict=True)
@@ -196,7 +205,11 @@ class VSSModule(pl.LightningModule):
     def _epoch_end(self, stage: str) -> None:
         self.update_metrics(stage, *self.eval_finish())
         self.last_metrics = self.compute_metrics(stage)
-        headline = {k: v for k, v in self.last_metrics.items() if k not in ("per_class_iou", "not_applicable")}
+        headline = {
+            k: v
+            for k, v in self.last_metrics.items()
+            if k not in ("per_class_iou", "not_applicable", "flicker_per_video")
+        }
         for key, reason in self.last_metrics.get("not_applicable", {}).items():
             if not self._told_not_applicable.get(key):
                 log.warning("%s %s", key, reason)

@@ -18,7 +18,10 @@ the original frame size and argmax'ed. Written into ``output`` (default: the run
   the size of the source (it lines up with the masks and the source);
 - ``side_by_side.mp4`` (``side_by_side=true``): frame | overlay, a legend of the frame's classes under them;
 - ``legend.png``: swatch, id, name and pixel share of every class predicted;
-- ``predict.json``, last: frame count, frames skipped, speed and the classes with their colours.
+- ``predict.json``, last: frame count, frames skipped, speed, the classes with their colours and ``flicker``:
+  the share of pixels whose predicted class changes between consecutive processed frames
+  (:class:`~vss.metrics.flicker.FlickerRate`; no labels; ``pooled`` and ``per_video``, also in the summary line;
+  a frame whose size differs from the one before it is not compared with it).
 
 Class names and colours are those of the checkpoint's data (the data module its config builds, as its training
 overlays: e.g. the Cityscapes table where ``data.class_names``/``data.palette`` are null; no data file is read);
@@ -665,6 +668,7 @@ def chunks(frames: Iterable[Frame], size: int) -> Iterator[list[Frame]]:
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Segment every frame of ``cfg.source`` with ``cfg.ckpt_path``; write the results, return the summary."""
     from vss.data.transforms import build_eval_transform
+    from vss.metrics.flicker import FlickerRate
     from vss.models.ops.classes import upsampled_class_map
     from vss.models.streamer import Streamer
 
@@ -693,17 +697,21 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     first_size: tuple[int, int] | None = None
     pixels = np.zeros(model.num_classes, np.int64)  # predicted pixels per class: the legend's classes
     strip: LegendStrip | None = None
+    flicker, flicker_at, last_shape = FlickerRate(), 0, None  # a size change: an index gap (no pair across it)
     done = 0
     bar = tqdm(total=source.count, desc="predict", unit="frame", disable=not cfg.get("progress", True))
 
     def emit(outputs: list[Any]) -> None:
-        nonlocal done, strip
+        nonlocal done, strip, flicker_at, last_shape
         for out in outputs:
             name, rgb = out.item
             logits = out.logits[None].float()
             mask = upsampled_class_map(logits, rgb.shape[:2])[0].to(torch.uint8).cpu().numpy()
             write_png(mask, mask_dir / f"{name}.png")
             pixels[:] += np.bincount(mask.ravel(), minlength=model.num_classes)[: model.num_classes]
+            flicker_at += 1 + (last_shape is not None and mask.shape != last_shape)
+            flicker.update(torch.from_numpy(mask)[None], [source.path.name], [flicker_at])
+            last_shape = mask.shape
             if writers:
                 overlay = blend(rgb, mask, colours, opacity)
                 if "overlay" in writers:
@@ -771,6 +779,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         "device": str(device),
         "on_error": on_error,
         "read": report.as_dict(),
+        "flicker": flicker.summary(),
         "classes": [
             {"id": i, "name": n, "color": [int(c) for c in colours[i]], "pixels": int(pixels[i])}
             for i, n in enumerate(model.class_names)
@@ -782,7 +791,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if report.gaps:
         unknown = " and an unknown number at the end" if any(g.count is None for g in report.gaps) else ""
         skipped = f", {report.skipped} skipped{unknown} (unreadable: {', '.join(g.describe() for g in report.gaps)})"
-    print(f"[vss.predict] {done} frames in {seconds:.1f} s ({rate} fps){skipped} -> {output}")
+    pooled = summary["flicker"]["pooled"]
+    flick = f", flicker {pooled:.4f}" if pooled is not None else ", flicker n/a (no two consecutive frames of one size)"
+    print(f"[vss.predict] {done} frames in {seconds:.1f} s ({rate} fps){skipped}{flick} -> {output}")
     return summary
 
 

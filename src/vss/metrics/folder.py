@@ -18,6 +18,7 @@ from PIL import Image
 from vss.data.predictions import PredictionFormat
 from vss.data.vspw import DatasetError, LabelMap, Video, read_mask
 from vss.metrics.consistency import VideoConsistency, not_applicable_vc
+from vss.metrics.flicker import FlickerRate, not_applicable_flicker
 from vss.metrics.iou import SegmentationIoU
 
 __all__ = ["read_prediction", "score_predictions", "write_metrics_json"]
@@ -56,7 +57,8 @@ def score_predictions(
     frames). The GT is mapped with ``label_map`` for the IoU metrics and used raw for VC (as VSPW_code
     does); a prediction value outside ``0..C-1`` is refused. ``per_class_iou`` is keyed by class name (None:
     absent from GT and prediction); an mVC_n without any window is left out and explained under
-    ``not_applicable``.
+    ``not_applicable``. ``flicker`` (:class:`~vss.metrics.flicker.FlickerRate`, pooled) and ``flicker_per_video``
+    compare the scored frames of consecutive indices (the flicker rate, if no pair: ``not_applicable``).
     """
     pred_root = Path(pred_root)
     fmt = prediction_format or PredictionFormat()
@@ -66,6 +68,7 @@ def score_predictions(
         raise ValueError(f"{len(names)} class names for {num_classes} classes")
     iou = SegmentationIoU(num_classes, mean=iou_mean)
     vcs = {int(n): VideoConsistency(int(n)) for n in vc_windows}
+    flicker = FlickerRate()
     num_frames = 0
     for video in videos:
         for index in video.labelled:
@@ -96,6 +99,7 @@ def score_predictions(
             gt_t = torch.from_numpy(gt_raw)[None]
             for vc in vcs.values():
                 vc.update(pred_t, gt_t, [video.name], [index])
+            flicker.update(pred_t, [video.name], [index])
             num_frames += 1
     res = iou.compute()
     out: dict[str, Any] = {"mIoU": float(res["mIoU"]), "fwIoU": float(res["fwIoU"])}
@@ -105,6 +109,12 @@ def score_predictions(
             out.setdefault("not_applicable", {})[f"mVC{n}"] = not_applicable_vc(n)
         else:
             out[f"mVC{n}"] = value
+    rate = float(flicker.compute())
+    if math.isnan(rate):
+        out.setdefault("not_applicable", {})["flicker"] = not_applicable_flicker()
+    else:
+        out["flicker"] = rate
+    out["flicker_per_video"] = {v: None if math.isnan(r) else r for v, r in flicker.per_video().items()}
     out.update(
         {
             "pixel_accuracy": float(res["pixel_accuracy"]),
