@@ -76,6 +76,16 @@ def _predictions(root: Path) -> dict[str, np.ndarray]:
     return {str(p.relative_to(root)): np.array(Image.open(p)) for p in sorted(root.rglob("*.png"))}
 
 
+def _flicker(preds: dict[str, np.ndarray]) -> float:
+    """Changed over compared pixels between consecutive saved masks of each video (names in frame order)."""
+    changed = compared = 0
+    for video in {Path(k).parent for k in preds}:
+        frames = [v for k, v in preds.items() if Path(k).parent == video]
+        for prev, cur in zip(frames, frames[1:], strict=False):
+            changed, compared = changed + int((prev != cur).sum()), compared + cur.size
+    return changed / compared
+
+
 @pytest.fixture(scope="module")
 def data_dir(make_data_dir: Callable[..., Path]) -> Path:
     return make_data_dir(*TINY_DATA)
@@ -94,8 +104,9 @@ def test_stream_mode_equals_clip_mode(name: str, data_dir: Path, tmp_path: Path)
     same = sum(int((s_pred[k] == c_pred[k]).sum()) for k in s_pred)
     total = sum(v.size for v in s_pred.values())
     assert same / total > 0.999, f"{name}: {total - same} of {total} pixels differ between stream and clip"
-    for key in ("mIoU", "fwIoU", "pixel_accuracy", "mVC8", "mVC16"):
+    for key in ("mIoU", "fwIoU", "pixel_accuracy", "mVC8", "mVC16", "flicker"):
         assert stream[key] == pytest.approx(clip[key], abs=1e-4), key
+    assert stream["flicker"] == pytest.approx(_flicker(s_pred)) and clip["flicker"] == pytest.approx(_flicker(c_pred))
     assert stream["frames"] == clip["frames"] == 36
     assert (stream["mode"], clip["mode"]) == ("stream", "clip")
 
@@ -137,6 +148,8 @@ def test_eval_cli_prints_mode_and_time(data_dir: Path, tmp_path: Path, cli_env: 
     (metrics_file,) = (tmp_path / "logs").rglob("metrics.json")
     metrics = json.loads(metrics_file.read_text())
     assert metrics["mode"] == "stream" and metrics["frames"] == 36 and 0 <= metrics["mIoU"] <= 1
+    assert 0 < metrics["flicker"] < 1 and len(metrics["flicker_per_video"]) == 2
+    assert f" | val flicker {metrics['flicker']:.4f}\n" in proc.stdout  # the summary line, beside mVC
 
 
 # -- pred_root: ground truth and predictions of another class count are refused, not scored --------------------

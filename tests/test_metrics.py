@@ -384,6 +384,9 @@ def test_score_predictions_hand_computed(tmp_path: Path) -> None:
     # VC2 (raw GT): v1 window 0 -> g=[T,F,T,T], p=[T,T,F,T] -> 2/3 ; v2 window 0 -> g all, p=[T,F,T,T] -> 3/4
     assert out["mVC2"] == pytest.approx((2 / 3 + 3 / 4) / 2)
     assert "mVC3" not in out and "VC_3" in out["not_applicable"]["mVC3"]  # both videos have len 3 <= 3
+    # flicker (predictions only): v1 1 then 2 of 4 pixels change -> 3/8 ; v2 1 then 1 -> 2/8 ; pooled 5/16
+    assert out["flicker"] == pytest.approx(5 / 16)
+    assert out["flicker_per_video"] == {"v1": pytest.approx(3 / 8), "v2": pytest.approx(2 / 8)}
     assert out["num_videos"] == 2 and out["num_frames"] == 6
     json.dumps(out)
     default = score_predictions(preds, read_split(root, "val"), LabelMap(4))

@@ -175,6 +175,12 @@ def test_video_masks_equal_the_model(model: str, ckpts: dict[str, Path], video: 
     assert not [p for p in out.rglob(".*")], "temporary files left behind"
 
 
+def flicker_of(masks: list[np.ndarray]) -> float:
+    """Changed over compared pixels between consecutive masks, recomputed here from the written PNGs."""
+    pairs = list(zip(masks, masks[1:], strict=False))
+    return sum(int((a != b).sum()) for a, b in pairs) / sum(b.size for _, b in pairs)
+
+
 def test_folder_of_frames(ckpts: dict[str, Path], tmp_path: Path) -> None:
     src = tmp_path / "frames"
     src.mkdir()
@@ -188,7 +194,7 @@ def test_folder_of_frames(ckpts: dict[str, Path], tmp_path: Path) -> None:
     palette = tmp_path / "palette.yaml"
     palette.write_text("- [0, 0, 0]\n- [255, 0, 0]\n- [0, 255, 0]\n- [0, 0, 255]\n- [255, 255, 0]\n")
     out = tmp_path / "out"
-    run_predict(
+    summary = run_predict(
         f"ckpt_path={ckpts['mrcfa']}",
         f"source={src}",
         f"output={out}",
@@ -203,6 +209,11 @@ def test_folder_of_frames(ckpts: dict[str, Path], tmp_path: Path) -> None:
     assert read_mask(out / "masks" / "f12.png").shape == (70, 90)  # each mask at its own frame's size
 
     order = ["f1", "f2", "f3", "f10", "f11"]
+    # flicker over the processed order; f12 (70x90, last) is not compared with f11 (another size)
+    flicker = summary["flicker"]
+    assert flicker["compared_pixels"] == 4 * FOLDER_HW[0] * FOLDER_HW[1]
+    assert flicker["pooled"] == pytest.approx(flicker_of([masks[n] for n in order]))
+    assert flicker["per_video"] == {"frames": flicker["pooled"]}
     by_name = dict(zip(names, frames, strict=True))
     expected = reference_masks(ckpts["mrcfa"], [by_name[n] for n in order])
     equal = np.mean([np.mean(masks[n] == e) for n, e in zip(order, expected, strict=True)])
@@ -220,8 +231,9 @@ def test_overwrite_and_save_overlay(ckpts: dict[str, Path], tmp_path: Path) -> N
     cv2.imwrite(str(image), moving_shapes(1, (33, 47))[0])  # odd sides: the video is padded for mp4v
     out = tmp_path / "out"
     args = (f"ckpt_path={ckpts['segformer']}", f"source={image}", f"output={out}")
-    run_predict(*args)
+    one = run_predict(*args)
     assert read_mask(out / "masks" / "one.png").shape == (33, 47)
+    assert one["flicker"] == {"pooled": None, "per_video": {"one.png": None}, "changed_pixels": 0, "compared_pixels": 0}
     overlay, _ = read_video(out / "overlay.mp4")
     assert len(overlay) == 1 and overlay[0].shape == (34, 48, 3)
     with pytest.raises(ConfigError, match="already holds predictions.*overwrite=true"):
@@ -298,7 +310,11 @@ def test_cli(ckpts: dict[str, Path], video: Path, tmp_path: Path, cli_env: dict[
     assert len(line) == 1 and line[0].startswith(f"[vss.predict] {VIDEO_FRAMES} frames in "), proc.stdout
     (summary,) = (tmp_path / "logs" / "predict" / "runs").glob("*/predict.json")
     run_dir = summary.parent
-    assert line[0].endswith(f"fps) -> {run_dir}")
+    masks = [read_mask(p) for p in sorted((run_dir / "masks").glob("*.png"))]
+    flicker = json.loads(summary.read_text())["flicker"]
+    assert flicker["pooled"] == pytest.approx(flicker_of(masks)) and 0 < flicker["pooled"] < 1
+    assert flicker["per_video"] == {video.name: flicker["pooled"]}
+    assert line[0].endswith(f"fps), flicker {flicker['pooled']:.4f} -> {run_dir}")
     assert len(list((run_dir / "masks").glob("*.png"))) == VIDEO_FRAMES
     assert (run_dir / "overlay.mp4").is_file() and (run_dir / "side_by_side.mp4").is_file()
 
