@@ -1,6 +1,8 @@
 """Evaluation entry point: ``python -m vss.eval`` (also ``vss-eval``).
 
-Two modes, both writing ``metrics.json`` (mIoU, fwIoU, mVC8, mVC16, per_class_iou) in the run directory:
+Two modes, both writing ``metrics.json`` (mIoU, fwIoU, mVC8, mVC16, flicker, per_class_iou) in the run directory
+(``flicker``: the share of pixels whose predicted class changes between consecutive scored frames, no labels used;
+``flicker_per_video`` per video):
 
 - ``ckpt_path=RUN/checkpoints/last.ckpt [mode=stream|clip] [data=vspw data.root=...] [split=val]
   [save_predictions=true]`` evaluates a checkpoint (its training config rebuilds the model and its clip;

@@ -150,6 +150,7 @@ class VSSModule(pl.LightningModule):
             scores.setdefault("not_applicable", {})["flicker"] = not_applicable_flicker()
         else:
             scores["flicker"] = flicker
+        # per video: this process's videos (under DDP each rank holds whole videos; the pooled figure is synced)
         scores["flicker_per_video"] = {v: None if math.isnan(r) else r for v, r in m["flicker"].per_video().items()}
         per_class = iou["per_class_iou"].tolist()
         scores["per_class_iou"] = {
