@@ -21,7 +21,7 @@ from PIL import Image
 from vss.checkpoint import AtomicCheckpointIO, atomic_torch_save
 from vss.errors import ConfigError
 
-SUMMARY = ("mIoU", "fwIoU", "mVC8", "mVC16")
+SUMMARY = ("mIoU", "fwIoU", "mVC8", "mVC16", "flicker")
 RUN_DIR_RE = re.compile(r"^\[vss\] run directory: (.+)$", re.MULTILINE)
 STEP_RE = re.compile(r"^\[vss\] step (\d+): (.*)$", re.MULTILINE)
 
