@@ -32,6 +32,7 @@ from vss.lit import build_module
 from vss.models.aggregators.pspnet import PSPNet, import_official_checkpoint, pspnet_keys
 from vss.models.encoders import build_encoder
 from vss.models.heads import PSPHead
+from vss.models.ops.normalize import normalize_frames
 from vss.models.segmenter import Segmenter
 from vss.predict import predict
 
@@ -439,7 +440,7 @@ def test_150_class_checkpoint_predicts_with_its_names_and_colours(ade: dict, tmp
     summary = predict(cfg)
     assert [c["name"] for c in summary["classes"]] == list(ADE_NAMES)
     assert [c["color"] for c in summary["classes"]] == ADE_PALETTE  # the checkpoint's palette, not a generated one
-    x = build_eval_transform([64, 64], 32)(images=np.stack(frames))["images"]
+    x = normalize_frames(build_eval_transform([64, 64], 32)(images=np.stack(frames))["images"])
     with torch.no_grad():
         logits = ade["head"](ade["backbone"](x)[-1])
         expected = F.interpolate(logits, size=(40, 56), mode="bilinear", align_corners=False).argmax(1).numpy()
