@@ -21,8 +21,9 @@ HYDRA_APPS = {
     "vss.predict": "predict",
     "vss.bench": "bench",
     "vss.pipeline": "train",
+    "vss.export": "export",
 }
-ENTRY_POINTS = {f"vss-{name}": f"vss.{name}" for name in ("train", "eval", "predict", "bench")}
+ENTRY_POINTS = {f"vss-{name}": f"vss.{name}" for name in ("train", "eval", "predict", "bench", "export")}
 
 
 def readme_commands() -> list[str]:
@@ -34,7 +35,7 @@ def readme_commands() -> list[str]:
             line = line.split("  #")[0].strip()
             if re.match(r"^(\S+=\S+ )*(python|make|vss-)", line):
                 commands.append(line)
-    for inline in re.findall(r"`((?:[^`\s]+=[^`\s]+ )*(?:python|vss-)[^`]*)`", text):
+    for inline in re.findall(r"(?<!`)`((?:[^`\s]+=[^`\s]+ )*(?:python|vss-)[^`\n]*)`", text):  # not a ``` fence
         commands.append(inline.strip())
     placeholder = ("...", "…", "<")  # prose such as `python -m vss.…`, or <row> to fill in
     return list(dict.fromkeys(c for c in commands if not any(p in c for p in placeholder)))
