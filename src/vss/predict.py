@@ -4,6 +4,14 @@ Usage::
 
     python -m vss.predict ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt source=street.mp4
     python -m vss.predict ckpt_path=... source=frames/ output=pred/ fps=25 side_by_side=true opacity=0.6
+    python -m vss.predict backend=onnx export=EXPORT_DIR source=street.mp4    # or backend=pt2 | compile
+
+``backend``: ``eager`` (default) runs the :class:`~vss.models.streamer.Streamer`; ``compile`` the streaming
+:class:`~vss.models.step.Step` through ``torch.compile``; ``onnx`` / ``pt2`` the step ``vss.export`` wrote into
+``export=EXPORT_DIR`` (spec.json + step.onnx / step.pt2, no checkpoint read; ONNX Runtime on the CPU or its CUDA
+provider, pt2 on the CPU), one frame per call, the last ``lookahead`` frames by repeating the last frame. All give
+the same masks: frames are prepared as below (spec.json records the checkpoint's ``data.scale`` and
+``size_divisor``) and must come out at the export's size (else one line naming both sizes).
 
 ``source`` is a video file (anything OpenCV's FFmpeg reads: .mp4, .avi, .mov, ...), a folder of frames
 (jpg/jpeg/png/bmp, in natural name order: ``2.png`` before ``10.png``) or a single image. Every frame goes
