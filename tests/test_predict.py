@@ -307,14 +307,15 @@ def test_cli(ckpts: dict[str, Path], video: Path, tmp_path: Path, cli_env: dict[
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("[vss.predict]")]
-    assert len(line) == 1 and line[0].startswith(f"[vss.predict] {VIDEO_FRAMES} frames in "), proc.stdout
+    assert len(line) == 1 and line[0].startswith("[vss.predict] backend=eager on "), proc.stdout
+    assert f": {VIDEO_FRAMES} frames in " in line[0], proc.stdout
     (summary,) = (tmp_path / "logs" / "predict" / "runs").glob("*/predict.json")
     run_dir = summary.parent
     masks = [read_mask(p) for p in sorted((run_dir / "masks").glob("*.png"))]
     flicker = json.loads(summary.read_text())["flicker"]
     assert flicker["pooled"] == pytest.approx(flicker_of(masks)) and 0 < flicker["pooled"] < 1
     assert flicker["per_video"] == {video.name: flicker["pooled"]}
-    assert line[0].endswith(f"fps), flicker {flicker['pooled']:.4f} -> {run_dir}")
+    assert line[0].endswith(f"after the first frame), flicker {flicker['pooled']:.4f} -> {run_dir}")
     assert len(list((run_dir / "masks").glob("*.png"))) == VIDEO_FRAMES
     assert (run_dir / "overlay.mp4").is_file() and (run_dir / "side_by_side.mp4").is_file()
 

@@ -152,11 +152,21 @@ def export_onnx(graph: StepGraph, args: tuple[Tensor, ...], path: Path, inputs: 
     )
 
 
-class Runner:
-    """Runs an exported file: ``(frame, state) -> (logits, valid, index, next_state)`` (numpy out)."""
+def onnx_providers(cuda: bool) -> list[str]:
+    """ONNX Runtime's execution providers: CUDA first where asked for and installed, then the CPU."""
+    import onnxruntime as ort
 
-    def __init__(self, fmt: str, path: Path, names: list[str]) -> None:
+    gpu = cuda and "CUDAExecutionProvider" in ort.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+
+
+class Runner:
+    """Runs an exported file: ``(frame, state) -> (logits, valid, index, next_state)`` (numpy in and out); the
+    export-time check and ``vss.predict backend=onnx|pt2`` both run the file through it."""
+
+    def __init__(self, fmt: str, path: Path, names: list[str], providers: list[str] | None = None) -> None:
         self.fmt, self.names = fmt, names
+        self.device = "cpu"  # what runs the step: cpu, or ONNX Runtime's CUDA provider
         if fmt == "pt2":
             self.module = torch.export.load(str(path)).module()
         else:
@@ -164,8 +174,9 @@ class Runner:
 
             options = ort.SessionOptions()
             options.log_severity_level = 3
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
             self.inputs = [i.name for i in self.session.get_inputs()]
+            self.device = self.session.get_providers()[0]
 
     def __call__(self, frame: np.ndarray, state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
         if self.fmt == "pt2":
@@ -177,6 +188,48 @@ class Runner:
             got = self.session.run(None, {k: feeds[k] for k in self.inputs})
         out = dict(zip(OUTPUTS, got[: len(OUTPUTS)], strict=True))
         return out, dict(zip(self.names, got[len(OUTPUTS) :], strict=True))
+
+
+@dataclass
+class Exported:
+    """An export folder opened to run: its spec.json, the :class:`Runner` of its step file, the zero state."""
+
+    folder: Path
+    spec: dict[str, Any]
+    runner: Runner
+    zero: dict[str, np.ndarray]
+    size: tuple[int, int]  # (height, width) of the frames the step takes
+    batch: int  # videos per call
+
+
+def open_exported(folder: str | Path, fmt: str, key: str = "export", cuda: bool = False) -> Exported:
+    """``folder``'s spec.json and ``step.<fmt>`` (written by ``vss.export format=<fmt>``) ready to run; a
+    :class:`ConfigError` naming ``key``, the folder and the missing or unreadable file."""
+    path = Path(str(folder)).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"{key}={str(path)!r} is invalid: expected a folder written by vss.export (no such folder)")
+    spec_path, file = path / "spec.json", path / FILES[fmt]
+    for f in (spec_path, file):
+        if not f.is_file():
+            raise ConfigError(
+                f"{key}={str(path)!r} holds no {f.name}: write it with python -m vss.export format={fmt} output={path}"
+            )
+    try:
+        spec = json.loads(spec_path.read_text())
+        names = [s["name"] for s in spec["state"]]
+        zero = {s["name"]: np.zeros(s["shape"], s["dtype"]) for s in spec["state"]}
+        size = int(spec["preprocessing"]["height"]), int(spec["preprocessing"]["width"])
+        batch = int(spec["inputs"][0]["shape"][0])
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise ConfigError(f"{key}={str(path)!r}: spec.json cannot be read as vss.export's spec ({e!r})") from None
+    if fmt == "onnx":
+        _require_onnx()
+    try:
+        runner = Runner(fmt, file, names, onnx_providers(cuda) if fmt == "onnx" else None)
+    except Exception as e:  # a damaged or foreign file
+        first = " ".join(str(e).split())[:200]
+        raise ConfigError(f"{key}={str(path)!r}: {file.name} cannot be loaded ({type(e).__name__}: {first})") from None
+    return Exported(path, spec, runner, zero, size, batch)
 
 
 # -- the export-time check -------------------------------------------------------------------------------
@@ -378,6 +431,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             "width": width,
             "resize": f"frames are resized to {height}x{width} (bilinear) before the step; sides multiples of "
             f"{model.size_divisor}",
+            "scale": list(model.scale),  # the checkpoint's evaluation transform (vss.predict prepares frames so)
+            "size_divisor": model.size_divisor,
             "normalisation_inside": {"mean": [m * 255 for m in IMAGENET_MEAN], "std": [s * 255 for s in IMAGENET_STD]},
         },
         "logits": "per class scores of frame `index` at the model's output size; vss.predict upsamples them "

@@ -4,6 +4,14 @@ Usage::
 
     python -m vss.predict ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt source=street.mp4
     python -m vss.predict ckpt_path=... source=frames/ output=pred/ fps=25 side_by_side=true opacity=0.6
+    python -m vss.predict backend=onnx export=EXPORT_DIR source=street.mp4    # or backend=pt2 | compile
+
+``backend``: ``eager`` (default) runs the :class:`~vss.models.streamer.Streamer`; ``compile`` the streaming
+:class:`~vss.models.step.Step` through ``torch.compile``; ``onnx`` / ``pt2`` the step ``vss.export`` wrote into
+``export=EXPORT_DIR`` (spec.json + step.onnx / step.pt2, no checkpoint read; ONNX Runtime on the CPU or its CUDA
+provider, pt2 on the CPU), one frame per call, the last ``lookahead`` frames by repeating the last frame. All give
+the same masks: frames are prepared as below (spec.json records the checkpoint's ``data.scale`` and
+``size_divisor``) and must come out at the export's size (else one line naming both sizes).
 
 ``source`` is a video file (anything OpenCV's FFmpeg reads: .mp4, .avi, .mov, ...), a folder of frames
 (jpg/jpeg/png/bmp, in natural name order: ``2.png`` before ``10.png``) or a single image. Every frame goes
@@ -664,6 +672,115 @@ def chunks(frames: Iterable[Frame], size: int) -> Iterator[list[Frame]]:
         yield chunk
 
 
+BACKENDS = ("eager", "compile", "onnx", "pt2")
+"""eager: the :class:`Streamer`; compile: the :class:`~vss.models.step.Step` through ``torch.compile``; onnx, pt2:
+the step exported by ``vss.export`` (``export=FOLDER`` holding spec.json and step.onnx / step.pt2)."""
+
+
+class CompiledSteps:
+    """The checkpoint's :class:`~vss.models.step.Step` through ``torch.compile`` (compiled at the first frame)."""
+
+    def __init__(self, segmenter: Any) -> None:
+        from vss.models.step import Step
+
+        self.step = Step(segmenter).eval()
+        self.lookahead = self.step.lookahead
+        self.graph: Any = None
+        self.state: dict[str, torch.Tensor] = {}
+
+    def reset(self, height: int, width: int) -> None:
+        """Start a video of ``height`` x ``width`` frames from the zero state."""
+        from vss.export import StepGraph
+
+        self.state = self.step.init_state(height, width, 1)
+        if self.graph is None:
+            self.graph = torch.compile(StepGraph(self.step, list(self.state)).eval())
+
+    def __call__(self, frame: torch.Tensor) -> tuple[torch.Tensor, bool, int]:
+        """One frame (1,3,H,W) uint8 in; the logits, validity and index of the frame that became ready."""
+        logits, valid, index, *new = self.graph(frame, *self.state.values())
+        self.state = dict(zip(self.state, new, strict=True))
+        return logits, bool(valid), int(index)
+
+
+class ExportedSteps:
+    """An exported step (:func:`vss.export.open_exported`) run one frame at a time, its state threaded."""
+
+    def __init__(self, exported: Any, backend: str) -> None:
+        self.exported, self.backend = exported, backend
+        self.lookahead = int(exported.spec["lookahead"])
+        self.state: dict[str, np.ndarray] = {}
+
+    def reset(self, height: int, width: int) -> None:
+        """Start a video from the zero state; frames prepared at another size than the export's: one line."""
+        pre = self.exported.spec["preprocessing"]
+        if (height, width) != self.exported.size:
+            eh, ew = self.exported.size
+            raise ConfigError(
+                f"backend={self.backend}: this source's frames are prepared at {height}x{width} (data.scale "
+                f"{pre['scale']}, size_divisor {pre['size_divisor']}, as backend=eager does), the step exported in "
+                f"export={str(self.exported.folder)!r} takes {eh}x{ew}: export it with height={height} width={width}"
+            )
+        self.state = dict(self.exported.zero)
+
+    def __call__(self, frame: torch.Tensor) -> tuple[torch.Tensor, bool, int]:
+        """One frame (1,3,H,W) uint8 in; the logits, validity and index of the frame that became ready."""
+        out, self.state = self.exported.runner(np.ascontiguousarray(frame.cpu().numpy()), self.state)
+        return torch.from_numpy(np.asarray(out["logits"])), bool(out["valid"]), int(out["index"])
+
+
+class StepStream:
+    """:class:`Streamer`'s ``push``/``end`` over a step with explicit state (compiled or exported): one frame
+    per call, frame ``t - lookahead`` out at frame ``t``, the end of the video by repeating the last frame
+    ``lookahead`` times (equal to :meth:`Step.flush`, see :mod:`vss.export`)."""
+
+    def __init__(self, steps: CompiledSteps | ExportedSteps) -> None:
+        self.steps = steps
+        self.items: dict[int, Any] = {}
+        self.count = 0
+        self.last: torch.Tensor | None = None
+
+    def _one(self, frame: torch.Tensor, item: Any) -> list[Any]:
+        from vss.models.streamer import StreamOutput
+
+        if self.last is None:
+            self.steps.reset(*frame.shape[-2:])
+        self.items[self.count] = item
+        self.count += 1
+        self.last = frame
+        logits, valid, index = self.steps(frame)
+        return [StreamOutput(index, self.items.pop(index), logits[0])] if valid else []
+
+    def push(self, frames: torch.Tensor, items: Sequence[Any]) -> list[Any]:
+        """Frames (T,3,H,W) uint8 and what goes with each; the predictions that became ready."""
+        return [o for i, item in enumerate(items) for o in self._one(frames[i : i + 1], item)]
+
+    def end(self) -> list[Any]:
+        """The video's last ``lookahead`` predictions."""
+        from vss.models.streamer import StreamOutput
+
+        outs: list[Any] = []
+        if self.last is None:
+            return outs
+        for _ in range(self.steps.lookahead):
+            logits, valid, index = self.steps(self.last)
+            outs += [StreamOutput(index, self.items.pop(index), logits[0])] if valid else []
+        return outs
+
+
+def exported_model(exported: Any) -> Model:
+    """The class names, colours and evaluation transform of an export folder's spec.json (no checkpoint read)."""
+    spec, pre = exported.spec, exported.spec["preprocessing"]
+    if "scale" not in pre or "size_divisor" not in pre:
+        raise ConfigError(
+            f"export={str(exported.folder)!r}: spec.json has no preprocessing.scale/size_divisor (written by an older "
+            "vss.export): export it again"
+        )
+    names = [str(c["name"]) for c in spec["classes"]]
+    palette = [[int(v) for v in c["color"]] for c in spec["classes"]]
+    return Model(None, names, [int(v) for v in pre["scale"]], int(pre["size_divisor"]), palette)
+
+
 @torch.no_grad()
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Segment every frame of ``cfg.source`` with ``cfg.ckpt_path``; write the results, return the summary."""
@@ -672,7 +789,12 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     from vss.models.ops.classes import upsampled_class_map
     from vss.models.streamer import Streamer
 
-    ckpt_path, source_arg = _required(cfg, "ckpt_path"), _required(cfg, "source")
+    backend = _checked(cfg, "backend", lambda v: v in BACKENDS, f"one of {list(BACKENDS)}")
+    exporting = backend in ("onnx", "pt2")
+    # onnx|pt2 run the exported step in export=FOLDER (no checkpoint read); eager|compile the checkpoint
+    ckpt_path = None if exporting else _required(cfg, "ckpt_path")
+    folder = _required(cfg, "export") if exporting else None
+    source_arg = _required(cfg, "source")
     opacity = float(_checked(cfg, "opacity", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"))
     batch_size = _checked(cfg, "batch_size", lambda v: type(v) is int and v > 0, "a positive integer")
     fps_arg = _checked(cfg, "fps", lambda v: v is None or (_number(v) and v > 0), "a positive number or null")
@@ -682,7 +804,21 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     check_output(output)
     source = open_source(source_arg, on_error)  # before the model: a bad source fails in a second
-    model = load_model(ckpt_path, device, bool(cfg.get("trust_pickle", False)))
+    if exporting:
+        from vss.export import open_exported
+
+        exported = open_exported(folder, backend, "export", cuda=device.type == "cuda")
+        if exported.batch != 1:
+            raise ConfigError(
+                f"export={str(folder)!r}: its step takes {exported.batch} videos per call; vss.predict runs one video "
+                "(export it with batch=1)"
+            )
+        model = exported_model(exported)
+        runs_on = exported.runner.device
+        device = torch.device("cpu")  # frames go to the runtime as numpy arrays
+    else:
+        model = load_model(ckpt_path, device, bool(cfg.get("trust_pickle", False)))
+        runs_on = str(device)
     colours = load_palette(cfg.get("palette"), model.num_classes, model.palette)
     mask_dir = prepare_output(output, bool(cfg.get("overwrite", False)))
     transform = build_eval_transform(model.scale, model.size_divisor)
@@ -693,16 +829,22 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("side_by_side", False):
         writers["side_by_side"] = AtomicVideoWriter(output / "side_by_side.mp4", fps)
 
-    streamer = Streamer(model.segmenter, batch_size)  # frames encoded in batches, targets aggregated one by one
+    streamer: Any
+    if backend == "eager":
+        streamer = Streamer(model.segmenter, batch_size)  # frames encoded in batches, targets aggregated one by one
+    elif backend == "compile":
+        streamer = StepStream(CompiledSteps(model.segmenter))
+    else:
+        streamer = StepStream(ExportedSteps(exported, backend))
     first_size: tuple[int, int] | None = None
     pixels = np.zeros(model.num_classes, np.int64)  # predicted pixels per class: the legend's classes
     strip: LegendStrip | None = None
     flicker, flicker_at, last_shape = FlickerRate(), 0, None  # a size change: an index gap (no pair across it)
-    done = 0
-    bar = tqdm(total=source.count, desc="predict", unit="frame", disable=not cfg.get("progress", True))
+    done, first_out = 0, 0.0
+    bar = tqdm(total=source.count, desc=f"predict {backend}", unit="frame", disable=not cfg.get("progress", True))
 
     def emit(outputs: list[Any]) -> None:
-        nonlocal done, strip, flicker_at, last_shape
+        nonlocal done, strip, flicker_at, last_shape, first_out
         for out in outputs:
             name, rgb = out.item
             logits = out.logits[None].float()
@@ -723,6 +865,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
                     strip = strip or LegendStrip(pair.shape[1], model.class_names, colours)
                     writers["side_by_side"].write(np.concatenate([pair, strip(mask)], axis=0))
             done += 1
+            first_out = first_out or time.perf_counter()
             bar.update(1)
 
     def fit(rgb: np.ndarray) -> np.ndarray:
@@ -750,7 +893,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         bar.close()
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
+    seconds = end - start
+    warm = (done - 1) / (end - first_out) if done > 1 and end > first_out else None  # after the first frame out
     write_png_rgb(legend_image(model.class_names, colours, pixels), output / "legend.png")
 
     report = source.report
@@ -767,9 +912,13 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         "skipped": report.skipped,
         "seconds": round(seconds, 3),
         "fps": round(done / seconds, 2) if seconds > 0 else None,
+        "fps_after_first": round(warm, 2) if warm is not None else None,
+        "backend": backend,
+        "runs_on": runs_on,
+        "export": str(folder) if folder is not None else None,
         "source": str(source.path),
         "source_kind": source.kind,
-        "ckpt_path": str(ckpt_path),
+        "ckpt_path": str(ckpt_path) if ckpt_path is not None else None,
         "output": str(output),
         "masks": str(mask_dir),
         "overlay": videos.get("overlay"),
@@ -793,7 +942,11 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         skipped = f", {report.skipped} skipped{unknown} (unreadable: {', '.join(g.describe() for g in report.gaps)})"
     pooled = summary["flicker"]["pooled"]
     flick = f", flicker {pooled:.4f}" if pooled is not None else ", flicker n/a (no two consecutive frames of one size)"
-    print(f"[vss.predict] {done} frames in {seconds:.1f} s ({rate} fps){skipped}{flick} -> {output}")
+    after = f", {warm:.1f} after the first frame" if warm is not None else ""
+    print(
+        f"[vss.predict] backend={backend} on {runs_on}: {done} frames in {seconds:.1f} s ({rate} fps{after})"
+        f"{skipped}{flick} -> {output}"
+    )
     return summary
 
 

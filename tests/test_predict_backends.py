@@ -1,0 +1,133 @@
+"""``vss.predict backend=onnx|pt2|compile``: the exported (or compiled) step gives the masks of ``backend=eager``
+on a video; a bad backend, a missing export file and a frame size the export does not take are one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf, open_dict
+
+from conftest import TINY_DATA, compose_train
+from random_weights import randomize_
+from test_export import compose_export
+from test_predict import moving_shapes, read_mask, run_predict
+from vss.data.transforms import build_eval_transform
+from vss.errors import ConfigError
+from vss.export import export
+from vss.lit import build_module
+
+SIDE = 64  # the checkpoints' data.scale: a 48x80 frame is prepared at 64x64 (keep-ratio, then sides of 32)
+FRAMES, HW = 12, (48, 80)
+MODELS = {  # causal (references before the target) and with a reference after the target (lookahead 1)
+    "mrcfa": ["model=mrcfa"],
+    "mrcfa_lookahead": ["model=mrcfa", "model.offsets=[-2,1]", "model.start=clamp"],
+}
+pytest.importorskip("onnxruntime", reason="pip install -e '.[export]'")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random-weight checkpoints in the vss.train layout."""
+    root = tmp_path_factory.mktemp("backend-ckpts")
+    out: dict[str, Path] = {}
+    for name, extra in MODELS.items():
+        cfg = compose_train(
+            [
+                *TINY_DATA,
+                *extra,
+                "encoder=mit_b0",
+                "model.embed_dim=16",
+                f"data.scale=[{SIDE},{SIDE}]",
+                f"paths.output_dir={root}",
+                f"paths.data_dir={root / 'data'}",
+            ]
+        )
+        GlobalHydra.instance().clear()
+        with open_dict(cfg):
+            del cfg["hydra"]
+        module = build_module(cfg, cfg.data.num_classes, list(cfg.data.class_names))
+        randomize_(module.segmenter, seed=1)
+        out[name] = root / f"{name}.ckpt"
+        config = OmegaConf.to_container(cfg, resolve=True)
+        torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": config}}, out[name])
+    return out
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 12-frame 48x80 mp4 of moving shapes."""
+    path = tmp_path_factory.mktemp("backend-src") / "clip.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (HW[1], HW[0]))
+    for f in moving_shapes(FRAMES, HW):
+        writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+def exported(ckpt: Path, fmt: str, out: Path, side: int = SIDE) -> Path:
+    """``vss.export`` of ``ckpt`` into ``out``."""
+    export(compose_export(f"ckpt_path={ckpt}", f"format={fmt}", f"height={side}", f"width={side}", f"output={out}"))
+    return out
+
+
+def masks(folder: Path) -> dict[str, np.ndarray]:
+    return {p.stem: read_mask(p) for p in sorted((folder / "masks").glob("*.png"))}
+
+
+def test_video_is_prepared_at_the_export_size() -> None:
+    frame = np.zeros((*HW, 3), np.uint8)
+    assert build_eval_transform([SIDE, SIDE], 32)(images=frame[None])["images"].shape[-2:] == (SIDE, SIDE)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_exported_backend_masks_equal_eager(
+    model: str, fmt: str, ckpts: dict[str, Path], video: Path, tmp_path: Path
+) -> None:
+    folder = exported(ckpts[model], fmt, tmp_path / "export")
+    eager = run_predict(f"ckpt_path={ckpts[model]}", f"source={video}", f"output={tmp_path / 'eager'}")
+    got = run_predict(f"backend={fmt}", f"export={folder}", f"source={video}", f"output={tmp_path / fmt}")
+    want, have = masks(tmp_path / "eager"), masks(tmp_path / fmt)
+    assert len(want) == FRAMES and list(have) == list(want)
+    for name in want:
+        assert have[name].shape == HW
+        assert np.array_equal(have[name], want[name]), f"{model} {fmt} frame {name}: masks differ"
+    assert len(np.unique(np.stack(list(want.values())))) > 1  # varied class maps, not one class everywhere
+    assert (got["backend"], got["frames"], eager["backend"]) == (fmt, FRAMES, "eager")
+    assert got["runs_on"] == ("CPUExecutionProvider" if fmt == "onnx" else "cpu") and got["fps"] > 0
+    assert got["ckpt_path"] is None and got["export"] == str(folder)
+    assert [c["name"] for c in got["classes"]] == [c["name"] for c in eager["classes"]]
+    assert json.loads((tmp_path / fmt / "predict.json").read_text())["backend"] == fmt
+
+
+@pytest.mark.slow
+def test_compile_backend_masks_equal_eager(ckpts: dict[str, Path], video: Path, tmp_path: Path) -> None:
+    ckpt = ckpts["mrcfa_lookahead"]
+    run_predict(f"ckpt_path={ckpt}", f"source={video}", f"output={tmp_path / 'eager'}")
+    got = run_predict("backend=compile", f"ckpt_path={ckpt}", f"source={video}", f"output={tmp_path / 'compile'}")
+    want, have = masks(tmp_path / "eager"), masks(tmp_path / "compile")
+    assert got["frames"] == FRAMES and list(have) == list(want)
+    for name in want:
+        assert np.array_equal(have[name], want[name]), f"compile frame {name}: masks differ"
+
+
+def test_bad_backend_missing_file_and_size_mismatch(ckpts: dict[str, Path], video: Path, tmp_path: Path) -> None:
+    src = f"source={video}"
+    with pytest.raises(ConfigError, match=r"^backend='tensorrt' is invalid: expected one of \['eager'"):
+        run_predict("backend=tensorrt", f"ckpt_path={ckpts['mrcfa']}", src, f"output={tmp_path / 'a'}")
+    with pytest.raises(ConfigError, match=r"^export is required but not set"):
+        run_predict("backend=onnx", src, f"output={tmp_path / 'b'}")
+    folder = exported(ckpts["mrcfa"], "pt2", tmp_path / "export", side=32)
+    with pytest.raises(ConfigError, match=r"holds no step\.onnx: write it with python -m vss\.export format=onnx"):
+        run_predict("backend=onnx", f"export={folder}", src, f"output={tmp_path / 'c'}")
+    with pytest.raises(ConfigError) as e:
+        run_predict("backend=pt2", f"export={folder}", src, f"output={tmp_path / 'd'}")
+    assert "prepared at 64x64" in str(e.value) and "takes 32x32" in str(e.value)
+    assert "export it with height=64 width=64" in str(e.value) and "\n" not in str(e.value)
+    assert not list((tmp_path / "d" / "masks").glob("*.png"))
