@@ -785,3 +785,53 @@ def test_target_prefixes_come_from_the_shipped_configs() -> None:
     prefixes = target_prefixes()
     assert "vss." in prefixes and "torch.optim." in prefixes and "pytorch_lightning.callbacks." in prefixes
     assert not any(p.startswith(("os", "subprocess", "builtins")) for p in prefixes)
+
+
+ENTRY_CHECKS = {  # config -> (module, the function that checks it first, the required values)
+    "eval": ("vss.eval", "evaluate", ["ckpt_path=/nonexistent.ckpt"]),
+    "predict": ("vss.predict", "predict", ["ckpt_path=/nonexistent.ckpt", "source=/nonexistent.mp4"]),
+    "export": ("vss.export", "export", ["ckpt_path=/nonexistent.ckpt", "height=64", "width=64"]),
+    "bench": ("vss.bench", "check_bench_config", []),
+    "bench model=msaf": ("vss.bench", "check_bench_config", ["model=msaf", "encoder=resnet18", "mode=train"]),
+}
+
+
+@pytest.mark.parametrize("name", list(ENTRY_CHECKS))
+def test_every_numeric_key_of_the_other_entry_configs_is_checked(name: str, tmp_path: Path) -> None:
+    """eval / predict / export / bench: each int/float leaf of the composed config set to nan is refused first,
+    naming the key (before any checkpoint or source is read): a new numeric key without a check fails here."""
+    import importlib
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from vss.config import CONF_DIR, register_resolvers
+
+    module, function, required = ENTRY_CHECKS[name]
+    check = getattr(importlib.import_module(module), function)
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        base = compose(name.split()[0], overrides=[*required, *name.split()[1:], f"hydra.run.dir={tmp_path}"])
+    GlobalHydra.instance().clear()
+    if "output" in base:
+        base.output = str(tmp_path / "out")
+    keys = _numeric_leaves(base)
+    assert keys
+    unchecked = []
+    for key in keys:
+        owner = key.split(".[", 1)[0]
+        if any(owner == k or owner.startswith(k + ".") for k in CHECKED_ELSEWHERE):
+            continue
+        cfg = base.copy()
+        if ".[" in key:
+            OmegaConf.select(cfg, owner)[int(key.rsplit("[", 1)[1][:-1])] = float("nan")
+        else:
+            OmegaConf.update(cfg, key, float("nan"), merge=False)
+        try:
+            check(cfg)
+            unchecked.append(key)
+        except ConfigError as e:
+            named = ("batch_size=", f"{owner}=") if owner == "batch" else (f"{owner}=",)  # bench: batch_size follows
+            assert str(e).startswith(named), (key, str(e))
+    assert not unchecked, f"numeric keys of {name} without a check: {unchecked}"

@@ -99,7 +99,7 @@ from vss.config import CONF_DIR, register_resolvers
 from vss.errors import ConfigError, friendly_errors
 from vss.models.precision import PRECISIONS, inference_precision
 from vss.runtime import tune_host_allocator
-from vss.validation import _get, check_numeric_keys, check_targets, resolve_device
+from vss.validation import _get, check_numeric_keys, check_optim_values, check_targets, resolve_device
 
 register_resolvers()
 
@@ -190,6 +190,8 @@ def check_bench_config(cfg: DictConfig) -> torch.device:
                 "compiles the temporal part at inference"
             )
     check_numeric_keys(cfg)  # the model's and encoder's own (model.embed_dim, encoder.drop_path_rate, ...)
+    if OmegaConf.select(cfg, "optim", default=None) is not None:  # mode=train builds the training optimizer
+        check_optim_values(cfg)
     check_targets(cfg)
     return resolve_device(_get(cfg, "device"))
 

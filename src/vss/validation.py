@@ -320,18 +320,11 @@ def check_train_values(cfg: DictConfig) -> None:
         "a path to an existing local checkpoint file, or null",
         optional=True,
     )
-    _check(cfg, "optim.optimizer.lr", lambda v: _num(v) and v > 0, "a positive finite number")
-    _check(cfg, "optim.optimizer.weight_decay", lambda v: _num(v) and v >= 0, "a non-negative finite number")
+    check_optim_values(cfg)
     check_numeric_keys(cfg)
     check_targets(cfg, nodes=MODEL_NODES)
     check_retired_keys(cfg)
-    from vss.optim import check_paramwise
-
-    check_paramwise(OmegaConf.select(cfg, "optim.paramwise", default=None), "optim.paramwise")
     _check(cfg, "val_mode", lambda v: v in ("stream", "clip"), "stream or clip")
-    if OmegaConf.select(cfg, "optim.scheduler", default=None) is not None:  # null: a constant learning rate
-        _check(cfg, "optim.scheduler.warmup_steps", lambda v: _int(v) and v >= 0, "a non-negative integer")
-        _check(cfg, "optim.scheduler.power", lambda v: _num(v) and v >= 0, "a non-negative number")
     _check(
         cfg,
         "ckpt_path",
@@ -408,3 +401,16 @@ def check_wandb_login(cfg: DictConfig) -> None:
         "logger=wandb needs a W&B login (run `wandb login` or set WANDB_API_KEY), or run offline: WANDB_MODE=offline "
         "(or logger.wandb.offline=true); upload an offline run later with `wandb sync RUN/wandb/offline-run-*`"
     )
+
+
+def check_optim_values(cfg: DictConfig) -> None:
+    """The optimizer's and scheduler's values (``optim.*``): finite, in range; the paramwise rules (train, and
+    ``vss.bench mode=train``, which builds the same parameter groups)."""
+    from vss.optim import check_paramwise
+
+    _check(cfg, "optim.optimizer.lr", lambda v: _num(v) and v > 0, "a positive finite number")
+    _check(cfg, "optim.optimizer.weight_decay", lambda v: _num(v) and v >= 0, "a non-negative finite number")
+    check_paramwise(OmegaConf.select(cfg, "optim.paramwise", default=None), "optim.paramwise")
+    if OmegaConf.select(cfg, "optim.scheduler", default=None) is not None:  # null: a constant learning rate
+        _check(cfg, "optim.scheduler.warmup_steps", lambda v: _int(v) and v >= 0, "a non-negative integer")
+        _check(cfg, "optim.scheduler.power", lambda v: _num(v) and v >= 0, "a non-negative number")
