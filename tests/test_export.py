@@ -34,19 +34,18 @@ MODELS = {  # name -> overrides: single-frame, MRCFA (start policy), MRCFA with 
 onnxruntime = pytest.importorskip("onnxruntime", reason="pip install -e '.[export]'")
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny random-weight checkpoints in the vss.train layout."""
-    root = tmp_path_factory.mktemp("export-ckpts")
+def write_tiny_checkpoints(root: Path, models: dict[str, list[str]], side: int) -> dict[str, Path]:
+    """Tiny random-weight checkpoints (mit_b0, ``embed_dim=16``, ``data.scale=[side, side]``) in the vss.train
+    layout, one per ``models`` entry (name -> overrides)."""
     out: dict[str, Path] = {}
-    for name, extra in MODELS.items():
+    for name, extra in models.items():
         cfg = compose_train(
             [
                 *TINY_DATA,
                 *extra,
                 "encoder=mit_b0",
                 "model.embed_dim=16",
-                f"data.scale=[{SIDE},{SIDE}]",
+                f"data.scale=[{side},{side}]",
                 f"paths.output_dir={root}",
                 f"paths.data_dir={root / 'data'}",
             ]
@@ -57,10 +56,15 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         module = build_module(cfg, cfg.data.num_classes, list(cfg.data.class_names))
         randomize_(module.segmenter, seed=1)
         out[name] = root / f"{name}.ckpt"
-        torch.save(
-            {"state_dict": module.state_dict(), "hyper_parameters": {"config": OmegaConf.to_container(cfg)}}, out[name]
-        )
+        config = OmegaConf.to_container(cfg, resolve=True)
+        torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": config}}, out[name])
     return out
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random-weight checkpoints in the vss.train layout."""
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("export-ckpts"), MODELS, SIDE)
 
 
 def compose_export(*overrides: str) -> DictConfig:

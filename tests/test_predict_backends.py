@@ -9,18 +9,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf, open_dict
 
-from conftest import TINY_DATA, compose_train
-from random_weights import randomize_
-from test_export import compose_export
+from test_export import compose_export, write_tiny_checkpoints
 from test_predict import moving_shapes, read_mask, run_predict
 from vss.data.transforms import build_eval_transform
 from vss.errors import ConfigError
 from vss.export import export
-from vss.lit import build_module
 
 SIDE = 64  # the checkpoints' data.scale: a 48x80 frame is prepared at 64x64 (keep-ratio, then sides of 32)
 FRAMES, HW = 12, (48, 80)
@@ -34,29 +28,7 @@ pytest.importorskip("onnxruntime", reason="pip install -e '.[export]'")
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random-weight checkpoints in the vss.train layout."""
-    root = tmp_path_factory.mktemp("backend-ckpts")
-    out: dict[str, Path] = {}
-    for name, extra in MODELS.items():
-        cfg = compose_train(
-            [
-                *TINY_DATA,
-                *extra,
-                "encoder=mit_b0",
-                "model.embed_dim=16",
-                f"data.scale=[{SIDE},{SIDE}]",
-                f"paths.output_dir={root}",
-                f"paths.data_dir={root / 'data'}",
-            ]
-        )
-        GlobalHydra.instance().clear()
-        with open_dict(cfg):
-            del cfg["hydra"]
-        module = build_module(cfg, cfg.data.num_classes, list(cfg.data.class_names))
-        randomize_(module.segmenter, seed=1)
-        out[name] = root / f"{name}.ckpt"
-        config = OmegaConf.to_container(cfg, resolve=True)
-        torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": config}}, out[name])
-    return out
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("backend-ckpts"), MODELS, SIDE)
 
 
 @pytest.fixture(scope="module")
