@@ -35,6 +35,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "vss.validation",
         "vss.cli",
         "vss.passes",
+        "vss.exported",
     ),
     "entry points": (
         "vss.train",

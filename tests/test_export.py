@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from conftest import REPO_ROOT, TINY_DATA, compose_train
 from random_weights import randomize_
-from vss import export as export_module
+from vss import exported as exported_module
 from vss.config import CONF_DIR, register_resolvers
 from vss.errors import ConfigError, friendly_errors
 from vss.export import check_video, export
@@ -264,7 +264,7 @@ def test_bad_arguments(overrides: list[str], message: str, ckpts: dict[str, Path
 def test_missing_onnx_packages_say_how_to_install(
     ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(export_module, "ONNX_PACKAGES", ("onnx", "vss_no_such_package"))
+    monkeypatch.setattr(exported_module, "ONNX_PACKAGES", ("onnx", "vss_no_such_package"))
     cfg = compose_export(f"ckpt_path={ckpts['segformer']}", f"height={SIDE}", f"width={SIDE}", f"output={tmp_path}")
     with pytest.raises(ConfigError, match=r"needs vss_no_such_package \(not installed\): pip install -e '\.\[export"):
         export(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import secrets
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vss.cluster import slurm_run_name
+from vss.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 """The Hydra configs, shipped inside the package (``conf/`` at the repository root links here)."""
@@ -54,3 +56,18 @@ def knobs_key(knobs: Any) -> str:
 
     plain = OmegaConf.to_container(knobs, resolve=True) if isinstance(knobs, DictConfig) else knobs
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def target_class(target: Any, key: str, prefix: str, base: type) -> type:
+    """The subclass of ``base`` that a ``_target_`` names (``key`` in messages), refused unless it lies under
+    ``prefix``: the class shared code asks (a method's protocol, a data set's checks), imported, never called."""
+    if not isinstance(target, str) or not target.startswith(prefix):
+        raise ConfigError(f"{key}={target!r} is invalid: expected a class under {prefix}")
+    module, _, name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{key}={target!r} is invalid: no such class ({' '.join(str(e).split())[:200]})") from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"{key}={target!r} is invalid: expected a subclass of {base.__module__}.{base.__qualname__}")
+    return cls

@@ -47,11 +47,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
-from torch import Tensor, nn
+from torch import Tensor
 
 from vss.cli import check_command_line
 from vss.config import CONF_DIR, register_resolvers
 from vss.errors import ConfigError, friendly_errors
+from vss.exported import FILES, NEXT, OUTPUTS, Runner, StepGraph, _require_onnx
 from vss.models.ops.normalize import IMAGENET_MEAN, IMAGENET_STD
 from vss.models.step import State, Step
 
@@ -59,11 +60,6 @@ log = logging.getLogger("vss.export")
 register_resolvers()
 
 FORMATS = ("pt2", "onnx")
-FILES = {"pt2": "step.pt2", "onnx": "step.onnx"}
-ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
-OUTPUTS = ("logits", "valid", "index")
-NEXT = "next."
-"""Prefix of the state outputs: ``next.count`` is the ``count`` input of the next call."""
 
 
 # -- the model -------------------------------------------------------------------------------------------
@@ -74,20 +70,6 @@ def load(ckpt_path: str | Path, trust_pickle: bool = False) -> Any:
     from vss.predict import load_model
 
     return load_model(ckpt_path, torch.device("cpu"), trust_pickle)
-
-
-class StepGraph(nn.Module):
-    """:meth:`Step.step` with the state as positional tensors (``names`` order): what is exported."""
-
-    def __init__(self, step: Step, names: list[str]) -> None:
-        super().__init__()
-        self.step = step
-        self.names = names
-
-    def forward(self, frame: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
-        """``(logits, valid, index, *next_state)``."""
-        out, new = self.step.step(frame, dict(zip(self.names, state, strict=True)))
-        return (*(out[k] for k in OUTPUTS), *(new[k] for k in self.names))
 
 
 def _tensor_spec(name: str, t: Tensor) -> dict[str, Any]:
@@ -122,14 +104,6 @@ def _refuse_export(fmt: str, label: str, e: BaseException) -> ConfigError:
     return ConfigError(f"format={fmt}: {label} cannot be exported ({what}); nothing was written")
 
 
-def _require_onnx() -> None:
-    import importlib.util
-
-    missing = [p for p in ONNX_PACKAGES if importlib.util.find_spec(p) is None]
-    if missing:
-        raise ConfigError(f"format=onnx needs {', '.join(missing)} (not installed): pip install -e '.[export]'")
-
-
 def export_pt2(graph: StepGraph, args: tuple[Tensor, ...], path: Path) -> None:
     """``torch.export`` (non-strict) of the step, saved with :func:`torch.export.save`."""
     with torch.no_grad():  # Step.step's own no_grad is then no region of its own (torch.export.save refuses those)
@@ -150,86 +124,6 @@ def export_onnx(graph: StepGraph, args: tuple[Tensor, ...], path: Path, inputs: 
         verbose=False,
         report=False,
     )
-
-
-def onnx_providers(cuda: bool) -> list[str]:
-    """ONNX Runtime's execution providers: CUDA first where asked for and installed, then the CPU."""
-    import onnxruntime as ort
-
-    gpu = cuda and "CUDAExecutionProvider" in ort.get_available_providers()
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
-
-
-class Runner:
-    """Runs an exported file: ``(frame, state) -> (logits, valid, index, next_state)`` (numpy in and out); the
-    export-time check and ``vss.predict backend=onnx|pt2`` both run the file through it."""
-
-    def __init__(self, fmt: str, path: Path, names: list[str], providers: list[str] | None = None) -> None:
-        self.fmt, self.names = fmt, names
-        self.device = "cpu"  # what runs the step: cpu, or ONNX Runtime's CUDA provider
-        if fmt == "pt2":
-            self.module = torch.export.load(str(path)).module()
-        else:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
-            self.inputs = [i.name for i in self.session.get_inputs()]
-            self.device = self.session.get_providers()[0]
-
-    def __call__(self, frame: np.ndarray, state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
-        if self.fmt == "pt2":
-            with torch.no_grad():
-                got = self.module(torch.from_numpy(frame), *(torch.from_numpy(state[k]) for k in self.names))
-            got = [g.numpy() for g in got]
-        else:
-            feeds = {"frame": frame, **state}
-            got = self.session.run(None, {k: feeds[k] for k in self.inputs})
-        out = dict(zip(OUTPUTS, got[: len(OUTPUTS)], strict=True))
-        return out, dict(zip(self.names, got[len(OUTPUTS) :], strict=True))
-
-
-@dataclass
-class Exported:
-    """An export folder opened to run: its spec.json, the :class:`Runner` of its step file, the zero state."""
-
-    folder: Path
-    spec: dict[str, Any]
-    runner: Runner
-    zero: dict[str, np.ndarray]
-    size: tuple[int, int]  # (height, width) of the frames the step takes
-    batch: int  # videos per call
-
-
-def open_exported(folder: str | Path, fmt: str, key: str = "export", cuda: bool = False) -> Exported:
-    """``folder``'s spec.json and ``step.<fmt>`` (written by ``vss.export format=<fmt>``) ready to run; a
-    :class:`ConfigError` naming ``key``, the folder and the missing or unreadable file."""
-    path = Path(str(folder)).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"{key}={str(path)!r} is invalid: expected a folder written by vss.export (no such folder)")
-    spec_path, file = path / "spec.json", path / FILES[fmt]
-    for f in (spec_path, file):
-        if not f.is_file():
-            raise ConfigError(
-                f"{key}={str(path)!r} holds no {f.name}: write it with python -m vss.export format={fmt} output={path}"
-            )
-    try:
-        spec = json.loads(spec_path.read_text())
-        names = [s["name"] for s in spec["state"]]
-        zero = {s["name"]: np.zeros(s["shape"], s["dtype"]) for s in spec["state"]}
-        size = int(spec["preprocessing"]["height"]), int(spec["preprocessing"]["width"])
-        batch = int(spec["inputs"][0]["shape"][0])
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise ConfigError(f"{key}={str(path)!r}: spec.json cannot be read as vss.export's spec ({e!r})") from None
-    if fmt == "onnx":
-        _require_onnx()
-    try:
-        runner = Runner(fmt, file, names, onnx_providers(cuda) if fmt == "onnx" else None)
-    except Exception as e:  # a damaged or foreign file
-        first = " ".join(str(e).split())[:200]
-        raise ConfigError(f"{key}={str(path)!r}: {file.name} cannot be loaded ({type(e).__name__}: {first})") from None
-    return Exported(path, spec, runner, zero, size, batch)
 
 
 # -- the export-time check -------------------------------------------------------------------------------

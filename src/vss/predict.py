@@ -690,7 +690,7 @@ class CompiledSteps:
 
     def reset(self, height: int, width: int) -> None:
         """Start a video of ``height`` x ``width`` frames from the zero state."""
-        from vss.export import StepGraph
+        from vss.exported import StepGraph
 
         self.state = self.step.init_state(height, width, 1)
         if self.graph is None:
@@ -805,7 +805,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     check_output(output)
     source = open_source(source_arg, on_error)  # before the model: a bad source fails in a second
     if exporting:
-        from vss.export import open_exported
+        from vss.exported import open_exported
 
         exported = open_exported(folder, backend, "export", cuda=device.type == "cuda")
         if exported.batch != 1:

@@ -4,7 +4,6 @@ what is allowed (a :class:`vss.errors.ConfigError`)."""
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 import netrc
 import os
@@ -358,18 +357,10 @@ def check_model_values(cfg: DictConfig) -> None:
 
 def data_class(target: Any, key: str = "data._target_") -> type:
     """The :class:`vss.data.datamodule.VSSDataModule` subclass that ``data._target_`` names."""
+    from vss.config import target_class
     from vss.data.datamodule import VSSDataModule
 
-    if not isinstance(target, str) or not target.startswith(DATA_PREFIX):
-        raise ConfigError(f"{key}={target!r} is invalid: expected a class under {DATA_PREFIX}")
-    module, _, name = target.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"{key}={target!r} is invalid: no such class ({' '.join(str(e).split())[:200]})") from None
-    if not (isinstance(cls, type) and issubclass(cls, VSSDataModule)):
-        raise ConfigError(f"{key}={target!r} is invalid: expected a subclass of vss.data.datamodule.VSSDataModule")
-    return cls
+    return target_class(target, key, DATA_PREFIX, VSSDataModule)
 
 
 OFFLINE_MODES = ("offline", "dryrun", "disabled")

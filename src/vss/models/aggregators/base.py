@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vss.config import target_class
 from vss.errors import IGNORE_INDEX, ConfigError
 from vss.models.ops.classes import class_map
 from vss.models.ops.cross_entropy import banded_cross_entropy
@@ -67,16 +67,7 @@ AGGREGATOR_PREFIX = "vss.models.aggregators."
 
 def aggregator_class(target: Any, key: str = "model._target_") -> type[Aggregator]:
     """The :class:`Aggregator` subclass that ``model._target_`` names: what shared code asks the method protocol."""
-    if not isinstance(target, str) or not target.startswith(AGGREGATOR_PREFIX):
-        raise ConfigError(f"{key}={target!r} is invalid: expected a class under {AGGREGATOR_PREFIX}")
-    module, _, name = target.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"{key}={target!r} is invalid: no such class ({' '.join(str(e).split())[:200]})") from None
-    if not (isinstance(cls, type) and issubclass(cls, Aggregator)):
-        raise ConfigError(f"{key}={target!r} is invalid: expected a subclass of vss.models.aggregators.base.Aggregator")
-    return cls
+    return target_class(target, key, AGGREGATOR_PREFIX, Aggregator)
 
 
 class Aggregator(nn.Module):
