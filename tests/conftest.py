@@ -56,6 +56,27 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _logging_as_before() -> Iterator[None]:
+    """Undo the logging set-up of an entry point run in-process (Hydra's job logging: a console handler bound to
+    this test's captured stdout, closed once the test ends, and a file handler): a later log record would write to a
+    closed stream. Pytest's own capture handlers are left alone."""
+    import logging
+
+    def loggers() -> dict[str, logging.Logger]:
+        known = logging.Logger.manager.loggerDict.items()
+        return {"": logging.getLogger(), **{n: lg for n, lg in known if isinstance(lg, logging.Logger)}}
+
+    before = {name: (lg.level, list(lg.handlers)) for name, lg in loggers().items()}
+    yield
+    for name, lg in loggers().items():
+        level, handlers = before.get(name, (logging.NOTSET, []))
+        for handler in [h for h in lg.handlers if h not in handlers and type(h).__module__ == "logging"]:
+            lg.removeHandler(handler)
+            handler.close()
+        lg.setLevel(level)
+
+
 @pytest.fixture
 def compose_cfg() -> Iterator[Callable[..., DictConfig]]:
     """:func:`compose_train` as a fixture: ``compose_cfg("data=vspw", ...)``."""
