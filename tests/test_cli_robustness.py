@@ -477,9 +477,19 @@ def side_effect_file(tiny_ckpt: Path, tmp_path: Path) -> tuple[Path, Path]:
     ("program", "args", "flag"),
     [
         ("eval", ["ckpt_path={f}", "hydra.run.dir={d}/run"], "trust_pickle=true"),
-        ("predict", ["ckpt_path={f}", "source={d}", "output={d}/out", "hydra.run.dir={d}/run"], "trust_pickle=true"),
+        pytest.param(  # the same reader as eval's (load_module); under -m slow
+            "predict",
+            ["ckpt_path={f}", "source={d}", "output={d}/out", "hydra.run.dir={d}/run"],
+            "trust_pickle=true",
+            marks=pytest.mark.slow,
+        ),
         ("convert", ["--model", "mrcfa", "--src", "{f}", "--dst", "{d}/x.ckpt"], "--trust-pickle"),
-        ("train", ["init_from={f}", "paths.log_dir={d}/logs", "trainer.max_steps=1"], "trust_pickle=true"),
+        pytest.param(  # the same reader as eval's (load_checkpoint); a training run under -m slow
+            "train",
+            ["init_from={f}", "paths.log_dir={d}/logs", "trainer.max_steps=1"],
+            "trust_pickle=true",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_a_pickle_with_a_side_effect_is_never_unpickled(

@@ -114,8 +114,19 @@ def run_file(out: Path, video: np.ndarray) -> list[tuple[int, np.ndarray]]:
     return got
 
 
-@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
-@pytest.mark.parametrize("model", list(MODELS))
+DEFAULT_RUN = {("mrcfa_lookahead", "pt2"), ("mrcfa_lookahead", "onnx"), ("segformer", "pt2")}
+"""The cases of the default run (the lookahead MRCFA covers the start policy, the ring and the flush in both
+formats); the others run under ``-m slow`` (make test stays under 12 minutes on 2 cores)."""
+
+
+@pytest.mark.parametrize(
+    ("model", "fmt"),
+    [
+        pytest.param(m, f, id=f"{m}-{f}", marks=() if (m, f) in DEFAULT_RUN else pytest.mark.slow)
+        for m in MODELS
+        for f in ("pt2", "onnx")
+    ],
+)
 def test_exported_step_equals_the_eager_step(model: str, fmt: str, ckpts: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     spec = export(

@@ -221,7 +221,10 @@ def test_truncated_jpeg_is_an_error(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- CLI on fake trees
-@pytest.mark.parametrize("dataset", ["cityscapes", "camvid"])
+@pytest.mark.parametrize(
+    "dataset",
+    [pytest.param("cityscapes", marks=pytest.mark.slow), "camvid"],  # Cityscapes: its own preset test below
+)
 def test_msaf_preset_trains_and_evaluates_on_a_fake_tree(dataset: str, tmp_path: Path, run_cli, cli_env) -> None:
     import subprocess
     import sys
