@@ -499,20 +499,26 @@ class LegendStrip:
 
 
 # -- writing -------------------------------------------------------------------------------------------
-def write_png(mask: np.ndarray, path: Path) -> None:
-    """Write a class-id map as an 8-bit PNG, under a temporary name first."""
-    ok, buf = cv2.imencode(".png", mask)
-    if not ok:
-        raise RuntimeError(f"could not encode {path} as PNG")
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` under a temporary name, then rename: a failed write leaves no file looking complete (and an
+    OSError that names no file is given ``path``)."""
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        tmp.write_bytes(buf.tobytes())
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name it
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
+
+
+def write_png(mask: np.ndarray, path: Path) -> None:
+    """Write a class-id map as an 8-bit PNG, under a temporary name first."""
+    ok, buf = cv2.imencode(".png", mask)
+    if not ok:
+        raise RuntimeError(f"could not encode {path} as PNG")
+    write_atomic(path, buf.tobytes())
 
 
 def write_png_rgb(rgb: np.ndarray, path: Path) -> None:
@@ -522,15 +528,7 @@ def write_png_rgb(rgb: np.ndarray, path: Path) -> None:
 
 def write_json(data: dict[str, Any], path: Path) -> None:
     """Write JSON under a temporary name, then rename."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name it
-            raise OSError(e.errno, e.strerror, str(path)) from None
-        raise
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 class AtomicVideoWriter:
