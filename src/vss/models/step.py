@@ -30,12 +30,16 @@ the frame size, the size ``vss.predict`` upsamples to. :meth:`Step.flush` predic
 still pending at the end of a video (``Streamer.end``).
 
 In eager mode a branch the target does not take is skipped (``valid``/per-frame read on the host); under
-``torch.compile`` / ``torch.export`` both are computed and selected by ``torch.where`` (no data-dependent
-Python control flow).
+``torch.compile`` / ``torch.export``, CUDA-graph capture and :func:`static_branches` both are computed and selected
+by ``torch.where`` (no data-dependent Python control flow).
+
+:class:`vss.models.streams.Streams` is the same step over independent streams (a count per stream).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +54,25 @@ HORIZON = 64
 """Frames over which the policy is checked against its tabulated form (at least twice the table's length)."""
 
 
+_STATIC = [False]
+
+
+@contextmanager
+def static_branches() -> Iterator[None]:
+    """Inside: the step takes its traced form in eager mode too (both branches and ``torch.where``, no host reads),
+    as a CUDA graph captures it (:mod:`vss.models.ops.cuda_graph`: its warm-up, and the CPU dry run)."""
+    before, _STATIC[0] = _STATIC[0], True
+    try:
+        yield
+    finally:
+        _STATIC[0] = before
+
+
 def _tracing() -> bool:
-    """Whether the step is being compiled or exported (then no host reads of tensors)."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    """Whether the step is being compiled, exported or captured in a CUDA graph (then no host reads of tensors)."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or _STATIC[0]:
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 @dataclass(frozen=True)
