@@ -162,7 +162,8 @@ class Step(nn.Module):
         """Feature shapes and the output size at a frame size (one zero frame through the model, cached)."""
         key = (int(height), int(width))
         if key not in self._layouts:
-            frame = torch.zeros(1, 3, *key, device=self._device())
+            param = next(self.model.parameters())
+            frame = torch.zeros(1, 3, *key, device=param.device, dtype=param.dtype)  # a bfloat16 model: bf16
             feats = self.model.encode(frame)
             refs = self.model.reference_features(feats)
             sizes = []
