@@ -69,6 +69,19 @@ synchronised, so this pass is not the one that gives ``stream_ms_per_frame``.
 for the plan and after every forward and every streaming video, with its count (``streaming video 3/6``), its
 time and the time so far; the result row alone goes to stdout (``2>&1 | grep '[vss.bench]'`` shows both).
 
+**Step path** (``step_*``, ``streams_*``; ``mode=step`` runs it alone, ``mode=infer`` adds it when one of its
+options is set): the fixed-shape :class:`vss.models.step.Step` and the class ids at frame size, one frame a call,
+``warmup`` untimed then ``iters`` timed passes over the ``frames``-frame video; every call is timed until its ids
+are ready: ``step_ms_per_frame`` (mean), ``step_fps``, ``step_p95_ms`` for one stream; with ``streams`` N > 1,
+:class:`vss.models.streams.Streams` over N independent streams in one batch (stream b starts at frame b, so
+their start-of-video positions differ): ``streams_total_fps`` (N frames a call), ``streams_latency_mean_ms`` and
+``streams_latency_p95_ms`` (each stream's frame waits for the whole call). Options (``vss.models.ops.cuda_graph``):
+``graph=true`` (CUDA: captured once in a CUDA graph, replayed per frame; ``graph=dry`` runs the same static step
+uncaptured, any device), ``tf32=true`` (CUDA), ``ids_first=true`` (argmax before a nearest upsampling of the ids),
+``dtype=bf16`` (weights and activations cast, no autocast). ``agreement_pct``: where an option changes the
+arithmetic, the share of pixels whose class equals the eager fp32 step's (bilinear logits, no TF32) on the first
+pass's frames.
+
 Time is wall clock (``time.perf_counter``), with ``torch.cuda.synchronize`` on GPU before a timer stops;
 fp32, no_grad, eval mode, random weights (as the papers' ``tools/benchmark.py``). Parameters are trainable
 parameters in millions. On GPU, ``clip_peak_MiB`` / ``stream_peak_MiB`` are ``torch.cuda.max_memory_allocated``
@@ -122,10 +135,17 @@ BENCH_KEYS = {
     "baseline",
     "precision",
     "progress",
+    "streams",
+    "graph",
+    "tf32",
+    "ids_first",
+    "dtype",
 }
 """Overrides that set the measurement, not the model; any other override names the row's variant."""
-MODES = ("infer", "train")
-POSITIVE = ("num_classes", "height", "width", "batch_size", "iters", "frames", "stream_batch_size")
+MODES = ("infer", "train", "step")
+POSITIVE = ("num_classes", "height", "width", "batch_size", "iters", "frames", "stream_batch_size", "streams")
+GRAPHS = ("false", "true", "dry")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -167,6 +187,12 @@ class BenchResult:
         return f"[vss.bench] {name} ({where}): {figures}" + (f" | baseline: {self.baseline}" if self.baseline else "")
 
 
+def graph_mode(cfg: DictConfig) -> str:
+    """``graph``: false, true or dry (a bool from the command line is its lower-case name)."""
+    graph = _get(cfg, "graph")
+    return str(graph).lower() if isinstance(graph, bool) else str(graph)
+
+
 def check_bench_config(cfg: DictConfig) -> torch.device:
     """Positive integer options, ``warmup`` >= 0, ``baseline`` a bool, a known ``precision``, and a device that
     exists; returns the device."""
@@ -178,9 +204,14 @@ def check_bench_config(cfg: DictConfig) -> torch.device:
             raise ConfigError(f"{key}={value!r} is invalid: expected {what}")
     if str(_get(cfg, "mode")) not in MODES:
         raise ConfigError(f"mode={_get(cfg, 'mode')!r} is invalid: expected one of {list(MODES)}")
-    for key in ("baseline", "progress", "compile", "channels_last"):
+    for key in ("baseline", "progress", "compile", "channels_last", "tf32", "ids_first"):
         if not isinstance(_get(cfg, key), bool):
             raise ConfigError(f"{key}={_get(cfg, key)!r} is invalid: expected true or false")
+    graph = _get(cfg, "graph")
+    if graph_mode(cfg) not in GRAPHS:
+        raise ConfigError(f"graph={graph!r} is invalid: expected true, false or dry (the graph's static step uncaptured)")
+    if str(_get(cfg, "dtype")) not in DTYPES:
+        raise ConfigError(f"dtype={_get(cfg, 'dtype')!r} is invalid: expected one of {list(DTYPES)}")
     if str(_get(cfg, "precision")) not in PRECISIONS:
         raise ConfigError(f"precision={_get(cfg, 'precision')!r} is invalid: expected one of {list(PRECISIONS)}")
     for key in ("compile", "channels_last"):
@@ -193,7 +224,15 @@ def check_bench_config(cfg: DictConfig) -> torch.device:
     if OmegaConf.select(cfg, "optim", default=None) is not None:  # mode=train builds the training optimizer
         check_optim_values(cfg)
     check_targets(cfg)
-    return resolve_device(_get(cfg, "device"))
+    device = resolve_device(_get(cfg, "device"))
+    if device.type != "cuda" and graph_mode(cfg) == "true":
+        raise ConfigError(
+            f"graph=true needs CUDA (device={device.type}): CUDA graphs replay CUDA kernels; graph=dry runs the same "
+            "static step (fixed buffers, in-place state, no host reads) uncaptured, as a rehearsal"
+        )
+    if device.type != "cuda" and _get(cfg, "tf32"):
+        raise ConfigError(f"tf32=true sets TF32 for CUDA matmuls and convolutions (device={device.type}): use a GPU")
+    return device
 
 
 def _sync(device: torch.device) -> Callable[[], None]:
@@ -307,6 +346,101 @@ def timed_stages(model: torch.nn.Module, device: torch.device) -> Iterator[dict[
             delattr(obj, attr)
 
 
+def step_wanted(cfg: DictConfig) -> bool:
+    """The step path runs in ``mode=step``, and in ``mode=infer`` when one of its options is set."""
+    options = int(cfg.streams) > 1 or graph_mode(cfg) != "false" or cfg.tf32 or cfg.ids_first or cfg.dtype != "fp32"
+    return str(cfg.mode) == "step" or (str(cfg.mode) == "infer" and bool(options))
+
+
+def _p95(values: list[float]) -> float:
+    """The 95th percentile (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[max(0, -(-95 * len(ordered) // 100) - 1)]
+
+
+def step_path(cfg: DictConfig, device: torch.device, model: torch.nn.Module, note: Progress) -> dict[str, float]:
+    """The fixed-shape step with the class ids at frame size, per frame: one stream (``step_*``), and ``streams``
+    N > 1 independent streams batched (``streams_*``: stream b starts at frame b), eager or captured in a CUDA
+    graph (``graph``), with ``tf32``, ``ids_first``, ``dtype``; ``agreement_pct`` against the eager fp32 step's
+    default ids on the same frames where an option changes the arithmetic. See the module docstring."""
+    import copy
+
+    from vss.models.ops.cuda_graph import GraphedStep, frame_ids, tf32
+    from vss.models.step import Step
+    from vss.models.streams import Streams
+
+    h, w, frames, n = int(cfg.height), int(cfg.width), int(cfg.frames), int(cfg.streams)
+    warmup, iters, graph, ids_first = int(cfg.warmup), int(cfg.iters), graph_mode(cfg), bool(cfg.ids_first)
+    dtype = DTYPES[str(cfg.dtype)]
+    run = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    video = torch.randn(frames, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
+    sync = _sync(device)
+    size = (h, w)
+
+    def runner(step: Step, batch: int, eager: bool, first: bool = ids_first) -> Callable[..., dict[str, torch.Tensor]]:
+        if not eager:
+            return GraphedStep(step, h, w, batch, ids_first=first, dry_run=graph == "dry")
+        state = step.init_state(h, w, batch)
+
+        def call(frame: torch.Tensor, active: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+            nonlocal state
+            out, state = step.step(frame, state) if active is None else step.step(frame, state, active)
+            return {**out, "ids": frame_ids(out["logits"], size, first)}
+
+        return call
+
+    def timed(call: Callable[..., dict[str, torch.Tensor]], batch: int, label: str) -> tuple[list[float], dict]:
+        """Latency (s) of each timed call (the ids ready); the ids of the valid outputs of the first pass."""
+        latencies, kept = [], {}
+        ticks = (warmup + iters) * frames
+        for tick in range(ticks):
+            frame = video[tick % frames].to(dtype)
+            active = None
+            if batch > 1:  # stream b starts at tick b
+                frame = frame.expand(batch, -1, -1, -1)
+                active = torch.arange(batch, device=device) <= tick
+            sync()
+            start = time.perf_counter()
+            out = call(frame, active) if batch > 1 else call(frame[None])
+            sync()
+            if tick >= warmup * frames:
+                latencies.append(time.perf_counter() - start)
+            if batch == 1 and tick < frames and bool(out["valid"]):
+                kept[int(out["index"])] = out["ids"][0].clone()
+            if (tick + 1) % frames == 0:
+                note(f"step path ({label}) frame {tick + 1}/{ticks}" + (" (warm-up)" if tick < warmup * frames else ""))
+        return latencies, kept
+
+    eager = graph == "false"
+    what = ("eager" if eager else f"graph={graph}") + ", tf32" * bool(cfg.tf32) + ", ids_first" * ids_first
+    figures: dict[str, float] = {}
+    with tf32(bool(cfg.tf32)):
+        one, ids = timed(runner(Step(run), 1, eager), 1, f"{what}, {cfg.dtype}, 1 stream")
+        figures.update(
+            step_ms_per_frame=1e3 * statistics.mean(one), step_fps=1 / statistics.mean(one), step_p95_ms=1e3 * _p95(one)
+        )
+        if n > 1:
+            many, _ = timed(runner(Streams(run), n, eager), n, f"{what}, {cfg.dtype}, {n} streams")
+            figures.update(
+                streams=n,
+                streams_total_fps=n / statistics.mean(many),
+                streams_latency_mean_ms=1e3 * statistics.mean(many),
+                streams_latency_p95_ms=1e3 * _p95(many),
+            )
+    if not eager or cfg.tf32 or ids_first or dtype != torch.float32:  # the arithmetic differs: how much?
+        with tf32(False):
+            reference = {}
+            call = runner(Step(model), 1, eager=True, first=False)
+            for i in range(frames):
+                out = call(video[i][None])
+                if bool(out["valid"]):
+                    reference[int(out["index"])] = out["ids"][0]
+        common = sorted(set(reference) & set(ids))
+        equal = sum(int((reference[i] == ids[i]).sum()) for i in common)
+        figures["agreement_pct"] = 100 * equal / max(1, sum(reference[i].numel() for i in common))
+    return figures
+
+
 def bench(cfg: DictConfig) -> BenchResult:
     """Parameter counts, clip-path and streaming-path time per target frame, FLOPs and memory of the configured
     model, and the same for its single-frame baseline (timed interleaved)."""
@@ -316,14 +450,21 @@ def bench(cfg: DictConfig) -> BenchResult:
     if str(cfg.mode) == "train":
         return bench_train(cfg, device)
     model = Segmenter(instantiate(cfg.encoder), instantiate(cfg.model), int(cfg.num_classes)).to(device).eval()
-    base_agg = baseline_of(cfg) if cfg.baseline else None
+    base_agg = baseline_of(cfg) if cfg.baseline and str(cfg.mode) != "step" else None
     baseline = None
     if base_agg is not None:
         baseline = Segmenter(instantiate(cfg.encoder), base_agg, int(cfg.num_classes)).to(device).eval()
     label = f"{type(model.aggregator).__name__} {cfg.encoder.get('name', type(model.encoder).__name__)}"
     progress = Progress(label, bool(cfg.get("progress", True)))
     with torch.inference_mode(), inference_precision(cfg.precision, device, key="precision"):
-        result = _bench(cfg, device, model, baseline, progress)
+        if str(cfg.mode) == "step":
+            result = _step_only(cfg, device, model, progress)
+        else:
+            result = _bench(cfg, device, model, baseline, progress)
+        if step_wanted(cfg) and str(cfg.mode) == "infer":
+            result.figures.update(step_path(cfg, device, model, progress))
+    if str(cfg.mode) == "step":
+        return result
     if cfg.baseline and baseline is None:
         name = type(model.aggregator).__name__
         result.baseline = (
@@ -332,6 +473,26 @@ def bench(cfg: DictConfig) -> BenchResult:
             else f"none ({name}.single_frame_baseline names no honest single-frame counterpart)"
         )
     return result
+
+
+def _step_only(cfg: DictConfig, device: torch.device, model: torch.nn.Module, note: Progress) -> BenchResult:
+    """``mode=step``: the parameters and the step path alone."""
+    figures = {"params_total_M": count_parameters(model) / 1e6, **step_path(cfg, device, model, note)}
+    figures["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if device.type == "cuda":
+        figures["peak_MiB"] = torch.cuda.max_memory_allocated(device) / 2**20
+    figures["load_1m"] = os.getloadavg()[0]
+    return BenchResult(
+        model=type(model.aggregator).__name__,
+        encoder=str(cfg.encoder.get("name", type(model.encoder).__name__)),
+        height=int(cfg.height),
+        width=int(cfg.width),
+        clip=1 + len(model.offsets),
+        lookahead=model.lookahead,
+        device=device.type,
+        figures=figures,
+        mode="step",
+    )
 
 
 def _bench(
