@@ -209,7 +209,7 @@ def check_bench_config(cfg: DictConfig) -> torch.device:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is invalid: expected true or false")
     graph = _get(cfg, "graph")
     if graph_mode(cfg) not in GRAPHS:
-        raise ConfigError(f"graph={graph!r} is invalid: expected true, false or dry (the graph's static step uncaptured)")
+        raise ConfigError(f"graph={graph!r} is invalid: expected true, false or dry (the static step uncaptured)")
     if str(_get(cfg, "dtype")) not in DTYPES:
         raise ConfigError(f"dtype={_get(cfg, 'dtype')!r} is invalid: expected one of {list(DTYPES)}")
     if str(_get(cfg, "precision")) not in PRECISIONS:
