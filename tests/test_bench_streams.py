@@ -65,7 +65,7 @@ def test_mode_step_with_the_graph_options_reports_agreement(compose_bench: Calla
         ("streams=0", r"^streams=0 is invalid: expected a positive integer$"),
         ("streams=-1", r"^streams=-1 is invalid: expected a positive integer$"),
         ("streams=abc", r"^streams='abc' is invalid: expected a positive integer$"),
-        ("graph=maybe", r"^graph='maybe' is invalid: expected true, false or dry \\(the static step"),
+        ("graph=maybe", r"^graph='maybe' is invalid: expected true, false or dry \(the static step"),
         ("dtype=fp16", r"^dtype='fp16' is invalid: expected one of \['fp32', 'bf16'\]$"),
         ("ids_first=2", r"^ids_first=2 is invalid: expected true or false$"),
         ("mode=serve", r"^mode='serve' is invalid: expected one of \['infer', 'train', 'step'\]$"),
