@@ -132,7 +132,8 @@ def test_the_folder_holds_weights_and_text_only(folders: dict[str, Path], runs: 
     assert str(runs["mrcfa"].parents[1]) not in text, "a training path is left in config.yaml"
     prep = json.loads((out / PREPROCESSING).read_text())
     assert prep["scale"] == [32, 32] and prep["size_divisor"] == 32 and prep["input"]["dtype"] == "uint8"
-    assert prep["mean"] == pytest.approx([123.675, 116.28, 103.53]) and prep["std"] == pytest.approx([58.395, 57.12, 57.375])
+    assert prep["mean"] == pytest.approx([123.675, 116.28, 103.53])
+    assert prep["std"] == pytest.approx([58.395, 57.12, 57.375])
     table = json.loads((out / CLASSES).read_text())
     assert [c["name"] for c in table["classes"]] == ["background", "red", "green", "blue", "yellow"]
     assert table["classes"][1]["color"] == [220, 45, 45]  # the synthetic set's red (vss.data.synthetic)
@@ -188,8 +189,17 @@ def test_predicted_masks_of_the_folder_equal_the_checkpoints(
     masks = {}
     for name, path in (("ckpt", runs["mrcfa"]), ("folder", folders["mrcfa"])):
         out = tmp_path / name
-        predict(compose("predict", f"ckpt_path={path}", f"source={src}", f"output={out}", "progress=false",
-                        "save_overlay=false", "device=cpu"))  # fmt: skip
+        predict(
+            compose(
+                "predict",
+                f"ckpt_path={path}",
+                f"source={src}",
+                f"output={out}",
+                "progress=false",
+                "save_overlay=false",
+                "device=cpu",
+            )
+        )
         masks[name] = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in sorted((out / "masks").glob("*.png"))]
     assert len(masks["ckpt"]) == 6 and len(np.unique(np.stack(masks["ckpt"]))) > 1
     assert all(np.array_equal(a, b) for a, b in zip(masks["ckpt"], masks["folder"], strict=True))
@@ -199,8 +209,15 @@ def test_init_from_a_folder_loads_every_tensor(
     runs: dict[str, Path], folders: dict[str, Path], data_dir: Path, tmp_path: Path
 ) -> None:
     cfg = compose_train(
-        [*TINY_DATA, "model=mrcfa", "encoder=mit_b0", "model.embed_dim=16", f"init_from={folders['mrcfa']}",
-         f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path}"]  # fmt: skip
+        [
+            *TINY_DATA,
+            "model=mrcfa",
+            "encoder=mit_b0",
+            "model.embed_dim=16",
+            f"init_from={folders['mrcfa']}",
+            f"paths.data_dir={data_dir}",
+            f"paths.output_dir={tmp_path}",
+        ]
     )
     GlobalHydra.instance().clear()
     with open_dict(cfg):
@@ -214,8 +231,17 @@ def test_init_from_a_folder_loads_every_tensor(
 
 
 def test_export_pt2_from_a_folder(folders: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
-    spec = export(compose("export", f"ckpt_path={folders['segformer']}", "format=pt2", "height=32", "width=32",
-                          f"output={tmp_path}", "check_frames=3"))  # fmt: skip
+    spec = export(
+        compose(
+            "export",
+            f"ckpt_path={folders['segformer']}",
+            "format=pt2",
+            "height=32",
+            "width=32",
+            f"output={tmp_path}",
+            "check_frames=3",
+        )
+    )
     assert (tmp_path / "step.pt2").is_file() and spec["check"]["max_abs_diff"] <= 1e-4
     assert "parity over 3 frames" in capfd.readouterr().out
 
@@ -223,8 +249,11 @@ def test_export_pt2_from_a_folder(folders: dict[str, Path], tmp_path: Path, capf
 # -- model=FOLDER --------------------------------------------------------------------------------------------------
 def test_model_argument_names_the_folder(folders: dict[str, Path]) -> None:
     path = folders["mrcfa"]
-    assert model_argument([f"model={path}", "mode=clip", "model.top_n=3"]) == [f"ckpt_path={path}", "mode=clip",
-                                                                               "model.top_n=3"]  # fmt: skip
+    assert model_argument([f"model={path}", "mode=clip", "model.top_n=3"]) == [
+        f"ckpt_path={path}",
+        "mode=clip",
+        "model.top_n=3",
+    ]
     assert model_argument([f"model='{path}'"]) == [f"ckpt_path='{path}'"]
     with pytest.raises(ConfigError, match=r"model=mrcfa: no model folder or checkpoint file there"):
         model_argument(["model=mrcfa"])
@@ -237,16 +266,24 @@ def test_eval_cli_model_folder(runs: dict[str, Path], folders: dict[str, Path], 
     args = [f"model={folders['segformer']}", f"+data.root={root}", "num_workers=0", "device=cpu", "progress=false"]
     done = subprocess.run(
         [sys.executable, "-m", "vss.eval", *args, f"hydra.run.dir={tmp_path}"],
-        cwd=REPO_ROOT, env=cli_env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO_ROOT,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     written = json.loads((tmp_path / "metrics.json").read_text())
     direct = evaluate_checkpoint(eval_cfg(runs["segformer"], tmp_path / "direct"), tmp_path / "direct")
     assert written["mIoU"] == direct["mIoU"] and written["per_class_iou"] == direct["per_class_iou"]
     bad = subprocess.run(
-        [sys.executable, "-m", "vss.eval", "model=segformer"], cwd=REPO_ROOT, env=cli_env, capture_output=True,
-        text=True, timeout=120,
-    )  # fmt: skip
+        [sys.executable, "-m", "vss.eval", "model=segformer"],
+        cwd=REPO_ROOT,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: model=segformer: no model folder or checkpoint file there (model= takes a folder written by "
         "vss.export format=folder, or a .ckpt; the model architecture is chosen when it is trained)"
@@ -289,15 +326,22 @@ BAD = {
     "missing weights": (_drop(WEIGHTS), r"is a model folder missing: model\.safetensors not found"),
     "missing classes": (_drop(CLASSES), r"is a model folder missing: classes\.json not found"),
     "missing config": (_drop(CONFIG), r"is a model folder missing: config\.yaml not found"),
-    "shape": (_reshape, r": model\.safetensors does not fit the model built with its config\.yaml: aggregator\."
-              r"decode_head\.linear_pred\.weight is \(7, 16, 1, 1\) in the file, \(5, 16, 1, 1\) in the model"),  # fmt: skip
+    "shape": (
+        _reshape,
+        r": model\.safetensors does not fit the model built with its config\.yaml: aggregator\.decode_head\."
+        r"linear_pred\.weight is \(7, 16, 1, 1\) in the file, \(5, 16, 1, 1\) in the model",
+    ),
     "truncated": (_truncate, r"model\.safetensors cannot be read \(damaged, truncated or not a safetensors file"),
     "garbage": (lambda f: (f / WEIGHTS).write_bytes(b"not a tensor file"), r"model\.safetensors cannot be read"),
     "target": (_edit_yaml, r"\(config\.yaml\): its config's model\._target_='os\.system' is refused"),
-    "preprocessing": (_edit_json(PREPROCESSING, "size_divisor", 16),
-                      r"preprocessing\.json has size_divisor=16 but config\.yaml data\.size_divisor=32"),  # fmt: skip
-    "classes": (_edit_json(CLASSES, "classes", [{"id": 0, "name": "x", "color": [0, 0, 0]}]),
-                r"classes\.json lists 1 classes .* data\.num_classes=5"),  # fmt: skip
+    "preprocessing": (
+        _edit_json(PREPROCESSING, "size_divisor", 16),
+        r"preprocessing\.json has size_divisor=16 but config\.yaml data\.size_divisor=32",
+    ),
+    "classes": (
+        _edit_json(CLASSES, "classes", [{"id": 0, "name": "x", "color": [0, 0, 0]}]),
+        r"classes\.json lists 1 classes .* data\.num_classes=5",
+    ),
 }
 
 
@@ -314,8 +358,11 @@ def test_a_bad_folder_is_one_line_naming_the_file(case: str, folders: dict[str, 
 def test_another_models_weights_are_named(folders: dict[str, Path], tmp_path: Path) -> None:
     folder = copy_folder(folders["mrcfa"], tmp_path / "f")
     shutil.copy(folders["segformer"] / WEIGHTS, folder / WEIGHTS)
-    with pytest.raises(ConfigError, match=r": model\.safetensors does not fit the model built with its config\.yaml: "
-                       r"\d+ model tensors missing from it \(aggregator\.affinity_decoder"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r": model\.safetensors does not fit the model built with its config\.yaml: "
+        r"\d+ model tensors missing from it \(aggregator\.affinity_decoder",
+    ):
         load_module(folder)
 
 

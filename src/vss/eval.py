@@ -7,7 +7,8 @@ Two modes, both writing ``metrics.json`` (mIoU, fwIoU, mVC8, mVC16, flicker, per
 - ``ckpt_path=RUN/checkpoints/last.ckpt [mode=stream|clip] [data=vspw data.root=...] [split=val]
   [save_predictions=true]`` evaluates a checkpoint (its training config rebuilds the model and its clip;
   ``data`` overrides its data, ``+data.root=DIR`` only its root) or a model folder (``ckpt_path=FOLDER`` or
-  ``model=FOLDER``, written by ``vss.export format=folder``; its data config has no root: ``+data.root=DIR``) and can save the predictions under ``predictions/`` in the dataset's
+  ``model=FOLDER``, written by ``vss.export format=folder``; its data config has no root: ``+data.root=DIR``)
+  and can save the predictions under ``predictions/`` in the dataset's
   ``prediction_format`` (``auto``: VSPW, CamVid, synthetic: ``<video>/<frame>.png``, class ids 0..C-1;
   Cityscapes: ``<city>/<city>_<seq>_<frame>_pred_labelIds.png``, label ids, as cityscapesScripts' evaluator
   reads them). ``mode=stream`` (default) runs the :class:`~vss.models.streamer.Streamer`: each frame is

@@ -293,8 +293,11 @@ def export_folder(cfg: DictConfig, ckpt_path: str) -> dict[str, Any]:
     )
     size = (output / WEIGHTS).stat().st_size / 2**20
     print(f"[vss.export] wrote the model folder {output}/: {', '.join(f.name for f in files)} ({size:.1f} MiB)")
-    print(f"[vss.export] run it: python -m vss.predict model={output} source=VIDEO; evaluate: python -m vss.eval "
-          f"model={output} +data.root=DIR", flush=True)
+    print(
+        f"[vss.export] run it: python -m vss.predict model={output} source=VIDEO; evaluate: python -m vss.eval "
+        f"model={output} +data.root=DIR",
+        flush=True,
+    )
     return {"format": "folder", "output": str(output), "files": [f.name for f in files], "metrics": note}
 
 

@@ -248,7 +248,7 @@ class VSSModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         if self.optimizer_factory is None:
-            raise ConfigError("this module was built without optim.optimizer (a model folder's config): it cannot train")
+            raise ConfigError("this module was built without optim.optimizer (a model folder's config): no training")
         opt = self.optimizer_factory(self.param_groups())
         if self.scheduler_factory is None:
             return {"optimizer": opt}

@@ -2,12 +2,13 @@
 and keep frozen parts out of SyncBatchNorm.
 
 ``init_from=PATH`` loads weights only -- no optimizer state, no step, no schedule -- from a vss checkpoint:
-a Lightning ``.ckpt`` written by ``vss.train`` (``state_dict`` with the ``segmenter.`` prefix) or the
+a Lightning ``.ckpt`` written by ``vss.train`` (``state_dict`` with the ``segmenter.`` prefix), the
 weights-only checkpoint of ``vss.convert``, or a model folder (``vss.export format=folder``: its
-model.safetensors); a bare Segmenter state dict (``encoder.*``, ``aggregator.*``) works too. Loading is non-strict and prints what was loaded, missing and unexpected; ``init_exclude``
-(key prefixes, e.g. ``[aggregator.classifier]``) drops those tensors from the checkpoint first, so the
-model keeps its fresh initialisation there. A tensor whose shape differs from the model's is an error
-unless excluded. ``ckpt_path=`` (resume: weights, optimizer, step) and ``init_from=`` exclude each other.
+model.safetensors); a bare Segmenter state dict (``encoder.*``, ``aggregator.*``) works too. Loading is
+non-strict and prints what was loaded, missing and unexpected; ``init_exclude`` (key prefixes, e.g.
+``[aggregator.classifier]``) drops those tensors from the checkpoint first, so the model keeps its fresh
+initialisation there. A tensor whose shape differs from the model's is an error unless excluded.
+``ckpt_path=`` (resume: weights, optimizer, step) and ``init_from=`` exclude each other.
 
 The ``freeze`` list itself is :class:`vss.models.segmenter.Segmenter`'s (no gradient, eval mode through
 ``train()``); :func:`convert_sync_batchnorm` converts only the parts that are not frozen.
