@@ -274,7 +274,7 @@ def export_folder(cfg: DictConfig, ckpt_path: str) -> dict[str, Any]:
         ("aggregator", f"`{OmegaConf.select(stored, 'model._target_')}`"),
         ("encoder", f"`{encoder}`"),
         ("parameters", f"{params / 1e6:.2f} M"),
-        ("references (frame offsets relative to the target)", str(list(segmenter.offsets)) or "none"),
+        ("references (frame offsets relative to the target)", str(list(segmenter.offsets) or "none: single frame")),
         ("classes", str(model.num_classes)),
         ("training step", str(step) if step is not None else "unknown"),
     ]

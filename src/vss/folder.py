@@ -84,8 +84,8 @@ def preprocessing(scale: Sequence[int], size_divisor: int, mean: Sequence[float]
         "resize": "keep-ratio bilinear resize so the long side fits max(scale) and the short side min(scale) "
         "(mmseg Resize keep_ratio), then a bilinear resize of each side up to the next multiple of size_divisor",
         "size_divisor": int(size_divisor),
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
+        "mean": [round(float(m), 6) for m in mean],
+        "std": [round(float(s), 6) for s in std],
         "normalize": "(x - mean) / std per channel on the 0..255 values, as float32",
         "output": "per-class logits at the model's output resolution; upsampled bilinearly (align_corners=False) "
         "to the frame size, then the argmax over classes is the class map",
@@ -359,8 +359,7 @@ def model_card(
     lines += [
         "## Use",
         "",
-        "With vss installed (`pip install -e .` in its repository), from the folder that holds this one "
-        "(`MODEL` below):",
+        "With vss installed (`pip install -e .` in its repository); `MODEL` is the path of this folder:",
         "",
         "```bash",
         "python -m vss.predict model=MODEL source=clip.mp4          # masks, overlay.mp4",
