@@ -19,6 +19,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "vss.errors",
         "vss.offsets",
         "vss.checkpoint",
+        "vss.folder",
         "vss.runtime",
         "vss.config",
         "vss.cluster",

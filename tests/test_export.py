@@ -261,7 +261,7 @@ def test_a_parity_failure_is_refused(ckpts: dict[str, Path], tmp_path: Path, cap
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["format=tflite"], r"format='tflite' is invalid: expected one of \['pt2', 'onnx'\]"),
+        (["format=tflite"], r"format='tflite' is invalid: expected one of \['pt2', 'onnx', 'folder'\]"),
         (["height=40"], r"height=40 width=32: .*multiples of 32"),
         (["batch=0"], r"batch=0 is invalid: expected a positive integer"),
     ],

@@ -68,6 +68,8 @@ def test_the_readme_says_how_to_reach_the_cli() -> None:
 @pytest.mark.parametrize("command", [c for c in COMMANDS if split_command(c)[0] in HYDRA_APPS])
 def test_hydra_command_composes(command: str) -> None:
     module, args = split_command(command)
+    if module in ("vss.eval", "vss.predict", "vss.export"):  # model=FOLDER, rewritten by vss.cli.model_argument
+        args = [f"ckpt_path={a[len('model=') :]}" if a.startswith("model=") else a for a in args]
     try:
         check_command_line(HYDRA_APPS[module], args)
     except ConfigError as e:

@@ -117,6 +117,34 @@ def check_command_line(config_name: str, argv: Sequence[str]) -> None:
         GlobalHydra.instance().clear()
 
 
+def model_argument(argv: Sequence[str]) -> list[str]:
+    """The command line of vss.eval / vss.predict / vss.export with ``model=PATH`` (a model folder, or a checkpoint
+    file) as ``ckpt_path=PATH``: those configs have no ``model`` group (a model is chosen when it is trained), so a
+    ``model=`` that names no folder or file is one :class:`ConfigError`. ``model.KEY=`` overrides stay as they are."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out, given = [], [a for a in argv if a.startswith("ckpt_path=")]
+    for arg in argv:
+        if not arg.startswith("model="):
+            out.append(arg)
+            continue
+        raw = arg.split("=", 1)[1]
+        try:
+            value = OverridesParser.create().parse_override(arg).value()
+        except Exception:  # Hydra reports a malformed override itself
+            value = raw
+        path = Path(str(value)).expanduser()
+        if given:
+            raise ConfigError(f"{arg} and {given[0]} both name the model: pass one of them")
+        if not (path.is_dir() or path.is_file()):
+            raise ConfigError(
+                f"{arg}: no model folder or checkpoint file there (model= takes a folder written by vss.export "
+                "format=folder, or a .ckpt; the model architecture is chosen when it is trained)"
+            )
+        out.append(f"ckpt_path={raw}")
+    return out
+
+
 def check_run_dir(cfg: DictConfig) -> None:
     """The run directory Hydra will create (``hydra.run.dir``) can be written: else one line naming it, before Hydra
     fails with a trace (a read-only disk, a file in the way, no permission)."""

@@ -6,7 +6,9 @@ Two modes, both writing ``metrics.json`` (mIoU, fwIoU, mVC8, mVC16, flicker, per
 
 - ``ckpt_path=RUN/checkpoints/last.ckpt [mode=stream|clip] [data=vspw data.root=...] [split=val]
   [save_predictions=true]`` evaluates a checkpoint (its training config rebuilds the model and its clip;
-  ``data`` overrides its data) and can save the predictions under ``predictions/`` in the dataset's
+  ``data`` overrides its data, ``+data.root=DIR`` only its root) or a model folder (``ckpt_path=FOLDER`` or
+  ``model=FOLDER``, written by ``vss.export format=folder``; its data config has no root: ``+data.root=DIR``)
+  and can save the predictions under ``predictions/`` in the dataset's
   ``prediction_format`` (``auto``: VSPW, CamVid, synthetic: ``<video>/<frame>.png``, class ids 0..C-1;
   Cityscapes: ``<city>/<city>_<seq>_<frame>_pred_labelIds.png``, label ids, as cityscapesScripts' evaluator
   reads them). ``mode=stream`` (default) runs the :class:`~vss.models.streamer.Streamer`: each frame is
@@ -34,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vss.checkpoint import load_checkpoint  # noqa: F401 (the one reader; vss.eval.load_checkpoint kept for callers)
-from vss.cli import check_command_line
+from vss.cli import check_command_line, model_argument
 from vss.config import CONF_DIR, register_resolvers
 from vss.errors import ConfigError, friendly_errors
 from vss.runtime import tune_host_allocator
@@ -72,10 +74,14 @@ def prediction_format(datamodule: Any, name: str) -> PredictionFormat:
 
 
 def eval_data_config(cfg: DictConfig, train_cfg: DictConfig) -> DictConfig:
-    """The data config of an evaluation: ``cfg.data`` when given (resolved against the checkpoint's model,
-    so ``data.clip.offsets`` still follows it), else the checkpoint's own."""
-    if cfg.get("data") is None:
+    """The data config of an evaluation: ``cfg.data`` when given as a group (``data=vspw``: resolved against the
+    checkpoint's model, so ``data.clip.offsets`` still follows it), the checkpoint's own with the keys given
+    (``+data.root=DIR``: a model folder's data config has no root), else the checkpoint's own."""
+    given = cfg.get("data")
+    if given is None:
         data = train_cfg.data
+    elif "_target_" not in given:  # +data.KEY=VALUE without a group: the checkpoint's data with these keys
+        data = OmegaConf.merge(train_cfg.data, given)
     else:
         root = OmegaConf.create({"model": train_cfg.model, "seed": train_cfg.get("seed", 0)})
         root = OmegaConf.merge(root, {"paths": cfg.paths, "data": cfg.data})
@@ -95,6 +101,12 @@ def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     data_cfg = eval_data_config(cfg, train_cfg)
     if OmegaConf.is_missing(data_cfg, "root"):  # e.g. a vss.convert checkpoint converted without data.root
         where = "pass data.root=DIR with data=..." if cfg.get("data") is not None else "its config has none"
+        if "model_folder" in ckpt:
+            raise ConfigError(
+                f"ckpt_path={cfg.ckpt_path}: a model folder carries no data root: pass +data.root=DIR (its data "
+                f"config, {OmegaConf.select(data_cfg, '_target_')}, on your copy of the data), or data=GROUP "
+                f"data.root=DIR data.num_classes={train_cfg.data.num_classes}"
+            )
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path}: data.root is not set ({where}): convert with data.root=DIR, or pass "
             f"data=GROUP data.root=DIR data.num_classes={train_cfg.data.num_classes}"
@@ -249,6 +261,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """``python -m vss.eval`` / ``vss-eval``: a mistyped key or a missing option is one line first."""
     tune_host_allocator()
+    sys.argv[1:] = friendly_errors(model_argument)(sys.argv[1:])  # model=FOLDER -> ckpt_path=FOLDER
     friendly_errors(check_command_line)("eval", sys.argv[1:])
     _hydra_main()
 

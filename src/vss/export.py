@@ -4,6 +4,11 @@ Usage::
 
     python -m vss.export ckpt_path=RUN/checkpoints/last.ckpt format=onnx height=480 width=864 [batch=1] [output=DIR]
     python -m vss.export ckpt_path=... format=pt2 height=256 width=448
+    python -m vss.export ckpt_path=RUN/checkpoints/last.ckpt format=folder [output=DIR]   # a model folder
+    python -m vss.export model=FOLDER format=onnx height=480 width=864                    # from a model folder
+
+``format=folder`` writes a model folder (:mod:`vss.folder`: model.safetensors, config.yaml, preprocessing.json,
+classes.json, README.md; default ``output``: ``model/`` in the run directory); no frame size is needed.
 
 The exported graph is :meth:`vss.models.step.Step.step` at a fixed frame size and batch: inputs ``frame``
 (B,3,H,W) uint8 RGB (normalised inside the graph) and the state tensors (names sorted, see
@@ -49,7 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from torch import Tensor
 
-from vss.cli import check_command_line
+from vss.cli import check_command_line, model_argument
 from vss.config import CONF_DIR, register_resolvers
 from vss.errors import ConfigError, friendly_errors
 from vss.exported import FILES, NEXT, OUTPUTS, Runner, StepGraph, _require_onnx
@@ -59,7 +64,7 @@ from vss.models.step import State, Step
 log = logging.getLogger("vss.export")
 register_resolvers()
 
-FORMATS = ("pt2", "onnx")
+FORMATS = ("pt2", "onnx", "folder")
 
 
 # -- the model -------------------------------------------------------------------------------------------
@@ -236,6 +241,66 @@ def _write_atomic(path: Path, write: Any) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def _trust(cfg: DictConfig) -> bool:
+    trust = cfg.get("trust_pickle", False)
+    if not isinstance(trust, bool):
+        raise ConfigError(f"trust_pickle={trust!r} is invalid: expected true or false")
+    return trust
+
+
+def export_folder(cfg: DictConfig, ckpt_path: str) -> dict[str, Any]:
+    """Write ``ckpt_path``'s model as a model folder (:mod:`vss.folder`) into ``output`` (default: ``model/`` in the
+    run directory); return what was written."""
+    from vss.folder import WEIGHTS, classes, folder_config, model_card, preprocessing, run_metrics, write_folder
+    from vss.lit import read_module_checkpoint
+    from vss.metrics import SUMMARY_KEYS
+    from vss.predict import load_palette
+
+    trust = _trust(cfg)
+    model = load(ckpt_path, trust)  # rebuilt and its weights checked against the config before anything is written
+    ckpt, stored = read_module_checkpoint(ckpt_path, trust_pickle=trust)
+    output = output_dir(cfg) if cfg.get("output") is not None else output_dir(cfg) / "model"
+    segmenter = model.segmenter
+    config = folder_config(OmegaConf.to_container(stored, resolve=True))
+    mean, std = [m * 255 for m in IMAGENET_MEAN], [s * 255 for s in IMAGENET_STD]
+    prep = preprocessing(model.scale, model.size_divisor, mean, std)
+    table = classes(model.class_names, load_palette(None, model.num_classes, model.palette).tolist())
+    step = ckpt.get("global_step")
+    rows, note = run_metrics(ckpt_path, step)
+    aggregator = getattr(segmenter, "aggregator", segmenter)
+    encoder = OmegaConf.select(stored, "encoder.name") or OmegaConf.select(stored, "encoder._target_")
+    params = sum(p.numel() for p in segmenter.parameters())
+    facts = [
+        ("aggregator", f"`{OmegaConf.select(stored, 'model._target_')}`"),
+        ("encoder", f"`{encoder}`"),
+        ("parameters", f"{params / 1e6:.2f} M"),
+        ("references (frame offsets relative to the target)", str(list(segmenter.offsets) or "none: single frame")),
+        ("classes", str(model.num_classes)),
+        ("training step", str(step) if step is not None else "unknown"),
+    ]
+    card = model_card(
+        title=f"{type(aggregator).__name__} ({encoder}), {model.num_classes} classes",
+        facts=facts,
+        class_table=table,
+        prep=prep,
+        metrics=rows,
+        metrics_note=note,
+        headline=SUMMARY_KEYS,
+        data_target=str(OmegaConf.select(stored, "data._target_")),
+    )
+    files = write_folder(
+        output, segmenter.state_dict(), config, prep, table, card, step, overwrite=bool(cfg.get("overwrite"))
+    )
+    size = (output / WEIGHTS).stat().st_size / 2**20
+    print(f"[vss.export] wrote the model folder {output}/: {', '.join(f.name for f in files)} ({size:.1f} MiB)")
+    print(
+        f"[vss.export] run it: python -m vss.predict model={output} source=VIDEO; evaluate: python -m vss.eval "
+        f"model={output} +data.root=DIR",
+        flush=True,
+    )
+    return {"format": "folder", "output": str(output), "files": [f.name for f in files], "metrics": note}
+
+
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Export ``cfg.ckpt_path``'s step in ``cfg.format``, check it against the eager step; return the spec."""
     from vss.predict import load_palette
@@ -244,6 +309,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     fmt = _required(cfg, "format")
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r} is invalid: expected one of {list(FORMATS)}")
+    if fmt == "folder":
+        return export_folder(cfg, ckpt_path)
     height, width, batch = (_positive_int(cfg, k) for k in ("height", "width", "batch"))
     frames = _positive_int(cfg, "check_frames")
     atol = float(_required(cfg, "atol"))
@@ -251,10 +318,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"atol={atol!r} is invalid: expected a positive finite number")
     if fmt == "onnx":
         _require_onnx()
-    trust = cfg.get("trust_pickle", False)
-    if not isinstance(trust, bool):
-        raise ConfigError(f"trust_pickle={trust!r} is invalid: expected true or false")
-    model = load(ckpt_path, trust)
+    model = load(ckpt_path, _trust(cfg))
     if height % model.size_divisor or width % model.size_divisor:
         raise ConfigError(
             f"height={height} width={width}: this model takes frame sides that are multiples of "
@@ -358,6 +422,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``python -m vss.export`` / ``vss-export``: a mistyped key or a missing option is one line first."""
+    sys.argv[1:] = friendly_errors(model_argument)(sys.argv[1:])  # model=FOLDER -> ckpt_path=FOLDER
     friendly_errors(check_command_line)("export", sys.argv[1:])
     _hydra_main()
 

@@ -66,7 +66,7 @@ class VSSModule(pl.LightningModule):
         self,
         segmenter: Segmenter,
         num_classes: int,
-        optimizer: Callable[..., torch.optim.Optimizer],
+        optimizer: Callable[..., torch.optim.Optimizer] | None,
         scheduler: Callable[..., Any] | None = None,
         paramwise: Mapping[str, Mapping[str, float]] | None = None,
         class_names: Sequence[str] | None = None,
@@ -247,6 +247,8 @@ class VSSModule(pl.LightningModule):
         return param_groups(self.segmenter, self.paramwise, lr, wd)
 
     def configure_optimizers(self) -> dict[str, Any]:
+        if self.optimizer_factory is None:
+            raise ConfigError("this module was built without optim.optimizer (a model folder's config): no training")
         opt = self.optimizer_factory(self.param_groups())
         if self.scheduler_factory is None:
             return {"optimizer": opt}
@@ -272,12 +274,13 @@ def build_module(
     freeze = list(cfg.get("freeze") or [])
     aggregator = instantiate(cfg.model) if aggregator is None else aggregator
     segmenter = Segmenter(instantiate(cfg.encoder), aggregator, num_classes, freeze=freeze)
+    optim = cfg.get("optim") or OmegaConf.create({})  # none in a model folder's config (inference only)
     return VSSModule(
         segmenter,
         num_classes=num_classes,
-        optimizer=instantiate(cfg.optim.optimizer, _convert_="all"),
-        scheduler=instantiate(cfg.optim.scheduler, _convert_="all") if cfg.optim.get("scheduler") else None,
-        paramwise=OmegaConf.to_container(cfg.optim.paramwise, resolve=True) if cfg.optim.get("paramwise") else None,
+        optimizer=instantiate(optim.optimizer, _convert_="all") if optim.get("optimizer") else None,
+        scheduler=instantiate(optim.scheduler, _convert_="all") if optim.get("scheduler") else None,
+        paramwise=OmegaConf.to_container(optim.paramwise, resolve=True) if optim.get("paramwise") else None,
         class_names=class_names,
         val_mode=str(cfg.get("val_mode", "stream")),
         iou_mean=str((cfg.get("data") or {}).get("iou_mean", "gt_present")),
@@ -305,14 +308,15 @@ class LoadedModule:
 def read_module_checkpoint(
     path: str | Path, *, key: str = "ckpt_path", trust_pickle: bool = False
 ) -> tuple[dict[str, Any], DictConfig]:
-    """A vss checkpoint (:func:`vss.checkpoint.load_checkpoint`) and its stored training config, every ``_target_``
-    of it checked (:func:`vss.validation.check_targets`): nothing it names is built before that."""
-    from vss.checkpoint import load_checkpoint
+    """A vss checkpoint (:func:`vss.checkpoint.load_checkpoint`) or a model folder (:func:`vss.folder.read_folder`)
+    and its stored config, every ``_target_`` of it checked (:func:`vss.validation.check_targets`): nothing it names
+    is built before that."""
+    from vss.folder import CONFIG, read_model_file
     from vss.validation import check_targets
 
-    ckpt = load_checkpoint(path, key=key, trust_pickle=trust_pickle, expect="vss")
+    ckpt = read_model_file(path, key=key, trust_pickle=trust_pickle, expect="vss")
     cfg = OmegaConf.create(dict(ckpt["hyper_parameters"]["config"]))
-    check_targets(cfg, where=f"{key}={str(path)!r}")
+    check_targets(cfg, where=f"{key}={str(path)!r}" + (f" ({CONFIG})" if "model_folder" in ckpt else ""))
     return ckpt, cfg
 
 
@@ -337,20 +341,28 @@ def changed_overrides(stored: DictConfig, overrides: Mapping[str, Any]) -> list[
     return out
 
 
-def check_fit(module: nn.Module, state: Mapping[str, Tensor], where: str, changed: Sequence[str]) -> None:
+def check_fit(
+    module: nn.Module, state: Mapping[str, Tensor], where: str, changed: Sequence[str], folder: bool = False
+) -> None:
     """``state`` has exactly the module's keys and shapes, else one :class:`ConfigError`: the first mismatching
-    tensor (key, checkpoint shape, model shape) and the overrides that changed the stored config."""
+    tensor (key, checkpoint shape, model shape) and the overrides that changed the stored config (``folder``: the
+    tensors of a model folder's model.safetensors, the model of its config.yaml)."""
     own = module.state_dict()
-    cause = f"the overrides {', '.join(changed)}" if changed else "its own stored config (another vss version?)"
+    stored = "its config.yaml" if folder else "its own stored config (another vss version?)"
+    cause = f"the overrides {', '.join(changed)}" if changed else stored
+    holder = "the file" if folder else "the checkpoint"
     for k, v in state.items():
         if k in own and tuple(v.shape) != tuple(own[k].shape):
             differ = sum(1 for j, t in state.items() if j in own and tuple(t.shape) != tuple(own[j].shape))
             hint = "; drop or change the override" if changed else ""
+            name = k.removeprefix("segmenter.") if folder else k
             raise ConfigError(
-                f"{where} does not fit the model built with {cause}: {k} is {tuple(v.shape)} in the checkpoint, "
+                f"{where} does not fit the model built with {cause}: {name} is {tuple(v.shape)} in {holder}, "
                 f"{tuple(own[k].shape)} in the model ({differ} tensors differ){hint}"
             )
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if folder:
+        missing, unexpected = ([k.removeprefix("segmenter.") for k in keys] for keys in (missing, unexpected))
     if missing or unexpected:
         raise ConfigError(
             f"{where} does not fit the model built with {cause}: {len(missing)} model tensors missing from it "
@@ -395,7 +407,8 @@ def load_module(
         names = OmegaConf.select(cfg, "data.class_names") or ckpt["hyper_parameters"].get("class_names") or []
         class_names = [str(names[i]) if i < len(names) else str(i) for i in range(num_classes)]
     module = build_module(cfg, num_classes, list(class_names))
-    check_fit(module, ckpt["state_dict"], where, changed_overrides(stored, overrides or {}))
+    changed, folder = changed_overrides(stored, overrides or {}), "model_folder" in ckpt
+    check_fit(module, ckpt["state_dict"], where + (": model.safetensors" if folder else ""), changed, folder)
     module.load_state_dict(ckpt["state_dict"], strict=True)
     module.to(torch.device(device) if isinstance(device, str) else device).eval()
     return LoadedModule(module, cfg, ckpt)

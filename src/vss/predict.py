@@ -71,7 +71,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from tqdm import tqdm
 
-from vss.cli import check_command_line
+from vss.cli import check_command_line, model_argument
 from vss.config import CONF_DIR, register_resolvers
 from vss.errors import FILE_ERRNOS, ConfigError, friendly_errors
 from vss.runtime import tune_host_allocator
@@ -958,6 +958,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """``python -m vss.predict`` / ``vss-predict``: a mistyped key or a missing option is one line first."""
     tune_host_allocator()
+    sys.argv[1:] = friendly_errors(model_argument)(sys.argv[1:])  # model=FOLDER -> ckpt_path=FOLDER
     friendly_errors(check_command_line)("predict", sys.argv[1:])
     _hydra_main()
 

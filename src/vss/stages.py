@@ -2,12 +2,13 @@
 and keep frozen parts out of SyncBatchNorm.
 
 ``init_from=PATH`` loads weights only -- no optimizer state, no step, no schedule -- from a vss checkpoint:
-a Lightning ``.ckpt`` written by ``vss.train`` (``state_dict`` with the ``segmenter.`` prefix) or the
-weights-only checkpoint of ``vss.convert``; a bare Segmenter state dict (``encoder.*``, ``aggregator.*``)
-works too. Loading is non-strict and prints what was loaded, missing and unexpected; ``init_exclude``
-(key prefixes, e.g. ``[aggregator.classifier]``) drops those tensors from the checkpoint first, so the
-model keeps its fresh initialisation there. A tensor whose shape differs from the model's is an error
-unless excluded. ``ckpt_path=`` (resume: weights, optimizer, step) and ``init_from=`` exclude each other.
+a Lightning ``.ckpt`` written by ``vss.train`` (``state_dict`` with the ``segmenter.`` prefix), the
+weights-only checkpoint of ``vss.convert``, or a model folder (``vss.export format=folder``: its
+model.safetensors); a bare Segmenter state dict (``encoder.*``, ``aggregator.*``) works too. Loading is
+non-strict and prints what was loaded, missing and unexpected; ``init_exclude`` (key prefixes, e.g.
+``[aggregator.classifier]``) drops those tensors from the checkpoint first, so the model keeps its fresh
+initialisation there. A tensor whose shape differs from the model's is an error unless excluded.
+``ckpt_path=`` (resume: weights, optimizer, step) and ``init_from=`` exclude each other.
 
 The ``freeze`` list itself is :class:`vss.models.segmenter.Segmenter`'s (no gradient, eval mode through
 ``train()``); :func:`convert_sync_batchnorm` converts only the parts that are not frozen.
@@ -57,14 +58,15 @@ def _cover(modules: list[str], limit: int = 3) -> list[str]:
 def read_checkpoint(
     path: str | Path, key: str = "init_from", mmap: bool = False, trust_pickle: bool = False
 ) -> dict[str, Any]:
-    """Read a local checkpoint file into a dict (:func:`vss.checkpoint.load_checkpoint`, weights only unless
-    ``trust_pickle``); :class:`ConfigError` naming ``key`` and the file otherwise.
+    """Read a local checkpoint file (:func:`vss.checkpoint.load_checkpoint`, weights only unless ``trust_pickle``)
+    or a model folder (:func:`vss.folder.read_folder`) into a dict; :class:`ConfigError` naming ``key`` and the
+    file otherwise.
 
     ``mmap=True`` maps the tensors instead of reading them (cheap: to look at the checkpoint's keys).
     """
-    from vss.checkpoint import load_checkpoint
+    from vss.folder import read_model_file
 
-    return load_checkpoint(path, key=key, trust_pickle=trust_pickle, expect="dict", mmap=mmap)
+    return read_model_file(path, key=key, trust_pickle=trust_pickle, expect="dict", mmap=mmap)
 
 
 def segmenter_state_dict(ckpt: Mapping[str, Any], path: str | Path = "", key: str = "init_from") -> dict[str, Tensor]:
