@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -190,3 +192,27 @@ def test_ctrl_c_stops_cleanly(stream: ModuleType, mrcfa_ckpt: Path, tmp_path: Pa
 def test_drop_oldest_on_a_file_is_refused(mrcfa_ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="drop='oldest' is for live sources"):
         run_predict(f"ckpt_path={mrcfa_ckpt}", f"source={tmp_path}", f"output={tmp_path / 'o'}", "drop=oldest")
+
+
+def test_max_frames_on_a_folder_and_show_without_display(
+    stream: ModuleType,
+    mrcfa_ckpt: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``max_frames`` stops a file source too (its first frames, in order); ``show=true`` without a display: a
+    warning line, and the run goes on."""
+    src = tmp_path / "frames"
+    src.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(src / f"{i}.png"), cv2.cvtColor(stream.frame(i, (48, 80)), cv2.COLOR_RGB2BGR))
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    with caplog.at_level(logging.WARNING, logger="vss.predict"):
+        summary = run_predict(
+            f"ckpt_path={mrcfa_ckpt}", f"source={src}", f"output={tmp_path / 'o'}", "max_frames=3", "show=true"
+        )
+    assert summary["frames"] == 3 and summary["stopped"] == "max_frames=3 reached" and summary["live"] is None
+    assert sorted(p.name for p in (tmp_path / "o" / "masks").iterdir()) == ["0.png", "1.png", "2.png"]
+    assert any("show=true: no window (no display" in r.getMessage() for r in caplog.records)

@@ -171,17 +171,18 @@ class LiveReader:
             self._started.set()
 
     # -- the model side ----------------------------------------------------------------------------------
+    def _named(self) -> str:
+        return f"source={self.source!r}" + (" (a camera index)" if isinstance(self.source, int) else "")
+
     def start(self) -> None:
         """Start reading; return at the first frame, else a :class:`ConfigError` (one line) within the timeouts."""
         self.thread.start()
         wait = 2 * self.timeout + GRACE_S  # the open, then the first read
         if not self._started.wait(wait):
             self.close(join=False)
-            raise ConfigError(
-                f"source={describe(self.source)!r}: no frame within {wait:g} s (timeout={self.timeout:g})"
-            )
+            raise ConfigError(f"{self._named()}: no frame within {wait:g} s (timeout={self.timeout:g})")
         if self.read == 0:
-            raise ConfigError(f"source={describe(self.source)!r} cannot be read: {self.failed or self.ended}")
+            raise ConfigError(f"{self._named()} cannot be read: {self.failed or self.ended}")
 
     def batches(self, size: int, stopper: Stopper) -> Iterator[list[tuple[str, np.ndarray]]]:
         """The queued frames in order, up to ``size`` at a time (as many as are waiting, at least one), named
@@ -261,6 +262,9 @@ class Stopper:
         self.reason: str | None = None
         self.taken = 0
         self.started = time.perf_counter()
+
+    def _named(self) -> str:
+        return f"source={self.source!r}" + (" (a camera index)" if isinstance(self.source, int) else "")
 
     def start(self) -> None:
         """The clock of ``duration`` starts now."""

@@ -48,9 +48,10 @@ frames, so with drops a reference ``t-3`` is further back in time than 3 source 
 The progress line shows the dropped count, the model's fps and the latency (capture to mask written);
 predict.json's ``live`` block the counts, the latency (mean of the first and the last 10 frames, p50, p95, max, in
 ms) and the source frames processed. ``max_frames=N``, ``duration=SECONDS`` (files too), Ctrl-C or SIGTERM (live)
-stop the run cleanly: the frames in hand are finished, the videos closed and predict.json written (a second
-Ctrl-C interrupts at once). A stream that does not answer or stops sending ends within ``timeout`` seconds (plus a
-watchdog margin) with one line: an error when no frame came, else the end of the run with the reason.
+stop the run cleanly: the frames in hand are finished, the videos closed and predict.json written (from the loop
+on; while the model loads, and at a second Ctrl-C, they interrupt as usual). A stream that does not answer or
+stops sending ends within ``timeout`` seconds (plus a watchdog margin) with one line: an error when no frame came,
+else the end of the run with the reason.
 ``save_frames=true`` also writes the processed frames as ``frames/<name>.png`` (lossless: a later run on that
 folder sees the same pixels); ``show=true`` shows the overlay in a window where a display exists (``q`` stops).
 
