@@ -37,6 +37,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "vss.cli",
         "vss.passes",
         "vss.exported",
+        "vss.live",
     ),
     "entry points": (
         "vss.train",

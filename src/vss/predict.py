@@ -39,6 +39,22 @@ count its container declares (OpenCV's ``CAP_PROP_FRAME_COUNT``), is an error na
 (``read``). FFmpeg's and OpenCV's own messages while the source is read (and the videos are opened) do not
 reach the terminal: they go into predict.json and the error text.
 
+**Live sources** (:mod:`vss.live`): ``source=0`` (a camera index), ``source=rtsp://...``, ``http://...`` (anything
+OpenCV's FFmpeg opens). A reader thread fills a queue of ``queue_size`` frames; when the model is slower than the
+source, ``drop=oldest`` (the default for live sources) drops the oldest queued frame, ``drop=none`` (the default,
+and the only choice, for files) makes the reader wait. Masks are named ``%06d`` by the frame's number in the source
+(dropped frames leave gaps). The temporal model sees the frames it processed, in order: its offsets count processed
+frames, so with drops a reference ``t-3`` is further back in time than 3 source frames, and not by a fixed amount.
+The progress line shows the dropped count, the model's fps and the latency (capture to mask written);
+predict.json's ``live`` block the counts, the latency (mean of the first and the last 10 frames, p50, p95, max, in
+ms) and the source frames processed. ``max_frames=N``, ``duration=SECONDS`` (files too), Ctrl-C or SIGTERM (live)
+stop the run cleanly: the frames in hand are finished, the videos closed and predict.json written (from the loop
+on; while the model loads, and at a second Ctrl-C, they interrupt as usual). A stream that does not answer or
+stops sending ends within ``timeout`` seconds (plus a watchdog margin) with one line: an error when no frame came,
+else the end of the run with the reason.
+``save_frames=true`` also writes the processed frames as ``frames/<name>.png`` (lossless: a later run on that
+folder sees the same pixels); ``show=true`` shows the overlay in a window where a display exists (``q`` stops).
+
 Every file is written under a temporary name and renamed once complete, so an interrupted run never leaves
 a truncated video under a final name. Videos use fourcc mp4v at the source video's frame rate (``fps`` sets
 it; 15 for frames); odd frame sides are padded by one pixel for the codec.
@@ -58,7 +74,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +90,7 @@ from tqdm import tqdm
 from vss.cli import check_command_line, model_argument
 from vss.config import CONF_DIR, register_resolvers
 from vss.errors import FILE_ERRNOS, ConfigError, friendly_errors
+from vss.live import DROP, LiveReader, Stopper, Window, describe, live_source
 from vss.runtime import tune_host_allocator
 from vss.validation import resolve_device
 
@@ -84,6 +101,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 DEFAULT_FPS = 15.0
 FOURCC = "mp4v"
 RESULT_FILES = ("predict.json", "overlay.mp4", "side_by_side.mp4", "legend.png")
+FRAMES_DIR = "frames"
+"""``save_frames=true``: the processed frames as PNG."""
 ON_ERROR = ("error", "skip")
 RETRIES = 64
 """Reads tried after a failed one when the container declares no frames beyond it but FFmpeg reported an error."""
@@ -151,6 +170,12 @@ class Source:
     count: int | None = None
     fps: float | None = None
     report: ReadReport = field(default_factory=ReadReport)
+    live: LiveReader | None = None  # a camera or stream, read by a thread
+
+    @property
+    def label(self) -> str:
+        """The source as given: a path, a URL or ``camera N``."""
+        return describe(self.live.source) if self.live is not None else str(self.path)
 
 
 def _one_line(e: BaseException | str) -> str:
@@ -353,6 +378,33 @@ def open_source(source: str | Path, on_error: str = "error") -> Source:
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return Source(path, "image", iter([(path.stem, read_image(path))]), 1)
     return open_video(path, on_error)
+
+
+@contextmanager
+def terminal_stderr() -> Iterator[None]:
+    """``sys.stderr`` on a copy of file descriptor 2 (the terminal), for Python's own writes (the progress bar,
+    warnings) while fd 2 itself is captured for a whole live run (FFmpeg's messages from the reader thread)."""
+    sys.stderr.flush()
+    try:
+        terminal = open(os.dup(2), "w", buffering=1, errors="replace")  # noqa: SIM115 (closed below)
+    except OSError:  # no file descriptor 2
+        yield
+        return
+    saved, sys.stderr = sys.stderr, terminal
+    try:
+        yield
+    finally:
+        sys.stderr = saved
+        terminal.close()
+
+
+def open_live(source: int | str, drop: str, queue_size: int, timeout: float) -> Source:
+    """A camera or stream, read by a :class:`~vss.live.LiveReader` from its first frame on (a :class:`ConfigError`
+    within the timeouts when none comes)."""
+    reader = LiveReader(source, drop, queue_size, timeout)
+    reader.start()
+    kind = "camera" if isinstance(source, int) else "stream"
+    return Source(Path(describe(source)), kind, iter(()), None, reader.fps, live=reader)
 
 
 # -- the model and its colours -------------------------------------------------------------------------
@@ -613,6 +665,7 @@ def prepare_output(output: Path, overwrite: bool) -> Path:
     masks = output / "masks"
     old = [output / f for f in RESULT_FILES if (output / f).exists()]
     old += sorted(masks.glob("*.png")) if masks.is_dir() else []
+    old += sorted((output / FRAMES_DIR).glob("*.png")) if (output / FRAMES_DIR).is_dir() else []
     interrupted = bool(old) and not (output / "predict.json").exists()
     if old and not overwrite and not interrupted:
         raise ConfigError(
@@ -782,6 +835,12 @@ def exported_model(exported: Any) -> Model:
 @torch.no_grad()
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Segment every frame of ``cfg.source`` with ``cfg.ckpt_path``; write the results, return the summary."""
+    with ExitStack() as closing:  # a live source's reader thread and its capture of fd 2 end with the run
+        return _predict(cfg, closing)
+
+
+def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
+    """:func:`predict`; ``closing`` ends what a live source started."""
     from vss.data.transforms import build_eval_transform
     from vss.metrics.flicker import FlickerRate
     from vss.models.ops.classes import upsampled_class_map
@@ -797,11 +856,36 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     batch_size = _checked(cfg, "batch_size", lambda v: type(v) is int and v > 0, "a positive integer")
     fps_arg = _checked(cfg, "fps", lambda v: v is None or (_number(v) and v > 0), "a positive number or null")
     on_error = _checked(cfg, "on_error", lambda v: v in ON_ERROR, f"one of {list(ON_ERROR)}")
+    live_arg = live_source(source_arg)
+    drop = _checked(cfg, "drop", lambda v: v is None or v in DROP, f"null or one of {list(DROP)}")
+    drop = drop or ("oldest" if live_arg is not None else "none")
+    if live_arg is None and drop != "none":
+        raise ConfigError(
+            f"drop={drop!r} is for live sources (a camera index, rtsp://..., http://...); source={str(source_arg)!r} "
+            "is read frame by frame, nothing lost: leave drop unset"
+        )
+    queue_size = _checked(cfg, "queue_size", lambda v: v is None or (type(v) is int and v > 0), "a positive integer")
+    max_frames = _checked(cfg, "max_frames", lambda v: v is None or (type(v) is int and v > 0), "a positive integer")
+    duration = _checked(cfg, "duration", lambda v: v is None or (_number(v) and v > 0), "a positive number or null")
+    timeout = _checked(cfg, "timeout", lambda v: _number(v) and v > 0, "a positive number of seconds")
     output = output_dir(cfg)
 
     device = resolve_device(cfg.device)
     check_output(output)
-    source = open_source(source_arg, on_error)  # before the model: a bad source fails in a second
+    native = NativeLog()
+    if live_arg is not None:
+        closing.enter_context(terminal_stderr())
+        closing.callback(native.close)
+    live_stack = closing.enter_context(ExitStack())  # ended after the loop (or on an error): reader, then fd 2
+    if live_arg is not None:
+        live_stack.enter_context(native.capture())
+        size = queue_size or (1 if drop == "oldest" else 2 * batch_size)  # oldest: the newest frame only
+        source = open_live(live_arg, drop, size, float(timeout))
+        live_stack.callback(source.live.close)  # type: ignore[union-attr]
+    else:
+        native.close()
+        source = open_source(source_arg, on_error)  # before the model: a bad source fails in a second
+    live = source.live
     if exporting:
         from vss.exported import open_exported
 
@@ -819,6 +903,12 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         runs_on = str(device)
     colours = load_palette(cfg.get("palette"), model.num_classes, model.palette)
     mask_dir = prepare_output(output, bool(cfg.get("overwrite", False)))
+    frames_dir = output / FRAMES_DIR if cfg.get("save_frames", False) else None
+    if frames_dir is not None:
+        frames_dir.mkdir(exist_ok=True)
+    window = Window() if cfg.get("show", False) else None
+    if window is not None and not window.open:
+        log.warning("show=true: no window (%s); going on without one", window.why)
     transform = build_eval_transform(model.scale, model.size_divisor)
     fps = float(fps_arg) if fps_arg is not None else source.fps or DEFAULT_FPS
     writers: dict[str, AtomicVideoWriter] = {}
@@ -839,7 +929,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     strip: LegendStrip | None = None
     flicker, flicker_at, last_shape = FlickerRate(), 0, None  # a size change: an index gap (no pair across it)
     done, first_out = 0, 0.0
-    bar = tqdm(total=source.count, desc=f"predict {backend}", unit="frame", disable=not cfg.get("progress", True))
+    desc = f"predict {backend}" + (f" {source.kind}" if live is not None else "")
+    bar = tqdm(total=source.count, desc=desc, unit="frame", disable=not cfg.get("progress", True))
+    stopper = Stopper(max_frames, duration)
 
     def emit(outputs: list[Any]) -> None:
         nonlocal done, strip, flicker_at, last_shape, first_out
@@ -848,12 +940,20 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             logits = out.logits[None].float()
             mask = upsampled_class_map(logits, rgb.shape[:2])[0].to(torch.uint8).cpu().numpy()
             write_png(mask, mask_dir / f"{name}.png")
+            if live is not None:
+                live.done(name)  # capture to mask written
+                rate = done / (time.perf_counter() - start) if done else 0.0
+                bar.set_postfix_str(f"{live.progress()}, model {rate:.1f} fps", refresh=False)
+            if frames_dir is not None:
+                write_png_rgb(rgb, frames_dir / f"{name}.png")
             pixels[:] += np.bincount(mask.ravel(), minlength=model.num_classes)[: model.num_classes]
             flicker_at += 1 + (last_shape is not None and mask.shape != last_shape)
             flicker.update(torch.from_numpy(mask)[None], [source.path.name], [flicker_at])
             last_shape = mask.shape
-            if writers:
+            if writers or window is not None:
                 overlay = blend(rgb, mask, colours, opacity)
+                if window is not None and window.show(overlay):
+                    stopper.reason = "stopped from the window (q/Esc)"
                 if "overlay" in writers:
                     writers["overlay"].write(overlay)
                 if "side_by_side" in writers:
@@ -875,14 +975,22 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         return cv2.resize(rgb, (first_size[1], first_size[0]), interpolation=cv2.INTER_LINEAR)
 
     start = time.perf_counter()
+    stopper.start()
+    batches = (
+        live.batches(batch_size, stopper) if live is not None else chunks(stopper.limit(source.frames), batch_size)
+    )
     try:
-        for chunk in chunks(source.frames, batch_size):
-            images = transform(images=np.stack([fit(rgb) for _, rgb in chunk]))["images"].to(device)
-            emit(streamer.push(images, chunk))
-        emit(streamer.end())
+        with stopper.signals() if live is not None else nullcontext():  # Ctrl-C/SIGTERM: a clean end
+            for chunk in batches:
+                images = transform(images=np.stack([fit(rgb) for _, rgb in chunk]))["images"].to(device)
+                emit(streamer.push(images, chunk))
+            emit(streamer.end())
+        live_stack.close()  # the reader stopped, FFmpeg's messages collected
         if done == 0:
             raise ConfigError(
-                f"source={str(source.path)!r}: no frame could be read from it ({source.report.skipped} skipped)"
+                f"source={source.label!r}: no frame could be read from it ({source.report.skipped} skipped)"
+                if live is None
+                else f"source={source.label!r}: no frame was processed ({stopper.reason})"
             )
         videos = {key: str(w.commit()) for key, w in writers.items()}
     except BaseException:
@@ -891,12 +999,16 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         bar.close()
+        if window is not None:
+            window.close()
     end = time.perf_counter()
     seconds = end - start
     warm = (done - 1) / (end - first_out) if done > 1 and end > first_out else None  # after the first frame out
     write_png_rgb(legend_image(model.class_names, colours, pixels), output / "legend.png")
 
     report = source.report
+    if live is not None:
+        report.messages, report.message_count = native.messages, native.count
     if report.damaged:
         log.warning(
             "FFmpeg reported errors while decoding %d frame(s) (%s%s): the decoder concealed them, their masks may "
@@ -914,8 +1026,10 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         "backend": backend,
         "runs_on": runs_on,
         "export": str(folder) if folder is not None else None,
-        "source": str(source.path),
+        "source": source.label,
         "source_kind": source.kind,
+        "stopped": stopper.reason,
+        "live": live.summary(stopper.reason) if live is not None else None,
         "ckpt_path": str(ckpt_path) if ckpt_path is not None else None,
         "output": str(output),
         "masks": str(mask_dir),
@@ -941,9 +1055,16 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     pooled = summary["flicker"]["pooled"]
     flick = f", flicker {pooled:.4f}" if pooled is not None else ", flicker n/a (no two consecutive frames of one size)"
     after = f", {warm:.1f} after the first frame" if warm is not None else ""
+    stop = f"; {stopper.reason}" if stopper.reason else ""
+    if live is not None:
+        lat = summary["live"]["latency_ms"]
+        stop = (
+            f", {live.dropped} of {live.read} read dropped (drop={live.drop}), latency {lat['first']:.0f} ms at the "
+            f"start, {lat['last']:.0f} ms at the end (p50 {lat['p50']:.0f}, p95 {lat['p95']:.0f}){stop}"
+        )
     print(
         f"[vss.predict] backend={backend} on {runs_on}: {done} frames in {seconds:.1f} s ({rate} fps{after})"
-        f"{skipped}{flick} -> {output}"
+        f"{skipped}{flick}{stop} -> {output}"
     )
     return summary
 
