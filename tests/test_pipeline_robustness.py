@@ -362,7 +362,7 @@ def test_a_stage_that_ignores_sigterm_is_killed_after_the_grace_time(started) ->
     assert not running(stage) and wait_until(lambda: not running(worker), 10)
 
 
-@pytest.mark.parametrize("kill", ["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("kill", ["SIGTERM", pytest.param("SIGKILL", marks=pytest.mark.slow)])
 def test_killing_vss_pipeline_ends_its_vss_train(
     kill, tmp_path: Path, tiny_overrides: list[str], cli_env: dict[str, str], started
 ) -> None:

@@ -27,6 +27,7 @@ def holds(rows: list[dict[str, str]], row: dict[str, str]) -> bool:
     return any(all(r.get(k) == v for k, v in want.items()) for r in rows)
 
 
+@pytest.mark.slow  # a SIGKILLed resume; the default run keeps the SIGTERM and resume-row tests
 def test_a_resume_killed_with_sigkill_keeps_every_earlier_row(five_step_run, start_cli, run_cli, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(only_run_dir(five_step_run), run_dir)

@@ -223,7 +223,8 @@ def test_truncated_jpeg_is_an_error(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- CLI on fake trees
 @pytest.mark.parametrize(
     "dataset",
-    [pytest.param("cityscapes", marks=pytest.mark.slow), "camvid"],  # Cityscapes: its own preset test below
+    [pytest.param("cityscapes", marks=pytest.mark.slow), pytest.param("camvid", marks=pytest.mark.slow)],
+    # the default run trains MSAF on sparse labels in test_msaf_trains_on_sparse_synthetic_labels
 )
 def test_msaf_preset_trains_and_evaluates_on_a_fake_tree(dataset: str, tmp_path: Path, run_cli, cli_env) -> None:
     import subprocess

@@ -622,6 +622,7 @@ def _memory_rank(rank: int, world: int, port: int, checkpoint: str, out: str) ->
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # 2 DDP processes; the shard merge is checked in one process in the default run
 def test_memory_pass_under_ddp_equals_one_process(stf_checkpoint: str, tmp_path) -> None:
     import socket
 

@@ -263,7 +263,7 @@ def _report(proc: subprocess.CompletedProcess) -> str:
     return f"exit code {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
 
 
-@pytest.mark.parametrize("fault", ["truncated", "label"])
+@pytest.mark.parametrize("fault", [pytest.param("truncated", marks=pytest.mark.slow), "label"])
 def test_vss_train_stops_before_the_first_step(fault: str, run_cli, tiny_args, tiny_data_dir, tmp_path) -> None:
     data_dir, mask = _broken_data(tiny_data_dir, tmp_path, fault)
     proc = run_cli(*tiny_args(tmp_path / "logs"), f"paths.data_dir={data_dir}", "data.verify=false")
