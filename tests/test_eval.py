@@ -18,7 +18,7 @@ from PIL import Image
 
 import battery
 import vss.config
-from conftest import REPO_ROOT, TINY_DATA
+from conftest import REPO_ROOT, TINY_DATA, compose_train
 from random_weights import randomize_
 from vss.errors import ConfigError
 from vss.eval import evaluate_checkpoint
@@ -181,7 +181,9 @@ def test_a_synthetic_root_scored_as_vspw_is_refused(data_dir: Path, tmp_path: Pa
     """data=vspw reads the synthetic set (the same layout and mask encoding) but would score 124 classes."""
     from vss.eval import evaluate
 
-    (root,) = {p.parent for p in data_dir.glob("*/meta.json")}
+    # the tiny set's root (other tests may write other sets into the shared data dir)
+    root = compose_train([*TINY_DATA, f"paths.data_dir={data_dir}"]).data.root
+    GlobalHydra.instance().clear()
     preds = tmp_path / "eval" / "predictions"
     frames = _perfect_predictions(root, preds)
     with pytest.raises(ConfigError) as info:
