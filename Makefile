@@ -24,11 +24,16 @@ install: $(STAMP)  ## create .venv and install vss with its dev tools and the ex
 train: $(STAMP)  ## run the default training job (SegFormer MiT-B0 on the embedded synthetic videos)
 	$(PY) -m vss.train $(ARGS)
 
-test: $(STAMP)  ## run the test suite (slow checks excluded)
-	$(PY) -m pytest -m "not slow" -q $(ARGS)
+# Test processes (pytest-xdist, one test file per worker at a time): every test runs single-threaded, so one
+# worker per core up to 4 (more would multiply the memory of the torch imports for little gain); JOBS=1: serial.
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
+PYTEST_JOBS = $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadfile)
+
+test: $(STAMP)  ## run the test suite (slow checks excluded; JOBS=N worker processes, default: cores up to 4)
+	$(PY) -m pytest -m "not slow" -q $(PYTEST_JOBS) $(ARGS)
 
 test-slow: $(STAMP)  ## run only the slow checks
-	$(PY) -m pytest -m slow -q $(ARGS)
+	$(PY) -m pytest -m slow -q $(PYTEST_JOBS) $(ARGS)
 
 lint: $(STAMP)  ## ruff check and format check
 	$(PY) -m ruff check src tests
