@@ -38,6 +38,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "vss.passes",
         "vss.exported",
         "vss.live",
+        "vss.sources",
+        "vss.outputs",
     ),
     "entry points": (
         "vss.train",

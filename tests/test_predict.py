@@ -25,7 +25,9 @@ from vss.data.synthetic import OBJECT_PALETTE
 from vss.data.transforms import build_eval_transform
 from vss.errors import ConfigError, friendly_errors
 from vss.lit import build_module
-from vss.predict import load_palette, open_source, predict
+from vss.outputs import load_palette
+from vss.predict import predict
+from vss.sources import open_source
 
 VIDEO_FRAMES, VIDEO_HW = 12, (48, 80)
 FOLDER_HW = (50, 66)

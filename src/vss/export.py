@@ -254,7 +254,7 @@ def export_folder(cfg: DictConfig, ckpt_path: str) -> dict[str, Any]:
     from vss.folder import WEIGHTS, classes, folder_config, model_card, preprocessing, run_metrics, write_folder
     from vss.lit import read_module_checkpoint
     from vss.metrics import SUMMARY_KEYS
-    from vss.predict import load_palette
+    from vss.outputs import load_palette
 
     trust = _trust(cfg)
     model = load(ckpt_path, trust)  # rebuilt and its weights checked against the config before anything is written
@@ -303,7 +303,7 @@ def export_folder(cfg: DictConfig, ckpt_path: str) -> dict[str, Any]:
 
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Export ``cfg.ckpt_path``'s step in ``cfg.format``, check it against the eager step; return the spec."""
-    from vss.predict import load_palette
+    from vss.outputs import load_palette
 
     ckpt_path = _required(cfg, "ckpt_path")
     fmt = _required(cfg, "format")
