@@ -31,15 +31,17 @@ def source_rows(out_size: int, in_size: int, device: torch.device) -> tuple[Tens
 
 def _bilinear_taps(x: Tensor, rows: Tensor, lam: Tensor, dim: int) -> Tensor:
     """``x`` interpolated along ``dim`` between the source indices ``rows`` = (i0, i1) with weight ``lam`` of i1
-    (broadcast along ``dim``): ATen's ``(1 - lam) x[i0] + lam x[i1]``."""
-    return torch.addcmul(x.index_select(dim, rows[0]) * (1 - lam), x.index_select(dim, rows[1]), lam)
+    (broadcast along ``dim``): ATen's ``(1 - lam) x[i0] + lam x[i1]`` (as ``lerp``: the same up to rounding)."""
+    a = x.index_select(dim, rows[0])
+    return a.lerp_(x.index_select(dim, rows[1]), lam)
 
 
 def _add_taps(out: Tensor, grad: Tensor, rows: Tensor, lam: Tensor, dim: int) -> None:
     """The transpose of :func:`_bilinear_taps`: ``grad`` weighted by ``1 - lam`` and ``lam`` added into ``out``
-    at the source indices along ``dim``."""
-    out.index_add_(dim, rows[0], grad * (1 - lam))
-    out.index_add_(dim, rows[1], grad * lam)
+    at the source indices along ``dim`` (``grad`` is overwritten)."""
+    part = grad * lam
+    out.index_add_(dim, rows[1], part)
+    out.index_add_(dim, rows[0], grad.sub_(part))  # grad (1 - lam); ``grad`` is overwritten
 
 
 class _BandedCrossEntropy(torch.autograd.Function):
@@ -77,9 +79,9 @@ class _BandedCrossEntropy(torch.autograd.Function):
             p = u.exp_()
             s = p.sum(-1, keepdim=True)
             total += ((s.log() - picked).squeeze(-1) * valid).sum(dtype=torch.float64)
-            p /= s  # softmax
-            p.scatter_add_(-1, target, -valid.unsqueeze(-1).to(p.dtype))  # - onehot(label)
-            p *= valid.unsqueeze(-1)
+            keep = valid.unsqueeze(-1).to(p.dtype)
+            p *= keep / s  # softmax at labelled pixels, 0 at ignored ones
+            p.scatter_add_(-1, target, -keep)  # - onehot(label)
             gv = torch.zeros_like(v)
             _add_taps(gv, p, cols, lx, 0)
             _add_taps(grad, gv, band_rows, ly, 1)
