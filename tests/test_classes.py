@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vss.models.ops import classes
 from vss.models.ops.classes import banded_applies, emulation_matches, upsampled_class_map
+
+
+@pytest.fixture(autouse=True)
+def _banded_whatever_the_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The small maps below exercise the banded path (by default frames this small take resize-then-argmax)."""
+    monkeypatch.setattr(classes, "PLAIN_BYTES", 0)
 
 
 def reference(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -80,3 +87,13 @@ def test_paths_that_fall_back_give_the_same_ids() -> None:
 
 def test_emulation_is_checked_against_the_kernel() -> None:
     assert emulation_matches("cpu", torch.float32)  # the banded path is in use on this machine
+
+
+def test_small_frames_take_resize_then_argmax_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames whose upsampled map fits PLAIN_BYTES: the plain kernel frame by frame (no emulation), the same ids."""
+    monkeypatch.setattr(classes, "PLAIN_BYTES", 5 * 97 * 131 * 4)
+    monkeypatch.setattr(classes, "_candidates", None)  # the banded path would fail
+    x = torch.randn(3, 5, 20, 30, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(upsampled_class_map(x, (97, 131)), reference(x, (97, 131)))
+    with pytest.raises(TypeError):  # one class more: over the budget, banded
+        upsampled_class_map(torch.randn(1, 6, 20, 30), (97, 131))

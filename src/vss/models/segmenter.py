@@ -110,7 +110,10 @@ class Segmenter(nn.Module):
         """
         b, t = clip.shape[:2]
         feats = self.encode(clip.flatten(0, 1))
-        per_frame = [{k: v.unflatten(0, (b, t))[:, i] for k, v in feats.items()} for i in range(t)]
+        # unbind: one backward node stacks the frames' gradients; indexing each frame ([:, i]) made T zero-filled
+        # (B,T,...) gradients per feature and added them (the same values, T times the memory traffic)
+        split = {k: v.unflatten(0, (b, t)).unbind(1) for k, v in feats.items()}
+        per_frame = [{k: v[i] for k, v in split.items()} for i in range(t)]
         return self.aggregate(per_frame[-1], per_frame[:-1])
 
     def reference_features(self, features: FrameFeatures) -> FrameFeatures:

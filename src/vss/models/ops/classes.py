@@ -26,6 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 BAND_ROWS = 64  # output rows per band: 64 x 864 pixels of int64 ids and a few masks, well under 1 MB each
+PLAIN_BYTES = 32 << 20
+"""A frame whose whole upsampled map (C x H x W values) takes at most this goes through resize-then-argmax, one
+frame at a time: few classes (the synthetic set's 5: 8 MB at 480x854). The banded path pays per undecided pixel,
+and a barely trained model leaves nearly every block undecided: 5 classes, 55 frames at 480x854 took 92 s of CPU
+in ``vss.eval`` against well under 1 s for the plain path (experiments/speed.md)."""
 CHUNK_PIXELS = 16384  # undecided pixels recomputed at once: 16384 x K candidate classes x 4 corners in float64
 EMULATED = (torch.float32, torch.bfloat16, torch.float16)
 _CHECKED: dict[tuple[str, torch.dtype], bool] = {}
@@ -183,6 +188,13 @@ def upsampled_class_map(logits: Tensor, size: Sequence[int], band_rows: int = BA
     size = (int(size[0]), int(size[1]))
     if tuple(logits.shape[-2:]) == size:
         return class_map(logits)
+    if logits.dim() == 4 and logits.shape[1] * size[0] * size[1] * logits.element_size() <= PLAIN_BYTES:
+        return torch.cat(
+            [
+                class_map(F.interpolate(f.contiguous(), size=size, mode="bilinear", align_corners=False))
+                for f in logits.split(1)
+            ]
+        )
     if not banded_applies(logits, size) or not bool(torch.isfinite(logits).all()):
         return class_map(F.interpolate(logits.contiguous(), size=size, mode="bilinear", align_corners=False))
     x = logits.contiguous()
