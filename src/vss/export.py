@@ -43,6 +43,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ from torch import Tensor
 from vss.cli import check_command_line, model_argument
 from vss.config import CONF_DIR, register_resolvers
 from vss.errors import ConfigError, friendly_errors
-from vss.exported import FILES, NEXT, OUTPUTS, Runner, StepGraph, _require_onnx
+from vss.exported import AOTI_FILE, FILES, NEXT, OUTPUTS, Runner, StepGraph, _require_onnx, cpp_compiler
 from vss.models.ops.normalize import IMAGENET_MEAN, IMAGENET_STD
 from vss.models.step import State, Step
 
@@ -109,11 +110,22 @@ def _refuse_export(fmt: str, label: str, e: BaseException) -> ConfigError:
     return ConfigError(f"format={fmt}: {label} cannot be exported ({what}); nothing was written")
 
 
-def export_pt2(graph: StepGraph, args: tuple[Tensor, ...], path: Path) -> None:
-    """``torch.export`` (non-strict) of the step, saved with :func:`torch.export.save`."""
+def export_pt2(graph: StepGraph, args: tuple[Tensor, ...], path: Path) -> torch.export.ExportedProgram:
+    """``torch.export`` (non-strict) of the step, saved with :func:`torch.export.save`; the program."""
     with torch.no_grad():  # Step.step's own no_grad is then no region of its own (torch.export.save refuses those)
         program = torch.export.export(graph, args, strict=False)
     torch.export.save(program, str(path))
+    return program
+
+
+def compile_aoti(program: torch.export.ExportedProgram, path: Path) -> float:
+    """The exported program compiled by AOTInductor into a package at ``path`` (``.pt2``); the seconds it took."""
+    from torch._inductor import aoti_compile_and_package
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        aoti_compile_and_package(program, package_path=str(path))
+    return time.perf_counter() - start
 
 
 def export_onnx(graph: StepGraph, args: tuple[Tensor, ...], path: Path, inputs: list[str], outputs: list[str]) -> None:
@@ -316,6 +328,16 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     atol = float(_required(cfg, "atol"))
     if not (math.isfinite(atol) and atol > 0):
         raise ConfigError(f"atol={atol!r} is invalid: expected a positive finite number")
+    aoti = cfg.get("aoti", False)
+    if not isinstance(aoti, bool):
+        raise ConfigError(f"aoti={aoti!r} is invalid: expected true or false")
+    if aoti and fmt != "pt2":
+        raise ConfigError(f"aoti=true compiles the torch.export program: it goes with format=pt2, not format={fmt}")
+    if aoti and cpp_compiler() is None:
+        raise ConfigError(
+            "aoti=true needs a C++ compiler for AOTInductor (none of $CXX, c++, g++, clang++ is on PATH): install "
+            "one (apt-get install g++) or leave aoti=false (step.pt2 alone runs without one)"
+        )
     if fmt == "onnx":
         _require_onnx()
     model = load(ckpt_path, _trust(cfg))
@@ -342,29 +364,54 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     inputs = ["frame", *names]
     outputs = [*OUTPUTS, *(NEXT + n for n in names)]
 
+    video = check_video(height, width, batch, frames)
+
     def write(tmp: Path) -> None:
         try:
             if fmt == "pt2":
-                export_pt2(graph, (frame0, *zero.values()), tmp)
+                program = export_pt2(graph, (frame0, *zero.values()), tmp)
             else:
                 export_onnx(graph, (frame0, *zero.values()), tmp, inputs, outputs)
         except Exception as e:  # the exporter's own error: name the op it could not export
             raise _refuse_export(fmt, label, e) from None
-        video = check_video(height, width, batch, frames)
-        exported = run_exported(Runner(fmt, tmp, names), zero, video, step.lookahead)
-        parity = compare(run_eager(step, video), exported, atol)
+        eager = run_eager(step, video)
+        spec["check"] = checked(fmt, Runner(fmt, tmp, names), eager)
+        if aoti:  # the compiled package, checked likewise, beside step.pt2 (written before it: nothing partial)
+            aoti_path = output / AOTI_FILE
+            if aoti_path.exists() and not cfg.get("overwrite", False):
+                raise ConfigError(
+                    f"output={str(output)!r} already holds {AOTI_FILE} (pass overwrite=true to replace it)"
+                )
+
+            def package(tmp_aoti: Path) -> None:
+                try:
+                    seconds = compile_aoti(program, tmp_aoti)
+                except Exception as e:
+                    raise _refuse_export("pt2 aoti=true", label, e) from None
+                print(f"[vss.export] AOTInductor ({cpp_compiler()}) compiled the step in {seconds:.0f} s", flush=True)
+                spec["aoti"] = {
+                    "file": AOTI_FILE,
+                    "compile_s": seconds,
+                    "check": checked("aoti", Runner("aoti", tmp_aoti, names), eager),
+                }
+
+            _write_atomic(aoti_path, package)
+
+    def checked(kind: str, runner: Runner, eager: list[tuple[int, Tensor]]) -> dict[str, Any]:
+        exported = run_exported(runner, zero, video, step.lookahead)
+        parity = compare(eager, exported, atol)
         line = (
-            f"[vss.export] {label} {fmt} {batch}x3x{height}x{width}: parity over {parity.frames} frames: max |logits "
+            f"[vss.export] {label} {kind} {batch}x3x{height}x{width}: parity over {parity.frames} frames: max |logits "
             f"diff| {parity.max_abs_diff:.3g}, equal class ids {100 * parity.equal_ids:.4f}%"
         )
         print(line, flush=True)
         if parity.max_abs_diff > atol or parity.untied_differences:
             raise ConfigError(
-                f"format={fmt}: the exported {label} step differs from the eager step (max |logits diff| "
+                f"format={fmt}: the exported {label} step ({kind}) differs from the eager step (max |logits diff| "
                 f"{parity.max_abs_diff:.3g} > atol={atol:g} or {parity.untied_differences} untied class id(s) differ "
                 f"over {parity.frames} frames); nothing was written"
             )
-        spec["check"] = {
+        return {
             "frames": parity.frames,
             "max_abs_diff": parity.max_abs_diff,
             "equal_class_ids": parity.equal_ids,
