@@ -18,6 +18,9 @@ call's state. Written into ``output`` (default: the run directory):
 
 - ``step.pt2`` (``format=pt2``, :func:`torch.export.save`; :func:`torch.export.load` reads it) or ``step.onnx``
   (``format=onnx``, :func:`torch.onnx.export` with ``dynamo=True``);
+- ``step.aoti.pt2`` (``format=pt2 aoti=true``): the program compiled by AOTInductor
+  (:func:`torch._inductor.aoti_compile_and_package`; needs a C++ compiler, takes minutes on a CPU), checked like
+  the others; ``vss.predict backend=pt2`` runs it where present;
 - ``spec.json``: input/output names, shapes and dtypes, the zero state, the preprocessing, ``lookahead`` and the
   flush procedure, the class names and palette, and the parity figures of the export-time check.
 
