@@ -314,3 +314,24 @@ def test_aoti_package_equals_the_eager_step_and_predict_runs_it(ckpts: dict[str,
     assert [i for i, _ in got] == [i for i, _ in expected] == list(range(FRAMES))
     for (_, a), (_, b) in zip(got, expected, strict=True):
         assert np.allclose(a, b.numpy(), atol=1e-4)
+
+
+class _Indexing(torch.nn.Module):
+    """Outputs named like the step's, and an inner ``aten.index`` node, which the exporter names ``index``."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        picked = x[:, torch.tensor([0, 2])]
+        return picked * 2, x.sum() > 0, picked.sum()
+
+
+def test_an_inner_value_named_like_an_output_is_renamed(tmp_path: Path) -> None:
+    """PSPNet's step holds an ``aten.index`` node: its value must not become a second ``index`` (an invalid model)."""
+    from vss.export import export_onnx
+
+    x = torch.rand(1, 3, 4)
+    export_onnx(_Indexing(), (x,), tmp_path / "m.onnx", ["frame"], ["logits", "valid", "index"])
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits", "valid", "index"]
+    got = session.run(None, {"frame": x.numpy()})
+    for a, b in zip(got, _Indexing()(x), strict=True):
+        assert np.allclose(a, b.numpy())

@@ -132,18 +132,26 @@ def compile_aoti(program: torch.export.ExportedProgram, path: Path) -> float:
 
 
 def export_onnx(graph: StepGraph, args: tuple[Tensor, ...], path: Path, inputs: list[str], outputs: list[str]) -> None:
-    """``torch.onnx.export(dynamo=True)`` of the step, state as named inputs and outputs."""
-    torch.onnx.export(
-        graph,
-        args,
-        str(path),
-        input_names=inputs,
-        output_names=outputs,
-        dynamo=True,
-        external_data=False,
-        verbose=False,
-        report=False,
-    )
+    """``torch.onnx.export(dynamo=True)`` of the step, state as named inputs and outputs. The exporter names inner
+    values after the traced nodes (an ``aten.index`` node is ``index``): one that holds an input or output name is
+    renamed first (the exporter's own ``output_names`` would make a second ``index``, an invalid model)."""
+    program = torch.onnx.export(graph, args, dynamo=True, external_data=False, verbose=False, report=False)
+    model = program.model
+    ends = {id(v) for v in (*model.graph.inputs, *model.graph.outputs)}
+    reserved = set(inputs) | set(outputs)
+    for node in model.graph.all_nodes():
+        for value in node.outputs:
+            if value.name in reserved and id(value) not in ends:
+                value.name = f"{value.name}.inner{len(ends)}"
+                ends.add(id(value))
+    for value in model.graph.initializers.values():
+        if value.name in reserved and id(value) not in ends:
+            raise ConfigError(f"format=onnx: the graph has a weight named {value.name!r}, a name of the step's I/O")
+    for value, name in zip(model.graph.inputs, inputs, strict=True):
+        value.name = name
+    for value, name in zip(model.graph.outputs, outputs, strict=True):
+        value.name = name
+    program.save(str(path), external_data=False)
 
 
 # -- the export-time check -------------------------------------------------------------------------------
@@ -378,7 +386,11 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         except Exception as e:  # the exporter's own error: name the op it could not export
             raise _refuse_export(fmt, label, e) from None
         eager = run_eager(step, video)
-        spec["check"] = checked(fmt, Runner(fmt, tmp, names), eager)
+        try:
+            runner = Runner(fmt, tmp, names)
+        except Exception as e:  # the runtime refuses the written file (an invalid model)
+            raise _refuse_export(fmt, label, e) from None
+        spec["check"] = checked(fmt, runner, eager)
         if aoti:  # the compiled package, checked likewise, beside step.pt2 (written before it: nothing partial)
             aoti_path = output / AOTI_FILE
             if aoti_path.exists() and not cfg.get("overwrite", False):
