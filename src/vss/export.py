@@ -471,7 +471,10 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     _write_atomic(target, write)
     _write_atomic(output / "spec.json", lambda p: p.write_text(json.dumps(spec, indent=2) + "\n"))
     size = target.stat().st_size / 2**20
-    print(f"[vss.export] wrote {target} ({size:.1f} MiB) and spec.json", flush=True)
+    also = ""
+    if "aoti" in spec:
+        also = f", {AOTI_FILE} ({(output / AOTI_FILE).stat().st_size / 2**20:.1f} MiB)"
+    print(f"[vss.export] wrote {target} ({size:.1f} MiB){also} and spec.json", flush=True)
     return spec
 
 
