@@ -68,7 +68,7 @@ def test_mode_step_with_the_graph_options_reports_agreement(compose_bench: Calla
         ("graph=maybe", r"^graph='maybe' is invalid: expected true, false or dry \(the static step"),
         ("dtype=fp16", r"^dtype='fp16' is invalid: expected one of \['fp32', 'bf16'\]$"),
         ("ids_first=2", r"^ids_first=2 is invalid: expected true or false$"),
-        ("mode=serve", r"^mode='serve' is invalid: expected one of \['infer', 'train', 'step'\]$"),
+        ("mode=serve", r"^mode='serve' is invalid: expected one of \['infer', 'train', 'step', 'backends'\]$"),
     ],
 )
 def test_step_path_options_are_checked(override: str, message: str, compose_bench: Callable[..., DictConfig]) -> None:

@@ -86,7 +86,7 @@ def test_train_bench_steps_the_real_optimizer_on_clips_and_reports_the_parts(
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("mode=fit", "mode='fit' is invalid: expected one of ['infer', 'train', 'step']"),
+        ("mode=fit", "mode='fit' is invalid: expected one of ['infer', 'train', 'step', 'backends']"),
         ("precision=bf16", "precision='bf16' is invalid: expected one of"),
         ("precision=16-mixed", "precision=16-mixed needs a GPU"),
         ("compile=yes", "compile='yes' is invalid: expected true or false"),

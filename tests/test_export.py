@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -16,10 +17,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from conftest import REPO_ROOT, TINY_DATA, compose_train
 from random_weights import randomize_
+from test_predict import moving_shapes, read_mask, run_predict
 from vss import exported as exported_module
 from vss.config import CONF_DIR, register_resolvers
 from vss.errors import ConfigError, friendly_errors
-from vss.export import check_video, export
+from vss.export import check_video, export, run_eager, run_exported
 from vss.lit import build_module
 from vss.models.ops.normalize import normalize_frames
 from vss.models.step import Step
@@ -181,33 +183,28 @@ def test_spec_describes_the_state_and_preprocessing(ckpts: dict[str, Path], tmp_
 
 
 def test_readme_snippet_runs_the_onnx_file(ckpts: dict[str, Path], tmp_path: Path) -> None:
-    """The README's ONNX Runtime snippet (numpy + onnxruntime only) gives the eager step's class ids."""
-    export(
-        compose_export(
-            f"ckpt_path={ckpts['mrcfa_lookahead']}",
-            "format=onnx",
-            f"height={SIDE}",
-            f"width={SIDE}",
-            f"output={tmp_path}",
-        )
-    )
+    """The README's ONNX Runtime snippet (onnxruntime, numpy, OpenCV only) gives vss.predict's masks on a video at
+    twice the export size (frames resized down, logits upsampled to the frame)."""
+    ckpt = ckpts["mrcfa_lookahead"]
+    export(compose_export(f"ckpt_path={ckpt}", "format=onnx", f"height={SIDE}", f"width={SIDE}", f"output={tmp_path}"))
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (2 * SIDE, 2 * SIDE))
+    for f in moving_shapes(FRAMES, (2 * SIDE, 2 * SIDE)):
+        writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    writer.release()
     readme = (REPO_ROOT / "README.md").read_text()
     snippet = re.search(r"<!-- onnx-snippet -->\s*```python\n(.*?)```", readme, re.S)
     assert snippet, "README.md: the ONNX Runtime snippet after <!-- onnx-snippet --> is missing"
+    assert not re.search(r"^\s*(import|from) (vss|torch)\b", snippet.group(1), re.M), "the snippet runs without vss"
     namespace: dict = {}
-    exec(snippet.group(1), namespace)  # defines segment(folder, frames)
-    video = check_video(SIDE, SIDE, 1, FRAMES, seed=4)
-    frames = [f[0].transpose(1, 2, 0) for f in video]  # (H, W, 3) RGB as a user reads them
-    got = list(namespace["segment"](str(tmp_path), frames))
-    step = eager_step(ckpts["mrcfa_lookahead"])
-    state, expected = step.init_state(SIDE, SIDE, 1), []
-    for frame in video:
-        o, state = step.step(torch.from_numpy(frame), state)
-        expected += [o] if o["valid"] else []
-    expected += [o for o in step.flush(state, SIDE, SIDE) if o["valid"]]
-    assert [t for t, _ in got] == list(range(FRAMES))
-    for (_, ids), o in zip(got, expected, strict=True):
-        assert np.array_equal(ids, o["logits"].argmax(1)[0].numpy())
+    exec(snippet.group(1), namespace)  # defines segment(folder, video)
+    got = list(namespace["segment"](str(tmp_path), str(video)))
+    run_predict(f"ckpt_path={ckpt}", f"source={video}", f"output={tmp_path / 'pred'}")
+    expected = [read_mask(p) for p in sorted((tmp_path / "pred" / "masks").glob("*.png"))]
+    assert [t for t, _ in got] == list(range(FRAMES)) and len(expected) == FRAMES
+    for (_, ids), mask in zip(got, expected, strict=True):
+        assert ids.shape == (2 * SIDE, 2 * SIDE)
+        assert np.array_equal(ids, mask)
 
 
 def _opaque(x: torch.Tensor) -> torch.Tensor:
@@ -265,6 +262,8 @@ def test_a_parity_failure_is_refused(ckpts: dict[str, Path], tmp_path: Path, cap
         (["format=tflite"], r"format='tflite' is invalid: expected one of \['pt2', 'onnx', 'folder'\]"),
         (["height=40"], r"height=40 width=32: .*multiples of 32"),
         (["batch=0"], r"batch=0 is invalid: expected a positive integer"),
+        (["format=onnx", "aoti=true"], r"aoti=true compiles the torch.export program: it goes with format=pt2"),
+        (["format=pt2", "aoti=yes"], r"aoti='yes' is invalid: expected true or false"),
     ],
 )
 def test_bad_arguments(overrides: list[str], message: str, ckpts: dict[str, Path], tmp_path: Path) -> None:
@@ -280,3 +279,60 @@ def test_missing_onnx_packages_say_how_to_install(
     cfg = compose_export(f"ckpt_path={ckpts['segformer']}", f"height={SIDE}", f"width={SIDE}", f"output={tmp_path}")
     with pytest.raises(ConfigError, match=r"needs vss_no_such_package \(not installed\): pip install -e '\.\[export"):
         export(cfg)
+
+
+def test_aoti_without_a_compiler_is_one_line(ckpts: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CXX", raising=False)
+    cfg = compose_export(
+        f"ckpt_path={ckpts['segformer']}", "format=pt2", "aoti=true", f"height={SIDE}", f"width={SIDE}",
+        f"output={tmp_path / 'out'}",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"aoti=true needs a C\+\+ compiler .* leave aoti=false"):
+        export(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # AOTInductor compiles C++ (a minute on two cores)
+@pytest.mark.skipif(exported_module.cpp_compiler() is None, reason="AOTInductor needs a C++ compiler")
+def test_aoti_package_equals_the_eager_step_and_predict_runs_it(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """format=pt2 aoti=true writes step.aoti.pt2 beside step.pt2, checked; open_exported (vss.predict
+    backend=pt2) runs the package and gives the eager step's logits."""
+    ckpt = ckpts["mrcfa_lookahead"]
+    spec = export(
+        compose_export(
+            f"ckpt_path={ckpt}", "format=pt2", "aoti=true", f"height={SIDE}", f"width={SIDE}", f"output={tmp_path}"
+        )
+    )
+    assert (tmp_path / "step.pt2").is_file() and (tmp_path / exported_module.AOTI_FILE).is_file()
+    assert spec["aoti"]["check"]["max_abs_diff"] <= 1e-4 and spec["aoti"]["compile_s"] > 0
+    opened = exported_module.open_exported(tmp_path, "pt2")
+    assert opened.runner.fmt == "aoti"
+    video = check_video(SIDE, SIDE, 1, FRAMES, seed=3)
+    step = eager_step(ckpt)
+    got = run_exported(opened.runner, step.init_state(SIDE, SIDE, 1), video, step.lookahead)
+    expected = run_eager(step, video)
+    assert [i for i, _ in got] == [i for i, _ in expected] == list(range(FRAMES))
+    for (_, a), (_, b) in zip(got, expected, strict=True):
+        assert np.allclose(a, b.numpy(), atol=1e-4)
+
+
+class _Indexing(torch.nn.Module):
+    """Outputs named like the step's, and an inner ``aten.index`` node, which the exporter names ``index``."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        picked = x[:, torch.tensor([0, 2])]
+        return picked * 2, x.sum() > 0, picked.sum()
+
+
+def test_an_inner_value_named_like_an_output_is_renamed(tmp_path: Path) -> None:
+    """PSPNet's step holds an ``aten.index`` node: its value must not become a second ``index`` (an invalid model)."""
+    from vss.export import export_onnx
+
+    x = torch.rand(1, 3, 4)
+    export_onnx(_Indexing(), (x,), tmp_path / "m.onnx", ["frame"], ["logits", "valid", "index"])
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits", "valid", "index"]
+    got = session.run(None, {"frame": x.numpy()})
+    for a, b in zip(got, _Indexing()(x), strict=True):
+        assert np.allclose(a, b.numpy())

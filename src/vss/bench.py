@@ -82,6 +82,16 @@ uncaptured, any device), ``tf32=true`` (CUDA), ``ids_first=true`` (argmax before
 arithmetic, the share of pixels whose class equals the eager fp32 step's (bilinear logits, no TF32) on the first
 pass's frames.
 
+**Backends** (``mode=backends``, ``backends=[streamer, step, onnx]``, two or more): the same random uint8 video of
+``frames`` frames, one frame a call, the end of the video included, through each backend: ``streamer`` (the
+:class:`~vss.models.streamer.Streamer`, as ``vss.predict backend=eager``), ``step`` (the eager
+:class:`~vss.models.step.Step` and its flush), ``onnx`` (the step exported as ``vss.export format=onnx`` does, run
+by ONNX Runtime's CPU provider as ``vss.predict backend=onnx``; CPU only). Logits only (no upsampling). ``warmup``
+untimed then ``iters`` timed rounds, each round every backend in turn, the order rotated each round:
+``<name>_ms_per_frame`` (median over rounds), ``<name>_cpu_ms_per_frame`` (process CPU time, all threads: steadier
+on a loaded machine), ``<name>_ratio`` and ``<name>_cpu_ratio`` to the first backend; ``threads`` (torch's intra-op
+threads), ``load_1m``.
+
 Time is wall clock (``time.perf_counter``), with ``torch.cuda.synchronize`` on GPU before a timer stops;
 fp32, no_grad, eval mode, random weights (as the papers' ``tools/benchmark.py``). Parameters are trainable
 parameters in millions. On GPU, ``clip_peak_MiB`` / ``stream_peak_MiB`` are ``torch.cuda.max_memory_allocated``
@@ -96,10 +106,11 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import hydra
 import torch
@@ -140,9 +151,13 @@ BENCH_KEYS = {
     "tf32",
     "ids_first",
     "dtype",
+    "backends",
 }
 """Overrides that set the measurement, not the model; any other override names the row's variant."""
-MODES = ("infer", "train", "step")
+MODES = ("infer", "train", "step", "backends")
+BACKENDS = ("streamer", "step", "onnx")
+"""``mode=backends``: the :class:`~vss.models.streamer.Streamer`, the eager :class:`~vss.models.step.Step`, the
+step exported to ONNX and run by ONNX Runtime (see :func:`bench_backends`)."""
 POSITIVE = ("num_classes", "height", "width", "batch_size", "iters", "frames", "stream_batch_size", "streams")
 GRAPHS = ("false", "true", "dry")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -210,6 +225,15 @@ def check_bench_config(cfg: DictConfig) -> torch.device:
     graph = _get(cfg, "graph")
     if graph_mode(cfg) not in GRAPHS:
         raise ConfigError(f"graph={graph!r} is invalid: expected true, false or dry (the static step uncaptured)")
+    if str(_get(cfg, "mode")) == "backends":
+        backends = _get(cfg, "backends")
+        if not isinstance(backends, Sequence) or isinstance(backends, str) or len(backends) < 2:
+            raise ConfigError(f"backends={backends!r} is invalid: expected a list of two or more of {list(BACKENDS)}")
+        for name in backends:
+            if name not in BACKENDS or list(backends).count(name) > 1:
+                raise ConfigError(
+                    f"backends={list(backends)}: {name!r} is invalid: expected each of {list(BACKENDS)} once"
+                )
     if str(_get(cfg, "dtype")) not in DTYPES:
         raise ConfigError(f"dtype={_get(cfg, 'dtype')!r} is invalid: expected one of {list(DTYPES)}")
     if str(_get(cfg, "precision")) not in PRECISIONS:
@@ -450,12 +474,14 @@ def bench(cfg: DictConfig) -> BenchResult:
     if str(cfg.mode) == "train":
         return bench_train(cfg, device)
     model = Segmenter(instantiate(cfg.encoder), instantiate(cfg.model), int(cfg.num_classes)).to(device).eval()
-    base_agg = baseline_of(cfg) if cfg.baseline and str(cfg.mode) != "step" else None
+    base_agg = baseline_of(cfg) if cfg.baseline and str(cfg.mode) in ("infer", "train") else None
     baseline = None
     if base_agg is not None:
         baseline = Segmenter(instantiate(cfg.encoder), base_agg, int(cfg.num_classes)).to(device).eval()
     label = f"{type(model.aggregator).__name__} {cfg.encoder.get('name', type(model.encoder).__name__)}"
     progress = Progress(label, bool(cfg.get("progress", True)))
+    if str(cfg.mode) == "backends":
+        return bench_backends(cfg, device, model, progress)
     with torch.inference_mode(), inference_precision(cfg.precision, device, key="precision"):
         if str(cfg.mode) == "step":
             result = _step_only(cfg, device, model, progress)
@@ -473,6 +499,121 @@ def bench(cfg: DictConfig) -> BenchResult:
             else f"none ({name}.single_frame_baseline names no honest single-frame counterpart)"
         )
     return result
+
+
+def backend_runners(
+    names: Sequence[str], model: torch.nn.Module, height: int, width: int, workdir: Path
+) -> dict[str, Callable[[torch.Tensor], int]]:
+    """One callable per backend that segments a whole video (N,3,H,W) uint8 one frame a call (a live stream), the
+    end of the video included, and returns the number of predictions: ``streamer``: :class:`Streamer` push + end;
+    ``step``: :meth:`Step.step` + :meth:`Step.flush`; ``onnx``: the step exported as ``vss.export format=onnx``
+    does (into ``workdir``) and run by ONNX Runtime on the CPU, the flush by repeating the last frame."""
+    import numpy as np
+
+    from vss.exported import OUTPUTS, StepGraph, _require_onnx
+    from vss.models.step import Step
+
+    step = Step(model).eval()
+    runners: dict[str, Callable[[torch.Tensor], int]] = {"streamer": partial(stream_video, model, batch_size=1)}
+
+    def run_step(video: torch.Tensor) -> int:
+        state, count = step.init_state(height, width, 1), 0
+        with torch.inference_mode():
+            for frame in video:
+                out, state = step.step(frame[None], state)
+                count += bool(out["valid"])
+            return count + sum(bool(o["valid"]) for o in step.flush(state, height, width))
+
+    runners["step"] = run_step
+    if "onnx" in names:
+        _require_onnx()
+        import onnxruntime as ort
+
+        from vss.export import export_onnx
+
+        zero = step.init_state(height, width, 1)
+        graph = StepGraph(step, list(zero)).eval()
+        frame0 = torch.zeros(1, 3, height, width, dtype=torch.uint8)
+        path = workdir / "step.onnx"
+        outputs = [*OUTPUTS, *(f"next.{k}" for k in zero)]
+        export_onnx(graph, (frame0, *zero.values()), path, ["frame", *zero], outputs)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        zero_np = {k: v.numpy() for k, v in zero.items()}
+
+        def run_onnx(video: torch.Tensor) -> int:
+            frames, state, count = video.cpu().numpy(), dict(zero_np), 0
+            for frame in [*frames, *[frames[-1]] * step.lookahead]:
+                _, valid, _, *new = session.run(None, {"frame": np.ascontiguousarray(frame[None]), **state})
+                state = dict(zip(state, new, strict=True))
+                count += bool(valid)
+            return count
+
+        runners["onnx"] = run_onnx
+    return {n: runners[n] for n in names}
+
+
+def bench_backends(cfg: DictConfig, device: torch.device, model: torch.nn.Module, note: Progress) -> BenchResult:
+    """``mode=backends``: the same random uint8 video of ``frames`` frames through each of ``backends`` (one frame
+    a call), ``warmup`` untimed rounds then ``iters`` timed rounds, each round every backend in turn (the order
+    rotated each round, so none always runs first on a loaded machine); the median ms per frame and CPU ms per
+    frame of each, and each one's ratio to the first backend (``<name>_ratio``: wall, ``<name>_cpu_ratio``: CPU)."""
+    import tempfile
+
+    names = [str(n) for n in cfg.backends]
+    if "onnx" in names and device.type != "cpu":
+        raise ConfigError("backends=[..., onnx] is timed on the CPU (ONNX Runtime's CPU provider): pass device=cpu")
+    h, w, frames, warmup, iters = (int(cfg[k]) for k in ("height", "width", "frames", "warmup", "iters"))
+    video = torch.randint(0, 256, (frames, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    video = video.to(device)
+    sync = _sync(device)
+    with tempfile.TemporaryDirectory(prefix="vss-bench-") as workdir:
+        start = time.perf_counter()
+        runners = backend_runners(names, model, h, w, Path(workdir))
+        if "onnx" in names:
+            note("exported the step to ONNX", time.perf_counter() - start)
+        wall: dict[str, list[float]] = {n: [] for n in names}
+        cpu: dict[str, list[float]] = {n: [] for n in names}
+        for k in range(warmup + iters):
+            order = names[k % len(names) :] + names[: k % len(names)]
+            for name in order:
+                sync()
+                start, cpu_start = time.perf_counter(), time.process_time()
+                with torch.inference_mode():
+                    count = runners[name](video)
+                sync()
+                seconds = time.perf_counter() - start
+                if count != frames:
+                    raise RuntimeError(f"backend {name} predicted {count} of {frames} frames")
+                if k >= warmup:
+                    wall[name].append(seconds)
+                    cpu[name].append(time.process_time() - cpu_start)
+                note(
+                    f"round {k + 1}/{warmup + iters} {name} ({frames} frames)" + (" (warm-up)" if k < warmup else ""),
+                    seconds,
+                )
+    figures: dict[str, float] = {"params_total_M": count_parameters(model) / 1e6}
+    first = names[0]
+    for name in names:
+        figures[f"{name}_ms_per_frame"] = 1e3 * statistics.median(wall[name]) / frames
+        figures[f"{name}_cpu_ms_per_frame"] = 1e3 * statistics.median(cpu[name]) / frames
+    for name in names[1:]:
+        figures[f"{name}_ratio"] = figures[f"{name}_ms_per_frame"] / figures[f"{first}_ms_per_frame"]
+        figures[f"{name}_cpu_ratio"] = figures[f"{name}_cpu_ms_per_frame"] / figures[f"{first}_cpu_ms_per_frame"]
+    figures["threads"] = torch.get_num_threads()
+    figures["load_1m"] = os.getloadavg()[0]
+    return BenchResult(
+        model=type(model.aggregator).__name__,
+        encoder=str(cfg.encoder.get("name", type(model.encoder).__name__)),
+        height=h,
+        width=w,
+        clip=1 + len(model.offsets),
+        lookahead=model.lookahead,
+        device=device.type,
+        figures=figures,
+        mode="backends",
+    )
 
 
 def _step_only(cfg: DictConfig, device: torch.device, model: torch.nn.Module, note: Progress) -> BenchResult:

@@ -18,6 +18,9 @@ call's state. Written into ``output`` (default: the run directory):
 
 - ``step.pt2`` (``format=pt2``, :func:`torch.export.save`; :func:`torch.export.load` reads it) or ``step.onnx``
   (``format=onnx``, :func:`torch.onnx.export` with ``dynamo=True``);
+- ``step.aoti.pt2`` (``format=pt2 aoti=true``): the program compiled by AOTInductor
+  (:func:`torch._inductor.aoti_compile_and_package`; needs a C++ compiler, takes minutes on a CPU), checked like
+  the others; ``vss.predict backend=pt2`` runs it where present;
 - ``spec.json``: input/output names, shapes and dtypes, the zero state, the preprocessing, ``lookahead`` and the
   flush procedure, the class names and palette, and the parity figures of the export-time check.
 
@@ -43,6 +46,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +61,7 @@ from torch import Tensor
 from vss.cli import check_command_line, model_argument
 from vss.config import CONF_DIR, register_resolvers
 from vss.errors import ConfigError, friendly_errors
-from vss.exported import FILES, NEXT, OUTPUTS, Runner, StepGraph, _require_onnx
+from vss.exported import AOTI_FILE, FILES, NEXT, OUTPUTS, Runner, StepGraph, _require_onnx, cpp_compiler
 from vss.models.ops.normalize import IMAGENET_MEAN, IMAGENET_STD
 from vss.models.step import State, Step
 
@@ -109,26 +113,45 @@ def _refuse_export(fmt: str, label: str, e: BaseException) -> ConfigError:
     return ConfigError(f"format={fmt}: {label} cannot be exported ({what}); nothing was written")
 
 
-def export_pt2(graph: StepGraph, args: tuple[Tensor, ...], path: Path) -> None:
-    """``torch.export`` (non-strict) of the step, saved with :func:`torch.export.save`."""
+def export_pt2(graph: StepGraph, args: tuple[Tensor, ...], path: Path) -> torch.export.ExportedProgram:
+    """``torch.export`` (non-strict) of the step, saved with :func:`torch.export.save`; the program."""
     with torch.no_grad():  # Step.step's own no_grad is then no region of its own (torch.export.save refuses those)
         program = torch.export.export(graph, args, strict=False)
     torch.export.save(program, str(path))
+    return program
+
+
+def compile_aoti(program: torch.export.ExportedProgram, path: Path) -> float:
+    """The exported program compiled by AOTInductor into a package at ``path`` (``.pt2``); the seconds it took."""
+    from torch._inductor import aoti_compile_and_package
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        aoti_compile_and_package(program, package_path=str(path))
+    return time.perf_counter() - start
 
 
 def export_onnx(graph: StepGraph, args: tuple[Tensor, ...], path: Path, inputs: list[str], outputs: list[str]) -> None:
-    """``torch.onnx.export(dynamo=True)`` of the step, state as named inputs and outputs."""
-    torch.onnx.export(
-        graph,
-        args,
-        str(path),
-        input_names=inputs,
-        output_names=outputs,
-        dynamo=True,
-        external_data=False,
-        verbose=False,
-        report=False,
-    )
+    """``torch.onnx.export(dynamo=True)`` of the step, state as named inputs and outputs. The exporter names inner
+    values after the traced nodes (an ``aten.index`` node is ``index``): one that holds an input or output name is
+    renamed first (the exporter's own ``output_names`` would make a second ``index``, an invalid model)."""
+    program = torch.onnx.export(graph, args, dynamo=True, external_data=False, verbose=False, report=False)
+    model = program.model
+    ends = {id(v) for v in (*model.graph.inputs, *model.graph.outputs)}
+    reserved = set(inputs) | set(outputs)
+    for node in model.graph.all_nodes():
+        for value in node.outputs:
+            if value.name in reserved and id(value) not in ends:
+                value.name = f"{value.name}.inner{len(ends)}"
+                ends.add(id(value))
+    for value in model.graph.initializers.values():
+        if value.name in reserved and id(value) not in ends:
+            raise ConfigError(f"format=onnx: the graph has a weight named {value.name!r}, a name of the step's I/O")
+    for value, name in zip(model.graph.inputs, inputs, strict=True):
+        value.name = name
+    for value, name in zip(model.graph.outputs, outputs, strict=True):
+        value.name = name
+    program.save(str(path), external_data=False)
 
 
 # -- the export-time check -------------------------------------------------------------------------------
@@ -316,6 +339,16 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     atol = float(_required(cfg, "atol"))
     if not (math.isfinite(atol) and atol > 0):
         raise ConfigError(f"atol={atol!r} is invalid: expected a positive finite number")
+    aoti = cfg.get("aoti", False)
+    if not isinstance(aoti, bool):
+        raise ConfigError(f"aoti={aoti!r} is invalid: expected true or false")
+    if aoti and fmt != "pt2":
+        raise ConfigError(f"aoti=true compiles the torch.export program: it goes with format=pt2, not format={fmt}")
+    if aoti and cpp_compiler() is None:
+        raise ConfigError(
+            "aoti=true needs a C++ compiler for AOTInductor (none of $CXX, c++, g++, clang++ is on PATH): install "
+            "one (apt-get install g++) or leave aoti=false (step.pt2 alone runs without one)"
+        )
     if fmt == "onnx":
         _require_onnx()
     model = load(ckpt_path, _trust(cfg))
@@ -342,29 +375,58 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     inputs = ["frame", *names]
     outputs = [*OUTPUTS, *(NEXT + n for n in names)]
 
+    video = check_video(height, width, batch, frames)
+
     def write(tmp: Path) -> None:
         try:
             if fmt == "pt2":
-                export_pt2(graph, (frame0, *zero.values()), tmp)
+                program = export_pt2(graph, (frame0, *zero.values()), tmp)
             else:
                 export_onnx(graph, (frame0, *zero.values()), tmp, inputs, outputs)
         except Exception as e:  # the exporter's own error: name the op it could not export
             raise _refuse_export(fmt, label, e) from None
-        video = check_video(height, width, batch, frames)
-        exported = run_exported(Runner(fmt, tmp, names), zero, video, step.lookahead)
-        parity = compare(run_eager(step, video), exported, atol)
+        eager = run_eager(step, video)
+        try:
+            runner = Runner(fmt, tmp, names)
+        except Exception as e:  # the runtime refuses the written file (an invalid model)
+            raise _refuse_export(fmt, label, e) from None
+        spec["check"] = checked(fmt, runner, eager)
+        if aoti:  # the compiled package, checked likewise, beside step.pt2 (written before it: nothing partial)
+            aoti_path = output / AOTI_FILE
+            if aoti_path.exists() and not cfg.get("overwrite", False):
+                raise ConfigError(
+                    f"output={str(output)!r} already holds {AOTI_FILE} (pass overwrite=true to replace it)"
+                )
+
+            def package(tmp_aoti: Path) -> None:
+                try:
+                    seconds = compile_aoti(program, tmp_aoti)
+                except Exception as e:
+                    raise _refuse_export("pt2 aoti=true", label, e) from None
+                print(f"[vss.export] AOTInductor ({cpp_compiler()}) compiled the step in {seconds:.0f} s", flush=True)
+                spec["aoti"] = {
+                    "file": AOTI_FILE,
+                    "compile_s": seconds,
+                    "check": checked("aoti", Runner("aoti", tmp_aoti, names), eager),
+                }
+
+            _write_atomic(aoti_path, package)
+
+    def checked(kind: str, runner: Runner, eager: list[tuple[int, Tensor]]) -> dict[str, Any]:
+        exported = run_exported(runner, zero, video, step.lookahead)
+        parity = compare(eager, exported, atol)
         line = (
-            f"[vss.export] {label} {fmt} {batch}x3x{height}x{width}: parity over {parity.frames} frames: max |logits "
+            f"[vss.export] {label} {kind} {batch}x3x{height}x{width}: parity over {parity.frames} frames: max |logits "
             f"diff| {parity.max_abs_diff:.3g}, equal class ids {100 * parity.equal_ids:.4f}%"
         )
         print(line, flush=True)
         if parity.max_abs_diff > atol or parity.untied_differences:
             raise ConfigError(
-                f"format={fmt}: the exported {label} step differs from the eager step (max |logits diff| "
+                f"format={fmt}: the exported {label} step ({kind}) differs from the eager step (max |logits diff| "
                 f"{parity.max_abs_diff:.3g} > atol={atol:g} or {parity.untied_differences} untied class id(s) differ "
                 f"over {parity.frames} frames); nothing was written"
             )
-        spec["check"] = {
+        return {
             "frames": parity.frames,
             "max_abs_diff": parity.max_abs_diff,
             "equal_class_ids": parity.equal_ids,
@@ -409,7 +471,10 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     _write_atomic(target, write)
     _write_atomic(output / "spec.json", lambda p: p.write_text(json.dumps(spec, indent=2) + "\n"))
     size = target.stat().st_size / 2**20
-    print(f"[vss.export] wrote {target} ({size:.1f} MiB) and spec.json", flush=True)
+    also = ""
+    if "aoti" in spec:
+        also = f", {AOTI_FILE} ({(output / AOTI_FILE).stat().st_size / 2**20:.1f} MiB)"
+    print(f"[vss.export] wrote {target} ({size:.1f} MiB){also} and spec.json", flush=True)
     return spec
 
 

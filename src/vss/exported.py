@@ -19,6 +19,20 @@ from vss.models.step import Step
 
 FILES = {"pt2": "step.pt2", "onnx": "step.onnx"}
 
+AOTI_FILE = "step.aoti.pt2"
+"""The AOTInductor package ``vss.export format=pt2 aoti=true`` writes beside ``step.pt2`` (compiled C++ kernels)."""
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler AOTInductor would call (``$CXX``, else ``c++``/``g++``/``clang++`` on PATH), or None."""
+    import os
+    import shutil
+
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
@@ -68,6 +82,11 @@ class Runner:
         self.device = "cpu"  # what runs the step: cpu, or ONNX Runtime's CUDA provider
         if fmt == "pt2":
             self.module = torch.export.load(str(path)).module()
+        elif fmt == "aoti":  # an AOTInductor package: compiled kernels, loaded without Python tracing
+            from torch._inductor import aoti_load_package
+
+            self.module = aoti_load_package(str(path))
+            self.device = "cpu, AOTInductor"
         else:
             import onnxruntime as ort
 
@@ -78,7 +97,7 @@ class Runner:
             self.device = self.session.get_providers()[0]
 
     def __call__(self, frame: np.ndarray, state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
-        if self.fmt == "pt2":
+        if self.fmt in ("pt2", "aoti"):
             with torch.no_grad():
                 got = self.module(torch.from_numpy(frame), *(torch.from_numpy(state[k]) for k in self.names))
             got = [g.numpy() for g in got]
@@ -123,8 +142,10 @@ def open_exported(folder: str | Path, fmt: str, key: str = "export", cuda: bool 
         raise ConfigError(f"{key}={str(path)!r}: spec.json cannot be read as vss.export's spec ({e!r})") from None
     if fmt == "onnx":
         _require_onnx()
+    kind = "aoti" if fmt == "pt2" and (path / AOTI_FILE).is_file() else fmt  # the compiled package where written
+    file = path / AOTI_FILE if kind == "aoti" else file
     try:
-        runner = Runner(fmt, file, names, onnx_providers(cuda) if fmt == "onnx" else None)
+        runner = Runner(kind, file, names, onnx_providers(cuda) if fmt == "onnx" else None)
     except Exception as e:  # a damaged or foreign file
         first = " ".join(str(e).split())[:200]
         raise ConfigError(f"{key}={str(path)!r}: {file.name} cannot be loaded ({type(e).__name__}: {first})") from None
