@@ -180,6 +180,18 @@ def test_spec_describes_the_state_and_preprocessing(ckpts: dict[str, Path], tmp_
     x = torch.randint(0, 256, (1, 3, 4, 4), dtype=torch.uint8)
     manual = (x.float() - torch.from_numpy(mean).view(3, 1, 1)) / torch.from_numpy(std).view(3, 1, 1)
     assert torch.allclose(manual, normalize_frames(x), atol=1e-5)
+    # a frame or state not of the exported shapes: one line naming the input, before the runtime sees it
+    opened = exported_module.open_exported(tmp_path, "pt2")
+    frame = np.zeros((2, 3, SIDE, SIDE), np.uint8)
+    opened.runner(frame, dict(opened.zero))  # the zero state runs
+    key = next(iter(opened.zero))
+    one_video = {**opened.zero, key: opened.zero[key][:, :1] if opened.zero[key].ndim > 1 else opened.zero[key][None]}
+    with pytest.raises(ConfigError, match=rf"^exported step: input '{re.escape(key)}' is \S+ \(.*\), expected "):
+        opened.runner(frame, one_video)
+    with pytest.raises(ConfigError, match=r"^exported step: input 'frame' is uint8 \(1, 3, "):
+        opened.runner(frame[:1], dict(opened.zero))
+    with pytest.raises(ConfigError, match=rf"^exported step: the state has no {re.escape(key)};"):
+        opened.runner(frame, {k: v for k, v in opened.zero.items() if k != key})
 
 
 def test_readme_snippet_runs_the_onnx_file(ckpts: dict[str, Path], tmp_path: Path) -> None:

@@ -96,7 +96,33 @@ class Runner:
             self.inputs = [i.name for i in self.session.get_inputs()]
             self.device = self.session.get_providers()[0]
 
+    expected: dict[str, tuple[tuple[int, ...], str]] | None = None
+    """Input name -> (shape, dtype) from spec.json (set by :func:`open_exported`): each call is checked first."""
+
+    def check(self, frame: np.ndarray, state: dict[str, np.ndarray]) -> None:
+        """A frame or state that is not what the exported step takes: one :class:`ConfigError` naming the input."""
+        if self.expected is None:
+            return
+        given = {"frame": frame, **state}
+        missing = [k for k in self.expected if k not in given]
+        extra = sorted(set(given) - set(self.expected))
+        if missing or extra:
+            raise ConfigError(
+                f"exported step: the state has {'no ' + ', '.join(missing) if missing else ''}"
+                f"{'; ' if missing and extra else ''}{'unknown ' + ', '.join(extra) if extra else ''}; expected the "
+                f"inputs {list(self.expected)} (spec.json): start from the zero state, then feed each call's state back"
+            )
+        for k, (shape, dtype) in self.expected.items():
+            v = np.asarray(given[k])
+            if tuple(v.shape) != shape or str(v.dtype) != dtype:
+                raise ConfigError(
+                    f"exported step: input {k!r} is {str(v.dtype)} {tuple(v.shape)}, expected {dtype} {shape} "
+                    "(spec.json: the size and batch it was exported at); start from the zero state, then feed each "
+                    "call's state back"
+                )
+
     def __call__(self, frame: np.ndarray, state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+        self.check(frame, state)
         if self.fmt in ("pt2", "aoti"):
             with torch.no_grad():
                 got = self.module(torch.from_numpy(frame), *(torch.from_numpy(state[k]) for k in self.names))
@@ -149,4 +175,5 @@ def open_exported(folder: str | Path, fmt: str, key: str = "export", cuda: bool 
     except Exception as e:  # a damaged or foreign file
         first = " ".join(str(e).split())[:200]
         raise ConfigError(f"{key}={str(path)!r}: {file.name} cannot be loaded ({type(e).__name__}: {first})") from None
+    runner.expected = {i["name"]: (tuple(i["shape"]), str(i["dtype"])) for i in spec["inputs"]}
     return Exported(path, spec, runner, zero, size, batch)
