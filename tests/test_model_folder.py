@@ -246,6 +246,39 @@ def test_export_pt2_from_a_folder(folders: dict[str, Path], tmp_path: Path, capf
     assert "parity over 3 frames" in capfd.readouterr().out
 
 
+def test_predict_runs_the_step_exported_into_the_folder(folders: dict[str, Path], tmp_path: Path) -> None:
+    """``vss.export model=FOLDER format=pt2 output=FOLDER``, then ``vss.predict model=FOLDER backend=pt2`` (no
+    export=): the masks of backend=eager; a folder without that export: one line saying how to write it."""
+    folder = copy_folder(folders["segformer"], tmp_path / "model")
+    src = tmp_path / "frames"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        cv2.imwrite(str(src / f"{i:02d}.png"), cv2.GaussianBlur(rng.integers(0, 255, (32, 32, 3), np.uint8), (5, 5), 0))
+
+    def run(backend: str) -> list[np.ndarray]:
+        out = tmp_path / backend
+        predict(
+            compose(
+                "predict",
+                f"ckpt_path={folder}",
+                f"backend={backend}",
+                f"source={src}",
+                f"output={out}",
+                "progress=false",
+                "save_overlay=false",
+                "device=cpu",
+            )
+        )
+        return [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in sorted((out / "masks").glob("*.png"))]
+
+    with pytest.raises(ConfigError, match=r"^backend=pt2 runs the step vss.export wrote: pass export=DIR, or export "):
+        run("pt2")
+    export(compose("export", f"ckpt_path={folder}", "format=pt2", "height=32", "width=32", f"output={folder}"))
+    eager, exported = run("eager"), run("pt2")
+    assert len(eager) == 4 and all(np.array_equal(a, b) for a, b in zip(eager, exported, strict=True))
+
+
 # -- model=FOLDER --------------------------------------------------------------------------------------------------
 def test_model_argument_names_the_folder(folders: dict[str, Path]) -> None:
     path = folders["mrcfa"]

@@ -159,6 +159,22 @@ def _required(cfg: DictConfig, key: str) -> Any:
     return value
 
 
+def _export_folder(cfg: DictConfig, backend: str) -> Any:
+    """``export``, else a model folder (``model=FOLDER``) that ``vss.export format=<backend>`` also wrote into."""
+    from vss.exported import FILES
+
+    model = OmegaConf.select(cfg, "ckpt_path", default=None)
+    if OmegaConf.select(cfg, "export", default=None) is None and model is not None and Path(str(model)).is_dir():
+        if (Path(str(model)) / "spec.json").is_file() and (Path(str(model)) / FILES[backend]).is_file():
+            return model
+        raise ConfigError(
+            f"backend={backend} runs the step vss.export wrote: pass export=DIR, or export into the model folder "
+            f"(python -m vss.export model={model} format={backend} height=H width=W output={model}); "
+            f"{str(model)!r} holds no spec.json and {FILES[backend]}"
+        )
+    return _required(cfg, "export")
+
+
 def _checked(cfg: DictConfig, key: str, ok: Callable[[Any], bool], expected: str) -> Any:
     value = cfg.get(key)
     if not ok(value):
@@ -316,7 +332,7 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
     exporting = backend in ("onnx", "pt2")
     # onnx|pt2 run the exported step in export=FOLDER (no checkpoint read); eager|compile the checkpoint
     ckpt_path = None if exporting else _required(cfg, "ckpt_path")
-    folder = _required(cfg, "export") if exporting else None
+    folder = _export_folder(cfg, backend) if exporting else None
     source_arg = _required(cfg, "source")
     opacity = float(_checked(cfg, "opacity", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"))
     batch_size = _checked(cfg, "batch_size", lambda v: type(v) is int and v > 0, "a positive integer")
