@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from test_export import compose_export, write_tiny_checkpoints
 from test_predict import moving_shapes, read_mask, run_predict
@@ -93,6 +94,25 @@ def test_compile_backend_masks_equal_eager(ckpts: dict[str, Path], video: Path, 
     assert got["frames"] == FRAMES and list(have) == list(want)
     for name in want:
         assert np.array_equal(have[name], want[name]), f"compile frame {name}: masks differ"
+
+
+def test_graph_dry_masks_equal_eager_and_graph_needs_cuda(ckpts: dict[str, Path], video: Path, tmp_path: Path) -> None:
+    """graph=dry: the static step of the CUDA-graph path, uncaptured (checked free of host reads), uint8 frames
+    normalised inside it: the masks of the Streamer; graph=true on the CPU, or with an exported backend: one line."""
+    ckpt = ckpts["mrcfa_lookahead"]
+    run_predict(f"ckpt_path={ckpt}", f"source={video}", f"output={tmp_path / 'eager'}")
+    got = run_predict("graph=dry", f"ckpt_path={ckpt}", f"source={video}", f"output={tmp_path / 'dry'}")
+    want, have = masks(tmp_path / "eager"), masks(tmp_path / "dry")
+    assert got["frames"] == FRAMES and got["graph"] == "dry" and list(have) == list(want)
+    for name in want:
+        assert np.array_equal(have[name], want[name]), f"graph=dry frame {name}: masks differ"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^graph=true needs CUDA \(the model is on cpu\)"):
+            run_predict("graph=true", f"ckpt_path={ckpt}", f"source={video}", f"output={tmp_path / 'g'}")
+    with pytest.raises(ConfigError, match=r"^graph=dry replays the checkpoint's step: use it with backend=eager"):
+        run_predict("graph=dry", "backend=onnx", f"export={tmp_path}", f"source={video}", f"output={tmp_path / 'o'}")
+    with pytest.raises(ConfigError, match=r"^graph='yes' is invalid: expected false, true \(CUDA\) or dry"):
+        run_predict("graph=yes", f"ckpt_path={ckpt}", f"source={video}", f"output={tmp_path / 'y'}")
 
 
 def test_bad_backend_missing_file_and_size_mismatch(ckpts: dict[str, Path], video: Path, tmp_path: Path) -> None:

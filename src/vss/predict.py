@@ -236,6 +236,32 @@ class CompiledSteps:
         return logits, bool(valid), int(index)
 
 
+class GraphedSteps:
+    """The checkpoint's :class:`~vss.models.step.Step` captured in a CUDA graph (``graph=true``), or its static
+    body run uncaptured (``graph=dry``, any device: the CPU rehearsal), one uint8 frame a call."""
+
+    def __init__(self, segmenter: Any, graph: str) -> None:
+        from vss.models.step import Step
+
+        self.step = Step(segmenter).eval()
+        self.lookahead = self.step.lookahead
+        self.dry_run = graph == "dry"
+        self.graphed: Any = None
+
+    def reset(self, height: int, width: int) -> None:
+        """Start a video from the zero state (captured once per frame size)."""
+        from vss.models.ops.cuda_graph import GraphedStep
+
+        if self.graphed is None or self.graphed.size != (height, width):
+            self.graphed = GraphedStep(self.step, height, width, dry_run=self.dry_run, frame_dtype=torch.uint8)
+        self.graphed.reset()
+
+    def __call__(self, frame: torch.Tensor) -> tuple[torch.Tensor, bool, int]:
+        """One frame (1,3,H,W) uint8 in; the logits (copied out of the static buffer), validity and index."""
+        out = self.graphed(frame)
+        return out["logits"].clone(), bool(out["valid"]), int(out["index"])
+
+
 class ExportedSteps:
     """An exported step (:func:`vss.export.open_exported`) run one frame at a time, its state threaded."""
 
@@ -267,7 +293,7 @@ class StepStream:
     per call, frame ``t - lookahead`` out at frame ``t``, the end of the video by repeating the last frame
     ``lookahead`` times (equal to :meth:`Step.flush`, see :mod:`vss.export`)."""
 
-    def __init__(self, steps: CompiledSteps | ExportedSteps) -> None:
+    def __init__(self, steps: CompiledSteps | GraphedSteps | ExportedSteps) -> None:
         self.steps = steps
         self.items: dict[int, Any] = {}
         self.count = 0
@@ -329,6 +355,9 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
     from vss.models.streamer import Streamer
 
     backend = _checked(cfg, "backend", lambda v: v in BACKENDS, f"one of {list(BACKENDS)}")
+    graph = _checked(cfg, "graph", lambda v: v in (False, True, "dry"), "false, true (CUDA) or dry")
+    if graph and backend != "eager":
+        raise ConfigError(f"graph={graph} replays the checkpoint's step: use it with backend=eager, not {backend}")
     exporting = backend in ("onnx", "pt2")
     # onnx|pt2 run the exported step in export=FOLDER (no checkpoint read); eager|compile the checkpoint
     ckpt_path = None if exporting else _required(cfg, "ckpt_path")
@@ -400,7 +429,9 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
         writers["side_by_side"] = AtomicVideoWriter(output / "side_by_side.mp4", fps)
 
     streamer: Any
-    if backend == "eager":
+    if graph:
+        streamer = StepStream(GraphedSteps(model.segmenter, "dry" if graph == "dry" else "true"))
+    elif backend == "eager":
         streamer = Streamer(model.segmenter, batch_size)  # frames encoded in batches, targets aggregated one by one
     elif backend == "compile":
         streamer = StepStream(CompiledSteps(model.segmenter))
@@ -411,7 +442,7 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
     strip: LegendStrip | None = None
     flicker, flicker_at, last_shape = FlickerRate(), 0, None  # a size change: an index gap (no pair across it)
     done, first_out = 0, 0.0
-    desc = f"predict {backend}" + (f" {source.kind}" if live is not None else "")
+    desc = f"predict {backend}" + (f" graph={graph}" if graph else "") + (f" {source.kind}" if live is not None else "")
     bar = tqdm(total=source.count, desc=desc, unit="frame", disable=not cfg.get("progress", True))
     stopper = Stopper(max_frames, duration)
 
@@ -506,6 +537,7 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
         "fps": round(done / seconds, 2) if seconds > 0 else None,
         "fps_after_first": round(warm, 2) if warm is not None else None,
         "backend": backend,
+        "graph": graph,
         "runs_on": runs_on,
         "export": str(folder) if folder is not None else None,
         "source": source.label,
@@ -545,7 +577,8 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
             f"start, {lat['last']:.0f} ms at the end (p50 {lat['p50']:.0f}, p95 {lat['p95']:.0f}){stop}"
         )
     print(
-        f"[vss.predict] backend={backend} on {runs_on}: {done} frames in {seconds:.1f} s ({rate} fps{after})"
+        f"[vss.predict] backend={backend}{f' graph={graph}' if graph else ''} on {runs_on}: {done} frames in "
+        f"{seconds:.1f} s ({rate} fps{after})"
         f"{skipped}{flick}{stop} -> {output}"
     )
     return summary

@@ -99,6 +99,7 @@ class GraphedStep:
         ids_first: bool = False,
         dry_run: bool = False,
         warmup: int = 2,
+        frame_dtype: torch.dtype | None = None,
     ) -> None:
         param = next(step.model.parameters())
         if param.device.type != "cuda" and not dry_run:
@@ -107,12 +108,15 @@ class GraphedStep:
                 "graph=dry runs the same static step uncaptured"
             )
         self.step, self.size, self.ids_first, self.dry_run = step, (int(height), int(width)), ids_first, dry_run
-        self.frame = torch.zeros(batch, 3, *self.size, dtype=param.dtype, device=param.device)
+        # frames as given: normalised floats (the model's dtype) or uint8, normalised inside the graph
+        self.frame = torch.zeros(batch, 3, *self.size, dtype=frame_dtype or param.dtype, device=param.device)
         self.state: State = step.init_state(*self.size, batch)
         self.streams = isinstance(step, Streams)
         self.active = torch.ones(batch, dtype=torch.bool, device=param.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         if dry_run:
+            self._body()  # the warm-up a capture has first (per-device caches, e.g. normalisation constants, filled)
+            self.reset()
             check = CaptureCheck()
             with check:
                 self._body()
