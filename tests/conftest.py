@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -82,6 +83,26 @@ def compose_cfg() -> Iterator[Callable[..., DictConfig]]:
     """:func:`compose_train` as a fixture: ``compose_cfg("data=vspw", ...)``."""
     yield lambda *overrides: compose_train(overrides)
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def compose_bench() -> Iterator[Callable[..., DictConfig]]:
+    """``compose_bench(*overrides)``: ``conf/bench.yaml`` composed in-process (Hydra cleared before each, as a test
+    may compose conf/train.yaml in between)."""
+    vss.config.register_resolvers()
+
+    def compose_bench(*overrides: str) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(vss.config.CONF_DIR), version_base="1.3"):
+            return compose("bench", overrides=list(overrides))
+
+    yield compose_bench
+    GlobalHydra.instance().clear()
+
+
+def bench_numbers(line: str) -> dict[str, float]:
+    """The ``key value`` figures of a ``[vss.bench] ...: k v | k v`` row."""
+    return {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+)", line.split("): ", 1)[1])}
 
 
 @pytest.fixture(scope="session")

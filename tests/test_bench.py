@@ -12,13 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import battery
-import vss.config
 from vss import bench
 from vss.errors import ConfigError
 from vss.models.aggregators.mrcfa import MRCFA
@@ -46,20 +43,6 @@ KEYS = (
     "load_1m",
 )
 BASELINE_KEYS = ("baseline_ms_per_frame", "ratio_to_baseline", "baseline_gflops_per_frame", "flop_ratio")
-
-
-@pytest.fixture
-def compose_bench() -> Iterator[Callable[..., DictConfig]]:
-    """``compose_bench(*overrides)``: ``conf/bench.yaml`` composed in-process."""
-    vss.config.register_resolvers()
-
-    def compose_bench(*overrides: str) -> DictConfig:
-        GlobalHydra.instance().clear()  # the battery composes conf/train.yaml in between
-        with initialize_config_dir(config_dir=str(vss.config.CONF_DIR), version_base="1.3"):
-            return compose("bench", overrides=list(overrides))
-
-    yield compose_bench
-    GlobalHydra.instance().clear()
 
 
 @pytest.fixture

@@ -3,37 +3,17 @@ interleaved rounds (every frame predicted by each, the ratios to the first backe
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-import vss.config
+from conftest import bench_numbers
 from vss import bench
 from vss.errors import ConfigError
 
 TINY = ("height=32", "width=32", "frames=5", "iters=2", "warmup=0", "device=cpu", "progress=false")
 LOOKAHEAD = ("model=mrcfa", "encoder=mit_b0", "model.embed_dim=16", "model.offsets=[-2,1]", "model.start=clamp")
-
-
-@pytest.fixture
-def compose_bench() -> Iterator[Callable[..., DictConfig]]:
-    vss.config.register_resolvers()
-
-    def compose_bench(*overrides: str) -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(vss.config.CONF_DIR), version_base="1.3"):
-            return compose("bench", overrides=list(overrides))
-
-    yield compose_bench
-    GlobalHydra.instance().clear()
-
-
-def _numbers(line: str) -> dict[str, float]:
-    return {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+)", line.split("): ", 1)[1])}
 
 
 def test_streamer_step_and_onnx_are_timed_with_ratios_to_the_first(compose_bench: Callable[..., DictConfig]) -> None:
@@ -42,7 +22,7 @@ def test_streamer_step_and_onnx_are_timed_with_ratios_to_the_first(compose_bench
     result = bench.bench(cfg)  # a backend that loses a frame (the lookahead's flush) raises
     line = result.line()
     assert line.startswith("[vss.bench] MRCFA mit_b0 (32x32, clip 3, lookahead 1, cpu): "), line
-    n = _numbers(line)
+    n = bench_numbers(line)
     for name in ("streamer", "step", "onnx"):
         assert n[f"{name}_ms_per_frame"] > 0 and n[f"{name}_cpu_ms_per_frame"] > 0, line
     for name in ("step", "onnx"):

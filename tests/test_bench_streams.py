@@ -3,19 +3,16 @@ the CPU, ``ids_first``, ``dtype=bf16``: they run and report their agreement), an
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-import vss.config
+from conftest import bench_numbers
 from vss import bench
 from vss.errors import ConfigError
 
@@ -25,27 +22,10 @@ STEP_KEYS = ("step_ms_per_frame", "step_fps", "step_p95_ms")
 STREAMS_KEYS = ("streams", "streams_total_fps", "streams_latency_mean_ms", "streams_latency_p95_ms")
 
 
-@pytest.fixture
-def compose_bench() -> Iterator[Callable[..., DictConfig]]:
-    vss.config.register_resolvers()
-
-    def compose_bench(*overrides: str) -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(vss.config.CONF_DIR), version_base="1.3"):
-            return compose("bench", overrides=list(overrides))
-
-    yield compose_bench
-    GlobalHydra.instance().clear()
-
-
-def _numbers(line: str) -> dict[str, float]:
-    return {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+)", line.split("): ", 1)[1])}
-
-
 def test_streams_2_prints_total_fps_and_latency_beside_one_stream(compose_bench: Callable[..., DictConfig]) -> None:
     line = bench.bench(compose_bench(*MRCFA, *TINY, "streams=2", "baseline=false")).line()
     assert line.startswith("[vss.bench] MRCFA mit_b0 (64x64, clip 4, lookahead 0, cpu): "), line
-    numbers = _numbers(line)
+    numbers = bench_numbers(line)
     assert {*STEP_KEYS, *STREAMS_KEYS, "clip_fps", "stream_fps"} <= set(numbers), line
     assert numbers["streams"] == 2 and "agreement_pct" not in numbers  # eager fp32: the reference itself
     assert numbers["streams_latency_p95_ms"] >= numbers["streams_latency_mean_ms"] * 0.999 > 0
@@ -54,7 +34,7 @@ def test_streams_2_prints_total_fps_and_latency_beside_one_stream(compose_bench:
 
 def test_mode_step_with_the_graph_options_reports_agreement(compose_bench: Callable[..., DictConfig]) -> None:
     cfg = compose_bench(*MRCFA, *TINY, "mode=step", "graph=dry", "ids_first=true", "dtype=bf16", "streams=2")
-    numbers = _numbers(bench.bench(cfg).line())
+    numbers = bench_numbers(bench.bench(cfg).line())
     assert {*STEP_KEYS, *STREAMS_KEYS, "agreement_pct"} <= set(numbers) and "clip_fps" not in numbers
     assert 50 < numbers["agreement_pct"] < 100  # bf16 + nearest ids: most pixels, not all (see test_cuda_graph)
 

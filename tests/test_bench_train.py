@@ -6,11 +6,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-import vss.config
 from vss import bench
 from vss.errors import ConfigError
 
@@ -26,16 +23,6 @@ KEYS = (
     "clips_per_s",
     "peak_rss_MiB",
 )
-
-
-@pytest.fixture
-def compose_bench() -> Iterator[Callable[..., DictConfig]]:
-    """``compose_bench(*overrides)``: ``conf/bench.yaml`` composed in-process."""
-    vss.config.register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(vss.config.CONF_DIR), version_base="1.3"):
-        yield lambda *overrides: compose("bench", overrides=list(overrides))
-    GlobalHydra.instance().clear()
 
 
 @pytest.fixture(autouse=True)
