@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf, open_dict
 from torch import nn
+
+from conftest import TINY_DATA, compose_train
+from vss.lit import build_module
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -25,3 +32,30 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
                 module.running_mean.copy_(0.1 * torch.randn(module.num_features, generator=gen))
                 module.running_var.copy_(0.5 + torch.rand(module.num_features, generator=gen))
     return model.eval()
+
+
+def write_tiny_checkpoints(root: Path, models: dict[str, list[str]], side: int) -> dict[str, Path]:
+    """Tiny random-weight checkpoints (mit_b0, ``embed_dim=16``, ``data.scale=[side, side]``) in the vss.train
+    layout, one per ``models`` entry (name -> overrides)."""
+    out: dict[str, Path] = {}
+    for name, extra in models.items():
+        cfg = compose_train(
+            [
+                *TINY_DATA,
+                *extra,
+                "encoder=mit_b0",
+                "model.embed_dim=16",
+                f"data.scale=[{side},{side}]",
+                f"paths.output_dir={root}",
+                f"paths.data_dir={root / 'data'}",
+            ]
+        )
+        GlobalHydra.instance().clear()
+        with open_dict(cfg):
+            del cfg["hydra"]
+        module = build_module(cfg, cfg.data.num_classes, list(cfg.data.class_names))
+        randomize_(module.segmenter, seed=1)
+        out[name] = root / f"{name}.ckpt"
+        config = OmegaConf.to_container(cfg, resolve=True)
+        torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": config}}, out[name])
+    return out

@@ -13,10 +13,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from conftest import REPO_ROOT, TINY_DATA, compose_train
-from random_weights import randomize_
+from conftest import REPO_ROOT
+from random_weights import write_tiny_checkpoints
 from test_predict import moving_shapes, read_mask, run_predict
 from vss import exported as exported_module
 from vss.config import CONF_DIR, register_resolvers
@@ -34,33 +34,6 @@ MODELS = {  # name -> overrides: single-frame, MRCFA (start policy), MRCFA with 
     "mrcfa_lookahead": ["model=mrcfa", "model.offsets=[-2,1]", "model.start=clamp"],
 }
 onnxruntime = pytest.importorskip("onnxruntime", reason="pip install -e '.[export]'")
-
-
-def write_tiny_checkpoints(root: Path, models: dict[str, list[str]], side: int) -> dict[str, Path]:
-    """Tiny random-weight checkpoints (mit_b0, ``embed_dim=16``, ``data.scale=[side, side]``) in the vss.train
-    layout, one per ``models`` entry (name -> overrides)."""
-    out: dict[str, Path] = {}
-    for name, extra in models.items():
-        cfg = compose_train(
-            [
-                *TINY_DATA,
-                *extra,
-                "encoder=mit_b0",
-                "model.embed_dim=16",
-                f"data.scale=[{side},{side}]",
-                f"paths.output_dir={root}",
-                f"paths.data_dir={root / 'data'}",
-            ]
-        )
-        GlobalHydra.instance().clear()
-        with open_dict(cfg):
-            del cfg["hydra"]
-        module = build_module(cfg, cfg.data.num_classes, list(cfg.data.class_names))
-        randomize_(module.segmenter, seed=1)
-        out[name] = root / f"{name}.ckpt"
-        config = OmegaConf.to_container(cfg, resolve=True)
-        torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": config}}, out[name])
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,11 @@ from types import ModuleType
 import cv2
 import numpy as np
 import pytest
-import torch
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf, open_dict
 
-from conftest import REPO_ROOT, TINY_DATA, compose_train
-from random_weights import randomize_
+from conftest import REPO_ROOT
+from random_weights import write_tiny_checkpoints
 from test_predict import read_mask, run_predict
 from vss.errors import ConfigError
-from vss.lit import build_module
 from vss.live import Latency, Stopper, live_source
 
 TIMEOUT = 2  # seconds: connect and read timeouts of the runs here
@@ -46,27 +42,7 @@ def stream() -> ModuleType:
 @pytest.fixture(scope="module")
 def mrcfa_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight MRCFA checkpoint (a temporal model: references at -9, -6, -3) at 64x64."""
-    root = tmp_path_factory.mktemp("live-ckpt")
-    cfg = compose_train(
-        [
-            *TINY_DATA,
-            "model=mrcfa",
-            "encoder=mit_b0",
-            "model.embed_dim=16",
-            "data.scale=[64,64]",
-            f"paths.output_dir={root}",
-            f"paths.data_dir={root / 'data'}",
-        ]
-    )
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        del cfg["hydra"]
-    module = build_module(cfg, cfg.data.num_classes, list(cfg.data.class_names))
-    randomize_(module.segmenter, seed=1)
-    path = root / "mrcfa.ckpt"
-    config = OmegaConf.to_container(cfg, resolve=True)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": config}}, path)
-    return path
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("live-ckpt"), {"mrcfa": ["model=mrcfa"]}, 64)["mrcfa"]
 
 
 def masks_of(folder: Path) -> dict[str, np.ndarray]:

@@ -17,8 +17,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from conftest import REPO_ROOT, TINY_DATA, compose_train
-from random_weights import randomize_
+from conftest import REPO_ROOT, compose_train
+from random_weights import write_tiny_checkpoints
 from vss.config import CONF_DIR, register_resolvers
 from vss.data import cityscapes
 from vss.data.synthetic import OBJECT_PALETTE
@@ -112,28 +112,7 @@ def reference_masks(ckpt_path: Path, frames: list[np.ndarray]) -> list[np.ndarra
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random-weight checkpoints in the vss.train layout: SegFormer and MRCFA (references, start policy)."""
     root = tmp_path_factory.mktemp("predict-ckpts")
-    out: dict[str, Path] = {}
-    for model in ("segformer", "mrcfa"):
-        cfg = compose_train(
-            [
-                *TINY_DATA,
-                f"model={model}",
-                "encoder=mit_b0",
-                "model.embed_dim=16",
-                "data.scale=[64,64]",
-                f"paths.output_dir={root}",
-                f"paths.data_dir={root / 'data'}",
-            ]
-        )
-        GlobalHydra.instance().clear()
-        with open_dict(cfg):
-            del cfg["hydra"]
-        module = build_module(cfg, cfg.data.num_classes, list(cfg.data.class_names))
-        randomize_(module.segmenter, seed=1)  # well-scaled random weights: varied class maps, not one class
-        config = OmegaConf.to_container(cfg, resolve=True)
-        out[model] = root / f"{model}.ckpt"
-        torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": config}}, out[model])
-    return out
+    return write_tiny_checkpoints(root, {m: [f"model={m}"] for m in ("segformer", "mrcfa")}, 64)
 
 
 @pytest.fixture(scope="module")

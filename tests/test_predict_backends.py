@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_export import compose_export, write_tiny_checkpoints
+from random_weights import write_tiny_checkpoints
+from test_export import compose_export
 from test_predict import moving_shapes, read_mask, run_predict
 from vss.data.transforms import build_eval_transform
 from vss.errors import ConfigError
