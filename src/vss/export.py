@@ -55,7 +55,6 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 from torch import Tensor
 
 from vss.cli import check_command_line, model_argument
@@ -64,6 +63,7 @@ from vss.errors import ConfigError, friendly_errors
 from vss.exported import AOTI_FILE, FILES, NEXT, OUTPUTS, Runner, StepGraph, _require_onnx, cpp_compiler
 from vss.models.ops.normalize import IMAGENET_MEAN, IMAGENET_STD
 from vss.models.step import State, Step
+from vss.validation import required
 
 log = logging.getLogger("vss.export")
 register_resolvers()
@@ -221,18 +221,8 @@ def compare(eager: list[tuple[int, Tensor]], exported: list[tuple[int, np.ndarra
 
 
 # -- the command -----------------------------------------------------------------------------------------
-def _required(cfg: DictConfig, key: str) -> Any:
-    try:
-        value = OmegaConf.select(cfg, key, throw_on_missing=True)
-    except MissingMandatoryValue:
-        value = None
-    if value is None or str(value) == "":
-        raise ConfigError(f"{key} is required but not set (pass {key}=...)")
-    return value
-
-
 def _positive_int(cfg: DictConfig, key: str) -> int:
-    value = _required(cfg, key)
+    value = required(cfg, key)
     if type(value) is not int or value <= 0:
         raise ConfigError(f"{key}={value!r} is invalid: expected a positive integer")
     return value
@@ -328,15 +318,15 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     """Export ``cfg.ckpt_path``'s step in ``cfg.format``, check it against the eager step; return the spec."""
     from vss.outputs import load_palette
 
-    ckpt_path = _required(cfg, "ckpt_path")
-    fmt = _required(cfg, "format")
+    ckpt_path = required(cfg, "ckpt_path")
+    fmt = required(cfg, "format")
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r} is invalid: expected one of {list(FORMATS)}")
     if fmt == "folder":
         return export_folder(cfg, ckpt_path)
     height, width, batch = (_positive_int(cfg, k) for k in ("height", "width", "batch"))
     frames = _positive_int(cfg, "check_frames")
-    atol = float(_required(cfg, "atol"))
+    atol = float(required(cfg, "atol"))
     if not (math.isfinite(atol) and atol > 0):
         raise ConfigError(f"atol={atol!r} is invalid: expected a positive finite number")
     aoti = cfg.get("aoti", False)

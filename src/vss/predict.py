@@ -78,7 +78,6 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 from tqdm import tqdm
 
 from vss.cli import check_command_line, model_argument
@@ -102,7 +101,7 @@ from vss.outputs import (
 )
 from vss.runtime import tune_host_allocator
 from vss.sources import ON_ERROR, Frame, NativeLog, open_live, open_source, terminal_stderr
-from vss.validation import resolve_device
+from vss.validation import required, resolve_device
 
 log = logging.getLogger("vss.predict")
 register_resolvers()
@@ -149,16 +148,6 @@ def load_model(ckpt_path: str | Path, device: torch.device, trust_pickle: bool =
 
 
 # -- the loop ------------------------------------------------------------------------------------------
-def _required(cfg: DictConfig, key: str) -> Any:
-    try:
-        value = OmegaConf.select(cfg, key, throw_on_missing=True)
-    except MissingMandatoryValue:
-        value = None
-    if value is None or str(value) == "":
-        raise ConfigError(f"{key} is required but not set (pass {key}=...)")
-    return value
-
-
 def _export_folder(cfg: DictConfig, backend: str) -> Any:
     """``export``, else a model folder (``model=FOLDER``) that ``vss.export format=<backend>`` also wrote into."""
     from vss.exported import FILES
@@ -172,7 +161,7 @@ def _export_folder(cfg: DictConfig, backend: str) -> Any:
             f"(python -m vss.export model={model} format={backend} height=H width=W output={model}); "
             f"{str(model)!r} holds no spec.json and {FILES[backend]}"
         )
-    return _required(cfg, "export")
+    return required(cfg, "export")
 
 
 def _checked(cfg: DictConfig, key: str, ok: Callable[[Any], bool], expected: str) -> Any:
@@ -360,9 +349,9 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
         raise ConfigError(f"graph={graph} replays the checkpoint's step: use it with backend=eager, not {backend}")
     exporting = backend in ("onnx", "pt2")
     # onnx|pt2 run the exported step in export=FOLDER (no checkpoint read); eager|compile the checkpoint
-    ckpt_path = None if exporting else _required(cfg, "ckpt_path")
+    ckpt_path = None if exporting else required(cfg, "ckpt_path")
     folder = _export_folder(cfg, backend) if exporting else None
-    source_arg = _required(cfg, "source")
+    source_arg = required(cfg, "source")
     opacity = float(_checked(cfg, "opacity", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"))
     batch_size = _checked(cfg, "batch_size", lambda v: type(v) is int and v > 0, "a positive integer")
     fps_arg = _checked(cfg, "fps", lambda v: v is None or (_number(v) and v > 0), "a positive number or null")

@@ -103,6 +103,17 @@ def resolve_device(name: Any, key: str = "device") -> Any:
     return torch.device(name)
 
 
+def required(cfg: DictConfig, key: str) -> Any:
+    """``cfg.key``; unset (null, ``???`` or empty): one :class:`ConfigError` saying to pass it."""
+    try:
+        value = OmegaConf.select(cfg, key, throw_on_missing=True)
+    except MissingMandatoryValue:
+        value = None
+    if value is None or str(value) == "":
+        raise ConfigError(f"{key} is required but not set (pass {key}=...)")
+    return value
+
+
 def _get(cfg: DictConfig, key: str) -> Any:
     try:
         return OmegaConf.select(cfg, key, throw_on_missing=True)
