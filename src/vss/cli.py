@@ -190,3 +190,11 @@ def resume_arguments(argv: Sequence[str]) -> list[str]:
     if run is None:
         return list(argv)
     return [*argv, f'hydra.run.dir="{run}"', "hydra.output_subdir=null"]
+
+
+def model_command_line(config_name: str, argv: Sequence[str]) -> list[str]:
+    """The command line of vss.eval / vss.predict / vss.export: ``model=PATH`` as ``ckpt_path=PATH``
+    (:func:`model_argument`), then checked against ``config_name`` (:func:`check_command_line`)."""
+    argv = model_argument(argv)
+    check_command_line(config_name, argv)
+    return argv

@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vss.checkpoint import load_checkpoint  # noqa: F401 (the one reader; vss.eval.load_checkpoint kept for callers)
-from vss.cli import check_command_line, model_argument
+from vss.cli import model_command_line
 from vss.config import CONF_DIR, register_resolvers
 from vss.errors import ConfigError, friendly_errors
 from vss.runtime import tune_host_allocator
@@ -261,8 +261,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """``python -m vss.eval`` / ``vss-eval``: a mistyped key or a missing option is one line first."""
     tune_host_allocator()
-    sys.argv[1:] = friendly_errors(model_argument)(sys.argv[1:])  # model=FOLDER -> ckpt_path=FOLDER
-    friendly_errors(check_command_line)("eval", sys.argv[1:])
+    sys.argv[1:] = friendly_errors(model_command_line)("eval", sys.argv[1:])  # model=FOLDER -> ckpt_path=FOLDER
     _hydra_main()
 
 

@@ -57,7 +57,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from vss.cli import check_command_line, model_argument
+from vss.cli import model_command_line
 from vss.config import CONF_DIR, register_resolvers
 from vss.errors import ConfigError, friendly_errors
 from vss.exported import AOTI_FILE, FILES, NEXT, OUTPUTS, Runner, StepGraph, _require_onnx, cpp_compiler
@@ -477,8 +477,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``python -m vss.export`` / ``vss-export``: a mistyped key or a missing option is one line first."""
-    sys.argv[1:] = friendly_errors(model_argument)(sys.argv[1:])  # model=FOLDER -> ckpt_path=FOLDER
-    friendly_errors(check_command_line)("export", sys.argv[1:])
+    sys.argv[1:] = friendly_errors(model_command_line)("export", sys.argv[1:])  # model=FOLDER -> ckpt_path=FOLDER
     _hydra_main()
 
 

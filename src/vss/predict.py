@@ -80,7 +80,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from vss.cli import check_command_line, model_argument
+from vss.cli import model_command_line
 from vss.config import CONF_DIR, register_resolvers
 from vss.errors import ConfigError, friendly_errors
 from vss.live import DROP, Stopper, Window, live_source
@@ -583,8 +583,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """``python -m vss.predict`` / ``vss-predict``: a mistyped key or a missing option is one line first."""
     tune_host_allocator()
-    sys.argv[1:] = friendly_errors(model_argument)(sys.argv[1:])  # model=FOLDER -> ckpt_path=FOLDER
-    friendly_errors(check_command_line)("predict", sys.argv[1:])
+    sys.argv[1:] = friendly_errors(model_command_line)("predict", sys.argv[1:])  # model=FOLDER -> ckpt_path=FOLDER
     _hydra_main()
 
 
