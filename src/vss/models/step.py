@@ -251,6 +251,10 @@ class Step(nn.Module):
         refs = [{k: v[i] for k, v in ring.items()} for i in range(self.num_references)]
         return refs, early & self.start_alone.index_select(0, row)[0]
 
+    def _logits(self, target: FrameFeatures, refs: list[FrameFeatures], lay: Layout) -> Tensor:
+        """The target's logits aggregated over ``refs`` (none: per frame), at the step's output size."""
+        return resize(self.model.aggregate(target, refs)["logits"], lay.logits[1:])
+
     def _predict(
         self, target: FrameFeatures, state: State, t: Tensor, last: Tensor | None, size: tuple[int, ...], valid: Tensor
     ) -> dict[str, Tensor]:
@@ -258,14 +262,11 @@ class Step(nn.Module):
         batch = next(iter(target.values())).shape[0]
         refs, alone = self._references(state, t, last) if self.offsets else ([], torch.ones((), dtype=torch.bool))
 
-        def fit(logits: Tensor) -> Tensor:
-            return resize(logits, lay.logits[1:])
-
         def temporal() -> Tensor:
-            return fit(self.model.aggregate(target, refs)["logits"])
+            return self._logits(target, refs, lay)
 
         def per_frame() -> Tensor:
-            return fit(self.model.aggregate(target, [])["logits"])
+            return self._logits(target, [], lay)
 
         if _tracing():
             if not self.temporal_used:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vss.models.aggregators.base import FrameFeatures, resize
+from vss.models.aggregators.base import FrameFeatures
 from vss.models.step import State, Step, _tracing
 
 
@@ -122,14 +122,11 @@ class Streams(Step):
         else:
             refs, alone = [], torch.ones(batch, dtype=torch.bool, device=t.device)
 
-        def fit(logits: Tensor) -> Tensor:
-            return resize(logits, lay.logits[1:])
-
         def temporal() -> Tensor:
-            return fit(self.model.aggregate(target, refs)["logits"])
+            return self._logits(target, refs, lay)
 
         def per_frame() -> Tensor:
-            return fit(self.model.aggregate(target, [])["logits"])
+            return self._logits(target, [], lay)
 
         def mixed() -> Tensor:
             return torch.where(alone.view(-1, 1, 1, 1), per_frame(), temporal())
