@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+
+from vss.metrics.streaming import StreamingMetric
 
 __all__ = ["VideoConsistency", "not_applicable_vc", "video_consistency"]
 
@@ -78,7 +79,7 @@ def _advance_run(run: Tensor, changed: Tensor, n: int) -> None:
     run.add_(1).clamp_(max=n).masked_fill_(changed, 1)
 
 
-class VideoConsistency(Metric):
+class VideoConsistency(StreamingMetric):
     """Streaming VC_n: frames arrive in temporal order, each video contiguous; only O(H*W) is buffered.
 
     Instead of keeping the last ``n`` frames, the metric keeps, per pixel, the length of the run of
@@ -118,15 +119,6 @@ class VideoConsistency(Metric):
         self._run_gt: Tensor | None = None
         self._run_pred: Tensor | None = None
         self._finished: set[str] = set()
-
-    def reset(self) -> None:
-        """Reset the synced sums and the per-video stream state."""
-        super().reset()
-        self._clear_stream()
-
-    def forward(self, *args: Any, **kwargs: Any) -> None:
-        """Same as ``update`` (a streaming metric has no per-batch value)."""
-        self.update(*args, **kwargs)
 
     def update(
         self,

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+
+from vss.metrics.streaming import StreamingMetric
 
 __all__ = ["FlickerRate", "not_applicable_flicker"]
 
@@ -36,7 +37,7 @@ def not_applicable_flicker() -> str:
     return "not applicable: the flicker rate needs two consecutive frames in a video and none has them"
 
 
-class FlickerRate(Metric):
+class FlickerRate(StreamingMetric):
     """Streaming flicker rate: frames arrive in temporal order, each video contiguous; one frame is buffered.
 
     ``changed`` and ``compared`` (pixel counts over all pairs) are synced (summed) across processes; the
@@ -64,15 +65,6 @@ class FlickerRate(Metric):
         self._last_index: int | None = None
         self._position = 0  # frames of the current video so far (names a frame when no indices are given)
         self._counts: dict[str, list[Any]] = {}  # video -> [changed (tensor or 0), compared], arrival order
-
-    def reset(self) -> None:
-        """Reset the synced sums, the per-video counts and the stream state."""
-        super().reset()
-        self._clear_stream()
-
-    def forward(self, *args: Any, **kwargs: Any) -> None:
-        """Same as ``update`` (a streaming metric has no per-batch value)."""
-        self.update(*args, **kwargs)
 
     def update(
         self, preds: Tensor, video_ids: Sequence[str], frame_indices: Sequence[int] | Tensor | None = None
