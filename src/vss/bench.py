@@ -111,6 +111,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -185,6 +186,25 @@ class BenchResult:
 
     def __getitem__(self, key: str) -> float:
         return self.figures[key]
+
+    @classmethod
+    def of(
+        cls, model: Any, cfg: DictConfig, height: int, width: int, device: torch.device, figures: dict, **rest: Any
+    ) -> BenchResult:
+        """The row of a :class:`Segmenter`: its method and encoder, clip length and lookahead; the machine's load
+        (``load_1m``) closes the figures."""
+        figures["load_1m"] = os.getloadavg()[0]
+        return cls(
+            model=type(model.aggregator).__name__,
+            encoder=str(cfg.encoder.get("name", type(model.encoder).__name__)),
+            height=height,
+            width=width,
+            clip=1 + len(model.offsets),
+            lookahead=model.lookahead,
+            device=device.type,
+            figures=figures,
+            **rest,
+        )
 
     mode: str = "infer"
     batch: int = 1
@@ -602,18 +622,7 @@ def bench_backends(cfg: DictConfig, device: torch.device, model: torch.nn.Module
         figures[f"{name}_ratio"] = figures[f"{name}_ms_per_frame"] / figures[f"{first}_ms_per_frame"]
         figures[f"{name}_cpu_ratio"] = figures[f"{name}_cpu_ms_per_frame"] / figures[f"{first}_cpu_ms_per_frame"]
     figures["threads"] = torch.get_num_threads()
-    figures["load_1m"] = os.getloadavg()[0]
-    return BenchResult(
-        model=type(model.aggregator).__name__,
-        encoder=str(cfg.encoder.get("name", type(model.encoder).__name__)),
-        height=h,
-        width=w,
-        clip=1 + len(model.offsets),
-        lookahead=model.lookahead,
-        device=device.type,
-        figures=figures,
-        mode="backends",
-    )
+    return BenchResult.of(model, cfg, h, w, device, figures, mode="backends")
 
 
 def _step_only(cfg: DictConfig, device: torch.device, model: torch.nn.Module, note: Progress) -> BenchResult:
@@ -622,18 +631,7 @@ def _step_only(cfg: DictConfig, device: torch.device, model: torch.nn.Module, no
     figures["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     if device.type == "cuda":
         figures["peak_MiB"] = torch.cuda.max_memory_allocated(device) / 2**20
-    figures["load_1m"] = os.getloadavg()[0]
-    return BenchResult(
-        model=type(model.aggregator).__name__,
-        encoder=str(cfg.encoder.get("name", type(model.encoder).__name__)),
-        height=int(cfg.height),
-        width=int(cfg.width),
-        clip=1 + len(model.offsets),
-        lookahead=model.lookahead,
-        device=device.type,
-        figures=figures,
-        mode="step",
-    )
+    return BenchResult.of(model, cfg, int(cfg.height), int(cfg.width), device, figures, mode="step")
 
 
 def _bench(
@@ -734,17 +732,7 @@ def _bench(
     figures["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     if cuda:
         figures.update(clip_peak_MiB=clip_peak, stream_peak_MiB=stream_peak)
-    figures["load_1m"] = os.getloadavg()[0]
-    return BenchResult(
-        model=type(model.aggregator).__name__,
-        encoder=str(cfg.encoder.get("name", type(model.encoder).__name__)),
-        height=h,
-        width=w,
-        clip=t,
-        lookahead=model.lookahead,
-        device=device.type,
-        figures=figures,
-    )
+    return BenchResult.of(model, cfg, h, w, device, figures)
 
 
 @dataclass
@@ -873,20 +861,7 @@ def bench_train(cfg: DictConfig, device: torch.device) -> BenchResult:
         figures["peak_MiB"] = model.peak
         if len(runs) > 1:
             figures["baseline_peak_MiB"] = runs[1].peak
-    figures["load_1m"] = os.getloadavg()[0]
-    result = BenchResult(
-        model=type(segmenter.aggregator).__name__,
-        encoder=str(cfg.encoder.get("name", type(segmenter.encoder).__name__)),
-        height=h,
-        width=w,
-        clip=t,
-        lookahead=segmenter.lookahead,
-        device=device.type,
-        figures=figures,
-        mode="train",
-        batch=b,
-        precision=precision,
-    )
+    result = BenchResult.of(segmenter, cfg, h, w, device, figures, mode="train", batch=b, precision=precision)
     if cfg.baseline and base_agg is None:
         result.baseline = f"none ({result.model} names no single-frame baseline)"
     return result
