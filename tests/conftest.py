@@ -15,7 +15,7 @@ from types import ModuleType
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import vss.config
 
@@ -76,6 +76,15 @@ def _logging_as_before() -> Iterator[None]:
             lg.removeHandler(handler)
             handler.close()
         lg.setLevel(level)
+
+
+def compose_job(overrides: Iterable[str] = ()) -> DictConfig:
+    """:func:`compose_train` without its ``hydra`` node, as a job's stored config (Hydra cleared after)."""
+    cfg = compose_train(overrides)
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 @pytest.fixture

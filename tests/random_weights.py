@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import TINY_DATA, compose_train
+from conftest import TINY_DATA, compose_job
 from vss.lit import build_module
 
 
@@ -39,7 +38,7 @@ def write_tiny_checkpoints(root: Path, models: dict[str, list[str]], side: int) 
     layout, one per ``models`` entry (name -> overrides)."""
     out: dict[str, Path] = {}
     for name, extra in models.items():
-        cfg = compose_train(
+        cfg = compose_job(
             [
                 *TINY_DATA,
                 *extra,
@@ -50,9 +49,6 @@ def write_tiny_checkpoints(root: Path, models: dict[str, list[str]], side: int) 
                 f"paths.data_dir={root / 'data'}",
             ]
         )
-        GlobalHydra.instance().clear()
-        with open_dict(cfg):
-            del cfg["hydra"]
         module = build_module(cfg, cfg.data.num_classes, list(cfg.data.class_names))
         randomize_(module.segmenter, seed=1)
         out[name] = root / f"{name}.ckpt"

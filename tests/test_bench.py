@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -45,16 +45,6 @@ KEYS = (
 BASELINE_KEYS = ("baseline_ms_per_frame", "ratio_to_baseline", "baseline_gflops_per_frame", "flop_ratio")
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Single-threaded torch: tiny models run faster and steadier on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", battery.MODELS)
 def test_bench_times_both_paths_through_the_streamer(
     name: str, compose_bench: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
@@ -120,7 +110,6 @@ def test_bench_times_both_paths_through_the_streamer(
     assert result.clip == 1 + len(model.offsets)
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_bench_warms_up_on_short_videos_and_pushes_stream_batches(
     compose_bench: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -141,7 +130,6 @@ def test_bench_warms_up_on_short_videos_and_pushes_stream_batches(
     assert lengths == [10, 10, 4, 4, 12, 12, 12, 12, 12]
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_bench_progress_is_a_counted_line_per_step_on_stderr(
     compose_bench: Callable[..., DictConfig], capsys: pytest.CaptureFixture
 ) -> None:

@@ -20,10 +20,10 @@ import yaml
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO_ROOT, TINY_DATA, compose_train
+from conftest import REPO_ROOT, TINY_DATA, compose_job, compose_train
 from random_weights import randomize_
 from vss.cli import model_argument
 from vss.config import CONF_DIR, register_resolvers
@@ -52,7 +52,7 @@ def compose(config: str, *overrides: str) -> DictConfig:
 def write_run(root: Path, data_dir: Path, model: str, seed: int = 1) -> Path:
     """``root/checkpoints/last.ckpt`` (random weights, global_step 7) and ``root/metrics.json``, the vss.train
     layout, of a tiny ``model`` on the tiny synthetic set in ``data_dir``."""
-    cfg = compose_train(
+    cfg = compose_job(
         [
             *TINY_DATA,
             f"model={model}",
@@ -64,9 +64,6 @@ def write_run(root: Path, data_dir: Path, model: str, seed: int = 1) -> Path:
             f"paths.output_dir={root}",
         ]
     )
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        del cfg["hydra"]
     module = build_module(cfg, cfg.data.num_classes, list(cfg.data.class_names))
     randomize_(module.segmenter, seed=seed)
     path = root / "checkpoints" / "last.ckpt"
@@ -208,7 +205,7 @@ def test_predicted_masks_of_the_folder_equal_the_checkpoints(
 def test_init_from_a_folder_loads_every_tensor(
     runs: dict[str, Path], folders: dict[str, Path], data_dir: Path, tmp_path: Path
 ) -> None:
-    cfg = compose_train(
+    cfg = compose_job(
         [
             *TINY_DATA,
             "model=mrcfa",
@@ -219,9 +216,6 @@ def test_init_from_a_folder_loads_every_tensor(
             f"paths.output_dir={tmp_path}",
         ]
     )
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        del cfg["hydra"]
     state = check_stages(cfg)
     module = build_module(cfg, cfg.data.num_classes)
     report = init_weights(module.segmenter, cfg, state)

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from conftest import REPO_ROOT, compose_train
+from conftest import REPO_ROOT, compose_job
 from random_weights import write_tiny_checkpoints
 from vss.config import CONF_DIR, register_resolvers
 from vss.data import cityscapes
@@ -361,7 +361,7 @@ def test_synthetic_red_is_drawn_red(ckpts: dict[str, Path], video: Path, tmp_pat
 def test_cityscapes_checkpoint_names_its_classes(tmp_path: Path) -> None:
     """A Cityscapes checkpoint (data.class_names and data.palette null, no data.root, as vss.convert writes
     one): predict.json names road, sidewalk, ... in the Cityscapes colours; no data file is read."""
-    cfg = compose_train(
+    cfg = compose_job(
         [
             "data=cityscapes_video",
             "model=segformer",
@@ -371,9 +371,6 @@ def test_cityscapes_checkpoint_names_its_classes(tmp_path: Path) -> None:
             f"paths.output_dir={tmp_path}",
         ]
     )
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        del cfg["hydra"]
     assert OmegaConf.is_missing(cfg.data, "root") and cfg.data.class_names is None and cfg.data.palette is None
     module = build_module(cfg, 19, [str(i) for i in range(19)])
     ckpt = tmp_path / "cityscapes.ckpt"

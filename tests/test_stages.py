@@ -10,11 +10,10 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from conftest import TINY_DATA, TINY_RUN, compose_train
+from conftest import TINY_DATA, TINY_RUN, compose_job
 from vss.errors import ConfigError
 from vss.lit import build_module
 from vss.stages import check_stages, convert_sync_batchnorm, init_weights, load_weights
@@ -36,11 +35,8 @@ QUIET = (
 
 def compose_run(data_dir: Path, output_dir: Path, *overrides: str) -> DictConfig:
     """A tiny training config as ``python -m vss.train`` would see it (no ``hydra`` node), run in ``output_dir``."""
-    cfg = compose_train([*TINY_DATA, *TINY_RUN, *QUIET, f"paths.data_dir={data_dir}", *overrides])
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        del cfg["hydra"]
-        cfg.paths.output_dir = str(output_dir)
+    cfg = compose_job([*TINY_DATA, *TINY_RUN, *QUIET, f"paths.data_dir={data_dir}", *overrides])
+    cfg.paths.output_dir = str(output_dir)
     return cfg
 
 
