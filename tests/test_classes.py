@@ -36,16 +36,20 @@ CASES = [  # (B, C, h, w) -> (H, W): odd sizes, non-integer factors, downscaling
 ]
 
 
+@pytest.mark.parametrize("path", ["blocks", "classes"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES)
-def test_banded_ids_equal_resize_then_argmax(case, dtype) -> None:
+def test_banded_ids_equal_resize_then_argmax(case, dtype, path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both exact paths: candidates interpolated per block, or the classes that lead somewhere resized a few at a
+    time (the choice between them is a cost estimate: forced here)."""
+    monkeypatch.setattr(classes, "BLOCK_COST", 0 if path == "blocks" else 10**9)
     (b, c, h, w), size = case
     gen = torch.Generator().manual_seed(c * h + w)
     for logits in (smooth(b, c, h, w, gen), torch.randn(b, c, h, w, generator=gen)):
         x = logits.to(dtype)
         assert banded_applies(x, size)
-        for band in (1, 7, 64):
-            assert torch.equal(upsampled_class_map(x, size, band_rows=band), reference(x, size))
+        for chunk in (300, 1 << 18):  # one block / one class at a time, and the default
+            assert torch.equal(upsampled_class_map(x, size, chunk=chunk), reference(x, size))
 
 
 def test_ties_keep_the_first_class() -> None:
@@ -55,7 +59,7 @@ def test_ties_keep_the_first_class() -> None:
     x = smooth(1, 6, 11, 13, gen)
     x[:, 4] = x[:, 1]  # a duplicated channel: 1 wins wherever 4 would
     x[:, 5] = x[:, :5].amax(1)  # ties the leader at every input pixel (wins only between two leaders)
-    ids = upsampled_class_map(x, (90, 101), band_rows=5)
+    ids = upsampled_class_map(x, (90, 101), chunk=5)
     assert torch.equal(ids, reference(x, (90, 101)))
     assert not bool((ids == 4).any())
 
@@ -83,6 +87,20 @@ def test_paths_that_fall_back_give_the_same_ids() -> None:
     x[0, 1, 5, 5] = float("inf")
     assert torch.equal(upsampled_class_map(x, (80, 90)), reference(x, (80, 90)))
     assert torch.equal(upsampled_class_map(x, (9, 10)), x.max(1).indices)  # same size: no resize
+
+
+def test_classes_that_lead_nowhere_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decided map (two strong classes among 40) resizes only those two, padded to four channels."""
+    monkeypatch.setattr(classes, "BLOCK_COST", 10**9)
+    resized: list[int] = []
+    real = F.interpolate
+    monkeypatch.setattr(classes.F, "interpolate", lambda t, **kw: resized.append(t.shape[1]) or real(t, **kw))
+    x = torch.randn(1, 40, 12, 16, generator=torch.Generator().manual_seed(7))
+    x[:, 7, :, :8] += 50
+    x[:, 31, :, 8:] += 50
+    ids = upsampled_class_map(x, (96, 128))
+    assert resized == [4]
+    assert torch.equal(ids, reference(x, (96, 128))) and set(ids.unique().tolist()) == {7, 31}
 
 
 def test_emulation_is_checked_against_the_kernel() -> None:

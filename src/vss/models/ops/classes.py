@@ -2,15 +2,17 @@
 
 ``class_map(resize(logits, size))`` (bilinear, align_corners=False, then the first maximum over C) writes and
 re-reads all C maps at full resolution: 124 x 480 x 853 floats (203 MB) per VSPW frame, a third of an MRCFA-B1
-streaming step on CPU. :func:`upsampled_class_map` gives the same ids band by band:
+streaming step on CPU. :func:`upsampled_class_map` gives the same ids block by block:
 
-* an output pixel reads a 2x2 block of input pixels. Where one class leads at all four by more than the
-  rounding of the interpolation can close (``8 eps`` of the largest magnitude, see :func:`_candidates`), it
-  leads the interpolated value too (bilinear weights are >= 0 and every rounded step is monotone), so its id is
-  the answer without interpolating anything;
-* the other pixels (class borders, ties, non-finite logits) get the C interpolated values of PyTorch's CPU
-  kernel recomputed exactly (same indices and weights, same fused multiply-adds, emulated in float64 with the
-  rounding of a single fma), a few thousand pixels at a time.
+* an output pixel reads a 2x2 block of input pixels. A class can lead somewhere in a block only if its largest
+  logit at the four corners reaches the block's bar, a lower bound of the largest interpolated value there made
+  from the corners' leaders, less what the rounding of the interpolation can close (``8 eps`` of the largest
+  magnitude, see :func:`_candidates`). Blocks with one such class take its id without interpolating anything;
+* the other blocks' pixels interpolate only their block's candidate classes (the corners gathered once per
+  block, blocks grouped by their number of candidates); where the plain float32 values leave a lead smaller than
+  rounding can undo, the kernel's exact values decide (same indices and weights, same fused multiply-adds,
+  emulated in float64 with the rounding of a single fma). Candidates are kept in ascending class order, so ties
+  keep the first class, as the argmax does.
 
 The emulation is checked against ``F.interpolate`` on this machine once per dtype before it is trusted; where it
 does not apply (another device, float64, C <= 3 or a small output, which PyTorch sends to another kernel) or
@@ -19,19 +21,23 @@ does not match, the plain resize-then-argmax runs, so the ids are always today's
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BAND_ROWS = 64  # output rows per band: 64 x 864 pixels of int64 ids and a few masks, well under 1 MB each
 PLAIN_BYTES = 32 << 20
 """A frame whose whole upsampled map (C x H x W values) takes at most this goes through resize-then-argmax, one
 frame at a time: few classes (the synthetic set's 5: 8 MB at 480x854). The banded path pays per undecided pixel,
 and a barely trained model leaves nearly every block undecided: 5 classes, 55 frames at 480x854 took 92 s of CPU
 in ``vss.eval`` against well under 1 s for the plain path (experiments/speed.md)."""
-CHUNK_PIXELS = 16384  # undecided pixels recomputed at once: 16384 x K candidate classes x 4 corners in float64
+CHUNK_VALUES = 1 << 18  # candidate values compared at once: pixels x their block's candidates (4 corners of float32)
+BLOCK_COST = 8
+"""A candidate value interpolated per block costs about this many values of resize-then-argmax (measured: 40-50 ns
+against 4.4-5.5 ns on one core); where a frame's blocks need more, the classes are resized a few at a time."""
 EMULATED = (torch.float32, torch.bfloat16, torch.float16)
 _CHECKED: dict[tuple[str, torch.dtype], bool] = {}
 _TAU = 8  # margins in eps(dtype) x the largest |logit| involved: twice the worst rounding (see _candidates)
@@ -121,7 +127,7 @@ def emulation_matches(device: torch.device | str, dtype: torch.dtype) -> bool:
 
 
 def banded_applies(logits: Tensor, size: Sequence[int]) -> bool:
-    """Whether :func:`upsampled_class_map` takes the banded path for these logits (else resize then argmax)."""
+    """Whether :func:`upsampled_class_map` takes the block path for these logits (else resize then argmax)."""
     return (
         logits.device.type == "cpu"
         and logits.dtype in EMULATED
@@ -133,58 +139,111 @@ def banded_applies(logits: Tensor, size: Sequence[int]) -> bool:
     )
 
 
-def _shifted(t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The four pixels (i, j), (i, j+1), (i+1, j), (i+1, j+1) of each block of a (..., h, w) map, edges repeated."""
-    t = torch.cat([t, t[..., -1:, :]], -2)
-    t = torch.cat([t, t[..., -1:]], -1)
-    return t[..., :-1, :-1], t[..., :-1, 1:], t[..., 1:, :-1], t[..., 1:, 1:]
+@dataclass(frozen=True)
+class _Geometry:
+    """Where each output pixel reads for a (h,w) -> (H,W) resize: PyTorch's source rows/columns and weights, each
+    block's four corners and its output pixels (cached: evaluation resizes every frame of a video to one size)."""
+
+    wh: tuple[Tensor, Tensor, Tensor, Tensor]  # i0, i1 (long), l0, l1 (float64) of the H output rows
+    ww: tuple[Tensor, Tensor, Tensor, Tensor]  # the same for the W output columns
+    lh: tuple[Tensor, Tensor]  # l0, l1 of the rows in float32
+    lw: tuple[Tensor, Tensor]  # and of the columns
+    nxt_h: Tensor  # (h,) the second row of the block starting at each row
+    nxt_w: Tensor  # (w,)
+    corners: Tensor  # (4, h*w) flat input positions of block (i, j)'s corners: (i,j), (i,j'), (i',j), (i',j')
+    block: Tensor  # (H*W,) the block (i0 * w + j0) of each output pixel
+    first_row: Tensor  # (h,) the first output row whose block starts at row i (its rows are consecutive)
+    rows: Tensor  # (h,) how many output rows it has (0: none)
+    first_col: Tensor  # (w,)
+    cols: Tensor  # (w,)
 
 
-def _block_min_max(t: Tensor) -> tuple[Tensor, Tensor]:
-    """Smallest and largest value over each block's four pixels."""
-    a, b, c, d = _shifted(t)
-    return torch.minimum(torch.minimum(a, b), torch.minimum(c, d)), torch.maximum(
-        torch.maximum(a, b), torch.maximum(c, d)
-    )
+def _partner(i0: Tensor, i1: Tensor, n: int) -> Tensor:
+    """``i1`` as a function of ``i0`` over the n input positions: the second row (column) of each block."""
+    nxt = torch.arange(n)
+    nxt[i0] = i1
+    return nxt
 
 
-def _candidates(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per block (B,h,w): the one class that can lead an output pixel in it (-1: more than one can), and
-    classes (B,h,w,K), ascending, that include all that can (K the largest number of them over the blocks).
+def _spans(i0: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """First output position and number of positions of each of the n input positions (``i0`` is ascending)."""
+    count = torch.bincount(i0, minlength=n)
+    return count.cumsum(0) - count, count
 
-    An output value lies between its class's smallest and largest logit at the block's four pixels, up to
-    rounding: each computed value is within ``6 u M`` of that range (``u`` the float32 unit roundoff, M the
-    largest |logit| at the four pixels; storing in bf16/fp16 adds ``u_dtype M``). A class whose largest logit is
-    more than ``8 eps(dtype) M`` below the best smallest logit of another class cannot lead. One candidate left:
-    it is the class id of every output pixel of the block, nothing to interpolate.
+
+@functools.lru_cache(maxsize=8)
+def _geometry(h: int, w: int, out_h: int, out_w: int, dtype: torch.dtype) -> _Geometry:
+    wh, ww = _axis(h, out_h, dtype), _axis(w, out_w, dtype)
+    nxt_h, nxt_w = _partner(wh[0], wh[1], h), _partner(ww[0], ww[1], w)
+    rows, cols = torch.arange(h)[:, None] * w, torch.arange(w)[None]
+    corners = torch.stack([(r + c).flatten() for r in (rows, nxt_h[:, None] * w) for c in (cols, nxt_w[None])])
+    block = (wh[0][:, None] * w + ww[0][None]).flatten()
+    lh, lw = (wh[2].float(), wh[3].float()), (ww[2].float(), ww[3].float())
+    return _Geometry(wh, ww, lh, lw, nxt_h, nxt_w, corners, block, *_spans(wh[0], h), *_spans(ww[0], w))
+
+
+def _pair_max(t: Tensor, dim: int, nxt: Tensor) -> Tensor:
+    """``maximum(t, t[nxt])`` along dim: the larger of each position and its block partner."""
+    n = t.shape[dim]
+    if n > 1 and torch.equal(nxt, torch.arange(1, n + 1).clamp_max(n - 1)):  # the next one, the edge repeated
+        out = torch.empty_like(t)
+        torch.maximum(t.narrow(dim, 0, n - 1), t.narrow(dim, 1, n - 1), out=out.narrow(dim, 0, n - 1))
+        out.narrow(dim, n - 1, 1).copy_(t.narrow(dim, n - 1, 1))
+        return out
+    return torch.maximum(t, t.index_select(dim, nxt))
+
+
+def _lead(corners: Tensor, weights: Sequence[Tensor], margin: Tensor) -> Tensor:
+    """Index of the largest plain float32 interpolation (P,K) of corners (P,4,K) with weights (four (P,1): the
+    products of the row and column weights) where it leads by more than ``margin`` (P,) (what rounding can
+    undo), else -1."""
+    x00, x01, x10, x11 = corners.unbind(1)
+    vals = x00 * weights[0]
+    for x, wt in zip((x01, x10, x11), weights[1:], strict=True):
+        vals.addcmul_(x, wt)
+    first, best = vals.max(1)
+    second = vals.scatter_(1, best[:, None], -float("inf")).amax(1)
+    return torch.where(first - second > margin, best, -1)
+
+
+def _candidates(x: Tensor, g: _Geometry) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """Per block (B*h*w,): how many classes can lead an output pixel in it, the one that surely can, the largest
+    |logit| at its corners; and the candidate classes of all blocks, block after block, ascending. ``x`` is
+    (B,h,w,C); None where the logits are not all finite.
+
+    The bar of a block is a lower bound of the largest interpolated value anywhere in the block: the larger of
+    (a) the best, over the leaders of its four corners, of that class's smallest logit at the corners (bilinear
+    weights are >= 0 and each rounded step is monotone) and (b) the smallest over the corners of the leaders'
+    mean logit (the mean of four classes' values never exceeds the largest; this one holds at class borders, where
+    each leader is low at the other's corners), less what rounding can take (each computed value is within
+    ``6 u M`` of the range of its corners, ``u`` the float32 unit roundoff, M the largest |logit| at the corners;
+    storing in bf16/fp16 adds ``u_dtype M``: ``8 eps(dtype) M`` covers both). A class whose largest corner logit is
+    below the bar cannot lead. The argmax class of any point reaches the bar, so every block has a candidate.
     """
-    v = x.float().permute(0, 2, 3, 1).contiguous()  # (B,h,w,C): reductions over C on contiguous memory
-    lo, hi = _block_min_max(v.movedim(-1, 1))
-    lo, hi = lo.movedim(1, -1), hi.movedim(1, -1)
-    big = _block_min_max(v.abs().amax(-1))[1]
-    threshold = lo.amax(-1) - _TAU * torch.finfo(x.dtype).eps * big - 1e-30
-    count = (hi >= threshold[..., None]).sum(-1)
-    top = hi.topk(int(count.max()), dim=-1).indices
-    sure = torch.where(count == 1, top[..., 0], -1)
-    return sure, top.sort(dim=-1).values
-
-
-def _lead(corners: Sequence[Tensor], wh: Sequence[Tensor], ww: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """Index of the largest plain float32 interpolation (P,K) where it leads by more than rounding can undo, else -1."""
-    x00, x01, x10, x11 = corners
-    vals = (x00 * ww[0] + x01 * ww[1]) * wh[0] + (x10 * ww[0] + x11 * ww[1]) * wh[1]
-    big = torch.stack([c.abs().amax(1) for c in corners]).amax(0)
-    top = vals.topk(2, dim=1) if vals.shape[1] > 1 else None
-    if top is None:
-        return torch.zeros(len(vals), dtype=torch.long)
-    lead = top.values[:, 0] - top.values[:, 1]
-    return torch.where(lead > 4 * _TAU * torch.finfo(dtype).eps * big + 1e-30, top.indices[:, 0], -1)
+    b, h, w, c = x.shape
+    top, low = x.max(-1), x.amin(-1)  # (B,h,w): each input pixel's leader and its logit, the smallest logit
+    if not bool(torch.isfinite(top.values).all() and torch.isfinite(low).all()):
+        return None  # NaN/inf: the kernel's propagation decides, not bounds
+    big = _pair_max(_pair_max(torch.maximum(top.values.abs(), low.abs()), -2, g.nxt_h), -1, g.nxt_w).view(-1)
+    leaders = top.indices.view(b, h * w)[:, g.corners]  # (B,4,h*w): the corners' leaders
+    flat = x.view(b, h * w * c)
+    at_corners = torch.stack([flat.gather(1, (leaders + at * c).view(b, -1)) for at in g.corners])  # (4q, B, 4a*hw)
+    at_corners = at_corners.view(4, b, 4, h * w)
+    bars = torch.maximum(at_corners.amin(0).amax(1), at_corners.mean(2).amin(0))  # (B,h*w)
+    bar = bars.view(-1) - _TAU * torch.finfo(x.dtype).eps * big - 1e-30
+    highs = _pair_max(_pair_max(x, 1, g.nxt_h), 2, g.nxt_w)  # (B,h,w,C): each class's largest corner logit
+    found = (highs.view(-1, c) >= bar[:, None]).view(-1).nonzero()[:, 0]  # block-major, classes ascending
+    count = torch.bincount(found // c, minlength=b * h * w)  # >= 1 (see above)
+    classes = found % c
+    sure = torch.where(count == 1, classes.index_select(0, (count.cumsum(0) - count).clamp_max(len(found) - 1)), -1)
+    return count, sure, big, classes
 
 
 @torch.no_grad()
-def upsampled_class_map(logits: Tensor, size: Sequence[int], band_rows: int = BAND_ROWS) -> Tensor:
-    """``class_map(resize(logits, size))`` (bilinear, align_corners=False, first maximum), bit for bit, computed
-    ``band_rows`` output rows at a time so no (B,C,H,W) map is ever made (see the module docstring)."""
+def upsampled_class_map(logits: Tensor, size: Sequence[int], chunk: int = CHUNK_VALUES) -> Tensor:
+    """``class_map(resize(logits, size))`` (bilinear, align_corners=False, first maximum), bit for bit, without
+    the (B,C,H,W) upsampled map: blocks with one possible leader take its id, the other blocks' pixels compare only
+    their block's candidate classes, about ``chunk`` values at a time (see the module docstring)."""
     size = (int(size[0]), int(size[1]))
     if tuple(logits.shape[-2:]) == size:
         return class_map(logits)
@@ -195,38 +254,104 @@ def upsampled_class_map(logits: Tensor, size: Sequence[int], band_rows: int = BA
                 for f in logits.split(1)
             ]
         )
-    if not banded_applies(logits, size) or not bool(torch.isfinite(logits).all()):
+    found = None
+    if banded_applies(logits, size):
+        g = _geometry(*logits.shape[-2:], *size, logits.dtype)
+        x = logits.permute(0, 2, 3, 1).contiguous()  # (B,h,w,C): one pixel's logits side by side
+        found = _candidates(x, g)
+    if found is None:
         return class_map(F.interpolate(logits.contiguous(), size=size, mode="bilinear", align_corners=False))
-    x = logits.contiguous()
-    b, c, h, w = x.shape
-    hi0, hi1, hl0, hl1 = _axis(h, size[0], x.dtype)
-    wi0, wi1, wl0, wl1 = _axis(w, size[1], x.dtype)
-    sure, ids = _candidates(x)
-    k = ids.shape[-1]
-    sure = sure[:, :, wi0]  # (B,h,W): the block left of each output column
-    ids = ids.reshape(b * h * w, k)
-    out = torch.empty(b, *size, dtype=torch.long)
-    flat = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # pixel-major: one pixel's C logits are one row
-    step = max(1, int(band_rows))
-    for r0 in range(0, size[0], step):
-        r1 = min(size[0], r0 + step)
-        band = sure[:, hi0[r0:r1]]
-        out[:, r0:r1] = band
-        todo = (band < 0).nonzero()
-        for k0 in range(0, len(todo), CHUNK_PIXELS):
-            n, r, col = todo[k0 : k0 + CHUNK_PIXELS].unbind(1)
-            row = r + r0
-            base = n * (h * w)
-            ia, ib, ja, jb = hi0[row] * w, hi1[row] * w, wi0[col], wi1[col]
-            cls = ids[base + ia + ja]  # (P,K) candidate classes of the block, ascending: ties keep the first
-            corners = [flat[(base + i + j)[:, None], cls].float() for i in (ia, ib) for j in (ja, jb)]
-            wh, ww = (hl0[row, None], hl1[row, None]), (wl0[col, None], wl1[col, None])
-            best = _lead(corners, [t.float() for t in wh], [t.float() for t in ww], x.dtype)
-            near = best < 0  # a near tie: the kernel's exact bits decide
-            if bool(near.any()):
-                exact = _interpolate(
-                    [t[near].double() for t in corners], [t[near] for t in wh], [t[near] for t in ww], x.dtype
-                )
-                best[near] = exact.max(1).indices
-            out[n, row, col] = cls.gather(1, best[:, None])[:, 0]
-    return out
+    count, sure, big, classes = found
+    b, h, w, c = x.shape
+    todo = (count > 1).nonzero()[:, 0]
+    need = count.index_select(0, todo)
+    pos = todo % (h * w)
+    pixels = g.rows.index_select(0, pos // w) * g.cols.index_select(0, pos % w)
+    used = torch.zeros(c, dtype=torch.bool).index_fill_(0, classes, True).nonzero()[:, 0]
+    if int((need * pixels).sum()) * BLOCK_COST > len(used) * b * size[0] * size[1]:
+        return _by_classes(logits, used, size, chunk)  # flat logits (noise): most pixels have many candidates
+    out = sure.view(b, h * w).index_select(1, g.block)  # (B,H*W): -1 where the block has several candidates
+    first = count.cumsum(0) - count  # where each block's candidates start in ``classes``
+    margin = 4 * _TAU * torch.finfo(x.dtype).eps * big
+    most = int(g.rows.max()) * int(g.cols.max())  # output pixels of the largest block
+    for k in torch.bincount(need).nonzero()[:, 0].tolist():
+        blocks = todo.index_select(0, (need == k).nonzero()[:, 0])
+        step = max(1, chunk // (4 * k * most))
+        for s0 in range(0, len(blocks), step):
+            _fill(out.view(-1), x, g, size, blocks[s0 : s0 + step], k, classes, first, margin)
+    return out.view(b, *size)
+
+
+def _by_classes(logits: Tensor, used: Tensor, size: tuple[int, int], chunk: int) -> Tensor:
+    """Resize-then-argmax over the classes ``used`` (ascending; every other class leads nowhere), a few classes'
+    full-resolution maps at a time, keeping the running first maximum: the kernel's own values (a channel's
+    interpolation does not depend on the others), with a working set of about ``chunk`` values."""
+    b = logits.shape[0]
+    step = max(4, chunk // (b * size[0] * size[1]))  # C <= 3 would take PyTorch's other kernel
+    best = ids = None
+    for s0 in range(0, len(used), step):
+        sub = used[s0 : s0 + step]
+        if len(sub) < 4:  # repeat the chunk's first class after it: a repeat never beats its first occurrence
+            sub = torch.cat([sub, sub[:1].expand(4 - len(sub))])
+        top = F.interpolate(logits.index_select(1, sub), size=size, mode="bilinear", align_corners=False).max(1)
+        found = sub.index_select(0, top.indices.view(-1)).view_as(top.indices)
+        if best is None:
+            best, ids = top.values, found
+        else:
+            ahead = top.values > best  # strictly: on ties the earlier class stays
+            best, ids = torch.where(ahead, top.values, best), torch.where(ahead, found, ids)
+    return ids
+
+
+def _fill(
+    out: Tensor,
+    x: Tensor,
+    g: _Geometry,
+    size: tuple[int, int],
+    blocks: Tensor,
+    k: int,
+    classes: Tensor,
+    first: Tensor,
+    margin: Tensor,
+) -> None:
+    """The class ids of the output pixels of ``blocks`` (flat over the batch, each with k candidate classes),
+    written into ``out`` (B*H*W,): each block's candidates interpolated at each of its pixels."""
+    b, h, w, c = x.shape
+    hw, nb = h * w, len(blocks)
+    k = (
+        int(first[blocks[0] + 1] - first[blocks[0]])
+        if blocks[0] + 1 < len(first)
+        else len(classes) - int(first[blocks[0]])
+    )
+    n = blocks // hw
+    pos = blocks - n * hw
+    i = pos // w
+    j = pos - i * w
+    cls = classes.index_select(0, (first.index_select(0, blocks)[:, None] + torch.arange(k)).view(-1)).view(nb, k)
+    at = (n[:, None] * hw + g.corners.index_select(1, pos).t()) * c  # (nb,4) where each corner's C logits start
+    values = x.view(-1).take((at[:, :, None] + cls[:, None]).reshape(-1)).float().view(nb, 4 * k)
+    r0, nr = g.first_row.index_select(0, i), g.rows.index_select(0, i)
+    c0, nc = g.first_col.index_select(0, j), g.cols.index_select(0, j)
+    pixels = nr * nc
+    slot = torch.repeat_interleave(torch.arange(nb), pixels)  # each output pixel's block, block after block
+    off = torch.arange(len(slot)) - (pixels.cumsum(0) - pixels).index_select(0, slot)
+    ncs = nc.index_select(0, slot)
+    r_in = off // ncs
+    row = r0.index_select(0, slot) + r_in
+    col = c0.index_select(0, slot) + off - r_in * ncs
+    corners = values.index_select(0, slot).view(-1, 4, k)
+    wh = [t.index_select(0, row)[:, None] for t in g.lh]
+    ww = [t.index_select(0, col)[:, None] for t in g.lw]
+    best = _lead(corners, [a * b for a in wh for b in ww], margin.index_select(0, blocks).index_select(0, slot))
+    near = (best < 0).nonzero()[:, 0]  # near ties: the kernel's exact bits decide
+    if len(near):
+        rn, cn = row.index_select(0, near), col.index_select(0, near)
+        exact = _interpolate(
+            corners.index_select(0, near).double().unbind(1),
+            [t.index_select(0, rn)[:, None] for t in g.wh[2:]],
+            [t.index_select(0, cn)[:, None] for t in g.ww[2:]],
+            x.dtype,
+        )
+        best.index_copy_(0, near, exact.max(1).indices)
+    target = (n.index_select(0, slot) * size[0] + row) * size[1] + col
+    out.index_copy_(0, target, cls.index_select(0, slot).gather(1, best[:, None])[:, 0])
