@@ -1,7 +1,10 @@
 """Training-step worker for experiments/speed_train_compare.py: ``python experiments/speed_train_worker.py H W B
 override...`` builds the step with whichever ``vss`` is on the path (``vss.bench.train_step``) and answers the
 commands ``step N`` (prints the medians of N steps: wall ms, process CPU ms, forward / backward / optimizer wall
-ms; the process's peak RSS MiB) and ``quit`` on stdin."""
+ms; the process's peak RSS MiB) and ``quit`` on stdin. glibc's allocator is tuned as ``vss.train`` and ``vss.bench``
+tune it (experiments/speed_worker.py's ``_tune_host_allocator``: this checkout's ``vss.runtime``, for both trees):
+untuned, every large tensor is page-faulted afresh and a tree that allocates more pays more (MRCFA-B1 at 480x480:
+07bd860 24.3 s untuned against 17.1 s tuned)."""
 
 from __future__ import annotations
 
@@ -11,12 +14,14 @@ import sys
 
 import torch
 from hydra import compose, initialize_config_dir
+from speed_worker import _tune_host_allocator
 
 import vss.config
 from vss.bench import train_step
 
 
 def main() -> None:
+    _tune_host_allocator()
     h, w, b, *overrides = sys.argv[1:]
     vss.config.register_resolvers()
     with initialize_config_dir(config_dir=str(vss.config.CONF_DIR), version_base="1.3"):

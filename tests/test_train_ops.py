@@ -50,6 +50,23 @@ def test_banded_cross_entropy_equals_the_full_map_loss_and_gradient(
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-9)
 
 
+def test_labels_far_below_the_leader_keep_a_finite_exact_loss() -> None:
+    """A labelled class 150 logits under the leader: its softmax underflows (exp(-150) < 1e-45), so the loss takes
+    ``u - logsumexp(u)`` there; value and gradient still equal the full-map loss (and no inf or NaN)."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 6, 8, 10, generator=g)
+    logits[:, 2, 2:6] += 150.0  # class 2 leads by ~150 in a band of rows
+    labels = torch.randint(0, 6, (2, 29, 37), generator=g)
+    labels[:, 8:20] = 4  # labelled 4 where 2 leads: p(4) underflows
+    a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    old, new = full_map_cross_entropy(a, labels, False), banded_cross_entropy(b, labels, IGNORE_INDEX)
+    old.backward()
+    new.backward()
+    assert torch.isfinite(new) and new > 30  # the underflowing pixels carry ~150 each
+    torch.testing.assert_close(new, old, rtol=2e-6, atol=0)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-9)
+
+
 def test_source_rows_are_aten_bilinear_rows() -> None:
     """Row interpolation by (y0, y1, weight) equals F.interpolate along the height alone."""
     x = torch.randn(1, 1, 11, 1, generator=torch.Generator().manual_seed(0))  # not the global RNG: other tests seed it

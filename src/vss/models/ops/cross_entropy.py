@@ -13,10 +13,13 @@ gradient, up to the order of fp32 sums (tests/test_train_ops.py compares both wi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-BAND_VALUES = 1 << 18
-"""Target size of one band of upsampled logits (values; 1 MiB in fp32)."""
+BAND_VALUES = 1 << 19
+"""Target size of one band of upsampled logits (values; 2 MiB in fp32): smaller bands pay ~20 ops of overhead
+each, larger ones fall out of the cache (124 classes at 480x480, one core, loss and gradient: N = 8, 798 ms at
+1 MiB, 816 at 2 MiB, 969 at 4 MiB; N = 2: 235, 227, 243 ms)."""
 
 
 def source_rows(out_size: int, in_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -44,24 +47,57 @@ def _add_taps(out: Tensor, grad: Tensor, rows: Tensor, lam: Tensor, dim: int) ->
     out.index_add_(dim, rows[0], grad.sub_(part))  # grad (1 - lam); ``grad`` is overwritten
 
 
+def _columns(v: Tensor, width: int) -> Tensor:
+    """A band (w_in, rows, N, C) interpolated along its first axis to ``width``: ATen's bilinear kernel on the
+    band seen as one channels-last image (C channels, w_in x rows*N pixels), resized along its height only."""
+    w_in, rows, n, c = v.shape
+    image = v.view(1, w_in, rows * n, c).permute(0, 3, 1, 2)
+    out = F.interpolate(image, size=(width, rows * n), mode="bilinear", align_corners=False)
+    return out.permute(0, 2, 3, 1).view(width, rows, n, c)
+
+
+def _columns_transposed(g: Tensor, w_in: int) -> Tensor:
+    """The transpose of :func:`_columns`: a (W, rows, N, C) gradient taken back to (w_in, rows, N, C)."""
+    width, rows, n, c = g.shape
+    image = g.view(1, width, rows * n, c).permute(0, 3, 1, 2)
+    out = torch.ops.aten.upsample_bilinear2d_backward(image, [width, rows * n], [1, c, w_in, rows * n], False)
+    return out.permute(0, 2, 3, 1).reshape(w_in, rows, n, c)
+
+
+TINY = 1e-30
+"""Softmax values below this have lost relative precision (float32 underflows near 1e-38 and 1e-45)."""
+
+
+def _log_picked(u: Tensor, p: Tensor, target: Tensor) -> Tensor:
+    """log softmax(u) at the target classes from the softmax ``p``: ``log p``, and for the rare pixels whose
+    ``p`` is too small to carry it (a logit gap above ~69), ``u - logsumexp(u)`` computed for those alone."""
+    picked = p.gather(-1, target).squeeze(-1)
+    out = picked.log()
+    tiny = picked < TINY
+    if bool(tiny.any()):
+        rows = u[tiny]
+        out[tiny] = rows.gather(-1, target[tiny]).squeeze(-1) - rows.logsumexp(-1)
+    return out
+
+
 class _BandedCrossEntropy(torch.autograd.Function):
     """The loss and its gradient in one pass over bands of output rows, pixel-major (classes innermost).
 
-    Per band: the two-tap bilinear interpolation of the rows and then of the columns (ATen's source indices and
-    weights), the log-softmax over the contiguous class axis, the summed NLL of the labelled pixels, and the
-    gradient written analytically (``softmax - onehot`` at labelled pixels, 0 at ignored ones) and taken back
-    through the two interpolations (their transposes: index_add of the weighted taps). No autograd graph, no
-    zero-filled NLL gradient, no ATen upsample backward (a scatter over NCHW maps: 15% of an MRCFA-B1 step)."""
+    Per band: the two-tap bilinear interpolation of the rows (ATen's source indices and weights) and then of the
+    columns (ATen's own kernel on the band seen as a channels-last image), the softmax over the contiguous class
+    axis, the summed NLL of the labelled pixels (``log`` of the target's softmax; see :func:`_log_picked`), and
+    the gradient written analytically (``softmax - onehot`` at labelled pixels, 0 at ignored ones) and taken back
+    through the two interpolations (their transposes: ATen's channels-last upsample backward for the columns,
+    index_add of the weighted taps for the rows). No autograd graph, no zero-filled NLL gradient, no NCHW upsample
+    backward (a scatter over NCHW maps: 15% of an MRCFA-B1 step)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, ignore_index: int, avg_non_ignore: bool) -> Tensor:  # type: ignore[override]
         x = logits.detach().float()  # fp32 whatever the autocast (as autocast runs F.cross_entropy)
         n, c, h_in, w_in = x.shape
         h, w = labels.shape[-2:]
-        xp = x.permute(3, 2, 0, 1).contiguous()  # (w_in, h_in, N, C): a band's column taps are slices of dim 0
+        xp = x.permute(3, 2, 0, 1).contiguous()  # (w_in, h_in, N, C): a band's rows are slices of dim 1
         y0, y1, wy = source_rows(h, h_in, x.device)
-        x0, x1, wx = source_rows(w, w_in, x.device)
-        cols, lx = torch.stack([x0, x1]), wx.view(-1, 1, 1, 1)
         lab = labels.permute(2, 1, 0)  # (W, H, N) as the band's (W, rows, N, C) values
         grad = torch.zeros_like(xp)
         total = torch.zeros((), dtype=torch.float64, device=x.device)
@@ -70,21 +106,17 @@ class _BandedCrossEntropy(torch.autograd.Function):
             r1 = min(h, r0 + rows)
             band_rows, ly = torch.stack([y0[r0:r1], y1[r0:r1]]), wy[r0:r1].view(1, -1, 1, 1)
             v = _bilinear_taps(xp, band_rows, ly, 1)  # (w_in, rows, N, C)
-            u = _bilinear_taps(v, cols, lx, 0)  # (W, rows, N, C): the band of upsampled logits
+            u = _columns(v, w)  # (W, rows, N, C): the band of upsampled logits
             y = lab[:, r0:r1]
             valid = y != ignore_index
             target = torch.where(valid, y, 0).unsqueeze(-1)
-            u -= u.amax(-1, keepdim=True)
-            picked = u.gather(-1, target)
-            p = u.exp_()
-            s = p.sum(-1, keepdim=True)
-            total += ((s.log() - picked).squeeze(-1) * valid).sum(dtype=torch.float64)
+            p = torch.softmax(u, -1)
+            total -= (_log_picked(u, p, target) * valid).sum(dtype=torch.float64)
             keep = valid.unsqueeze(-1).to(p.dtype)
-            p *= keep / s  # softmax at labelled pixels, 0 at ignored ones
+            if not bool(valid.all()):
+                p *= keep  # 0 at ignored pixels
             p.scatter_add_(-1, target, -keep)  # - onehot(label)
-            gv = torch.zeros_like(v)
-            _add_taps(gv, p, cols, lx, 0)
-            _add_taps(grad, gv, band_rows, ly, 1)
+            _add_taps(grad, _columns_transposed(p, w_in), band_rows, ly, 1)
         divisor = (labels != ignore_index).sum() if avg_non_ignore else torch.tensor(float(labels.numel()))
         divisor = divisor.to(x.device, torch.float32)
         ctx.save_for_backward(grad.permute(2, 3, 1, 0), divisor)
@@ -94,7 +126,13 @@ class _BandedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         grad, divisor = ctx.saved_tensors
-        return (grad * (grad_output / divisor)).to(ctx.dtype, memory_format=torch.contiguous_format), None, None, None
+        scale = grad_output / divisor
+        out = torch.empty(grad.shape, dtype=ctx.dtype, device=grad.device)  # NCHW
+        if ctx.dtype == grad.dtype:
+            torch.mul(grad, scale, out=out)  # one pass from the band layout to NCHW
+        else:
+            out.copy_(grad * scale)
+        return out, None, None, None
 
 
 def banded_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int, avg_non_ignore: bool = False) -> Tensor:
