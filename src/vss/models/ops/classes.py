@@ -22,6 +22,7 @@ does not match, the plain resize-then-argmax runs, so the ids are always today's
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ frame at a time: few classes (the synthetic set's 5: 8 MB at 480x854). The bande
 and a barely trained model leaves nearly every block undecided: 5 classes, 55 frames at 480x854 took 92 s of CPU
 in ``vss.eval`` against well under 1 s for the plain path (experiments/speed.md)."""
 CHUNK_VALUES = 1 << 18  # candidate values compared at once: pixels x their block's candidates (4 corners of float32)
+BUCKETS = [2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+"""Blocks are interpolated in groups of candidate counts (lo, k], padded to k: fewer, larger operations."""
 BLOCK_COST = 8
 """A candidate value interpolated per block costs about this many values of resize-then-argmax (measured: 40-50 ns
 against 4.4-5.5 ns on one core); where a frame's blocks need more, the classes are resized a few at a time."""
@@ -193,14 +196,15 @@ def _pair_max(t: Tensor, dim: int, nxt: Tensor) -> Tensor:
     return torch.maximum(t, t.index_select(dim, nxt))
 
 
-def _lead(corners: Tensor, weights: Sequence[Tensor], margin: Tensor) -> Tensor:
+def _lead(corners: Tensor, weights: Sequence[Tensor], margin: Tensor, padded: Tensor) -> Tensor:
     """Index of the largest plain float32 interpolation (P,K) of corners (P,4,K) with weights (four (P,1): the
-    products of the row and column weights) where it leads by more than ``margin`` (P,) (what rounding can
-    undo), else -1."""
+    products of the row and column weights), ``padded`` slots (P,K) left out, where it leads by more than
+    ``margin`` (P,) (what rounding can undo), else -1."""
     x00, x01, x10, x11 = corners.unbind(1)
     vals = x00 * weights[0]
     for x, wt in zip((x01, x10, x11), weights[1:], strict=True):
         vals.addcmul_(x, wt)
+    vals.masked_fill_(padded, -float("inf"))
     first, best = vals.max(1)
     second = vals.scatter_(1, best[:, None], -float("inf")).amax(1)
     return torch.where(first - second > margin, best, -1)
@@ -274,11 +278,14 @@ def upsampled_class_map(logits: Tensor, size: Sequence[int], chunk: int = CHUNK_
     first = count.cumsum(0) - count  # where each block's candidates start in ``classes``
     margin = 4 * _TAU * torch.finfo(x.dtype).eps * big
     most = int(g.rows.max()) * int(g.cols.max())  # output pixels of the largest block
-    for k in torch.bincount(need).nonzero()[:, 0].tolist():
-        blocks = todo.index_select(0, (need == k).nonzero()[:, 0])
-        step = max(1, chunk // (4 * k * most))
-        for s0 in range(0, len(blocks), step):
-            _fill(out.view(-1), x, g, size, blocks[s0 : s0 + step], k, classes, first, margin)
+    present = torch.bincount(need).nonzero()[:, 0].tolist()  # the candidate counts of the blocks left
+    bounds = [1, *(k for k in BUCKETS if k < max(present, default=1)), max(present, default=1)]
+    for lo, k in itertools.pairwise(bounds):  # blocks with (lo, k] candidates, padded to k
+        if any(lo < n <= k for n in present):
+            blocks = todo.index_select(0, ((need > lo) & (need <= k)).nonzero()[:, 0])
+            step = max(1, chunk // (4 * k * most))
+            for s0 in range(0, len(blocks), step):
+                _fill(out.view(-1), x, g, size, blocks[s0 : s0 + step], k, count, classes, first, margin)
     return out.view(b, *size)
 
 
@@ -310,24 +317,25 @@ def _fill(
     size: tuple[int, int],
     blocks: Tensor,
     k: int,
+    count: Tensor,
     classes: Tensor,
     first: Tensor,
     margin: Tensor,
 ) -> None:
-    """The class ids of the output pixels of ``blocks`` (flat over the batch, each with k candidate classes),
-    written into ``out`` (B*H*W,): each block's candidates interpolated at each of its pixels."""
+    """The class ids of the output pixels of ``blocks`` (flat over the batch, each with at most k candidate
+    classes), written into ``out`` (B*H*W,): each block's candidates interpolated at each of its pixels. Blocks
+    with fewer repeat their last candidate, whose copies are set to -inf before the comparison."""
     b, h, w, c = x.shape
     hw, nb = h * w, len(blocks)
-    k = (
-        int(first[blocks[0] + 1] - first[blocks[0]])
-        if blocks[0] + 1 < len(first)
-        else len(classes) - int(first[blocks[0]])
-    )
+    have = count.index_select(0, blocks)[:, None]
+    slots = torch.arange(k)
+    pad = slots >= have  # (nb,k) padding slots
+    at = first.index_select(0, blocks)[:, None] + torch.minimum(slots, have - 1)
+    cls = classes.index_select(0, at.view(-1)).view(nb, k)
     n = blocks // hw
     pos = blocks - n * hw
     i = pos // w
     j = pos - i * w
-    cls = classes.index_select(0, (first.index_select(0, blocks)[:, None] + torch.arange(k)).view(-1)).view(nb, k)
     at = (n[:, None] * hw + g.corners.index_select(1, pos).t()) * c  # (nb,4) where each corner's C logits start
     values = x.view(-1).take((at[:, :, None] + cls[:, None]).reshape(-1)).float().view(nb, 4 * k)
     r0, nr = g.first_row.index_select(0, i), g.rows.index_select(0, i)
@@ -342,7 +350,8 @@ def _fill(
     corners = values.index_select(0, slot).view(-1, 4, k)
     wh = [t.index_select(0, row)[:, None] for t in g.lh]
     ww = [t.index_select(0, col)[:, None] for t in g.lw]
-    best = _lead(corners, [a * b for a in wh for b in ww], margin.index_select(0, blocks).index_select(0, slot))
+    padded = pad.index_select(0, slot)
+    best = _lead(corners, [a * b for a in wh for b in ww], margin.index_select(0, blocks).index_select(0, slot), padded)
     near = (best < 0).nonzero()[:, 0]  # near ties: the kernel's exact bits decide
     if len(near):
         rn, cn = row.index_select(0, near), col.index_select(0, near)
@@ -352,6 +361,6 @@ def _fill(
             [t.index_select(0, cn)[:, None] for t in g.ww[2:]],
             x.dtype,
         )
-        best.index_copy_(0, near, exact.max(1).indices)
+        best.index_copy_(0, near, exact.masked_fill_(padded.index_select(0, near), -float("inf")).max(1).indices)
     target = (n.index_select(0, slot) * size[0] + row) * size[1] + col
     out.index_copy_(0, target, cls.index_select(0, slot).gather(1, best[:, None])[:, 0])
