@@ -116,6 +116,33 @@ def test_graph_dry_masks_equal_eager_and_graph_needs_cuda(ckpts: dict[str, Path]
         run_predict("graph=yes", f"ckpt_path={ckpt}", f"source={video}", f"output={tmp_path / 'y'}")
 
 
+def test_graph_options_ids_first_and_bf16(ckpts: dict[str, Path], video: Path, tmp_path: Path) -> None:
+    """graph=dry with ids_first (the argmax at the logits' size, ids upsampled by nearest: other ids only along
+    class borders) and with dtype=bf16 (the step in bfloat16: most pixels keep their fp32 class); the options
+    without a graph, tf32 off CUDA and an unknown dtype are one line each."""
+    ckpt = ckpts["mrcfa_lookahead"]
+    src = f"source={video}"
+    run_predict(f"ckpt_path={ckpt}", src, f"output={tmp_path / 'eager'}")
+    got = run_predict("graph=dry", "ids_first=true", f"ckpt_path={ckpt}", src, f"output={tmp_path / 'ids'}")
+    assert got["graph_options"] == {"tf32": False, "ids_first": True, "dtype": "fp32"}
+    have = masks(tmp_path / "ids")
+    eager = masks(tmp_path / "eager")
+    differ = sum(int((have[n] != eager[n]).sum()) for n in eager)
+    assert 0 < differ < 0.05 * FRAMES * HW[0] * HW[1]  # class borders only (0.55% here)
+    got = run_predict("graph=dry", "dtype=bf16", f"ckpt_path={ckpt}", src, f"output={tmp_path / 'bf16'}")
+    bf16 = masks(tmp_path / "bf16")
+    agree = sum(int((bf16[n] == eager[n]).sum()) for n in eager) / (FRAMES * HW[0] * HW[1])
+    assert got["graph_options"]["dtype"] == "bf16" and agree > 0.97  # 99.9% here
+    for option in ("ids_first=true", "dtype=bf16", "tf32=true"):
+        key = option.split("=")[0]
+        with pytest.raises(ConfigError, match=rf"^{key}=\S+ is an option of the step's graph: add graph=true"):
+            run_predict(option, f"ckpt_path={ckpt}", src, f"output={tmp_path / 'x'}")
+    with pytest.raises(ConfigError, match=r"^tf32=true sets TF32 for CUDA matmuls and convolutions \(device=cpu\)"):
+        run_predict("graph=dry", "tf32=true", "device=cpu", f"ckpt_path={ckpt}", src, f"output={tmp_path / 't'}")
+    with pytest.raises(ConfigError, match=r"^dtype='fp16' is invalid: expected one of \['fp32', 'bf16'\]"):
+        run_predict("graph=dry", "dtype=fp16", f"ckpt_path={ckpt}", src, f"output={tmp_path / 'h'}")
+
+
 def test_bad_backend_missing_file_and_size_mismatch(ckpts: dict[str, Path], video: Path, tmp_path: Path) -> None:
     src = f"source={video}"
     with pytest.raises(ConfigError, match=r"^backend='tensorrt' is invalid: expected one of \['eager'"):

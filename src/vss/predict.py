@@ -197,6 +197,8 @@ def chunks(frames: Iterable[Frame], size: int) -> Iterator[list[Frame]]:
 BACKENDS = ("eager", "compile", "onnx", "pt2")
 """eager: the :class:`Streamer`; compile: the :class:`~vss.models.step.Step` through ``torch.compile``; onnx, pt2:
 the step exported by ``vss.export`` (``export=FOLDER`` holding spec.json and step.onnx / step.pt2)."""
+GRAPH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""``dtype`` of the graphed step: the model's weights and activations (bf16: cast, no autocast)."""
 
 
 class CompiledSteps:
@@ -229,10 +231,10 @@ class GraphedSteps:
     """The checkpoint's :class:`~vss.models.step.Step` captured in a CUDA graph (``graph=true``), or its static
     body run uncaptured (``graph=dry``, any device: the CPU rehearsal), one uint8 frame a call."""
 
-    def __init__(self, segmenter: Any, graph: str) -> None:
+    def __init__(self, segmenter: Any, graph: str, dtype: torch.dtype = torch.float32) -> None:
         from vss.models.step import Step
 
-        self.step = Step(segmenter).eval()
+        self.step = Step(segmenter.to(dtype)).eval()  # bf16: weights and activations, no autocast
         self.lookahead = self.step.lookahead
         self.dry_run = graph == "dry"
         self.graphed: Any = None
@@ -340,13 +342,22 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
     """:func:`predict`; ``closing`` ends what a live source started."""
     from vss.data.transforms import build_eval_transform
     from vss.metrics.flicker import FlickerRate
-    from vss.models.ops.classes import upsampled_class_map
+    from vss.models.ops.classes import class_map, upsampled_class_map
+    from vss.models.ops.cuda_graph import nearest_ids
     from vss.models.streamer import Streamer
 
     backend = _checked(cfg, "backend", lambda v: v in BACKENDS, f"one of {list(BACKENDS)}")
     graph = _checked(cfg, "graph", lambda v: v in (False, True, "dry"), "false, true (CUDA) or dry")
     if graph and backend != "eager":
         raise ConfigError(f"graph={graph} replays the checkpoint's step: use it with backend=eager, not {backend}")
+    use_tf32 = _checked(cfg, "tf32", lambda v: type(v) is bool, "true or false")
+    ids_first = _checked(cfg, "ids_first", lambda v: type(v) is bool, "true or false")
+    dtype = _checked(cfg, "dtype", lambda v: v in GRAPH_DTYPES, f"one of {list(GRAPH_DTYPES)}")
+    for key, on in (("tf32", use_tf32), ("ids_first", ids_first), ("dtype", dtype != "fp32")):
+        if on and not graph:
+            raise ConfigError(
+                f"{key}={cfg.get(key)} is an option of the step's graph: add graph=true (CUDA) or graph=dry"
+            )
     exporting = backend in ("onnx", "pt2")
     # onnx|pt2 run the exported step in export=FOLDER (no checkpoint read); eager|compile the checkpoint
     ckpt_path = None if exporting else required(cfg, "ckpt_path")
@@ -371,6 +382,8 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
     output = output_dir(cfg)
 
     device = resolve_device(cfg.device)
+    if use_tf32 and device.type != "cuda":
+        raise ConfigError(f"tf32=true sets TF32 for CUDA matmuls and convolutions (device={device.type}): use a GPU")
     check_output(output)
     native = NativeLog()
     if live_arg is not None:
@@ -419,7 +432,11 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
 
     streamer: Any
     if graph:
-        streamer = StepStream(GraphedSteps(model.segmenter, "dry" if graph == "dry" else "true"))
+        streamer = StepStream(GraphedSteps(model.segmenter, "dry" if graph == "dry" else "true", GRAPH_DTYPES[dtype]))
+        if use_tf32:
+            from vss.models.ops.cuda_graph import tf32
+
+            closing.enter_context(tf32(True))
     elif backend == "eager":
         streamer = Streamer(model.segmenter, batch_size)  # frames encoded in batches, targets aggregated one by one
     elif backend == "compile":
@@ -440,7 +457,10 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
         for out in outputs:
             name, rgb = out.item
             logits = out.logits[None].float()
-            mask = upsampled_class_map(logits, rgb.shape[:2])[0].to(torch.uint8).cpu().numpy()
+            if ids_first:  # the argmax at the logits' size, then nearest upsampling of the ids
+                mask = nearest_ids(class_map(logits), rgb.shape[:2])[0].to(torch.uint8).cpu().numpy()
+            else:
+                mask = upsampled_class_map(logits, rgb.shape[:2])[0].to(torch.uint8).cpu().numpy()
             write_png(mask, mask_dir / f"{name}.png")
             if live is not None:
                 live.done(name)  # capture to mask written
@@ -527,6 +547,7 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
         "fps_after_first": round(warm, 2) if warm is not None else None,
         "backend": backend,
         "graph": graph,
+        "graph_options": {"tf32": use_tf32, "ids_first": ids_first, "dtype": dtype} if graph else None,
         "runs_on": runs_on,
         "export": str(folder) if folder is not None else None,
         "source": source.label,
