@@ -1,13 +1,19 @@
-"""Issue 25's GPU measurement in one run (about 5 minutes on an H100/H200): MRCFA-B1 (p=0.5) and SegFormer-B1,
-batch 1, 480x864, random weights and frames (no downloads), through ``vss.bench``'s step path:
+"""Issue 25's GPU measurement: MRCFA-B1 (p=0.5) and SegFormer-B1, batch 1, 480x864, random weights and frames
+(no downloads), through ``vss.bench``'s step path:
 
     eager -> graph (CUDA graph) -> + tf32 -> + ids_first -> + bf16        (ms/frame, fps, p95, agreement)
     8 streams batched, eager and graph + tf32 + ids_first                  (total fps, per-stream latency)
 
 then the CUDA-graph parity test (tests/test_cuda_graph.py: replay == eager within 1e-4 fp32), and a table with the
-card's name and the MRCFA/SegFormer time ratio of each row.
+card's name and the MRCFA/SegFormer time ratio of each row. Last, the accuracy of each mode on a short synthetic
+run (the issue's "mIoU/mVC within 0.1 point"): MRCFA-B1 trained ``--steps`` steps on the embedded synthetic set
+(``vss.train trainer=gpu``), its val videos through ``vss.predict`` in each mode (eager fp32, graph, + tf32,
++ ids_first, + bf16), each scored by ``vss.eval pred_root=``: mIoU, mVC8, mVC16 and the share of pixels equal
+to eager fp32.
 
-    python experiments/gpu_stream.py             # on a GPU machine
+    python experiments/gpu_stream.py             # on a GPU machine (~5 min, and ~5 more for the accuracy run)
+    python experiments/gpu_stream.py --skip-accuracy; python experiments/gpu_stream.py --only-accuracy
+                                                 # the same as two commands (the device tool's 10-minute limit)
     python experiments/gpu_stream.py --dry-run   # the CPU rehearsal: every code path but the capture (graph=dry),
                                                  # tf32 rows skipped (CUDA only), 64x128, 4 frames
 """
@@ -56,14 +62,24 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="CPU rehearsal: graph=dry, no tf32, 64x128, 4 frames")
     parser.add_argument("--frames", type=int, default=40)
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--steps", type=int, default=300, help="training steps of the accuracy run (dry run: 2)")
+    parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "gpu_stream", help="the accuracy run's files")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--only-accuracy", action="store_true", help="the accuracy run alone (a second command)")
     args = parser.parse_args()
     register_resolvers()
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
         sys.exit("error: no CUDA device: run with --dry-run for the CPU rehearsal")
-    size = ["height=64", "width=128", "frames=4", "warmup=1", "iters=1"] if dry else [
-        "height=480", "width=864", f"frames={args.frames}", "warmup=1", "iters=3"]
+    size = (
+        ["height=64", "width=128", "frames=4", "warmup=1", "iters=1"]
+        if dry
+        else ["height=480", "width=864", f"frames={args.frames}", "warmup=1", "iters=3"]
+    )
     device_name = "cpu (dry run)" if dry else torch.cuda.get_device_name(0)
+    if args.only_accuracy:
+        synthetic_accuracy(dry, args.work, 2 if dry else args.steps, device_name)
+        return
     common = [*size, "device=" + ("cpu" if dry else "cuda"), "mode=step", "progress=false"]
     print(f"[gpu_stream] {device_name}, torch {torch.__version__}, {' '.join(size)}", flush=True)
 
@@ -100,8 +116,10 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    print(f"\n## Step path, {device_name}, batch 1, {size[0][7:]}x{size[1][6:]}, random weights" + (
-        " (DRY RUN: no capture, no tf32; CPU times mean nothing)" if dry else ""))
+    print(
+        f"\n## Step path, {device_name}, batch 1, {size[0][7:]}x{size[1][6:]}, random weights"
+        + (" (DRY RUN: no capture, no tf32; CPU times mean nothing)" if dry else "")
+    )
     print("| row | MRCFA-B1 ms | fps | p95 ms | agree % | SegFormer-B1 ms | fps | agree % | MRCFA/SegFormer |")
     print("|---|---|---|---|---|---|---|---|---|")
     mrcfa, segformer = MODELS
@@ -122,6 +140,130 @@ def main() -> None:
         )
     if tests is not None:
         print(f"\nCUDA-graph parity test (tests/test_cuda_graph.py): {tests}")
+    if not args.skip_accuracy:
+        synthetic_accuracy(dry, args.work, 2 if dry else args.steps, device_name)
+
+
+ACCURACY = {  # vss.predict options of each accuracy row, cumulative as ROWS
+    "eager fp32": [],
+    "graph": ["graph=G"],
+    "+ tf32": ["graph=G", "tf32=true"],
+    "+ ids_first": ["graph=G", "tf32=true", "ids_first=true"],
+    "+ bf16": ["graph=G", "tf32=true", "ids_first=true", "dtype=bf16"],
+}
+
+
+def synthetic_accuracy(dry: bool, work: Path, steps: int, device_name: str) -> None:
+    """MRCFA-B1 trained ``steps`` steps on the synthetic set, its val videos predicted in each mode, each scored."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from vss.predict import predict
+
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.setdefault("WANDB_MODE", "offline")
+    data, run = work / "data", work / "train"
+    shutil.rmtree(work, ignore_errors=True)
+    start = time.perf_counter()
+    train = [
+        sys.executable,
+        "-m",
+        "vss.train",
+        "model=mrcfa",
+        "encoder=mit_b1",
+        "stm.p=0.5",
+        f"paths.data_dir={data}",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+        f"hydra.run.dir={run}",
+        "trainer=" + ("cpu" if dry else "gpu"),
+    ]
+    subprocess.run(train, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    root = next(data.glob("synthetic-*"))
+    videos = (root / "val.txt").read_text().split()
+    print(
+        f"\n[gpu_stream] accuracy run: {steps} training steps ({time.perf_counter() - start:.0f} s), "
+        f"{len(videos)} val videos",
+        flush=True,
+    )
+    rows: dict[str, dict[str, float]] = {}
+    reference: dict[str, np.ndarray] = {}
+    for name, options in ACCURACY.items():
+        opts = [o.replace("graph=G", "graph=" + ("dry" if dry else "true")) for o in options]
+        if dry and "tf32=true" in opts:
+            opts.remove("tf32=true")
+        preds = work / "pred" / name.replace(" ", "_").replace("+", "p")
+        masks: dict[str, np.ndarray] = {}
+        for video in videos:
+            out = work / "predict" / preds.name / video
+            cfg = compose_predict(
+                [
+                    f"ckpt_path={ckpt}",
+                    f"source={root / 'data' / video / 'origin'}",
+                    f"output={out}",
+                    "save_overlay=false",
+                    "progress=false",
+                    "device=" + ("cpu" if dry else "cuda"),
+                    *opts,
+                ]
+            )
+            predict(cfg)
+            (preds / video).parent.mkdir(parents=True, exist_ok=True)
+            (preds / video).symlink_to(out / "masks", target_is_directory=True)
+            for mask in sorted((out / "masks").glob("*.png")):
+                masks[f"{video}/{mask.name}"] = cv2_read(mask)
+        scored = work / "eval" / preds.name
+        score = [
+            sys.executable,
+            "-m",
+            "vss.eval",
+            f"pred_root={preds}",
+            "data=synthetic",
+            f"paths.data_dir={data}",
+            f"hydra.run.dir={scored}",
+            "progress=false",
+        ]
+        subprocess.run(score, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+        metrics = json.loads((scored / "metrics.json").read_text())
+        reference = reference or masks
+        equal = sum(int((masks[k] == reference[k]).sum()) for k in reference)
+        total = sum(v.size for v in reference.values())
+        rows[name] = {k: float(metrics[k]) for k in ("mIoU", "mVC8", "mVC16") if k in metrics}
+        rows[name]["equal_pct"] = 100 * equal / total
+        print(
+            f"[gpu_stream] accuracy [{name}] {' '.join(opts)}: "
+            + " | ".join(f"{k} {v:.4f}" for k, v in rows[name].items()),
+            flush=True,
+        )
+    print(
+        f"\n## Accuracy of each mode, {device_name}: MRCFA-B1 p=0.5 after {steps} synthetic training steps, "
+        f"{len(videos)} val videos" + (" (DRY RUN: graph uncaptured, no tf32)" if dry else "")
+    )
+    print("| mode | mIoU | mVC8 | mVC16 | pixels equal to eager fp32 % | mIoU / mVC8 / mVC16 - eager (points) |")
+    print("|---|---|---|---|---|---|")
+    base = rows["eager fp32"]
+    for name, r in rows.items():
+        keys = [k for k in ("mIoU", "mVC8", "mVC16") if k in r and k in base]
+        cells = " | ".join(f"{r[k]:.4f}" if k in r else "n/a" for k in ("mIoU", "mVC8", "mVC16"))
+        deltas = " / ".join(f"{100 * (r[k] - base[k]):+.2f}" for k in keys)
+        print(f"| {name} | {cells} | {r['equal_pct']:.2f} | {deltas} |")
+
+
+def cv2_read(path: Path):
+    """A class-id PNG as a numpy array."""
+    import cv2
+
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+
+
+def compose_predict(overrides: list[str]):
+    """``conf/predict.yaml`` composed in-process."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("predict", overrides=overrides)
 
 
 if __name__ == "__main__":
