@@ -55,7 +55,7 @@ def main() -> None:
     def old(x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False).max(1).indices
 
-    rows: dict[str, list[tuple[float, float]]] = {"step": [], "resize+argmax": [], "banded": []}
+    rows: dict[str, list[tuple[float, float]]] = {"step": [], "resize+argmax": [], "upsampled_class_map": []}
     load = os.getloadavg()[0]
     with torch.inference_mode():
         logits = None
@@ -69,8 +69,8 @@ def main() -> None:
             w, c, ids_old = timed(lambda x=logits: old(x))
             rows["resize+argmax"].append((w, c))
             w, c, ids_new = timed(lambda x=logits: upsampled_class_map(x, size))
-            rows["banded"].append((w, c))
-            assert torch.equal(ids_old, ids_new), "banded ids differ from resize-then-argmax"
+            rows["upsampled_class_map"].append((w, c))
+            assert torch.equal(ids_old, ids_new), "upsampled_class_map ids differ from resize-then-argmax"
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1][0]:.0f}/{v[-1][1]:.0f}" for k, v in rows.items()))
     med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in rows.items()}
     print(

@@ -147,6 +147,6 @@ class Segmenter(nn.Module):
     def predict(
         self, clip: Tensor, size: Sequence[int], num_references: Tensor | Sequence[int] | None = None
     ) -> Tensor:
-        """Class map (B,H,W) of the clips' targets at ``size``: bilinear upsampling of logits, then argmax (banded:
-        :func:`vss.models.ops.classes.upsampled_class_map`)."""
+        """Class map (B,H,W) of the clips' targets at ``size``: bilinear upsampling of logits, then argmax (block
+        by block: :func:`vss.models.ops.classes.upsampled_class_map`)."""
         return upsampled_class_map(self.clip_logits(clip, num_references), size)

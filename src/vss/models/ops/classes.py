@@ -32,9 +32,10 @@ from torch import Tensor
 
 PLAIN_BYTES = 32 << 20
 """A frame whose whole upsampled map (C x H x W values) takes at most this goes through resize-then-argmax, one
-frame at a time: few classes (the synthetic set's 5: 8 MB at 480x854). The banded path pays per undecided pixel,
-and a barely trained model leaves nearly every block undecided: 5 classes, 55 frames at 480x854 took 92 s of CPU
-in ``vss.eval`` against well under 1 s for the plain path (experiments/speed.md)."""
+frame at a time: few classes (the synthetic set's 5: 8 MB at 480x854). The block path pays per undecided pixel,
+and a barely trained model leaves nearly every block undecided: with 5 classes of noise at 480x854 it takes 16-18
+ms against 8-15 ms for the plain path (the first, banded version took 92 s of CPU over 55 frames in ``vss.eval``
+against well under 1 s; experiments/speed.md)."""
 CHUNK_VALUES = 1 << 18  # candidate values compared at once: pixels x their block's candidates (4 corners of float32)
 BUCKETS = [2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
 """Blocks are interpolated in groups of candidate counts (lo, k], padded to k: fewer, larger operations."""
@@ -130,7 +131,8 @@ def emulation_matches(device: torch.device | str, dtype: torch.dtype) -> bool:
 
 
 def banded_applies(logits: Tensor, size: Sequence[int]) -> bool:
-    """Whether :func:`upsampled_class_map` takes the block path for these logits (else resize then argmax)."""
+    """Whether :func:`upsampled_class_map` may take its exact block path for these logits (else resize then
+    argmax)."""
     return (
         logits.device.type == "cpu"
         and logits.dtype in EMULATED
