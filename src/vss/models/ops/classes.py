@@ -36,7 +36,7 @@ frame at a time: few classes (the synthetic set's 5: 8 MB at 480x854). The block
 and a barely trained model leaves nearly every block undecided: with 5 classes of noise at 480x854 it takes 16-18
 ms against 8-15 ms for the plain path (the first, banded version took 92 s of CPU over 55 frames in ``vss.eval``
 against well under 1 s; experiments/speed.md)."""
-CHUNK_VALUES = 1 << 18  # candidate values compared at once: pixels x their block's candidates (4 corners of float32)
+CHUNK_VALUES = 1 << 20  # candidate values compared at once: pixels x their block's candidates x 4 corners (float32)
 BUCKETS = [2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
 """Blocks are interpolated in groups of candidate counts (lo, k], padded to k: fewer, larger operations."""
 BLOCK_COST = 8
@@ -279,13 +279,13 @@ def upsampled_class_map(logits: Tensor, size: Sequence[int], chunk: int = CHUNK_
     out = sure.view(b, h * w).index_select(1, g.block)  # (B,H*W): -1 where the block has several candidates
     first = count.cumsum(0) - count  # where each block's candidates start in ``classes``
     margin = 4 * _TAU * torch.finfo(x.dtype).eps * big
-    most = int(g.rows.max()) * int(g.cols.max())  # output pixels of the largest block
+    typical = -(-size[0] * size[1] // (h * w))  # output pixels of a block, on average (edge blocks have more)
     present = torch.bincount(need).nonzero()[:, 0].tolist()  # the candidate counts of the blocks left
     bounds = [1, *(k for k in BUCKETS if k < max(present, default=1)), max(present, default=1)]
     for lo, k in itertools.pairwise(bounds):  # blocks with (lo, k] candidates, padded to k
         if any(lo < n <= k for n in present):
             blocks = todo.index_select(0, ((need > lo) & (need <= k)).nonzero()[:, 0])
-            step = max(1, chunk // (4 * k * most))
+            step = max(1, chunk // (4 * k * typical))
             for s0 in range(0, len(blocks), step):
                 _fill(out.view(-1), x, g, size, blocks[s0 : s0 + step], k, count, classes, first, margin)
     return out.view(b, *size)
