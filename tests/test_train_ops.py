@@ -26,17 +26,25 @@ def full_map_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, avg_non_i
     return F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX, reduction="none").mean()
 
 
+@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-softmax", "accelerator-log-softmax"])
 @pytest.mark.parametrize("avg_non_ignore", [False, True])
 @pytest.mark.parametrize(
     ("shape", "size", "band"),
     [((2, 7, 8, 8), (32, 32), 1 << 18), ((3, 5, 9, 13), (37, 50), 400), ((1, 4, 16, 16), (16, 61), 64)],
 )
 def test_banded_cross_entropy_equals_the_full_map_loss_and_gradient(
-    shape: tuple[int, ...], size: tuple[int, int], band: int, avg_non_ignore: bool, monkeypatch: pytest.MonkeyPatch
+    shape: tuple[int, ...],
+    size: tuple[int, int],
+    band: int,
+    avg_non_ignore: bool,
+    host_reads: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Sizes that are not multiples (rows reading the last input row twice), bands of one row to the whole map,
-    ignored pixels, both means; a non-unit incoming gradient."""
+    ignored pixels, both means; a non-unit incoming gradient; the CPU formulation and the one without host reads
+    (accelerators)."""
     monkeypatch.setattr(ops_ce, "BAND_VALUES", band)
+    monkeypatch.setattr(ops_ce, "HOST_READS", host_reads)
     g = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(shape, generator=g, dtype=torch.float64)).float()
     labels = torch.randint(0, shape[1], (shape[0], *size), generator=g)
@@ -50,9 +58,13 @@ def test_banded_cross_entropy_equals_the_full_map_loss_and_gradient(
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-9)
 
 
-def test_labels_far_below_the_leader_keep_a_finite_exact_loss() -> None:
+@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-softmax", "accelerator-log-softmax"])
+def test_labels_far_below_the_leader_keep_a_finite_exact_loss(
+    host_reads: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A labelled class 150 logits under the leader: its softmax underflows (exp(-150) < 1e-45), so the loss takes
     ``u - logsumexp(u)`` there; value and gradient still equal the full-map loss (and no inf or NaN)."""
+    monkeypatch.setattr(ops_ce, "HOST_READS", host_reads)
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 6, 8, 10, generator=g)
     logits[:, 2, 2:6] += 150.0  # class 2 leads by ~150 in a band of rows

@@ -66,18 +66,29 @@ def _columns_transposed(g: Tensor, w_in: int) -> Tensor:
 
 TINY = 1e-30
 """Softmax values below this have lost relative precision (float32 underflows near 1e-38 and 1e-45)."""
+HOST_READS = True
+"""Branch on band values where the logits are on the CPU (see :func:`_softmax_and_log_target`); the tests turn it
+off to run the accelerator formulation on the CPU."""
 
 
-def _log_picked(u: Tensor, p: Tensor, target: Tensor) -> Tensor:
-    """log softmax(u) at the target classes from the softmax ``p``: ``log p``, and for the rare pixels whose
-    ``p`` is too small to carry it (a logit gap above ~69), ``u - logsumexp(u)`` computed for those alone."""
+def _softmax_and_log_target(u: Tensor, target: Tensor, host_reads: bool) -> tuple[Tensor, Tensor]:
+    """softmax(u) over the last axis and log softmax(u) at the ``target`` classes.
+
+    ``host_reads`` (CPU tensors, where reading a value costs nothing): one softmax pass, the log of the target's
+    softmax, and for the rare pixels whose softmax is too small to carry it (a logit gap above ~69)
+    ``u - logsumexp(u)`` for those alone. Else (an accelerator: no synchronisation per band) log_softmax, then its
+    exp."""
+    if not host_reads:
+        log_p = torch.log_softmax(u, -1)
+        return log_p.gather(-1, target).squeeze(-1), log_p.exp_()
+    p = torch.softmax(u, -1)
     picked = p.gather(-1, target).squeeze(-1)
     out = picked.log()
     tiny = picked < TINY
     if bool(tiny.any()):
         rows = u[tiny]
         out[tiny] = rows.gather(-1, target[tiny]).squeeze(-1) - rows.logsumexp(-1)
-    return out
+    return out, p
 
 
 class _BandedCrossEntropy(torch.autograd.Function):
@@ -85,7 +96,7 @@ class _BandedCrossEntropy(torch.autograd.Function):
 
     Per band: the two-tap bilinear interpolation of the rows (ATen's source indices and weights) and then of the
     columns (ATen's own kernel on the band seen as a channels-last image), the softmax over the contiguous class
-    axis, the summed NLL of the labelled pixels (``log`` of the target's softmax; see :func:`_log_picked`), and
+    axis, the summed NLL of the labelled pixels (see :func:`_softmax_and_log_target`), and
     the gradient written analytically (``softmax - onehot`` at labelled pixels, 0 at ignored ones) and taken back
     through the two interpolations (their transposes: ATen's channels-last upsample backward for the columns,
     index_add of the weighted taps for the rows). No autograd graph, no zero-filled NLL gradient, no NCHW upsample
@@ -99,6 +110,7 @@ class _BandedCrossEntropy(torch.autograd.Function):
         xp = x.permute(3, 2, 0, 1).contiguous()  # (w_in, h_in, N, C): a band's rows are slices of dim 1
         y0, y1, wy = source_rows(h, h_in, x.device)
         lab = labels.permute(2, 1, 0)  # (W, H, N) as the band's (W, rows, N, C) values
+        host_reads = x.device.type == "cpu" and HOST_READS
         grad = torch.zeros_like(xp)
         total = torch.zeros((), dtype=torch.float64, device=x.device)
         rows = max(1, BAND_VALUES // max(1, n * c * w))
@@ -110,10 +122,10 @@ class _BandedCrossEntropy(torch.autograd.Function):
             y = lab[:, r0:r1]
             valid = y != ignore_index
             target = torch.where(valid, y, 0).unsqueeze(-1)
-            p = torch.softmax(u, -1)
-            total -= (_log_picked(u, p, target) * valid).sum(dtype=torch.float64)
+            log_target, p = _softmax_and_log_target(u, target, host_reads)
+            total -= (log_target * valid).sum(dtype=torch.float64)
             keep = valid.unsqueeze(-1).to(p.dtype)
-            if not bool(valid.all()):
+            if not host_reads or not bool(valid.all()):
                 p *= keep  # 0 at ignored pixels
             p.scatter_add_(-1, target, -keep)  # - onehot(label)
             _add_taps(grad, _columns_transposed(p, w_in), band_rows, ly, 1)
