@@ -161,7 +161,6 @@ BACKENDS = ("streamer", "step", "onnx")
 step exported to ONNX and run by ONNX Runtime (see :func:`bench_backends`)."""
 POSITIVE = ("num_classes", "height", "width", "batch_size", "iters", "frames", "stream_batch_size", "streams")
 GRAPHS = ("false", "true", "dry")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -254,6 +253,8 @@ def check_bench_config(cfg: DictConfig) -> torch.device:
                 raise ConfigError(
                     f"backends={list(backends)}: {name!r} is invalid: expected each of {list(BACKENDS)} once"
                 )
+    from vss.models.ops.cuda_graph import DTYPES, check_tf32
+
     if str(_get(cfg, "dtype")) not in DTYPES:
         raise ConfigError(f"dtype={_get(cfg, 'dtype')!r} is invalid: expected one of {list(DTYPES)}")
     if str(_get(cfg, "precision")) not in PRECISIONS:
@@ -274,8 +275,7 @@ def check_bench_config(cfg: DictConfig) -> torch.device:
             f"graph=true needs CUDA (device={device.type}): CUDA graphs replay CUDA kernels; graph=dry runs the same "
             "static step (fixed buffers, in-place state, no host reads) uncaptured, as a rehearsal"
         )
-    if device.type != "cuda" and _get(cfg, "tf32"):
-        raise ConfigError(f"tf32=true sets TF32 for CUDA matmuls and convolutions (device={device.type}): use a GPU")
+    check_tf32(bool(_get(cfg, "tf32")), device)
     return device
 
 
@@ -409,7 +409,7 @@ def step_path(cfg: DictConfig, device: torch.device, model: torch.nn.Module, not
     default ids on the same frames where an option changes the arithmetic. See the module docstring."""
     import copy
 
-    from vss.models.ops.cuda_graph import GraphedStep, frame_ids, tf32
+    from vss.models.ops.cuda_graph import DTYPES, GraphedStep, frame_ids, tf32
     from vss.models.step import Step
     from vss.models.streams import Streams
 

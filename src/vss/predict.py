@@ -197,8 +197,6 @@ def chunks(frames: Iterable[Frame], size: int) -> Iterator[list[Frame]]:
 BACKENDS = ("eager", "compile", "onnx", "pt2")
 """eager: the :class:`Streamer`; compile: the :class:`~vss.models.step.Step` through ``torch.compile``; onnx, pt2:
 the step exported by ``vss.export`` (``export=FOLDER`` holding spec.json and step.onnx / step.pt2)."""
-GRAPH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-"""``dtype`` of the graphed step: the model's weights and activations (bf16: cast, no autocast)."""
 
 
 class CompiledSteps:
@@ -342,8 +340,8 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
     """:func:`predict`; ``closing`` ends what a live source started."""
     from vss.data.transforms import build_eval_transform
     from vss.metrics.flicker import FlickerRate
-    from vss.models.ops.classes import class_map, upsampled_class_map
-    from vss.models.ops.cuda_graph import nearest_ids
+    from vss.models.ops.classes import upsampled_class_map
+    from vss.models.ops.cuda_graph import DTYPES, check_tf32, frame_ids
     from vss.models.streamer import Streamer
 
     backend = _checked(cfg, "backend", lambda v: v in BACKENDS, f"one of {list(BACKENDS)}")
@@ -352,7 +350,7 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
         raise ConfigError(f"graph={graph} replays the checkpoint's step: use it with backend=eager, not {backend}")
     use_tf32 = _checked(cfg, "tf32", lambda v: type(v) is bool, "true or false")
     ids_first = _checked(cfg, "ids_first", lambda v: type(v) is bool, "true or false")
-    dtype = _checked(cfg, "dtype", lambda v: v in GRAPH_DTYPES, f"one of {list(GRAPH_DTYPES)}")
+    dtype = _checked(cfg, "dtype", lambda v: v in DTYPES, f"one of {list(DTYPES)}")
     for key, on in (("tf32", use_tf32), ("ids_first", ids_first), ("dtype", dtype != "fp32")):
         if on and not graph:
             raise ConfigError(
@@ -382,8 +380,7 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
     output = output_dir(cfg)
 
     device = resolve_device(cfg.device)
-    if use_tf32 and device.type != "cuda":
-        raise ConfigError(f"tf32=true sets TF32 for CUDA matmuls and convolutions (device={device.type}): use a GPU")
+    check_tf32(use_tf32, device)
     check_output(output)
     native = NativeLog()
     if live_arg is not None:
@@ -432,7 +429,7 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
 
     streamer: Any
     if graph:
-        streamer = StepStream(GraphedSteps(model.segmenter, "dry" if graph == "dry" else "true", GRAPH_DTYPES[dtype]))
+        streamer = StepStream(GraphedSteps(model.segmenter, "dry" if graph == "dry" else "true", DTYPES[dtype]))
         if use_tf32:
             from vss.models.ops.cuda_graph import tf32
 
@@ -457,10 +454,11 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
         for out in outputs:
             name, rgb = out.item
             logits = out.logits[None].float()
-            if ids_first:  # the argmax at the logits' size, then nearest upsampling of the ids
-                mask = nearest_ids(class_map(logits), rgb.shape[:2])[0].to(torch.uint8).cpu().numpy()
+            if ids_first:  # the argmax at the logits' size, then nearest upsampling of the ids (as in the graph)
+                ids = frame_ids(logits, rgb.shape[:2], ids_first=True)
             else:
-                mask = upsampled_class_map(logits, rgb.shape[:2])[0].to(torch.uint8).cpu().numpy()
+                ids = upsampled_class_map(logits, rgb.shape[:2])
+            mask = ids[0].to(torch.uint8).cpu().numpy()
             write_png(mask, mask_dir / f"{name}.png")
             if live is not None:
                 live.done(name)  # capture to mask written

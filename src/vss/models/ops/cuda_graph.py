@@ -69,6 +69,17 @@ def tf32(enabled: bool = True) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""``dtype`` of a graphed step (``vss.bench``, ``vss.predict``): the model's weights and activations (bf16: a cast,
+no autocast)."""
+
+
+def check_tf32(enabled: bool, device: torch.device) -> None:
+    """``tf32=true`` is for CUDA: refused in one line on another device."""
+    if enabled and device.type != "cuda":
+        raise ConfigError(f"tf32=true sets TF32 for CUDA matmuls and convolutions (device={device.type}): use a GPU")
+
+
 def nearest_ids(ids: Tensor, size: tuple[int, int]) -> Tensor:
     """Nearest upsampling of class ids (B,h,w) to ``size`` (source pixel ``floor(dst * in / out)``, exact in
     integers)."""
