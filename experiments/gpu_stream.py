@@ -51,10 +51,11 @@ ROWS = {  # cumulative, in the issue's order
 }
 
 
-def cfg_of(overrides: list[str]):
+def cfg_of(overrides: list[str], name: str = "bench"):
+    """``conf/<name>.yaml`` composed in-process."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("bench", overrides=overrides)
+        return compose(name, overrides=overrides)
 
 
 def main() -> None:
@@ -160,6 +161,7 @@ def synthetic_accuracy(dry: bool, work: Path, steps: int, device_name: str) -> N
 
     import numpy as np
 
+    from vss.metrics import read_prediction
     from vss.predict import predict
 
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -199,7 +201,7 @@ def synthetic_accuracy(dry: bool, work: Path, steps: int, device_name: str) -> N
         masks: dict[str, np.ndarray] = {}
         for video in videos:
             out = work / "predict" / preds.name / video
-            cfg = compose_predict(
+            cfg = cfg_of(
                 [
                     f"ckpt_path={ckpt}",
                     f"source={root / 'data' / video / 'origin'}",
@@ -208,13 +210,14 @@ def synthetic_accuracy(dry: bool, work: Path, steps: int, device_name: str) -> N
                     "progress=false",
                     "device=" + ("cpu" if dry else "cuda"),
                     *opts,
-                ]
+                ],
+                "predict",
             )
             predict(cfg)
             (preds / video).parent.mkdir(parents=True, exist_ok=True)
             (preds / video).symlink_to(out / "masks", target_is_directory=True)
             for mask in sorted((out / "masks").glob("*.png")):
-                masks[f"{video}/{mask.name}"] = cv2_read(mask)
+                masks[f"{video}/{mask.name}"] = read_prediction(mask)
         scored = work / "eval" / preds.name
         score = [
             sys.executable,
@@ -250,20 +253,6 @@ def synthetic_accuracy(dry: bool, work: Path, steps: int, device_name: str) -> N
         cells = " | ".join(f"{r[k]:.4f}" if k in r else "n/a" for k in ("mIoU", "mVC8", "mVC16"))
         deltas = " / ".join(f"{100 * (r[k] - base[k]):+.2f}" for k in keys)
         print(f"| {name} | {cells} | {r['equal_pct']:.2f} | {deltas} |")
-
-
-def cv2_read(path: Path):
-    """A class-id PNG as a numpy array."""
-    import cv2
-
-    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-
-
-def compose_predict(overrides: list[str]):
-    """``conf/predict.yaml`` composed in-process."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("predict", overrides=overrides)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def run(name: str, fn: object) -> tuple[float, float]:
+    def run(fn: object) -> tuple[float, float]:
         w0, c0 = time.perf_counter(), time.process_time()
         fn()  # type: ignore[operator]
         return 1e3 * (time.perf_counter() - w0), 1e3 * (time.process_time() - c0)
@@ -99,7 +99,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     for r in range(a.rounds):
         for name, fn in sides.items():
-            times[name].append(run(name, fn))
+            times[name].append(run(fn))
             print(
                 f"round {r + 1} {name}: wall {times[name][-1][0]:.0f} ms, cpu {times[name][-1][1]:.0f} ms", flush=True
             )

@@ -212,9 +212,10 @@ def _lead(corners: Tensor, weights: Sequence[Tensor], margin: Tensor, padded: Te
     return torch.where(first - second > margin, best, -1)
 
 
-def _candidates(x: Tensor, g: _Geometry) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """Per block (B*h*w,): how many classes can lead an output pixel in it, the one that surely can, the largest
-    |logit| at its corners; and the candidate classes of all blocks, block after block, ascending. ``x`` is
+def _candidates(x: Tensor, g: _Geometry) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
+    """Per block (B*h*w,): how many classes can lead an output pixel in it, where its candidates start, the one
+    that surely can, the largest |logit| at its corners; and the candidate classes of all blocks, block after
+    block, ascending. ``x`` is
     (B,h,w,C); None where the logits are not all finite.
 
     The bar of a block is a lower bound of the largest interpolated value anywhere in the block: the larger of
@@ -241,8 +242,9 @@ def _candidates(x: Tensor, g: _Geometry) -> tuple[Tensor, Tensor, Tensor, Tensor
     found = (highs.view(-1, c) >= bar[:, None]).view(-1).nonzero()[:, 0]  # block-major, classes ascending
     count = torch.bincount(found // c, minlength=b * h * w)  # >= 1 (see above)
     classes = found % c
-    sure = torch.where(count == 1, classes.index_select(0, (count.cumsum(0) - count).clamp_max(len(found) - 1)), -1)
-    return count, sure, big, classes
+    first = count.cumsum(0) - count  # where each block's candidates start in ``classes``
+    sure = torch.where(count == 1, classes.index_select(0, first.clamp_max(len(found) - 1)), -1)
+    return count, first, sure, big, classes
 
 
 @torch.no_grad()
@@ -267,7 +269,7 @@ def upsampled_class_map(logits: Tensor, size: Sequence[int], chunk: int = CHUNK_
         found = _candidates(x, g)
     if found is None:
         return class_map(F.interpolate(logits.contiguous(), size=size, mode="bilinear", align_corners=False))
-    count, sure, big, classes = found
+    count, first, sure, big, classes = found
     b, h, w, c = x.shape
     todo = (count > 1).nonzero()[:, 0]
     need = count.index_select(0, todo)
@@ -277,7 +279,6 @@ def upsampled_class_map(logits: Tensor, size: Sequence[int], chunk: int = CHUNK_
     if int((need * pixels).sum()) * BLOCK_COST > len(used) * b * size[0] * size[1]:
         return _by_classes(logits, used, size, chunk)  # flat logits (noise): most pixels have many candidates
     out = sure.view(b, h * w).index_select(1, g.block)  # (B,H*W): -1 where the block has several candidates
-    first = count.cumsum(0) - count  # where each block's candidates start in ``classes``
     margin = 4 * _TAU * torch.finfo(x.dtype).eps * big
     typical = -(-size[0] * size[1] // (h * w))  # output pixels of a block, on average (edge blocks have more)
     present = torch.bincount(need).nonzero()[:, 0].tolist()  # the candidate counts of the blocks left
