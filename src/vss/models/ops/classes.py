@@ -6,13 +6,13 @@ streaming step on CPU. :func:`upsampled_class_map` gives the same ids block by b
 
 * an output pixel reads a 2x2 block of input pixels. A class can lead somewhere in a block only if its largest
   logit at the four corners reaches the block's bar, a lower bound of the largest interpolated value there made
-  from the corners' leaders, less what the rounding of the interpolation can close (``8 eps`` of the largest
-  magnitude, see :func:`_candidates`). Blocks with one such class take its id without interpolating anything;
+  from the corners' leaders, less what the rounding of the interpolation can close (:func:`_rounding`). Blocks
+  with one such class take its id without interpolating anything;
 * the other blocks' pixels interpolate only their block's candidate classes (the corners gathered once per
-  block, blocks grouped by their number of candidates); where the plain float32 values leave a lead smaller than
-  rounding can undo, the kernel's exact values decide (same indices and weights, same fused multiply-adds,
-  emulated in float64 with the rounding of a single fma). Candidates are kept in ascending class order, so ties
-  keep the first class, as the argmax does.
+  block, blocks grouped by output shape and number of candidates, the blocks innermost in every tensor); where
+  the plain float32 values leave a lead smaller than rounding can undo, the kernel's exact values decide (same
+  indices and weights, same fused multiply-adds, emulated in float64 with the rounding of a single fma).
+  Candidates are kept in ascending class order, so ties keep the first class, as the argmax does.
 
 The emulation is checked against ``F.interpolate`` on this machine once per dtype before it is trusted; where it
 does not apply (another device, float64, C <= 3 or a small output, which PyTorch sends to another kernel) or
@@ -36,15 +36,25 @@ frame at a time: few classes (the synthetic set's 5: 8 MB at 480x854). The block
 and a barely trained model leaves nearly every block undecided: with 5 classes of noise at 480x854 it takes 16-18
 ms against 8-15 ms for the plain path (the first, banded version took 92 s of CPU over 55 frames in ``vss.eval``
 against well under 1 s; experiments/speed.md)."""
-CHUNK_VALUES = 1 << 20  # candidate values compared at once: pixels x their block's candidates x 4 corners (float32)
+CHUNK_VALUES = 1 << 20  # candidate values compared at once: output pixels x their block's candidates (float32)
 BUCKETS = [2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
 """Blocks are interpolated in groups of candidate counts (lo, k], padded to k: fewer, larger operations."""
-BLOCK_COST = 8
-"""A candidate value interpolated per block costs about this many values of resize-then-argmax (measured: 40-50 ns
-against 4.4-5.5 ns on one core); where a frame's blocks need more, the classes are resized a few at a time."""
+BLOCK_COST = 1.25
+"""A candidate interpolated at an output pixel of an undecided block costs about this many values of the classes'
+resize-then-argmax (measured on one core, 19 and 124 classes: the two paths break even at 1.1-1.4 of them per
+value); where a frame's blocks need more, the classes are resized a few at a time."""
+SHAPE_SHARE = 16
+"""A block shape (output rows x columns) with at least 1/SHAPE_SHARE of the undecided blocks is interpolated on
+its own; rarer shapes (edges) together, padded to the largest."""
+LOOP_K = 6
+"""Up to this many candidates, the leader and runner-up are kept by a loop over them (whole-tensor maxima over
+the blocks); more, by one reduction over the candidates (fewer operations)."""
+PAD = -(2.0**120)
+"""The corner value of a padding candidate: finite (an infinite one times a zero weight is NaN), and far below
+every interpolated logit while the logits' magnitudes stay under LARGEST (else resize-then-argmax runs)."""
+LARGEST = 2.0**100
 EMULATED = (torch.float32, torch.bfloat16, torch.float16)
 _CHECKED: dict[tuple[str, torch.dtype], bool] = {}
-_TAU = 8  # margins in eps(dtype) x the largest |logit| involved: twice the worst rounding (see _candidates)
 
 
 def class_map(logits: Tensor) -> Tensor:
@@ -198,48 +208,44 @@ def _pair_max(t: Tensor, dim: int, nxt: Tensor) -> Tensor:
     return torch.maximum(t, t.index_select(dim, nxt))
 
 
-def _lead(corners: Tensor, weights: Sequence[Tensor], margin: Tensor, padded: Tensor) -> Tensor:
-    """Index of the largest plain float32 interpolation (P,K) of corners (P,4,K) with weights (four (P,1): the
-    products of the row and column weights), ``padded`` slots (P,K) left out, where it leads by more than
-    ``margin`` (P,) (what rounding can undo), else -1."""
-    x00, x01, x10, x11 = corners.unbind(1)
-    vals = x00 * weights[0]
-    for x, wt in zip((x01, x10, x11), weights[1:], strict=True):
-        vals.addcmul_(x, wt)
-    vals.masked_fill_(padded, -float("inf"))
-    first, best = vals.max(1)
-    second = vals.scatter_(1, best[:, None], -float("inf")).amax(1)
-    return torch.where(first - second > margin, best, -1)
+def _rounding(dtype: torch.dtype) -> float:
+    """Twice what rounding can move two compared values apart, per unit of the frame's largest |logit| M: each
+    float32 interpolation (the kernel's, or the plain one here) is within ``6 u M`` of the exact bilinear value
+    (``u`` the float32 unit roundoff: ``3 eps32 M``), so two differ by at most ``6 eps32 M`` from their exact
+    difference, and storing the kernel's result in ``dtype`` can tie values ``eps(dtype) M`` apart."""
+    return 2 * (torch.finfo(dtype).eps + 6 * torch.finfo(torch.float32).eps)
 
 
 def _candidates(x: Tensor, g: _Geometry) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
     """Per block (B*h*w,): how many classes can lead an output pixel in it, where its candidates start, the one
-    that surely can, the largest |logit| at its corners; and the candidate classes of all blocks, block after
-    block, ascending. ``x`` is
-    (B,h,w,C); None where the logits are not all finite.
+    that surely can, its frame's largest |logit|; and the candidate classes of all blocks, block after
+    block, ascending. ``x`` is (B,C,h,w), contiguous; None where the logits are not all finite.
 
     The bar of a block is a lower bound of the largest interpolated value anywhere in the block: the larger of
     (a) the best, over the leaders of its four corners, of that class's smallest logit at the corners (bilinear
     weights are >= 0 and each rounded step is monotone) and (b) the smallest over the corners of the leaders'
     mean logit (the mean of four classes' values never exceeds the largest; this one holds at class borders, where
-    each leader is low at the other's corners), less what rounding can take (each computed value is within
-    ``6 u M`` of the range of its corners, ``u`` the float32 unit roundoff, M the largest |logit| at the corners;
-    storing in bf16/fp16 adds ``u_dtype M``: ``8 eps(dtype) M`` covers both). A class whose largest corner logit is
+    each leader is low at the other's corners), less what rounding can take (:func:`_rounding`, which also covers
+    the float32 mean of (b)). A class whose largest corner logit is
     below the bar cannot lead. The argmax class of any point reaches the bar, so every block has a candidate.
     """
-    b, h, w, c = x.shape
-    top, low = x.max(-1), x.amin(-1)  # (B,h,w): each input pixel's leader and its logit, the smallest logit
-    if not bool(torch.isfinite(top.values).all() and torch.isfinite(low).all()):
-        return None  # NaN/inf: the kernel's propagation decides, not bounds
-    big = _pair_max(_pair_max(torch.maximum(top.values.abs(), low.abs()), -2, g.nxt_h), -1, g.nxt_w).view(-1)
-    leaders = top.indices.view(b, h * w)[:, g.corners]  # (B,4,h*w): the corners' leaders
-    flat = x.view(b, h * w * c)
-    at_corners = torch.stack([flat.gather(1, (leaders + at * c).view(b, -1)) for at in g.corners])  # (4q, B, 4a*hw)
-    at_corners = at_corners.view(4, b, 4, h * w)
-    bars = torch.maximum(at_corners.amin(0).amax(1), at_corners.mean(2).amin(0))  # (B,h*w)
-    bar = bars.view(-1) - _TAU * torch.finfo(x.dtype).eps * big - 1e-30
-    highs = _pair_max(_pair_max(x, 1, g.nxt_h), 2, g.nxt_w)  # (B,h,w,C): each class's largest corner logit
-    found = (highs.view(-1, c) >= bar[:, None]).view(-1).nonzero()[:, 0]  # block-major, classes ascending
+    b, c, h, w = x.shape
+    hw = h * w
+    flat = x.view(b, c * hw)
+    big = torch.maximum(flat.amax(1).abs(), flat.amin(1).abs())  # (B,): each frame's largest |logit|
+    if not bool(torch.isfinite(big).all()) or float(big.max()) >= LARGEST:
+        return None  # NaN/inf: the kernel's propagation decides, not bounds; or values near PAD
+    big = big.repeat_interleave(hw)  # the bound of every block of the frame
+    top = x.max(1)  # (B,h,w): each input pixel's leader and its logit
+    leaders = top.indices.view(b, 1, hw).index_select(2, g.corners.view(-1))  # (B,1,4a*hw): corners' leaders
+    at = g.corners.view(1, 4, 1, hw) + leaders.view(b, 1, 4, hw) * hw  # (B,4q,4a,hw): a's logit at corner q
+    at_corners = flat.gather(1, at.view(b, -1)).view(b, 4, 4, hw)
+    bars = torch.maximum(at_corners.amin(1).amax(1), at_corners.mean(2).amin(1))  # (B,h*w)
+    bar = bars.view(b, 1, h, w) - _rounding(x.dtype) * big.view(b, 1, h, w) - 1e-30
+    highs = _pair_max(_pair_max(x, 2, g.nxt_h), 3, g.nxt_w)  # (B,C,h,w): each class's largest corner logit
+    at = (highs >= bar).view(-1).nonzero()[:, 0]  # class-major: (n, class, block)
+    n, at = at // (c * hw), at % (c * hw)
+    found = ((n * hw + at % hw) * c + at // hw).sort().values  # block-major, classes ascending
     count = torch.bincount(found // c, minlength=b * h * w)  # >= 1 (see above)
     classes = found % c
     first = count.cumsum(0) - count  # where each block's candidates start in ``classes``
@@ -265,30 +271,37 @@ def upsampled_class_map(logits: Tensor, size: Sequence[int], chunk: int = CHUNK_
     found = None
     if banded_applies(logits, size):
         g = _geometry(*logits.shape[-2:], *size, logits.dtype)
-        x = logits.permute(0, 2, 3, 1).contiguous()  # (B,h,w,C): one pixel's logits side by side
+        x = logits.contiguous()
         found = _candidates(x, g)
     if found is None:
         return class_map(F.interpolate(logits.contiguous(), size=size, mode="bilinear", align_corners=False))
     count, first, sure, big, classes = found
-    b, h, w, c = x.shape
+    b, c, h, w = x.shape
     todo = (count > 1).nonzero()[:, 0]
-    need = count.index_select(0, todo)
     pos = todo % (h * w)
-    pixels = g.rows.index_select(0, pos // w) * g.cols.index_select(0, pos % w)
+    nr, nc = g.rows.index_select(0, pos // w), g.cols.index_select(0, pos % w)
+    todo, nr, nc = (t[nr * nc > 0] for t in (todo, nr, nc))  # blocks no output pixel reads (downscaling)
+    need = count.index_select(0, todo)
     used = torch.zeros(c, dtype=torch.bool).index_fill_(0, classes, True).nonzero()[:, 0]
-    if int((need * pixels).sum()) * BLOCK_COST > len(used) * b * size[0] * size[1]:
+    if int((need * nr * nc).sum()) * BLOCK_COST > len(used) * b * size[0] * size[1]:
         return _by_classes(logits, used, size, chunk)  # flat logits (noise): most pixels have many candidates
     out = sure.view(b, h * w).index_select(1, g.block)  # (B,H*W): -1 where the block has several candidates
-    margin = 4 * _TAU * torch.finfo(x.dtype).eps * big
-    typical = -(-size[0] * size[1] // (h * w))  # output pixels of a block, on average (edge blocks have more)
-    present = torch.bincount(need).nonzero()[:, 0].tolist()  # the candidate counts of the blocks left
-    bounds = [1, *(k for k in BUCKETS if k < max(present, default=1)), max(present, default=1)]
-    for lo, k in itertools.pairwise(bounds):  # blocks with (lo, k] candidates, padded to k
-        if any(lo < n <= k for n in present):
-            blocks = todo.index_select(0, ((need > lo) & (need <= k)).nonzero()[:, 0])
-            step = max(1, chunk // (4 * k * typical))
-            for s0 in range(0, len(blocks), step):
-                _fill(out.view(-1), x, g, size, blocks[s0 : s0 + step], k, count, classes, first, margin)
+    margin = _rounding(x.dtype) * big
+    near: list[tuple[Tensor, ...]] = []
+    for shape, blocks, nblk in _by_shape(todo, nr, nc, need):
+        present = torch.bincount(nblk).nonzero()[:, 0].tolist()  # the candidate counts of these blocks
+        bounds = [1, *(k for k in BUCKETS if k < present[-1]), present[-1]]
+        for lo, k in itertools.pairwise(bounds):  # blocks with (lo, k] candidates, padded to k
+            if any(lo < n <= k for n in present):
+                sel = blocks.index_select(0, ((nblk > lo) & (nblk <= k)).nonzero()[:, 0])
+                step = max(1, chunk // (k * shape[0] * shape[1]))
+                for s0 in range(0, len(sel), step):
+                    found = _fill(
+                        out.view(-1), x, g, size, sel[s0 : s0 + step], k, shape, count, classes, first, margin
+                    )
+                    near += [found] if found is not None else []
+    if near:
+        _decide_near(out.view(-1), g, x.dtype, near)
     return out.view(b, *size)
 
 
@@ -313,6 +326,21 @@ def _by_classes(logits: Tensor, used: Tensor, size: tuple[int, int], chunk: int)
     return ids
 
 
+def _by_shape(todo: Tensor, nr: Tensor, nc: Tensor, need: Tensor) -> list[tuple[tuple[int, int], Tensor, Tensor]]:
+    """The blocks ``todo`` grouped by their output shape (rows x columns): each shape that holds at least 1/16 of
+    them, and the others together, padded to their largest rows and columns. Returns (shape, blocks, their
+    candidate counts) per group."""
+    key = nr * (int(nc.max()) + 1) + nc if len(todo) else nr
+    shapes, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
+    common = counts * SHAPE_SHARE >= len(todo)
+    groups = []
+    for s in common.nonzero()[:, 0].tolist() + ([-1] if not bool(common.all()) else []):
+        at = (inverse == s if s >= 0 else ~common.index_select(0, inverse)).nonzero()[:, 0]
+        r, cc = int(nr.index_select(0, at).max()), int(nc.index_select(0, at).max())
+        groups.append(((r, cc), todo.index_select(0, at), need.index_select(0, at)))
+    return groups
+
+
 def _fill(
     out: Tensor,
     x: Tensor,
@@ -320,50 +348,102 @@ def _fill(
     size: tuple[int, int],
     blocks: Tensor,
     k: int,
+    shape: tuple[int, int],
     count: Tensor,
     classes: Tensor,
     first: Tensor,
     margin: Tensor,
-) -> None:
+) -> tuple[Tensor, ...] | None:
     """The class ids of the output pixels of ``blocks`` (flat over the batch, each with at most k candidate
-    classes), written into ``out`` (B*H*W,): each block's candidates interpolated at each of its pixels. Blocks
-    with fewer repeat their last candidate, whose copies are set to -inf before the comparison."""
-    b, h, w, c = x.shape
-    hw, nb = h * w, len(blocks)
-    have = count.index_select(0, blocks)[:, None]
-    slots = torch.arange(k)
-    pad = slots >= have  # (nb,k) padding slots
-    at = first.index_select(0, blocks)[:, None] + torch.minimum(slots, have - 1)
-    cls = classes.index_select(0, at.view(-1)).view(nb, k)
+    classes and at most ``shape`` output rows x columns), written into ``out`` (B*H*W,): each block's candidates
+    interpolated at its pixels, rows then columns as the kernel does, in one (k, rows, columns, blocks) tensor.
+    Blocks with fewer candidates repeat their last one with PAD at its corners; smaller blocks repeat their last
+    row and column (the same pixel computed twice, the same id written twice). Pixels whose leader is within
+    rounding of the next are returned for :func:`_decide_near` (their corner values, padding, classes, row,
+    column and place in ``out``), None if there are none."""
+    b, c, h, w = x.shape
+    hw, nb, (rows, cols) = h * w, len(blocks), shape
+    have = count.index_select(0, blocks)
+    slots = torch.arange(k)[:, None]
+    pad = slots >= have  # (k,nb) padding slots; every tensor below has the blocks innermost
+    cls = classes.index_select(0, (first.index_select(0, blocks) + torch.minimum(slots, have - 1)).view(-1))
+    cls = cls.view(k, nb)
     n = blocks // hw
     pos = blocks - n * hw
     i = pos // w
     j = pos - i * w
-    at = (n[:, None] * hw + g.corners.index_select(1, pos).t()) * c  # (nb,4) where each corner's C logits start
-    values = x.view(-1).take((at[:, :, None] + cls[:, None]).reshape(-1)).float().view(nb, 4 * k)
-    r0, nr = g.first_row.index_select(0, i), g.rows.index_select(0, i)
-    c0, nc = g.first_col.index_select(0, j), g.cols.index_select(0, j)
-    pixels = nr * nc
-    slot = torch.repeat_interleave(torch.arange(nb), pixels)  # each output pixel's block, block after block
-    off = torch.arange(len(slot)) - (pixels.cumsum(0) - pixels).index_select(0, slot)
-    ncs = nc.index_select(0, slot)
-    r_in = off // ncs
-    row = r0.index_select(0, slot) + r_in
-    col = c0.index_select(0, slot) + off - r_in * ncs
-    corners = values.index_select(0, slot).view(-1, 4, k)
-    wh = [t.index_select(0, row)[:, None] for t in g.lh]
-    ww = [t.index_select(0, col)[:, None] for t in g.lw]
-    padded = pad.index_select(0, slot)
-    best = _lead(corners, [a * b for a in wh for b in ww], margin.index_select(0, blocks).index_select(0, slot), padded)
+    at = n * (c * hw) + g.corners.index_select(1, pos)  # (4,nb): each corner's logit of class 0
+    values = x.view(-1).index_select(0, (at[:, None] + cls * hw).view(-1)).float().view(4, k, nb)
+    values.masked_fill_(pad, PAD)  # below every real value once interpolated (|logits| < LARGEST)
+    last_row, last_col = g.rows.index_select(0, i) - 1, g.cols.index_select(0, j) - 1
+    row = g.first_row.index_select(0, i) + torch.minimum(torch.arange(rows)[:, None], last_row)  # (rows,nb)
+    col = g.first_col.index_select(0, j) + torch.minimum(torch.arange(cols)[:, None], last_col)  # (cols,nb)
+    h0, h1 = (t.index_select(0, row.view(-1)).view(rows, 1, nb) for t in g.lh)
+    w0, w1 = (t.index_select(0, col.view(-1)).view(cols, nb) for t in g.lw)
+    x00, x01, x10, x11 = values[:, :, None]  # (k,1,nb) each
+    t0 = (x00 * w0).addcmul_(x01, w1)[:, None]  # (k,1,cols,nb): the block's first row, then its second
+    t1 = (x10 * w0).addcmul_(x11, w1)[:, None]
+    vals = (t0 * h0).addcmul_(t1, h1)  # (k,rows,cols,nb)
+    if k > LOOP_K:  # one reduction over the candidates
+        top, best = vals.max(0)
+        second = vals.scatter_(0, best[None], -float("inf")).amax(0)
+    else:  # a running first maximum and runner-up, one candidate at a time (k >= 2)
+        top, second = torch.maximum(vals[0], vals[1]), torch.minimum(vals[0], vals[1])
+        best = (vals[1] > vals[0]).long()
+        low, ahead = torch.empty_like(top), torch.empty_like(top, dtype=torch.bool)
+        for s in range(2, k):
+            v = vals[s]
+            torch.maximum(second, torch.minimum(top, v, out=low), out=second)
+            best.masked_fill_(torch.gt(v, top, out=ahead), s)
+            torch.maximum(top, v, out=top)
+    best = best.view(-1).masked_fill_(
+        torch.sub(top, second, out=second).view(-1) <= margin.index_select(0, blocks).repeat(rows * cols), -1
+    )
+    target = (n * size[0] + row[:, None]) * size[1] + col  # (rows,cols,nb)
+    out.scatter_(0, target.view(-1), cls.gather(0, best.clamp(min=0).view(rows * cols, nb)).view(-1))
     near = (best < 0).nonzero()[:, 0]  # near ties: the kernel's exact bits decide
-    if len(near):
-        rn, cn = row.index_select(0, near), col.index_select(0, near)
-        exact = _interpolate(
-            corners.index_select(0, near).double().unbind(1),
-            [t.index_select(0, rn)[:, None] for t in g.wh[2:]],
-            [t.index_select(0, cn)[:, None] for t in g.ww[2:]],
-            x.dtype,
-        )
-        best.index_copy_(0, near, exact.masked_fill_(padded.index_select(0, near), -float("inf")).max(1).indices)
-    target = (n.index_select(0, slot) * size[0] + row) * size[1] + col
-    out.index_copy_(0, target, cls.index_select(0, slot).gather(1, best[:, None])[:, 0])
+    if not len(near):
+        return None
+    blk, rc = near % nb, near // nb
+    rn, cn = row.view(-1).index_select(0, rc // cols * nb + blk), col.view(-1).index_select(0, rc % cols * nb + blk)
+    return (
+        values.index_select(2, blk).permute(2, 0, 1),
+        pad.index_select(1, blk).t(),
+        cls.index_select(1, blk).t(),
+        rn,
+        cn,
+        target.view(-1).index_select(0, near),
+    )
+
+
+def _decide_near(out: Tensor, g: _Geometry, dtype: torch.dtype, near: list[tuple[Tensor, ...]]) -> None:
+    """The ids of the near-tie pixels that :func:`_fill` returned, by the kernel's exact values (same indices and
+    weights, its fused multiply-adds emulated in float64): all pixels with the same number of candidates at once."""
+    by_k: dict[int, list[tuple[Tensor, ...]]] = {}
+    for found in near:
+        by_k.setdefault(found[0].shape[-1], []).append(found)
+    for group in by_k.values():
+        _decide_exactly(out, g, dtype, *(torch.cat(t) for t in zip(*group, strict=True)))
+
+
+def _decide_exactly(
+    out: Tensor,
+    g: _Geometry,
+    dtype: torch.dtype,
+    values: Tensor,
+    pad: Tensor,
+    cls: Tensor,
+    rn: Tensor,
+    cn: Tensor,
+    target: Tensor,
+) -> None:
+    """Write the first maximum of the kernel's exact values of candidates ``cls`` (P,k) from their corner values
+    (P,4,k) at output rows ``rn`` and columns ``cn`` into ``out`` at ``target``; ``pad`` slots left out."""
+    exact = _interpolate(
+        values.double().unbind(1),
+        [t.index_select(0, rn)[:, None] for t in g.wh[2:]],
+        [t.index_select(0, cn)[:, None] for t in g.ww[2:]],
+        dtype,
+    )
+    best = exact.masked_fill_(pad, -float("inf")).max(1).indices
+    out.scatter_(0, target, cls.gather(1, best[:, None])[:, 0])
