@@ -115,3 +115,34 @@ def test_small_frames_take_resize_then_argmax_one_at_a_time(monkeypatch: pytest.
     assert torch.equal(upsampled_class_map(x, (97, 131)), reference(x, (97, 131)))
     with pytest.raises(TypeError):  # one class more: over the budget, banded
         upsampled_class_map(torch.randn(1, 6, 20, 30), (97, 131))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["integer ties", "offset", "ulp-level rival", "tiny"])
+def test_margins_hold_at_each_dtypes_rounding(kind: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The margins come from the dtype's own rounding: exact ties, values where rounding matters (a large offset),
+    a rival class within an ulp of the leader, and tiny logits all give the kernel's ids, on both exact paths."""
+    gen = torch.Generator().manual_seed(11)
+    for seed in range(4):
+        (b, c, h, w), size = ((1, 9 + seed, 11 + 3 * seed, 17 - seed), (83 + 7 * seed, 131 - 9 * seed))
+        base = smooth(b, c, h, w, gen, gain=2.0 + 4 * seed)
+        if kind == "integer ties":
+            base = base.round()
+        elif kind == "offset":
+            base = (base * 4).round() / 4 + 1000
+        elif kind == "ulp-level rival":
+            base[:, 1] = base[:, 0] * (1 + 2**-22 * torch.randn(base[:, 0].shape, generator=gen))
+        else:
+            base = base * 1e-3
+        x = base.to(dtype)
+        for cost in (0, 10**9):
+            monkeypatch.setattr(classes, "BLOCK_COST", cost)
+            assert torch.equal(upsampled_class_map(x, size), reference(x, size)), (kind, dtype, seed, cost)
+
+
+def test_huge_logits_take_resize_then_argmax(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits near the padding value (|x| >= LARGEST) leave the block path: the plain kernel decides."""
+    monkeypatch.setattr(classes, "_fill", None)  # the block path would fail
+    x = smooth(1, 6, 12, 14, torch.Generator().manual_seed(12)) * 2.0**98
+    assert float(x.abs().max()) >= classes.LARGEST
+    assert torch.equal(upsampled_class_map(x, (90, 101)), reference(x, (90, 101)))
