@@ -218,7 +218,7 @@ def _rounding(dtype: torch.dtype) -> float:
 
 def _candidates(x: Tensor, g: _Geometry) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
     """Per block (B*h*w,): how many classes can lead an output pixel in it, where its candidates start, the one
-    that surely can, its frame's largest |logit|; and the candidate classes of all blocks, block after
+    that surely can; each frame's largest |logit| (B,); and the candidate classes of all blocks, block after
     block, ascending. ``x`` is (B,C,h,w), contiguous; None where the logits are not all finite.
 
     The bar of a block is a lower bound of the largest interpolated value anywhere in the block: the larger of
@@ -235,13 +235,12 @@ def _candidates(x: Tensor, g: _Geometry) -> tuple[Tensor, Tensor, Tensor, Tensor
     big = torch.maximum(flat.amax(1).abs(), flat.amin(1).abs())  # (B,): each frame's largest |logit|
     if not bool(torch.isfinite(big).all()) or float(big.max()) >= LARGEST:
         return None  # NaN/inf: the kernel's propagation decides, not bounds; or values near PAD
-    big = big.repeat_interleave(hw)  # the bound of every block of the frame
     top = x.max(1)  # (B,h,w): each input pixel's leader and its logit
     leaders = top.indices.view(b, 1, hw).index_select(2, g.corners.view(-1))  # (B,1,4a*hw): corners' leaders
     at = g.corners.view(1, 4, 1, hw) + leaders.view(b, 1, 4, hw) * hw  # (B,4q,4a,hw): a's logit at corner q
     at_corners = flat.gather(1, at.view(b, -1)).view(b, 4, 4, hw)
     bars = torch.maximum(at_corners.amin(1).amax(1), at_corners.mean(2).amin(1))  # (B,h*w)
-    bar = bars.view(b, 1, h, w) - _rounding(x.dtype) * big.view(b, 1, h, w) - 1e-30
+    bar = bars.view(b, 1, h, w) - _rounding(x.dtype) * big.view(b, 1, 1, 1) - 1e-30
     highs = _pair_max(_pair_max(x, 2, g.nxt_h), 3, g.nxt_w)  # (B,C,h,w): each class's largest corner logit
     at = (highs >= bar).view(-1).nonzero()[:, 0]  # class-major: (n, class, block)
     n, at = at // (c * hw), at % (c * hw)
@@ -286,7 +285,7 @@ def upsampled_class_map(logits: Tensor, size: Sequence[int], chunk: int = CHUNK_
     if int((need * nr * nc).sum()) * BLOCK_COST > len(used) * b * size[0] * size[1]:
         return _by_classes(logits, used, size, chunk)  # flat logits (noise): most pixels have many candidates
     out = sure.view(b, h * w).index_select(1, g.block)  # (B,H*W): -1 where the block has several candidates
-    margin = _rounding(x.dtype) * big
+    margin = _rounding(x.dtype) * big  # (B,): what rounding can undo of a lead in each frame
     near: list[tuple[Tensor, ...]] = []
     for shape, blocks, nblk in _by_shape(todo, nr, nc, need):
         present = torch.bincount(nblk).nonzero()[:, 0].tolist()  # the candidate counts of these blocks
@@ -327,9 +326,9 @@ def _by_classes(logits: Tensor, used: Tensor, size: tuple[int, int], chunk: int)
 
 
 def _by_shape(todo: Tensor, nr: Tensor, nc: Tensor, need: Tensor) -> list[tuple[tuple[int, int], Tensor, Tensor]]:
-    """The blocks ``todo`` grouped by their output shape (rows x columns): each shape that holds at least 1/16 of
-    them, and the others together, padded to their largest rows and columns. Returns (shape, blocks, their
-    candidate counts) per group."""
+    """The blocks ``todo`` grouped by their output shape (rows x columns): each shape that holds at least
+    1/SHAPE_SHARE of them, and the others together, padded to their largest rows and columns. Returns (shape,
+    blocks, their candidate counts) per group."""
     key = nr * (int(nc.max()) + 1) + nc if len(todo) else nr
     shapes, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
     common = counts * SHAPE_SHARE >= len(todo)
@@ -397,7 +396,7 @@ def _fill(
             best.masked_fill_(torch.gt(v, top, out=ahead), s)
             torch.maximum(top, v, out=top)
     best = best.view(-1).masked_fill_(
-        torch.sub(top, second, out=second).view(-1) <= margin.index_select(0, blocks).repeat(rows * cols), -1
+        torch.sub(top, second, out=second).view(-1) <= margin.index_select(0, n).repeat(rows * cols), -1
     )
     target = (n * size[0] + row[:, None]) * size[1] + col  # (rows,cols,nb)
     out.scatter_(0, target.view(-1), cls.gather(0, best.clamp(min=0).view(rows * cols, nb)).view(-1))
