@@ -229,12 +229,12 @@ class GraphedSteps:
     """The checkpoint's :class:`~vss.models.step.Step` captured in a CUDA graph (``graph=true``), or its static
     body run uncaptured (``graph=dry``, any device: the CPU rehearsal), one uint8 frame a call."""
 
-    def __init__(self, segmenter: Any, graph: str, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, segmenter: Any, dry_run: bool, dtype: torch.dtype = torch.float32) -> None:
         from vss.models.step import Step
 
         self.step = Step(segmenter.to(dtype)).eval()  # bf16: weights and activations, no autocast
         self.lookahead = self.step.lookahead
-        self.dry_run = graph == "dry"
+        self.dry_run = dry_run
         self.graphed: Any = None
 
     def reset(self, height: int, width: int) -> None:
@@ -341,7 +341,7 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
     from vss.data.transforms import build_eval_transform
     from vss.metrics.flicker import FlickerRate
     from vss.models.ops.classes import upsampled_class_map
-    from vss.models.ops.cuda_graph import DTYPES, check_tf32, frame_ids
+    from vss.models.ops.cuda_graph import DTYPES, check_tf32, frame_ids, tf32
     from vss.models.streamer import Streamer
 
     backend = _checked(cfg, "backend", lambda v: v in BACKENDS, f"one of {list(BACKENDS)}")
@@ -429,10 +429,8 @@ def _predict(cfg: DictConfig, closing: ExitStack) -> dict[str, Any]:
 
     streamer: Any
     if graph:
-        streamer = StepStream(GraphedSteps(model.segmenter, "dry" if graph == "dry" else "true", DTYPES[dtype]))
+        streamer = StepStream(GraphedSteps(model.segmenter, graph == "dry", DTYPES[dtype]))
         if use_tf32:
-            from vss.models.ops.cuda_graph import tf32
-
             closing.enter_context(tf32(True))
     elif backend == "eager":
         streamer = Streamer(model.segmenter, batch_size)  # frames encoded in batches, targets aggregated one by one
